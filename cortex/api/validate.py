@@ -1,0 +1,187 @@
+"""Pure validation of OpenAI generation requests.
+
+Shared by cortex (before anything is routed) and neuron (before anything
+is generated). Every failure names the offending field in `param`, so a
+client can fix its request from the error alone. Unknown fields are
+passed through: the OpenAI API grows faster than any gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cortex.api.errors import invalid_json, invalid_request
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+STOP_SEQUENCES_MAX = 4
+LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+
+
+@dataclass
+class GenerationRequest:
+    kind: Literal["chat", "completion"]
+    model: str
+    body: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    max_output_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    prompt: str = ""
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid_json(str(exc)) from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise invalid_request(f"'{name}' must be an integer, got {type(value).__name__}.", param=name)
+    if value < 1:
+        raise invalid_request(f"'{name}' must be at least 1, got {value}.", param=name)
+    return value
+
+
+def _number_in(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not _is_number(value) or not low <= value <= high:
+        raise invalid_request(f"'{name}' must be a number between {low:g} and {high:g}.", param=name)
+
+
+def _common(body: dict[str, Any]) -> tuple[str, bool, bool, list[str]]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid_request("'model' is required and must be a non-empty string.", param="model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid_request("'stream' must be a boolean.", param="stream")
+    include_usage = _stream_options(body, stream)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise invalid_request("Only 'n' = 1 is supported.", param="n")
+    _number_in(body, "temperature", 0, 2)
+    _number_in(body, "top_p", 0, 1)
+    for name in ("presence_penalty", "frequency_penalty"):
+        _number_in(body, name, -2, 2)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise invalid_request("'seed' must be an integer.", param="seed")
+    return model, stream, include_usage, _stop(body)
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    if not isinstance(options, dict):
+        raise invalid_request("'stream_options' must be an object.", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid_request("'stream_options.include_usage' must be a boolean.", param="stream_options.include_usage")
+    return include_usage
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, list)
+        or len(stop) > STOP_SEQUENCES_MAX
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise invalid_request(
+            f"'stop' must be a non-empty string or a list of at most {STOP_SEQUENCES_MAX} non-empty strings.",
+            param="stop",
+        )
+    return stop
+
+
+def _message(index: int, message: Any) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid_request(f"'{where}' must be an object.", param=where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise invalid_request(
+            f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}.", param=f"{where}.role"
+        )
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and message.get("tool_calls"):
+            return message
+        raise invalid_request(f"'{where}.content' is required.", param=f"{where}.content")
+    if isinstance(content, str):
+        return message
+    if not isinstance(content, list):
+        raise invalid_request(f"'{where}.content' must be a string or a list of parts.", param=f"{where}.content")
+    for j, part in enumerate(content):
+        part_where = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid_request(f"'{part_where}' must be an object with a string 'type'.", param=part_where)
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise invalid_request(f"'{part_where}.text' must be a string.", param=f"{part_where}.text")
+    return message
+
+
+def chat_request(body: dict[str, Any]) -> GenerationRequest:
+    model, stream, include_usage, stop = _common(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise invalid_request("'messages' is required and must be a list.", param="messages")
+    if not messages:
+        raise invalid_request("'messages' must contain at least one message.", param="messages")
+    checked = [_message(i, m) for i, m in enumerate(messages)]
+    max_tokens = _positive_int(body, "max_tokens")
+    max_completion_tokens = _positive_int(body, "max_completion_tokens")
+    limit = max_completion_tokens if max_completion_tokens is not None else max_tokens
+    return GenerationRequest(
+        "chat", model, body, stream, include_usage, limit, stop, messages=checked
+    )
+
+
+def completion_request(body: dict[str, Any]) -> GenerationRequest:
+    model, stream, include_usage, stop = _common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise invalid_request("'prompt' is required and must be a string (or a list of one string).", param="prompt")
+    for name in ("echo", "logprobs"):
+        if body.get(name):
+            raise invalid_request(f"'{name}' is not supported.", param=name)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise invalid_request("Only 'best_of' = 1 is supported.", param="best_of")
+    max_tokens = _positive_int(body, "max_tokens")
+    if max_tokens is None:
+        max_tokens = LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS
+    return GenerationRequest("completion", model, body, stream, include_usage, max_tokens, stop, prompt=prompt)
+

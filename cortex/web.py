@@ -1,0 +1,206 @@
+"""A small raw-ASGI toolkit shared by cortex and neuron.
+
+We serve raw ASGI behind a table router instead of a framework: every
+request crosses this path, and each layer a framework adds costs latency
+that cortex must not add (see docs/BENCHMARKS.md for the measurement).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the configured limit."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"request body exceeds {limit_bytes} bytes")
+        self.limit_bytes = limit_bytes
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was complete."""
+
+
+@dataclass
+class Request:
+    scope: Scope
+    receive: Receive
+    send: Send
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_scope(cls, scope: Scope, receive: Receive, send: Send) -> "Request":
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            # First value wins; repeated headers are not meaningful to us.
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        return cls(scope, receive, send, headers)
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    @property
+    def path(self) -> str:
+        return self.scope["path"]
+
+    async def body(self, limit_bytes: int) -> bytes:
+        """Read the whole body, refusing early once it passes `limit_bytes`."""
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+            raise BodyTooLarge(limit_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit_bytes:
+                raise BodyTooLarge(limit_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    all_headers = headers + [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(
+    send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send_bytes(send, status, encode_json(obj), JSON_HEADERS + (headers or []))
+
+
+async def start_stream(send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+
+
+async def send_chunk(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def end_stream(send: Send) -> None:
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def sse_data(obj: Any) -> bytes:
+    return b"data: " + encode_json(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class Disconnect:
+    disconnected = False  # the client left before the response was complete
+    _closing = False
+
+    def closing(self) -> None:
+        """Call before the final send: a disconnect after it is a normal close."""
+        self._closing = True
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, state: Disconnect) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not state._closing:
+                state.disconnected = True
+                scope.cancel()
+            return
+
+
+@asynccontextmanager
+async def disconnect_watch(receive: Receive) -> AsyncIterator[Disconnect]:
+    """Cancel the body of the block when the client goes away.
+
+    Hypercorn's Trio worker never makes `is_disconnected()` true, but it
+    does deliver `http.disconnect` to `receive()` once the body is read,
+    so a task parked on `receive()` is our disconnect detector. Use only
+    after the request body has been read.
+    """
+    state = Disconnect()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+        try:
+            yield state
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class Router:
+    """Exact-path routing with per-method handlers, 404 and 405."""
+
+    def __init__(
+        self,
+        not_found: Callable[[Request], Awaitable[None]],
+        method_not_allowed: Callable[[Request, list[str]], Awaitable[None]],
+    ) -> None:
+        self._routes: dict[str, dict[str, Handler]] = {}
+        self._not_found = not_found
+        self._method_not_allowed = method_not_allowed
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        self._routes.setdefault(path, {})[method] = handler
+
+    async def dispatch(self, request: Request) -> None:
+        methods = self._routes.get(request.path.rstrip("/") or "/")
+        if methods is None:
+            await self._not_found(request)
+            return
+        handler = methods.get(request.method)
+        if handler is None and request.method == "HEAD":
+            handler = methods.get("GET")
+        if handler is None:
+            await self._method_not_allowed(request, sorted(methods))
+            return
+        await handler(request)
+
+
+async def serve_lifespan(receive: Receive, send: Send, run: Callable[..., Awaitable[None]]) -> None:
+    """Run an ASGI lifespan: `run(task_status)` owns the app's background
+    nursery, calls `task_status.started()` when ready and returns on cancel."""
+    message = await receive()
+    assert message["type"] == "lifespan.startup"
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(run)
+        except Exception as exc:  # start-up failure is reported, not raised
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        assert message["type"] == "lifespan.shutdown"
+        nursery.cancel_scope.cancel()
+    await send({"type": "lifespan.shutdown.complete"})
