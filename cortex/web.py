@@ -45,6 +45,8 @@ class Request:
     receive: Receive
     send: Send
     headers: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
 
     @classmethod
     def from_scope(cls, scope: Scope, receive: Receive, send: Send) -> "Request":
@@ -148,12 +150,19 @@ async def disconnect_watch(receive: Receive) -> AsyncIterator[Disconnect]:
     after the request body has been read.
     """
     state = Disconnect()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
-        try:
-            yield state
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+            try:
+                yield state
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The watcher never fails, so a group holds only the body's own
+        # error: unwrap it so callers can catch it by type.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 Handler = Callable[[Request], Awaitable[None]]

@@ -41,6 +41,10 @@ Client variants
 ``h11-transport``     ``httpx.AsyncClient(transport=cortex.fleet.transport
                       .H11Transport())``; skipped with a note if that module
                       is not importable.
+``per-task``          optional control (not run by default): every task gets
+                      its own default ``httpx.AsyncClient``, i.e. one pool per
+                      connection, so pool bookkeeping stays O(1); separates
+                      the pool's cost from generic event-loop/socket cost.
 
 Usage
 -----
@@ -48,12 +52,14 @@ Usage
     python scripts/bench_upstream_pool.py --quick         # fewer requests
     python scripts/bench_upstream_pool.py --variants shared-default,h11-transport
     python scripts/bench_upstream_pool.py --concurrency 1,64,256
+    python scripts/bench_upstream_pool.py --variants shared-default,per-task
     python scripts/bench_upstream_pool.py --serve PORTFILE  # server only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -80,7 +86,9 @@ RESPONSE_HEADERS = [
 STATS_PATH = "/__stats"  # returns {"connections": <accepted so far>}
 _SERVER_STATS = {"connections": 0}
 
-ALL_VARIANTS = ("shared-default", "shared-unbounded", "bounded-32", "h11-transport")
+DEFAULT_VARIANTS = ("shared-default", "shared-unbounded", "bounded-32", "h11-transport")
+PER_TASK_VARIANT = "per-task"  # optional control, not run by default
+ALL_VARIANTS = DEFAULT_VARIANTS + (PER_TASK_VARIANT,)
 DEFAULT_CONCURRENCY = (1, 16, 32, 64, 128, 256)
 BASELINE_VARIANT = "shared-default"
 
@@ -234,10 +242,15 @@ async def measure(
     issued = 0
     first_error: list[BaseException] = []
 
-    async with factory() as client:
+    # "per-task" gives every task its own client (a pool with one connection):
+    # a control that pays no cross-connection pool bookkeeping.
+    n_clients = concurrency if variant == PER_TASK_VARIANT else 1
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(factory()) for _ in range(n_clients)]
 
-        async def one() -> bool:
+        async def one(i: int) -> bool:
             nonlocal errors
+            client = clients[i % n_clients]
             t0 = time.perf_counter()
             try:
                 resp = await client.get(url)
@@ -255,23 +268,23 @@ async def measure(
 
         # Warm-up: one request per task concurrently (opens the connections).
         async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(one)
+            for i in range(concurrency):
+                nursery.start_soon(one, i)
         latencies.clear()
         errors = 0
 
         deadline = time.perf_counter() + max_seconds
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
             nonlocal issued
             while issued < total_requests and time.perf_counter() < deadline:
                 issued += 1
-                await one()
+                await one(i)
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker)
+            for i in range(concurrency):
+                nursery.start_soon(worker, i)
         elapsed = time.perf_counter() - start
 
     if first_error:
@@ -385,6 +398,7 @@ async def _client_main(args: argparse.Namespace, url: str) -> int:
         "shared-default": _make_shared_default,
         "shared-unbounded": _make_shared_unbounded,
         "bounded-32": _make_bounded_32,
+        PER_TASK_VARIANT: _make_shared_default,  # one default client per task
     }
     variants = list(args.variants)
     if "h11-transport" in variants:
@@ -479,8 +493,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="run only the HTTP server; write its port to PORTFILE")
     ap.add_argument("--quick", action="store_true",
                     help="fewer requests per point (400 instead of 2000)")
-    ap.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                    help=f"comma-separated subset of: {', '.join(ALL_VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated subset of: {', '.join(ALL_VARIANTS)} "
+                         f"(default: %(default)s)")
     ap.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
                     help="comma-separated concurrency levels (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=None,

@@ -1,0 +1,142 @@
+"""cortex's one typed configuration, read from TOML and overridden by flags.
+
+Every value is validated at start-up; an error names the bad key
+(`fleet.poll_interval_s`), says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cortex.serving import parse_listen
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8080"
+    max_body_bytes: int = 4 * 1024 * 1024
+    graceful_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    connect_timeout_s: float = 5.0
+    # Until the neuron's response headers arrive; for a non-streaming
+    # request that is the whole generation, so it is generous.
+    first_byte_timeout_s: float = 600.0
+    # Longest silence between two body chunks. Not a total deadline:
+    # long streams are legitimate.
+    idle_timeout_s: float = 60.0
+    max_connections_per_neuron: int = 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    neurons: tuple[str, ...] = ()
+    poll_interval_s: float = 2.0
+    poll_timeout_s: float = 2.0
+    unhealthy_after_failures: int = 2
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    """Coerce and check `value` against the type of its default."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"'{key}' must be a number > 0, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"'{key}' must be a list of strings, got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{name}' must be a table, got {values!r}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{name}.{key}' (known: {', '.join(sorted(known))})")
+        checked[key] = _check_value(f"{name}.{key}", value, getattr(defaults, key))
+    return dataclasses.replace(defaults, **checked)
+
+
+SECTIONS = {"server": ServerConfig, "upstream": UpstreamConfig, "fleet": FleetConfig, "log": LogConfig}
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a TOML-shaped mapping."""
+    for name in data:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section '{name}' (known: {', '.join(SECTIONS)})")
+    config = Config(**{name: _section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    try:
+        parse_listen(config.server.listen)
+    except ValueError as exc:
+        raise ConfigError(f"'server.listen': {exc}") from None
+    for url in config.fleet.neurons:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL")
+    if config.log.level not in LOG_LEVELS:
+        raise ConfigError(f"'log.level' must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+
+
+def load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read `path` (if any), then apply flag overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        merged = dict(data.get(section, {}))
+        merged.update({k: v for k, v in values.items() if v is not None})
+        data[section] = merged
+    return from_mapping(data)

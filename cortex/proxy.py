@@ -1,0 +1,145 @@
+"""One generation request's life inside cortex: route, dispatch, relay.
+
+The whole exchange runs in one block under a disconnect watch: if the
+client goes away, the block is cancelled, the upstream response is closed,
+and the neuron stops generating. A connect failure (the neuron never saw
+the request) fails over to the next healthy neuron; anything after that is
+reported, never retried, since the neuron may already have generated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import trio
+
+from cortex import logs, web
+from cortex.api import errors
+from cortex.api.errors import ApiError
+from cortex.api.validate import GenerationRequest
+from cortex.config import Config
+from cortex.fleet.registry import Fleet, Node
+from cortex.fleet.upstream import Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+from cortex.relay import SSEProtocolError, StreamRelay
+
+ERROR_BODY_MAX_BYTES = 64 * 1024
+
+
+def upstream_payload(gen: GenerationRequest) -> bytes:
+    """The body sent to the neuron: the client's, asking for a usage frame when streaming."""
+    body = gen.body
+    if gen.stream and not gen.include_usage:
+        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+    return web.encode_json(body)
+
+
+def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiError:
+    """Map a neuron's error response to the client's error."""
+    try:
+        err = json.loads(raw)["error"]
+        message, type_, code, param = err["message"], err.get("type"), err.get("code"), err.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, type_, code, param = raw[:200].decode("utf-8", "replace") or f"HTTP {status}", None, None, None
+    if 400 <= status < 500 and status != 429:
+        return ApiError(status, message, type=type_ or "invalid_request_error", code=code, param=param)
+    if status in (429, 503):
+        retry_after = headers.get("retry-after", "1")
+        retry_after_s = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 1.0
+        return errors.server_overloaded(f"The neuron serving this model is overloaded: {message}", retry_after_s)
+    return errors.upstream_error(f"The neuron at {node.url} failed with HTTP {status}: {message}")
+
+
+class Proxy:
+    def __init__(self, config: Config, fleet: Fleet, upstream: Upstream) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.upstream = upstream
+
+    async def generate(self, request: web.Request, gen: GenerationRequest, path: str) -> None:
+        if not self.fleet.knows(gen.model):
+            raise errors.model_not_found(gen.model)
+        request.log.update(model=gen.model, stream=gen.stream)
+        payload = upstream_payload(gen)
+        async with web.disconnect_watch(request.receive) as watch:
+            await self._dispatch(request, gen, path, payload, watch)
+        if watch.disconnected:
+            request.log["outcome"] = "client_disconnected"
+
+    async def _dispatch(
+        self, request: web.Request, gen: GenerationRequest, path: str, payload: bytes, watch: web.Disconnect
+    ) -> None:
+        headers = {"content-type": "application/json", "x-request-id": request.request_id}
+        tried: set[str] = set()
+        while True:
+            node = self.fleet.route(gen.model, exclude=frozenset(tried))
+            if node is None:
+                raise errors.service_unavailable(
+                    f"No healthy neuron is serving `{gen.model}` right now.",
+                    retry_after_s=math.ceil(self.config.fleet.poll_interval_s),
+                )
+            request.log["neuron"] = node.url
+            self.fleet.acquire(node)
+            try:
+                async with self.upstream.post(node.url, path, payload, headers) as response:
+                    await self._relay(request, gen, node, response, watch)
+                return
+            except UpstreamUnavailable as exc:
+                self.fleet.dispatch_failed(node.url, str(exc))
+                logs.event("neuron_unreachable", logging.WARNING, neuron=node.url, request_id=request.request_id, error=str(exc))
+                tried.add(node.url)
+            except UpstreamTimeout as exc:
+                raise errors.upstream_timeout(f"The neuron at {node.url} timed out: {exc}") from None
+            except UpstreamFailed as exc:
+                raise errors.upstream_error(f"The neuron at {node.url} failed: {exc}") from None
+            finally:
+                self.fleet.release(node)
+
+    async def _relay(
+        self, request: web.Request, gen: GenerationRequest, node: Node, response: UpstreamResponse, watch: web.Disconnect
+    ) -> None:
+        if response.status != 200:
+            raw = await response.read_all(ERROR_BODY_MAX_BYTES)
+            raise upstream_error(node, response.status, raw, response.headers)
+        if gen.stream:
+            await self._relay_stream(request, response, StreamRelay(gen.include_usage), watch)
+            return
+        raw = await response.read_all(self.config.upstream.max_response_bytes)
+        try:
+            usage = json.loads(raw).get("usage") or {}
+        except (ValueError, AttributeError):
+            raise errors.upstream_error(f"The neuron at {node.url} sent a malformed response.") from None
+        self._log_usage(request, usage)
+        watch.closing()
+        await web.send_bytes(request.send, 200, raw, list(web.JSON_HEADERS))
+
+    async def _relay_stream(
+        self, request: web.Request, response: UpstreamResponse, relay: StreamRelay, watch: web.Disconnect
+    ) -> None:
+        await web.start_stream(request.send, [])
+        started = trio.current_time()
+        try:
+            while chunk := await response.next_chunk():
+                out = relay.feed(chunk)
+                if out:
+                    request.log.setdefault("ttft_ms", round((trio.current_time() - started) * 1000, 2))
+                    await web.send_chunk(request.send, out)
+            if relay.truncated:
+                raise UpstreamFailed("upstream ended the stream without [DONE]")
+        except (UpstreamFailed, SSEProtocolError) as exc:
+            # Headers are gone already: the error travels as a final SSE event.
+            err = errors.upstream_error(f"The upstream stream broke: {exc}")
+            request.log.update(outcome="upstream_broken", error=str(exc))
+            await web.send_chunk(request.send, web.sse_data(err.openai_body()))
+        finally:
+            self._log_usage(request, relay.usage or {})
+            request.log["data_events"] = relay.data_events
+        watch.closing()
+        await web.end_stream(request.send)
+
+    @staticmethod
+    def _log_usage(request: web.Request, usage: dict[str, Any]) -> None:
+        request.log["prompt_tokens"] = usage.get("prompt_tokens")
+        request.log["completion_tokens"] = usage.get("completion_tokens")

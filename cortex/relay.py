@@ -1,0 +1,95 @@
+"""Pure streaming relay: upstream SSE bytes in, client bytes out.
+
+cortex always asks the neuron for a usage frame (it needs actual usage to
+settle), so the relay drops that frame when the client did not ask for it.
+Everything else is forwarded byte for byte, one client write per upstream
+read, so streaming stays chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_EVENT_BYTES = 1024 * 1024
+DONE = b"[DONE]"
+
+
+class SSEProtocolError(ValueError):
+    pass
+
+
+class SSEDecoder:
+    """Splits a byte stream into complete SSE events (terminator included)."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = b""
+        self._max_event_bytes = max_event_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            events.append(buffer[start : end + 2])
+            start = end + 2
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max_event_bytes:
+            raise SSEProtocolError(f"upstream SSE event larger than {self._max_event_bytes} bytes")
+        return events
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer.strip())
+
+
+def event_data(event: bytes) -> bytes:
+    """The joined `data:` lines of one event (comments and other fields dropped)."""
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+@dataclass
+class StreamRelay:
+    client_wants_usage: bool
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    data_events: int = 0  # data events relayed, usage frame and [DONE] excluded
+
+    def __post_init__(self) -> None:
+        self._decoder = SSEDecoder()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Upstream bytes in; the bytes to write to the client out (maybe b"")."""
+        out = []
+        for event in self._decoder.feed(chunk):
+            data = event_data(event)
+            if data == DONE:
+                self.done = True
+            elif b'"usage":{' in data and self._take_usage(data):
+                if not self.client_wants_usage:
+                    continue
+            elif data:
+                self.data_events += 1
+            out.append(event)
+        return b"".join(out)
+
+    def _take_usage(self, data: bytes) -> bool:
+        """Record a usage frame; True when `data` was one (no choices, a usage object)."""
+        try:
+            frame = json.loads(data)
+        except ValueError:
+            return False
+        usage = frame.get("usage") if isinstance(frame, dict) else None
+        if not isinstance(usage, dict):
+            return False
+        self.usage = usage
+        return not frame.get("choices")
+
+    @property
+    def truncated(self) -> bool:
+        """The upstream ended without [DONE]: a broken stream, not a finished one."""
+        return not self.done or self._decoder.pending
