@@ -64,6 +64,7 @@ class CortexApp:
 
         request = web.Request.from_scope(scope, receive, send_with_id)
         request.request_id = request_id
+        request.started = started
         try:
             await self.router.dispatch(request)
         except ApiError as err:

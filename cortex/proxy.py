@@ -67,6 +67,8 @@ class Proxy:
             await self._dispatch(request, gen, path, payload, watch)
         if watch.disconnected:
             request.log["outcome"] = "client_disconnected"
+        else:
+            request.log.setdefault("outcome", "ok")
 
     async def _dispatch(
         self, request: web.Request, gen: GenerationRequest, path: str, payload: bytes, watch: web.Disconnect
@@ -119,12 +121,11 @@ class Proxy:
         self, request: web.Request, response: UpstreamResponse, relay: StreamRelay, watch: web.Disconnect
     ) -> None:
         await web.start_stream(request.send, [])
-        started = trio.current_time()
         try:
             while chunk := await response.next_chunk():
                 out = relay.feed(chunk)
                 if out:
-                    request.log.setdefault("ttft_ms", round((trio.current_time() - started) * 1000, 2))
+                    request.log.setdefault("ttft_ms", round((trio.current_time() - request.started) * 1000, 2))
                     await web.send_chunk(request.send, out)
             if relay.truncated:
                 raise UpstreamFailed("upstream ended the stream without [DONE]")

@@ -46,6 +46,7 @@ class Request:
     send: Send
     headers: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
+    started: float = 0.0  # trio.current_time() when the request arrived
     log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
 
     @classmethod

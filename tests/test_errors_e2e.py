@@ -1,0 +1,211 @@
+"""Bad input and upstream trouble: always the OpenAI envelope, the right status, never a hang."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Stack
+
+MODEL = "cortex-mock"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def pair(shared_stack: Stack):
+    neuron = shared_stack.neuron("--context-length", "1000", "--max-output-tokens", "500")
+    cortex = shared_stack.cortex(neuron)
+    return neuron, cortex
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "x-request-id" in response.headers
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_invalid_json_is_400_invalid_request(pair):
+    _, cortex = pair
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", content=b'{"model": '), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HELLO}, "model"),
+        ({"model": MODEL}, "messages"),
+        ({"model": MODEL, "messages": "hello"}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages[0].content[0].text"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": -5}, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": "ten"}, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"model": MODEL, "messages": HELLO, "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "n": 2}, "n"),
+        ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_missing_or_mistyped_chat_fields_are_400_naming_the_field(pair, body, param):
+    _, cortex = pair
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", json=body), 400)
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": 42}, "prompt"), ({"model": MODEL, "prompt": "x", "echo": True}, "echo")],
+)
+def test_bad_completions_fields_are_400_naming_the_field(pair, body, param):
+    _, cortex = pair
+    assert _error(httpx.post(cortex.url + "/v1/completions", json=body), 400)["param"] == param
+
+
+def test_a_json_array_body_is_400(pair):
+    _, cortex = pair
+    _error(httpx.post(cortex.url + "/v1/chat/completions", json=[1, 2]), 400)
+
+
+def test_unknown_model_is_404_model_not_found_and_never_reaches_a_neuron(pair):
+    neuron, cortex = pair
+    before = neuron.get_json("/health")["requests_total"]
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", json={"model": "gpt-9", "messages": HELLO}), 404)
+    assert err["code"] == "model_not_found"
+    assert err["param"] == "model"
+    assert neuron.get_json("/health")["requests_total"] == before
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=cortex.url + "/v1", api_key="x", max_retries=0).chat.completions.create(model="gpt-9", messages=HELLO)
+
+
+def test_body_over_the_limit_is_413(pair):
+    _, cortex = pair
+    big = b'{"model": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", content=big), 413)
+    assert err["code"] == "request_too_large"
+
+
+def test_chunked_body_over_the_limit_is_413_without_reading_it_all(pair):
+    _, cortex = pair
+
+    def chunks():
+        for _ in range(80):
+            yield b"x" * (64 * 1024)
+
+    _error(httpx.post(cortex.url + "/v1/chat/completions", content=chunks()), 413)
+
+
+def test_wrong_method_is_405_with_allow(pair):
+    _, cortex = pair
+    r = httpx.get(cortex.url + "/v1/chat/completions")
+    assert _error(r, 405)["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+    assert httpx.post(cortex.url + "/v1/models").status_code == 405
+
+
+def test_unknown_path_is_404_in_the_envelope(pair):
+    _, cortex = pair
+    assert _error(httpx.get(cortex.url + "/v1/nothing"), 404)["code"] == "unknown_url"
+
+
+def test_neuron_context_length_refusal_is_mapped_through(pair):
+    _, cortex = pair
+    long = [{"role": "user", "content": "x" * 990}]
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": long, "max_tokens": 100}), 400)
+    assert err["code"] == "context_length_exceeded"
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 501}), 400)
+    assert err["param"] == "max_tokens"
+
+
+class _BadUpstream:
+    """A fake neuron at the HTTP boundary: healthy to polls, broken for generation."""
+
+    def __init__(self, generation_reply: bytes) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.reply = generation_reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if request.startswith(b"GET /health"):
+                body = b'{"status":"ok"}'
+            elif request.startswith(b"GET /v1/models"):
+                body = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}'
+            else:
+                conn.sendall(self.reply)
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "code"),
+    [
+        (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\nboom", 502, "upstream_error"),
+        (b"this is not http\r\n\r\n", 502, "upstream_error"),
+        (b"", 502, "upstream_error"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n{nope", 502, "upstream_error"),
+        (b"HTTP/1.1 503 Busy\r\nretry-after: 7\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}", 503, "overloaded"),
+    ],
+)
+def test_upstream_errors_are_mapped_to_clear_errors(stack: Stack, reply, status, code):
+    upstream = _BadUpstream(reply)
+    try:
+        cortex = stack.cortex(upstream.url)
+        r = httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 5})
+        err = _error(r, status)
+        assert err["code"] == code
+        if status == 503:
+            assert r.headers["retry-after"] == "7"
+    finally:
+        upstream.close()
+
+
+def test_idle_timeout_ends_a_stalled_stream_with_an_error_event(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "3000")
+    config = stack.tmp_path / "idle.toml"
+    config.write_text("[upstream]\nidle_timeout_s = 0.3\n")
+    cortex = stack.cortex(neuron, args=("--config", str(config)))
+    c = openai.OpenAI(base_url=cortex.url + "/v1", api_key="x", max_retries=0)
+    stream = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=50, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "sent nothing for 0.3 s" in info.value.message
+
+
+def test_first_byte_timeout_is_504(stack: Stack):
+    neuron = stack.neuron("--ttft-ms", "3000")
+    config = stack.tmp_path / "ttfb.toml"
+    config.write_text("[upstream]\nfirst_byte_timeout_s = 0.3\n")
+    cortex = stack.cortex(neuron, args=("--config", str(config)))
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 5}), 504)
+    assert err["code"] == "upstream_timeout"
