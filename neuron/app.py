@@ -133,7 +133,7 @@ class NeuronApp:
 
     async def _generate(self, request: web.Request, gen: GenerationRequest, prompt: str, prompt_tokens: int) -> None:
         limit = self._limit_tokens(gen, prompt_tokens)
-        if self.counters.queued >= self.config.queue_depth:
+        if self._slots.available_tokens == 0 and self.counters.queued >= self.config.queue_depth:
             raise errors.server_overloaded("neuron queue is full; retry shortly.", retry_after_s=1)
         reply = self.config.engine.plan(gen.body.get("seed"), prompt, limit, gen.stop)
         self.counters.requests_total += 1

@@ -1,0 +1,60 @@
+"""The command line: `cortex up`, `cortex serve` lifecycle, `neuron serve` flags."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+import openai
+
+from tests.conftest import Proc, Stack
+
+
+def test_cortex_up_serves_the_embedded_default_and_prints_how_to_use_it(tmp_path):
+    proc = Proc([sys.executable, "-m", "cortex", "up", "--listen", "127.0.0.1:0"], tmp_path / "up.log")
+    try:
+        lines = [proc.read_line() for _ in range(3)]
+        banner = "".join(lines)
+        url = re.search(r"cortex is up at (http://127\.0\.0\.1:\d+)", banner).group(1)
+        example = "".join(proc.read_line() for _ in range(6))
+        assert f"curl {url}/v1/chat/completions" in example
+        assert "from openai import OpenAI" in example
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="cortex-mock", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert reply.usage.completion_tokens == 8
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 0
+
+
+def test_cortex_serve_stops_cleanly_on_sigterm(stack: Stack):
+    neuron = stack.neuron()
+    cortex = stack.cortex(neuron)
+    cortex.signal(signal.SIGTERM)
+    assert cortex.popen.wait(15) == 0
+
+
+def test_cortex_serve_with_no_neurons_starts_down_and_says_so(stack: Stack):
+    cortex = stack.cortex()
+    health = cortex.get_json("/health")
+    assert health["status"] == "down" and health["neurons"]["total"] == 0
+
+
+def test_cortex_serve_refuses_a_busy_port(stack: Stack, tmp_path):
+    neuron = stack.neuron()
+    port = neuron.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower()
+
+
+def test_neuron_rejects_bad_flags_with_usage():
+    result = subprocess.run(
+        [sys.executable, "-m", "neuron", "serve", "--listen", "nowhere"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "HOST:PORT" in result.stderr

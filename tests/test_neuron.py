@@ -1,0 +1,120 @@
+"""neuron serve on its own: the API, exact accounting, limits, cancellation."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from neuron import tokenizer
+from tests.conftest import Stack, wait_until
+
+MODEL = "cortex-mock"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def neuron(shared_stack: Stack):
+    return shared_stack.neuron("--model", MODEL, "--model", "other", "--context-length", "2000", "--max-output-tokens", "300")
+
+
+def sdk(proc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proc.url + "/v1", api_key="x", max_retries=0)
+
+
+def test_models_advertise_context_and_output_limits(neuron):
+    data = neuron.get_json("/v1/models")["data"]
+    assert [m["id"] for m in data] == [MODEL, "other"]
+    assert all(m["limit"] == {"context": 2000, "output": 300} for m in data)
+
+
+def test_usage_is_exact_byte_level_accounting(neuron):
+    messages = [{"role": "system", "content": "sé"}, {"role": "user", "content": "hi there"}]
+    reply = sdk(neuron).chat.completions.create(model=MODEL, messages=messages, max_tokens=33)
+    assert reply.usage.prompt_tokens == tokenizer.count_chat(messages)
+    assert reply.usage.completion_tokens == len(reply.choices[0].message.content.encode()) == 33
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 33
+
+
+def test_same_request_same_text_and_request_seed_changes_it(neuron):
+    c = sdk(neuron)
+    a = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=30, temperature=1.5).choices[0].message.content
+    b = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=30).choices[0].message.content
+    s = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=30, seed=9).choices[0].message.content
+    assert a == b != s
+
+
+def test_without_max_tokens_the_reply_ends_naturally(neuron):
+    reply = sdk(neuron).chat.completions.create(model=MODEL, messages=HELLO)
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 256  # the default --reply-tokens, under limit.output
+
+
+def test_streamed_usage_chunk_matches_the_text(neuron):
+    chunks = list(
+        sdk(neuron).chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == len(text) == 12
+
+
+def test_prompt_over_the_context_is_context_length_exceeded(neuron):
+    long = [{"role": "user", "content": "x" * 2000}]
+    r = httpx.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": long})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    fits_alone = [{"role": "user", "content": "x" * 1900}]
+    r = httpx.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": fits_alone, "max_tokens": 200})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_over_limit_output_is_400(neuron):
+    r = httpx.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 301})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_unknown_model_is_404(neuron):
+    r = httpx.post(neuron.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_health_and_discovery_describe_the_host(neuron):
+    before = neuron.get_json("/health")["requests_total"]
+    httpx.post(neuron.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    httpx.post(neuron.url + "/v1/completions", json={"model": MODEL, "prompt": 5})  # refused: not admitted
+    health = neuron.get_json("/health")
+    assert health["requests_total"] == before + 1
+    discovery = neuron.get_json("/discovery")
+    assert discovery["engine"] == "mock"
+    assert discovery["devices"][0]["kind"] == "cpu" and discovery["devices"][0]["cores"] >= 1
+    assert [m["id"] for m in discovery["models"]] == [MODEL, "other"]
+
+
+def test_client_going_away_stops_generation_at_once(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "10")
+    with httpx.Client(timeout=30) as http:
+        with http.stream(
+            "POST", neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 3000, "stream": True}
+        ) as response:
+            raw = response.iter_raw()
+            next(raw)
+    health = wait_until(lambda: (h := neuron.get_json("/health"))["cancelled_total"] == 1 and h)
+    assert health["in_flight"] == 0 and health["completed_total"] == 0
+    assert health["tokens_generated_total"] < 3000
+
+
+def test_a_full_queue_refuses_with_503_and_retry_after(stack: Stack):
+    neuron = stack.neuron("--slots", "1", "--queue-depth", "0", "--token-interval-ms", "20")
+    with httpx.Client(timeout=30) as http:
+        with http.stream(
+            "POST", neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
+        ) as response:
+            assert response.status_code == 200  # a free slot admits at once, queue or not
+            raw = response.iter_raw()
+            next(raw)
+            r = http.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 5})
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "overloaded"
+    assert r.headers["retry-after"] == "1"
