@@ -35,7 +35,7 @@ class UpstreamConfig:
     # Longest silence between two body chunks. Not a total deadline:
     # long streams are legitimate.
     idle_timeout_s: float = 60.0
-    max_connections_per_neuron: int = 1024
+    max_idle_connections_per_neuron: int = 1024
     max_response_bytes: int = 64 * 1024 * 1024
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -39,10 +40,11 @@ class UpstreamTimeout(UpstreamFailed):
     pass
 
 
-def default_transport_factory(url: str) -> httpx.AsyncBaseTransport:
+def default_transport(config: UpstreamConfig, url: str) -> httpx.AsyncBaseTransport:
+    idle_max = config.max_idle_connections_per_neuron
     if url.startswith("https://"):
-        return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-    return H11Transport()
+        return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=idle_max))
+    return H11Transport(max_idle_per_origin=idle_max)
 
 
 class UpstreamResponse:
@@ -79,7 +81,7 @@ class UpstreamResponse:
 class Upstream:
     def __init__(self, config: UpstreamConfig, transport_factory: TransportFactory | None = None) -> None:
         self.config = config
-        self._factory = transport_factory or default_transport_factory
+        self._factory = transport_factory or partial(default_transport, config)
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._timeout = httpx.Timeout(
             connect=config.connect_timeout_s, read=None, write=config.idle_timeout_s, pool=config.connect_timeout_s
