@@ -188,9 +188,16 @@ async def run_point(
     total_requests: int,
     max_seconds: float,
     warmup_per_worker: int = 2,
+    probes: dict[str, Callable[[], float]] | None = None,
 ) -> Result:
     """`concurrency` workers, one connection each, issue sequential requests
-    until `total_requests` were issued or `max_seconds` passed."""
+    until `total_requests` were issued or `max_seconds` passed.
+
+    Each worker first sends `warmup_per_worker` untimed requests (opening its
+    connection).  `probes` (name -> counter, e.g. a daemon's CPU seconds) are
+    read right before and after the timed phase; the deltas land in
+    `Result.extra[name]`."""
+    probes = probes or {}
     gc.collect()
     conns = [Conn(req) for _ in range(concurrency)]
     latencies: list[float] = []
@@ -241,6 +248,7 @@ async def run_point(
                     continue
                 append(perf() - t0)
 
+        before = {name: probe() for name, probe in probes.items()}
         cpu0 = time.process_time()
         start = perf()
         async with trio.open_nursery() as nursery:
@@ -248,6 +256,7 @@ async def run_point(
                 nursery.start_soon(worker, c)
         elapsed = perf() - start
         cpu = time.process_time() - cpu0
+        extra = {name: probe() - before[name] for name, probe in probes.items()}
     finally:
         for c in conns:
             await c.aclose()
@@ -261,6 +270,7 @@ async def run_point(
         truncated=issued < total_requests,
         loadgen_cpu_s=cpu,
         first_error=first_error[0] if first_error else "",
+        extra=extra,
     )
 
 

@@ -168,12 +168,11 @@ class Cell:
 
 
 async def measure(req: lg.Req, c: int, args, neuron: lg.Daemon, cortex: lg.Daemon | None) -> Sample:
-    n0 = neuron.cpu_s()
-    c0 = cortex.cpu_s() if cortex else float("nan")
-    res = await lg.run_point(req, c, args.requests, args.max_seconds)
-    n1 = neuron.cpu_s()
-    c1 = cortex.cpu_s() if cortex else float("nan")
-    return Sample(res, n1 - n0, c1 - c0)
+    probes = {"neuron": neuron.cpu_s}
+    if cortex is not None:
+        probes["cortex"] = cortex.cpu_s
+    res = await lg.run_point(req, c, args.requests, args.max_seconds, probes=probes)
+    return Sample(res, res.extra["neuron"], res.extra.get("cortex", float("nan")))
 
 
 async def bench(args, neuron: lg.Daemon, cortex: lg.Daemon) -> list[Cell]:

@@ -1,0 +1,240 @@
+"""The pure ledger under random interleavings (hypothesis), plus its exact edges."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cortex.budget.ledger import Caps, Hold, HoldAlreadyResolved, HoldState, Ledger, LedgerError, Refusal, SlidingWindow, UnknownHold
+
+KEYS = ("k1", "k2", "k3")
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Keys k1 and k2 share account a1 (which has its own caps); k3 is alone on a2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger()
+        self.now = 0.0
+        self.open: list[str] = []
+        self.resolved: set[str] = set()
+        self.counter = 0
+        self.charged: dict[str, int] = {}
+
+    @initialize(
+        caps=st.lists(
+            st.builds(
+                lambda b, w, s, c: Caps(b, w, s if w is not None else None, c),
+                st.none() | st.integers(0, 500),
+                st.none() | st.integers(0, 300),
+                st.sampled_from([0.5, 1.0, 7.5]),
+                st.none() | st.integers(0, 4),
+            ),
+            min_size=5,
+            max_size=5,
+        )
+    )
+    def setup(self, caps):
+        self.ledger.add_account("a1", caps[0])
+        self.ledger.add_account("a2", caps[1])
+        self.ledger.add_key("k1", "a1", caps[2])
+        self.ledger.add_key("k2", "a1", caps[3])
+        self.ledger.add_key("k3", "a2", caps[4])
+
+    @rule(key=st.sampled_from(KEYS), amount=st.integers(0, 200), ttl=st.floats(0.1, 5))
+    def reserve(self, key, amount, ttl):
+        self.counter += 1
+        hold_id = f"h{self.counter}"
+        result = self.ledger.reserve(hold_id, key, amount, self.now, ttl)
+        if isinstance(result, Hold):
+            self.open.append(hold_id)
+        else:
+            assert isinstance(result, Refusal)
+            assert result.message
+            if result.retry_after_s is not None:
+                assert result.retry_after_s >= 0
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), actual=st.integers(0, 400))
+    def settle(self, data, actual):
+        hold_id = data.draw(st.sampled_from(self.open))
+        hold = self.ledger.holds[hold_id]
+        resolution = self.ledger.settle(hold_id, actual, self.now)
+        assert resolution.charged_tokens == min(actual, hold.amount_tokens)
+        assert resolution.overrun_tokens == max(0, actual - hold.amount_tokens)
+        self._resolved(hold_id, resolution.charged_tokens)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def release(self, data):
+        hold_id = data.draw(st.sampled_from(self.open))
+        assert self.ledger.release(hold_id, self.now).charged_tokens == 0
+        self._resolved(hold_id, 0)
+
+    @rule()
+    def expire(self):
+        for resolution in self.ledger.expire(self.now):
+            assert resolution.hold.state is HoldState.EXPIRED
+            assert resolution.charged_tokens == resolution.hold.amount_tokens
+            self._resolved(resolution.hold.id, resolution.charged_tokens)
+
+    @precondition(lambda self: self.resolved)
+    @rule(data=st.data(), how=st.sampled_from(["settle", "release", "orphan"]))
+    def second_resolution_is_an_error(self, data, how):
+        hold_id = data.draw(st.sampled_from(sorted(self.resolved)))
+        with pytest.raises(HoldAlreadyResolved):
+            if how == "settle":
+                self.ledger.settle(hold_id, 1, self.now)
+            elif how == "release":
+                self.ledger.release(hold_id, self.now)
+            else:
+                self.ledger.orphan(hold_id, self.now)
+
+    @rule(kind_id=st.sampled_from([("key", "k1"), ("key", "k3"), ("account", "a1")]), tokens=st.integers(1, 300))
+    def top_up(self, kind_id, tokens):
+        p = self.ledger.principal(*kind_id)
+        if p.caps.balance_tokens is None:
+            with pytest.raises(LedgerError):
+                self.ledger.top_up(*kind_id, tokens)
+        else:
+            before = p.caps.balance_tokens
+            assert self.ledger.top_up(*kind_id, tokens).balance_tokens == before + tokens
+
+    @rule(dt=st.floats(0, 3))
+    def advance(self, dt):
+        self.now += dt
+
+    def _resolved(self, hold_id: str, charged: int) -> None:
+        self.open.remove(hold_id)
+        assert hold_id not in self.resolved
+        self.resolved.add(hold_id)
+        self.charged[hold_id] = charged
+
+    @invariant()
+    def caps_hold_at_every_instant(self):
+        for p in self.ledger.principals.values():
+            caps = p.caps
+            if caps.balance_tokens is not None:
+                assert p.spent_tokens + p.held_tokens <= caps.balance_tokens
+                assert p.spent_tokens <= caps.balance_tokens
+            if caps.window_tokens is not None:
+                assert p.window_usage(self.now) + p.held_tokens <= caps.window_tokens
+            if caps.max_concurrency is not None:
+                assert p.in_flight <= caps.max_concurrency
+
+    @invariant()
+    def held_is_the_sum_of_open_holds(self):
+        assert sorted(self.ledger.holds) == sorted(self.open)
+        for kind, pid in self.ledger.principals:
+            holds = [
+                h for h in self.ledger.holds.values()
+                if (kind == "key" and h.key_id == pid) or (kind == "account" and h.account_id == pid)
+            ]
+            p = self.ledger.principal(kind, pid)
+            assert p.held_tokens == sum(h.amount_tokens for h in holds)
+            assert p.in_flight == len(holds)
+
+    @invariant()
+    def spent_is_the_sum_of_charges(self):
+        for key in KEYS:
+            p = self.ledger.principal("key", key)
+            assert p.spent_tokens >= 0
+        total = sum(self.charged.values())
+        keys_spent = sum(self.ledger.principal("key", k).spent_tokens for k in KEYS)
+        assert keys_spent == total
+
+
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_window_refusal_retry_after_is_exactly_when_enough_usage_ages_out():
+    ledger = Ledger()
+    ledger.add_account("a", Caps())
+    ledger.add_key("k", "a", Caps(window_tokens=100, window_s=10))
+    for i, t in enumerate((0.0, 2.0, 4.0)):
+        hold = ledger.reserve(f"h{i}", "k", 30, t, 60)
+        ledger.settle(hold.id, 30, t)
+    refusal = ledger.reserve("x", "k", 50, 5.0, 60)
+    assert isinstance(refusal, Refusal) and refusal.reason == "window"
+    # 90 used + 50 > 100: 40 must age out, i.e. the charges at 0 s and 2 s, the later at 12 s.
+    assert refusal.retry_after_s == pytest.approx(7.0)
+    assert isinstance(ledger.reserve("y", "k", 50, 5.0 + 7.0 - 1e-6, 60), Refusal)
+    assert isinstance(ledger.reserve("z", "k", 50, 12.0, 60), Hold)
+
+
+def test_a_true_sliding_window_not_a_fixed_one():
+    ledger = Ledger()
+    ledger.add_account("a", Caps())
+    ledger.add_key("k", "a", Caps(window_tokens=100, window_s=10))
+    ledger.settle(ledger.reserve("h1", "k", 100, 9.0, 60).id, 100, 9.0)
+    # A fixed window starting at the first request would reset at 10 s; a sliding one frees the tokens at 19 s.
+    assert isinstance(ledger.reserve("h2", "k", 1, 11.0, 60), Refusal)
+    assert isinstance(ledger.reserve("h3", "k", 1, 19.0, 60), Hold)
+
+
+def test_an_estimate_larger_than_the_cap_can_never_fit():
+    ledger = Ledger()
+    ledger.add_account("a", Caps(window_tokens=100, window_s=60))
+    ledger.add_key("k", "a", Caps(balance_tokens=1000))
+    refusal = ledger.reserve("h", "k", 150, 0.0, 60)
+    assert refusal.never_fits and refusal.retry_after_s is None and refusal.principal_kind == "account"
+    assert "never fit" in refusal.message
+
+
+def test_a_spent_balance_wins_over_a_rate_limit():
+    ledger = Ledger()
+    ledger.add_account("a", Caps())
+    ledger.add_key("k", "a", Caps(balance_tokens=100, window_tokens=50, window_s=60))
+    ledger.settle(ledger.reserve("h", "k", 50, 0.0, 60).id, 50, 0.0)
+    ledger.settle(ledger.reserve("i", "k", 40, 61.0, 60).id, 40, 61.0)
+    assert ledger.reserve("j", "k", 20, 62.0, 60).reason == "balance"
+
+
+def test_settling_more_than_the_hold_charges_the_hold_and_reports_the_overrun():
+    ledger = Ledger()
+    ledger.add_account("a", Caps(balance_tokens=100))
+    ledger.add_key("k", "a")
+    hold = ledger.reserve("h", "k", 60, 0.0, 60)
+    resolution = ledger.settle(hold.id, 75, 1.0)
+    assert (resolution.charged_tokens, resolution.overrun_tokens) == (60, 15)
+    assert ledger.principal("account", "a").spent_tokens == 60
+
+
+def test_unknown_hold_is_its_own_error():
+    with pytest.raises(UnknownHold):
+        Ledger().release("nope", 0.0)
+
+
+def test_orphaned_and_expired_holds_are_charged_in_full():
+    ledger = Ledger()
+    ledger.add_account("a", Caps())
+    ledger.add_key("k", "a")
+    ledger.reserve("h1", "k", 10, 0.0, 5)
+    ledger.reserve("h2", "k", 20, 0.0, 50)
+    assert [r.hold.id for r in ledger.expire(5.0)] == ["h1"]
+    assert ledger.orphan("h2", 6.0).charged_tokens == 20
+    assert ledger.principal("key", "k").spent_tokens == 30
+
+
+def test_headroom_reports_the_tightest_token_cap():
+    ledger = Ledger()
+    ledger.add_account("a", Caps(balance_tokens=1000))
+    ledger.add_key("k", "a", Caps(window_tokens=300, window_s=60))
+    ledger.reserve("h", "k", 100, 0.0, 60)
+    room = ledger.headroom("k", 0.0)
+    assert (room.limit_tokens, room.remaining_tokens) == (300, 200)
+
+
+def test_sliding_window_memory_is_bounded_and_merging_is_conservative():
+    window = SlidingWindow(10.0)
+    for i in range(100_000):
+        window.add(i * 1e-5, 1)  # 100,000 charges within one second
+    assert len(window._events) <= 4097
+    assert window.usage(1.0) == 100_000
+    # Merged usage never ages out earlier than the real charges would.
+    assert window.usage(10.0) > 0
+    assert window.usage(11.0) == 0
