@@ -1,38 +1,78 @@
-"""cortex's ASGI app: lifespan, routes, request ids and the request log."""
+"""cortex's ASGI app: lifespan, routes, request ids, the request log and metrics."""
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
 from cortex import logs, web
 from cortex.api import errors
+from cortex.api.admin import PREFIX as ADMIN_PREFIX
+from cortex.api.admin import AdminApi
 from cortex.api.errors import ApiError
 from cortex.api.validate import chat_request, completion_request, parse_json_object
+from cortex.budget import datadir
+from cortex.budget.service import BudgetService, KeyRecord
+from cortex.budget.store import ThreadedStore
 from cortex.config import Config
 from cortex.fleet.health import poll_forever
 from cortex.fleet.registry import Fleet
 from cortex.fleet.upstream import TransportFactory, Upstream
+from cortex.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cortex.metrics import GatewayMetrics
 from cortex.proxy import Proxy
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+# Opens the ledger store for the app's lifetime; the simulator passes an in-memory one.
+StoreFactory = Callable[[Config, GatewayMetrics], Any]
+
+
+@asynccontextmanager
+async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterator[ThreadedStore]:
+    """The production store: the data dir's lock, then SQLite behind the writer thread."""
+    lock = datadir.lock(config.budget.data_dir)
+    try:
+        path = datadir.ledger_path(config.budget.data_dir)
+        async with ThreadedStore.open(path, config.budget.synchronous, metrics.observe_commit) as store:
+            yield store
+    finally:
+        lock.close()
+
 
 class CortexApp:
-    def __init__(self, config: Config, transport_factory: TransportFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        transport_factory: TransportFactory | None = None,
+        store_factory: StoreFactory = durable_store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self.metrics = GatewayMetrics()
         self.fleet = Fleet(config.fleet.neurons, config.fleet.unhealthy_after_failures)
         self.upstream = Upstream(config.upstream, transport_factory)
-        self.proxy = Proxy(config, self.fleet, self.upstream)
+        self.budget: BudgetService | None = None
+        self.proxy = Proxy(config, self.fleet, self.upstream, None)
+        self._store_factory = store_factory
+        self._clock = clock
+        self._admin: AdminApi | None = None
         self.router = web.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
         self.router.add("POST", "/v1/completions", self._completion)
         self.router.add("GET", "/v1/models", self._models)
         self.router.add("GET", "/health", self._health)
+        self.router.add("GET", "/metrics", self._metrics)
+        self.router.add_prefix(ADMIN_PREFIX, self._admin_api)
+        self.metrics.neurons_total.set_function(lambda: len(self.fleet.nodes))
+        self.metrics.neurons_healthy.set_function(lambda: sum(n.healthy for n in self.fleet.nodes))
 
     async def __call__(self, scope: web.Scope, receive: web.Receive, send: web.Send) -> None:
         if scope["type"] == "lifespan":
@@ -43,9 +83,15 @@ class CortexApp:
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Everything that outlives a request, owned by the lifespan."""
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
-                task_status.started()
+            async with self._store_factory(self.config, self.metrics) as store:
+                self.budget = await BudgetService.load(store, self._clock, self.config.budget, self.metrics)
+                self.proxy.budget = self.budget
+                if self.config.admin.token:
+                    self._admin = AdminApi(self.budget, self.config.admin.token)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
+                    await nursery.start(self.budget.expire_forever)
+                    task_status.started()
         finally:
             await self.upstream.aclose()
 
@@ -55,10 +101,12 @@ class CortexApp:
         offered = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
         request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         id_header = (b"x-request-id", request_id.encode())
+        request: web.Request
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                extra = [*request.response_headers, id_header]
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
                 response["status"] = message["status"]
             await send(message)
 
@@ -76,15 +124,27 @@ class CortexApp:
             await self._send_error(request, response, ApiError(500, "Internal error in cortex.", type="server_error", code="internal_error"))
         finally:
             if request.path.startswith("/v1/"):
-                logs.event(
-                    "request",
-                    request_id=request_id,
-                    method=request.method,
-                    path=request.path,
-                    status=response.get("status"),
-                    latency_ms=round((trio.current_time() - started) * 1000, 2),
-                    **request.log,
-                )
+                self._observe(request, response.get("status"), trio.current_time() - started)
+
+    def _observe(self, request: web.Request, status: int | None, latency_s: float) -> None:
+        model = request.log.get("model", "")
+        self.metrics.requests.inc(status=status or 499, model=model)
+        if model:
+            self.metrics.latency_s.observe(latency_s, model=model)
+            if "ttft_ms" in request.log:
+                self.metrics.ttft_s.observe(request.log["ttft_ms"] / 1000, model=model)
+            for direction, field in (("in", "prompt_tokens"), ("out", "completion_tokens")):
+                if isinstance(request.log.get(field), int):
+                    self.metrics.tokens.inc(request.log[field], direction=direction, model=model)
+        logs.event(
+            "request",
+            request_id=request.request_id,
+            method=request.method,
+            path=request.path,
+            status=status,
+            latency_ms=round(latency_s * 1000, 2),
+            **request.log,
+        )
 
     @staticmethod
     async def _send_error(request: web.Request, response: dict[str, Any], err: ApiError) -> None:
@@ -92,6 +152,19 @@ class CortexApp:
         if "status" in response:
             return  # headers already sent; the stream path reports its own errors
         await web.send_bytes(request.send, err.status, err.openai_bytes(), web.JSON_HEADERS + err.headers)
+
+    # --- generation ---------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request) -> KeyRecord | None:
+        if self.budget is None:
+            raise errors.service_unavailable("cortex is starting; try again shortly.", 1)
+        try:
+            return self.budget.authenticate(request.headers)
+        except ApiError:
+            if self.config.budget.auth_required:
+                raise
+            # Auth off (development): SDKs always send some key; unknown ones run unbudgeted.
+            return None
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -101,12 +174,16 @@ class CortexApp:
         return parse_json_object(raw)
 
     async def _chat(self, request: web.Request) -> None:
+        key = self._authenticate(request)
         gen = chat_request(await self._body(request))
-        await self.proxy.generate(request, gen, "/v1/chat/completions")
+        await self.proxy.generate(request, gen, "/v1/chat/completions", key)
 
     async def _completion(self, request: web.Request) -> None:
+        key = self._authenticate(request)
         gen = completion_request(await self._body(request))
-        await self.proxy.generate(request, gen, "/v1/completions")
+        await self.proxy.generate(request, gen, "/v1/completions", key)
+
+    # --- everything else -------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> None:
         await web.send_json(request.send, 200, {"object": "list", "data": self.fleet.catalogue()})
@@ -114,6 +191,15 @@ class CortexApp:
     async def _health(self, request: web.Request) -> None:
         status = self.fleet.status()
         await web.send_json(request.send, 503 if status["status"] == "down" else 200, status)
+
+    async def _metrics(self, request: web.Request) -> None:
+        body = self.metrics.registry.render()
+        await web.send_bytes(request.send, 200, body, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+
+    async def _admin_api(self, request: web.Request) -> None:
+        if self._admin is None:
+            raise ApiError(404, "The admin API is off: start cortex with --admin-token or CORTEX_ADMIN_TOKEN.", code="admin_disabled")
+        await self._admin.handle(request)
 
     async def _not_found(self, request: web.Request) -> None:
         raise errors.not_found(request.path)

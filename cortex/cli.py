@@ -1,8 +1,10 @@
-"""The `cortex` command: `serve` the gateway, or bring `up` the embedded default."""
+"""The `cortex` command: `serve` the gateway, bring `up` the embedded default, administer keys."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from functools import partial
 from pathlib import Path
@@ -10,13 +12,17 @@ from typing import Any
 
 import trio
 
+from cortex import admin_cli, logs
 from cortex import config as config_mod
-from cortex import logs
 from cortex.app import CortexApp
+from cortex.budget.datadir import DataDirBusy
+from cortex.budget.ledger import Caps
+from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
 from cortex.serving import announce, serve, wait_for_signal
 
 DEFAULT_UP_LISTEN = "127.0.0.1:8080"
+DEMO_BALANCE_TOKENS = 1_000_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="HOST:PORT to listen on (server.listen; default 127.0.0.1:8080)")
     s.add_argument("--neuron", action="append", dest="neurons", metavar="URL", help="neuron base URL (repeatable; fleet.neurons)")
     s.add_argument("--config", type=Path, help="TOML config file; flags override it")
+    s.add_argument("--data-dir", help="where the ledger lives (budget.data_dir; default .cortex)")
+    s.add_argument("--admin-token", help="enables /admin/v1/ (admin.token; or CORTEX_ADMIN_TOKEN)")
+    s.add_argument("--no-auth", action="store_true", help="serve requests without a key, unbudgeted (development only)")
     s.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="log.level")
 
     u = sub.add_parser("up", help="run the embedded default: cortex plus an in-process mock neuron")
     u.add_argument("--listen", default=DEFAULT_UP_LISTEN, help=f"HOST:PORT (default {DEFAULT_UP_LISTEN})")
+    u.add_argument("--data-dir", default=".cortex", help="where the ledger lives (default .cortex)")
     u.add_argument("--log-level", choices=config_mod.LOG_LEVELS, default="info")
+
+    admin_cli.add_commands(sub)
     return parser
 
 
@@ -39,6 +51,8 @@ def serve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"listen": args.listen},
         "fleet": {"neurons": args.neurons},
+        "budget": {"data_dir": args.data_dir, "auth_required": False if args.no_auth else None},
+        "admin": {"token": args.admin_token or os.environ.get("CORTEX_ADMIN_TOKEN") or None},
         "log": {"level": args.log_level},
     }
     return config_mod.load(args.config, overrides)
@@ -56,31 +70,44 @@ async def run_gateway(config: Config) -> None:
                 graceful_timeout_s=config.server.graceful_timeout_s,
             )
         )
-        announce("listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons))
+        announce(
+            "listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons),
+            data_dir=config.budget.data_dir, admin=bool(config.admin.token),
+        )
 
 
-async def run_up(listen: str) -> None:
+async def run_up(listen: str, data_dir: str) -> None:
     """cortex on `listen` in front of a mock neuron on an ephemeral port, one process."""
     from neuron.app import NeuronApp, NeuronConfig
 
+    admin_token = secrets.token_urlsafe(24)
     async with trio.open_nursery() as nursery:
         neuron_binds = await nursery.start(partial(serve, NeuronApp(NeuronConfig()), "127.0.0.1:0"))
-        config = config_mod.from_mapping({"server": {"listen": listen}, "fleet": {"neurons": [neuron_binds[0]]}})
+        config = config_mod.from_mapping({
+            "server": {"listen": listen},
+            "fleet": {"neurons": [neuron_binds[0]]},
+            "budget": {"data_dir": data_dir},
+            "admin": {"token": admin_token},
+        })
         app = CortexApp(config)
         binds = await nursery.start(partial(serve, app, listen))
-        print(_welcome(binds[0], neuron_binds[0]), flush=True)
+        assert app.budget is not None
+        _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))
+        print(_welcome(binds[0], neuron_binds[0], key, admin_token), flush=True)
         await wait_for_signal()
         nursery.cancel_scope.cancel()
 
 
-def _welcome(url: str, neuron_url: str) -> str:
+def _welcome(url: str, neuron_url: str, key: str, admin_token: str) -> str:
     return f"""
 cortex is up at {url}  (mock neuron at {neuron_url}, model `cortex-mock`)
+demo key (balance {DEMO_BALANCE_TOKENS:,} tokens): {key}
+admin token for {url}/admin/v1/: {admin_token}
 
-  curl {url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl {url}/v1/chat/completions -H 'authorization: Bearer {key}' -H 'content-type: application/json' \\
     -d '{{"model": "cortex-mock", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='unused'); \\
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
 print(c.chat.completions.create(model='cortex-mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
 Press Ctrl+C to stop.
@@ -89,6 +116,8 @@ Press Ctrl+C to stop.
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("keys", "accounts", "usage"):
+        return admin_cli.run(args)
     try:
         if args.command == "serve":
             config = serve_config(args)
@@ -97,16 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config_mod.from_mapping({"server": {"listen": args.listen}})  # validate early
             logs.configure(args.log_level)
-            trio.run(run_up, args.listen)
+            trio.run(run_up, args.listen, args.data_dir)
     except ConfigError as exc:
         print(f"cortex: configuration error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"cortex: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:  # noqa: BLE001 - start-up failures, maybe grouped by trio
+        leaf = _leaf(exc)
+        if isinstance(leaf, (OSError, DataDirBusy, StoreError)) or type(leaf).__name__ == "LifespanFailureError":
+            print(f"cortex: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one real error inside nested single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

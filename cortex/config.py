@@ -48,6 +48,23 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    data_dir: str = ".cortex"
+    auth_required: bool = True
+    hold_ttl_s: float = 600.0  # a hold older than this is resolved by expiry
+    expiry_interval_s: float = 5.0
+    fallback_output_tokens: int = 4096  # when a model's limits are unknown
+    synchronous: str = "full"  # SQLite durability: "normal" survives a process crash, "full" a power cut
+    settle_timeout_s: float = 5.0
+    retry_hint_s: float = 1.0  # Retry-After when in-flight requests, not window usage, are in the way
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    token: str = ""  # empty: the admin API is off
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -57,6 +74,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -99,7 +118,14 @@ def _section(name: str, cls: type, values: Any) -> Any:
     return dataclasses.replace(defaults, **checked)
 
 
-SECTIONS = {"server": ServerConfig, "upstream": UpstreamConfig, "fleet": FleetConfig, "log": LogConfig}
+SECTIONS = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "fleet": FleetConfig,
+    "budget": BudgetConfig,
+    "admin": AdminConfig,
+    "log": LogConfig,
+}
 
 
 def from_mapping(data: dict[str, Any]) -> Config:
@@ -120,6 +146,10 @@ def validate(config: Config) -> None:
     for url in config.fleet.neurons:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL")
+    if config.budget.synchronous not in ("normal", "full", "extra"):
+        raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
+    if config.admin.token and len(config.admin.token) < 16:
+        raise ConfigError("'admin.token' must be at least 16 characters")
     if config.log.level not in LOG_LEVELS:
         raise ConfigError(f"'log.level' must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
 

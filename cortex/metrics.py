@@ -317,3 +317,38 @@ def _checked_help(name: str, help: str) -> str:
     if not isinstance(help, str) or not help.strip():
         raise ValueError(f"metric {name!r} needs a non-empty help string")
     return help
+
+
+class GatewayMetrics:
+    """cortex's metric families, registered once per app."""
+
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.requests = r.counter("cortex_requests_total", "Requests answered, by status and model.", ("status", "model"))
+        self.tokens = r.counter("cortex_tokens_total", "Tokens charged, by direction (in, out) and model.", ("direction", "model"))
+        self.ttft_s = r.histogram(
+            "cortex_time_to_first_token_seconds", "Time to the first streamed token.", DEFAULT_LATENCY_BUCKETS_S, ("model",)
+        )
+        self.latency_s = r.histogram(
+            "cortex_request_duration_seconds", "Whole request latency.", DEFAULT_LATENCY_BUCKETS_S, ("model",)
+        )
+        self.refusals = r.counter("cortex_budget_refusals_total", "Budget refusals, by reason.", ("reason",))
+        self.holds_outstanding = r.gauge("cortex_holds_outstanding", "Holds placed and not yet resolved.")
+        self.held_tokens = r.gauge("cortex_held_tokens", "Tokens held by open holds.")
+        self.holds_resolved = r.counter("cortex_holds_resolved_total", "Holds resolved, by how.", ("state",))
+        self.overruns = r.counter("cortex_settle_overruns_total", "Settlements whose actual usage exceeded the hold.")
+        self.overrun_tokens = r.counter("cortex_settle_overrun_tokens_total", "Tokens above the hold (not charged).")
+        self.commit_batch = r.histogram(
+            "cortex_ledger_commit_batch_size", "Jobs per ledger group commit.", BATCH_SIZE_BUCKETS
+        )
+        self.commit_s = r.histogram(
+            "cortex_ledger_commit_seconds",
+            "Ledger group commit latency.",
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+        self.neurons_healthy = r.gauge("cortex_neurons_healthy", "Neurons passing health checks.")
+        self.neurons_total = r.gauge("cortex_neurons", "Neurons configured.")
+
+    def observe_commit(self, batch_size: int, seconds: float) -> None:
+        self.commit_batch.observe(batch_size)
+        self.commit_s.observe(seconds)

@@ -20,6 +20,10 @@ from cortex import logs, web
 from cortex.api import errors
 from cortex.api.errors import ApiError
 from cortex.api.validate import GenerationRequest
+from cortex.budget.estimate import estimate
+from cortex.budget.ledger import Hold
+from cortex.budget.meter import Meter
+from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
 from cortex.fleet.registry import Fleet, Node
 from cortex.fleet.upstream import Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
@@ -53,25 +57,58 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
 
 
 class Proxy:
-    def __init__(self, config: Config, fleet: Fleet, upstream: Upstream) -> None:
+    def __init__(self, config: Config, fleet: Fleet, upstream: Upstream, budget: BudgetService | None) -> None:
         self.config = config
         self.fleet = fleet
         self.upstream = upstream
+        self.budget = budget
 
-    async def generate(self, request: web.Request, gen: GenerationRequest, path: str) -> None:
+    async def generate(self, request: web.Request, gen: GenerationRequest, path: str, key: KeyRecord | None) -> None:
+        """Estimate, reserve, dispatch, settle: one block, one owner."""
         if not self.fleet.knows(gen.model):
             raise errors.model_not_found(gen.model)
-        request.log.update(model=gen.model, stream=gen.stream)
+        est = estimate(gen, self.fleet.model_info(gen.model), self.config.budget.fallback_output_tokens)
+        request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
+        meter = Meter(gen.stream, est.prompt_tokens)
         payload = upstream_payload(gen)
         async with web.disconnect_watch(request.receive) as watch:
-            await self._dispatch(request, gen, path, payload, watch)
+            if key is None or self.budget is None:
+                await self._dispatch(request, gen, path, payload, watch, meter)
+            else:
+                request.log["key_id"] = key.id
+                hold = await self.budget.reserve(key, est, request.request_id, gen.model)
+                request.response_headers = self.budget.ratelimit_headers(key)
+                try:
+                    await self._dispatch(request, gen, path, payload, watch, meter)
+                finally:
+                    meter.client_gone = watch.disconnected
+                    await self._settle(request, hold, meter)
         if watch.disconnected:
             request.log["outcome"] = "client_disconnected"
         else:
             request.log.setdefault("outcome", "ok")
 
+    async def _settle(self, request: web.Request, hold: Hold, meter: Meter) -> None:
+        assert self.budget is not None
+        action, tokens = meter.settlement()
+        if action == "settle":
+            resolution = await self.budget.settle(hold, tokens)
+        elif action == "release":
+            resolution = await self.budget.release(hold)
+        else:
+            resolution = await self.budget.charge_hold(hold)
+        request.log.update(settlement=action, hold_tokens=hold.amount_tokens)
+        if resolution is not None:
+            request.log["charged_tokens"] = resolution.charged_tokens
+
     async def _dispatch(
-        self, request: web.Request, gen: GenerationRequest, path: str, payload: bytes, watch: web.Disconnect
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        path: str,
+        payload: bytes,
+        watch: web.Disconnect,
+        meter: Meter,
     ) -> None:
         headers = {"content-type": "application/json", "x-request-id": request.request_id}
         tried: set[str] = set()
@@ -86,7 +123,7 @@ class Proxy:
             self.fleet.acquire(node)
             try:
                 async with self.upstream.post(node.url, path, payload, headers) as response:
-                    await self._relay(request, gen, node, response, watch)
+                    await self._relay(request, gen, node, response, watch, meter)
                 return
             except UpstreamUnavailable as exc:
                 self.fleet.dispatch_failed(node.url, str(exc))
@@ -100,30 +137,39 @@ class Proxy:
                 self.fleet.release(node)
 
     async def _relay(
-        self, request: web.Request, gen: GenerationRequest, node: Node, response: UpstreamResponse, watch: web.Disconnect
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        node: Node,
+        response: UpstreamResponse,
+        watch: web.Disconnect,
+        meter: Meter,
     ) -> None:
         if response.status != 200:
             raw = await response.read_all(ERROR_BODY_MAX_BYTES)
             raise upstream_error(node, response.status, raw, response.headers)
+        meter.upstream_accepted = True
         if gen.stream:
-            await self._relay_stream(request, response, StreamRelay(gen.include_usage), watch)
+            await self._relay_stream(request, response, StreamRelay(gen.include_usage), watch, meter)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
             usage = json.loads(raw).get("usage") or {}
         except (ValueError, AttributeError):
             raise errors.upstream_error(f"The neuron at {node.url} sent a malformed response.") from None
+        meter.usage = usage
         self._log_usage(request, usage)
         watch.closing()
         await web.send_bytes(request.send, 200, raw, list(web.JSON_HEADERS))
 
     async def _relay_stream(
-        self, request: web.Request, response: UpstreamResponse, relay: StreamRelay, watch: web.Disconnect
+        self, request: web.Request, response: UpstreamResponse, relay: StreamRelay, watch: web.Disconnect, meter: Meter
     ) -> None:
         await web.start_stream(request.send, [])
         try:
             while chunk := await response.next_chunk():
                 out = relay.feed(chunk)
+                meter.streamed_tokens = relay.output_tokens
                 if out:
                     request.log.setdefault("ttft_ms", round((trio.current_time() - request.started) * 1000, 2))
                     await web.send_chunk(request.send, out)
@@ -135,6 +181,7 @@ class Proxy:
             request.log.update(outcome="upstream_broken", error=str(exc))
             await web.send_chunk(request.send, web.sse_data(err.openai_body()))
         finally:
+            meter.usage = relay.usage
             self._log_usage(request, relay.usage or {})
             request.log["data_events"] = relay.data_events
         watch.closing()

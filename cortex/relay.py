@@ -52,12 +52,35 @@ def event_data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
+def output_tokens(frame: dict[str, Any]) -> int:
+    """Output tokens in one chunk, counted as UTF-8 bytes of its text.
+
+    Exact for neuron's byte-level tokenizer and an upper bound for any
+    tokenizer whose tokens cover at least a byte each, so a charge made
+    from this count never falls below what the client received.
+    """
+    total = 0
+    for choice in frame.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            total += len(text.encode())
+        for call in (delta.get("tool_calls") if isinstance(delta, dict) else None) or ():
+            arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+            if isinstance(arguments, str):
+                total += len(arguments.encode())
+    return total
+
+
 @dataclass
 class StreamRelay:
     client_wants_usage: bool
     usage: dict[str, Any] | None = None
     done: bool = False
     data_events: int = 0  # data events relayed, usage frame and [DONE] excluded
+    output_tokens: int = 0  # counted from the relayed chunks
 
     def __post_init__(self) -> None:
         self._decoder = SSEDecoder()
@@ -69,21 +92,18 @@ class StreamRelay:
             data = event_data(event)
             if data == DONE:
                 self.done = True
-            elif b'"usage":{' in data and self._take_usage(data):
-                if not self.client_wants_usage:
-                    continue
             elif data:
+                frame = _json_object(data)
+                if self._is_usage_frame(frame) and not self.client_wants_usage:
+                    continue
                 self.data_events += 1
+                self.output_tokens += output_tokens(frame)
             out.append(event)
         return b"".join(out)
 
-    def _take_usage(self, data: bytes) -> bool:
-        """Record a usage frame; True when `data` was one (no choices, a usage object)."""
-        try:
-            frame = json.loads(data)
-        except ValueError:
-            return False
-        usage = frame.get("usage") if isinstance(frame, dict) else None
+    def _is_usage_frame(self, frame: dict[str, Any]) -> bool:
+        """Record usage; True for a usage-only frame (no choices)."""
+        usage = frame.get("usage")
         if not isinstance(usage, dict):
             return False
         self.usage = usage
@@ -93,3 +113,11 @@ class StreamRelay:
     def truncated(self) -> bool:
         """The upstream ended without [DONE]: a broken stream, not a finished one."""
         return not self.done or self._decoder.pending
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        return {}
+    return frame if isinstance(frame, dict) else {}

@@ -47,6 +47,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
     started: float = 0.0  # trio.current_time() when the request arrived
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response head
     log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
 
     @classmethod
@@ -178,15 +179,24 @@ class Router:
         method_not_allowed: Callable[[Request, list[str]], Awaitable[None]],
     ) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._prefixes: list[tuple[str, Handler]] = []
         self._not_found = not_found
         self._method_not_allowed = method_not_allowed
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         self._routes.setdefault(path, {})[method] = handler
 
+    def add_prefix(self, prefix: str, handler: Handler) -> None:
+        """Every method on every path under `prefix` goes to `handler`."""
+        self._prefixes.append((prefix, handler))
+
     async def dispatch(self, request: Request) -> None:
         methods = self._routes.get(request.path.rstrip("/") or "/")
         if methods is None:
+            for prefix, handler in self._prefixes:
+                if request.path.startswith(prefix):
+                    await handler(request)
+                    return
             await self._not_found(request)
             return
         handler = methods.get(request.method)

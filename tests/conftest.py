@@ -32,6 +32,7 @@ class Proc:
         )
         self.url = ""
         self.announcement: dict[str, Any] = {}
+        self.data_dir: Path | None = None
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> "Proc":
         line = self.read_line(timeout_s)
@@ -107,11 +108,19 @@ class Stack:
     def neuron(self, *args: str) -> Proc:
         return self._start("neuron", ["serve", "--listen", "127.0.0.1:0", *args])
 
-    def cortex(self, *neurons: Proc | str, args: tuple[str, ...] = ()) -> Proc:
-        argv = ["serve", "--listen", "127.0.0.1:0"]
+    def cortex(
+        self, *neurons: Proc | str, args: tuple[str, ...] = (), auth: bool = False, data_dir: Path | None = None
+    ) -> Proc:
+        """cortex serve; without `auth`, unbudgeted (--no-auth) for pure proxy tests."""
+        data_dir = data_dir or self.tmp_path / f"data-{len(self.procs)}"
+        argv = ["serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
+        if not auth:
+            argv.append("--no-auth")
         for n in neurons:
             argv += ["--neuron", n.url if isinstance(n, Proc) else n]
-        return self._start("cortex", [*argv, *args])
+        proc = self._start("cortex", [*argv, *args])
+        proc.data_dir = data_dir
+        return proc
 
     def close(self) -> None:
         for proc in reversed(self.procs):

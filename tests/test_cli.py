@@ -7,23 +7,32 @@ import signal
 import subprocess
 import sys
 
+import httpx
 import openai
+import pytest
 
 from tests.conftest import Proc, Stack
 
 
 def test_cortex_up_serves_the_embedded_default_and_prints_how_to_use_it(tmp_path):
-    proc = Proc([sys.executable, "-m", "cortex", "up", "--listen", "127.0.0.1:0"], tmp_path / "up.log")
+    argv = [sys.executable, "-m", "cortex", "up", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")]
+    proc = Proc(argv, tmp_path / "up.log")
     try:
-        lines = [proc.read_line() for _ in range(3)]
-        banner = "".join(lines)
+        banner = "".join(proc.read_line() for _ in range(5))
         url = re.search(r"cortex is up at (http://127\.0\.0\.1:\d+)", banner).group(1)
+        key = re.search(r"demo key .*: (sk-cx-\S+)", banner).group(1)
+        admin_token = re.search(r"admin token .*: (\S+)", banner).group(1)
         example = "".join(proc.read_line() for _ in range(6))
-        assert f"curl {url}/v1/chat/completions" in example
+        assert f"curl {url}/v1/chat/completions -H 'authorization: Bearer {key}'" in example
         assert "from openai import OpenAI" in example
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
         reply = client.chat.completions.create(model="cortex-mock", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
         assert reply.usage.completion_tokens == 8
+        with pytest.raises(openai.AuthenticationError):
+            wrong = openai.OpenAI(base_url=url + "/v1", api_key="sk-cx-wrong", max_retries=0)
+            wrong.chat.completions.create(model="cortex-mock", messages=[{"role": "user", "content": "hi"}])
+        keys = httpx.get(url + "/admin/v1/keys", headers={"authorization": f"Bearer {admin_token}"}).json()["data"]
+        assert [k["name"] for k in keys] == ["demo"]
     finally:
         proc.stop()
     assert proc.popen.returncode == 0

@@ -52,7 +52,10 @@ def test_flags_override_the_file(tmp_path):
         ("[fleet]\nneurons = ['ftp://x']\n", "fleet.neurons"),
         ("[fleet]\nneurons = 'http://x'\n", "fleet.neurons"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
-        ("[budget]\ncap = 1\n", "budget"),
+        ("[budgets]\ncap = 1\n", "budgets"),
+        ("[budget]\nsynchronous = 'off'\n", "budget.synchronous"),
+        ("[budget]\nauth_required = 1\n", "budget.auth_required"),
+        ("[admin]\ntoken = 'short'\n", "admin.token"),
         ("fleet = 3\n", "fleet"),
     ],
 )

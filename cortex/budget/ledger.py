@@ -291,6 +291,14 @@ class Ledger:
             return next(r for r in refusals if r.retry_after_s is None)
         return max(refusals, key=lambda r: r.retry_after_s or 0.0)
 
+    def restore_hold(self, hold: Hold) -> None:
+        """Re-place an open hold read back from the store (a read-only view)."""
+        assert hold.state is HoldState.OPEN and hold.id not in self.holds
+        for p in self._chain(hold.key_id):
+            p.held_tokens += hold.amount_tokens
+            p.in_flight += 1
+        self.holds[hold.id] = hold
+
     # --- resolution ------------------------------------------------------------
 
     def settle(self, hold_id: str, actual_tokens: int, now: float) -> Resolution:

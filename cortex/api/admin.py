@@ -1,0 +1,166 @@
+"""The admin HTTP API under /admin/v1/, behind its own bearer token.
+
+    GET  /admin/v1/keys                    list keys
+    POST /admin/v1/keys                    create one: {"name", "account"?, limits...}; the key is shown once
+    GET  /admin/v1/keys/{id}               one key, its usage and recent requests
+    POST /admin/v1/keys/{id}/topup         {"tokens": N}
+    POST /admin/v1/keys/{id}/limits        {"balance_tokens", "window_tokens", "window_seconds", "max_concurrency"}
+    POST /admin/v1/keys/{id}/revoke
+    GET  /admin/v1/accounts                list accounts
+    POST /admin/v1/accounts                {"id", limits...}
+    GET  /admin/v1/accounts/{id}
+    POST /admin/v1/accounts/{id}/topup | /limits
+    GET  /admin/v1/usage[/{key id}]        usage of every key, or of one
+
+Limits are given whole: a field left out or null means no such cap.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from cortex import web
+from cortex.api import errors
+from cortex.api.errors import ApiError
+from cortex.api.validate import parse_json_object
+from cortex.budget.ledger import Caps
+from cortex.budget.service import BudgetService, caps_view
+
+PREFIX = "/admin/v1/"
+ADMIN_BODY_MAX_BYTES = 64 * 1024
+LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency")
+
+
+def caps_from(body: dict[str, Any]) -> Caps:
+    """Validated caps from API or CLI fields; errors name the field."""
+    values: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        value = body.get(name)
+        if value is None:
+            values[name] = None
+            continue
+        if name == "window_seconds":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise errors.invalid_request(f"'{name}' must be a number > 0.", param=name)
+            values[name] = float(value)
+        else:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise errors.invalid_request(f"'{name}' must be an integer >= 0.", param=name)
+            values[name] = value
+    if (values["window_tokens"] is None) != (values["window_seconds"] is None):
+        raise errors.invalid_request("'window_tokens' and 'window_seconds' go together.", param="window_tokens")
+    return Caps(values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"])
+
+
+def _tokens(body: dict[str, Any]) -> int:
+    tokens = body.get("tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+        raise errors.invalid_request("'tokens' must be a positive integer.", param="tokens")
+    return tokens
+
+
+class AdminApi:
+    def __init__(self, budget: BudgetService, token: str) -> None:
+        assert token
+        self.budget = budget
+        self._token = token.encode()
+
+    def _authorize(self, request: web.Request) -> None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+            raise ApiError(401, "Missing or incorrect admin token.", code="invalid_admin_token")
+
+    async def handle(self, request: web.Request) -> None:
+        self._authorize(request)
+        parts = request.path[len(PREFIX):].strip("/").split("/")
+        status, body = await self._route(request, parts)
+        await web.send_json(request.send, status, body)
+
+    async def _route(self, request: web.Request, parts: list[str]) -> tuple[int, Any]:
+        method = request.method
+        head, rest = parts[0], parts[1:]
+        if head == "keys" and not rest:
+            if method == "GET":
+                return 200, {"data": [self._key_view(k) for k in self.budget.keys.values()]}
+            if method == "POST":
+                return await self._create_key(await self._body(request))
+        elif head == "accounts" and not rest:
+            if method == "GET":
+                ids = sorted(pid for kind, pid in self.budget.ledger.principals if kind == "account")
+                return 200, {"data": [self.budget.usage("account", i) for i in ids]}
+            if method == "POST":
+                body = await self._body(request)
+                account_id = body.get("id")
+                if not isinstance(account_id, str):
+                    raise errors.invalid_request("'id' must be a string.", param="id")
+                await self.budget.create_account(account_id, caps_from(body))
+                return 201, self.budget.usage("account", account_id)
+        elif head in ("keys", "accounts") and rest:
+            return await self._principal(request, "key" if head == "keys" else "account", rest)
+        elif head == "usage" and len(parts) <= 2:
+            if method == "GET":
+                if rest:
+                    return 200, await self._key_detail(rest[0])
+                return 200, {"data": [self._key_view(k) for k in self.budget.keys.values()]}
+        else:
+            raise errors.not_found(request.path)
+        raise errors.method_not_allowed(method, request.path, ["GET", "POST"])
+
+    async def _principal(self, request: web.Request, kind: str, rest: list[str]) -> tuple[int, Any]:
+        principal_id, action = rest[0], (rest[1] if len(rest) > 1 else None)
+        if len(rest) > 2:
+            raise errors.not_found(request.path)
+        if action is None:
+            if request.method != "GET":
+                raise errors.method_not_allowed(request.method, request.path, ["GET"])
+            if kind == "key":
+                return 200, await self._key_detail(principal_id)
+            return 200, self.budget.usage("account", principal_id)
+        if request.method != "POST":
+            raise errors.method_not_allowed(request.method, request.path, ["POST"])
+        if action == "topup":
+            await self.budget.top_up(kind, principal_id, _tokens(await self._body(request)))
+        elif action == "limits":
+            await self.budget.set_caps(kind, principal_id, caps_from(await self._body(request)))
+        elif action == "revoke" and kind == "key":
+            await self.budget.revoke(principal_id)
+        else:
+            raise errors.not_found(request.path)
+        if kind == "key":
+            return 200, await self._key_detail(principal_id)
+        return 200, self.budget.usage("account", principal_id)
+
+    async def _create_key(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name, account = body.get("name"), body.get("account")
+        if not isinstance(name, str):
+            raise errors.invalid_request("'name' must be a string.", param="name")
+        if account is not None and not isinstance(account, str):
+            raise errors.invalid_request("'account' must be a string.", param="account")
+        record, plaintext = await self.budget.create_key(name, account, caps_from(body))
+        return 201, {**self._key_view(record), "key": plaintext}
+
+    def _key_view(self, record: Any) -> dict[str, Any]:
+        usage = self.budget.usage("key", record.id)
+        return {**record.view(), "limits": usage["limits"], "usage": usage}
+
+    async def _key_detail(self, key_id: str) -> dict[str, Any]:
+        if key_id not in self.budget.keys:
+            raise ApiError(404, f"No key {key_id!r}.", code="not_found")
+        record = self.budget.keys[key_id]
+        return {
+            **self._key_view(record),
+            "account_usage": self.budget.usage("account", record.account_id),
+            "recent": await self.budget.recent(key_id),
+        }
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        try:
+            return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES))
+        except web.BodyTooLarge as exc:
+            raise errors.payload_too_large(exc.limit_bytes) from None
+
+
+__all__ = ["AdminApi", "caps_from", "caps_view", "PREFIX"]

@@ -1,0 +1,40 @@
+"""The data dir: the ledger database and the lock that says a server owns it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+LEDGER_FILE = "ledger.db"
+LOCK_FILE = "cortex.lock"
+
+
+class DataDirBusy(Exception):
+    pass
+
+
+def ledger_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / LEDGER_FILE
+
+
+def lock(data_dir: str | Path) -> IO[str]:
+    """Take the data dir's exclusive lock; held until the returned file is closed.
+
+    The in-memory ledger is authoritative while cortex serves, so offline
+    edits to its database must wait until it stops.
+    """
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataDirBusy(f"{path} is in use by a running cortex (pid in {path / LOCK_FILE})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

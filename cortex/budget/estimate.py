@@ -1,0 +1,72 @@
+"""The reservation estimate: a true upper bound on a request's token cost.
+
+Prompt: neuron's tokenizer is byte-level, so the rendered-prompt count from
+`neuron.tokenizer` is exact. For any other tokenizer whose tokens each
+cover at least one byte (byte-level BPE as in GPT-2, Llama 3 and tiktoken;
+SentencePiece with byte fallback), the same count is still an upper bound,
+provided the template overhead per message is no larger than ours. Fields
+an engine may render into the prompt (tools, response formats) and
+non-text content parts are added at their JSON byte size.
+
+Output: `max_completion_tokens`, else `max_tokens`, else what the model
+could still write (its `limit.output`, but no more than the context left
+after the prompt), else a configured fallback when the model's limits are
+unknown. A request that cannot fit the context is refused here, before any
+hold, exactly as the neuron would refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cortex.api import errors
+from cortex.api.validate import GenerationRequest
+from cortex.fleet.registry import ModelInfo
+from neuron import tokenizer
+
+FALLBACK_OUTPUT_TOKENS = 4096
+PROMPT_SIDE_FIELDS = ("tools", "functions", "tool_choice", "response_format")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def prompt_tokens_bound(gen: GenerationRequest) -> int:
+    if gen.kind == "completion":
+        return tokenizer.count_text(gen.prompt)
+    total = tokenizer.count_chat(gen.messages)
+    for message in gen.messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            total += sum(_json_bytes(p) for p in content if p.get("type") != "text")
+        if message.get("tool_calls"):
+            total += _json_bytes(message["tool_calls"])
+    return total + sum(_json_bytes(gen.body[f]) for f in PROMPT_SIDE_FIELDS if gen.body.get(f) is not None)
+
+
+def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_tokens: int = FALLBACK_OUTPUT_TOKENS) -> Estimate:
+    """The worst-case cost of `gen`, or 400 context_length_exceeded."""
+    prompt = prompt_tokens_bound(gen)
+    asked = gen.max_output_tokens
+    if model is None:
+        return Estimate(prompt, asked if asked is not None else fallback_output_tokens)
+    if asked is not None:
+        if prompt + asked > model.context_tokens:
+            raise errors.context_length_exceeded(prompt, asked, model.context_tokens)
+        return Estimate(prompt, asked)
+    if prompt >= model.context_tokens:
+        raise errors.context_length_exceeded(prompt, 0, model.context_tokens)
+    return Estimate(prompt, min(model.output_tokens, model.context_tokens - prompt))

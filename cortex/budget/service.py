@@ -1,0 +1,347 @@
+"""The budget shell: authentication, reserve and settle, expiry, administration.
+
+Decisions come from the pure `Ledger`; this module persists them through a
+store (`ThreadedStore` in production, `SyncStore` in the simulator), turns
+refusals into the API's 429s, and keeps the metrics. Every request that
+passes `reserve` holds a `Hold`, and its owner must call `settle`,
+`release` or `charge_hold` exactly once; those run under a bounded shield.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import secrets
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from cortex import logs
+from cortex.api import errors
+from cortex.api.errors import ApiError
+from cortex.budget import keys as keys_mod
+from cortex.budget.estimate import Estimate
+from cortex.budget.ledger import Caps, Hold, Ledger, LedgerError, Refusal, Resolution
+from cortex.budget.store import (
+    OpenHold,
+    PutAccount,
+    PutKey,
+    ResolveHold,
+    RevokeKey,
+    SetCaps,
+    Snapshot,
+    StoreError,
+    caps_of,
+)
+from cortex.config import BudgetConfig
+from cortex.metrics import GatewayMetrics
+
+DEFAULT_ACCOUNT = "default"
+WINDOW_HORIZON_MAX_S = 31 * 24 * 3600.0  # usage older than any sane window is not replayed
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    account_id: str
+    name: str
+    key_hash: bytes
+    prefix: str
+    created_at: float
+    revoked_at: float | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "account": self.account_id,
+            "prefix": self.prefix,
+            "created_at": self.created_at,
+            "revoked": self.revoked_at is not None,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def caps_view(caps: Caps) -> dict[str, Any]:
+    return {
+        "balance_tokens": caps.balance_tokens,
+        "window_tokens": caps.window_tokens,
+        "window_seconds": caps.window_s,
+        "max_concurrency": caps.max_concurrency,
+    }
+
+
+def refusal_error(refusal: Refusal, retry_hint_s: float) -> ApiError:
+    """A budget refusal in the OpenAI shape: always 429, never 400/401/402."""
+    if refusal.reason == "balance":
+        return ApiError(
+            429, refusal.message, type="insufficient_quota", code="insufficient_quota",
+            headers=[(b"x-should-retry", b"false")],
+        )
+    type_ = "tokens" if refusal.reason == "window" else "requests"
+    if refusal.never_fits:
+        return ApiError(429, refusal.message, type=type_, code="rate_limit_exceeded", headers=[(b"x-should-retry", b"false")])
+    wait_s = refusal.retry_after_s if refusal.retry_after_s is not None else retry_hint_s
+    return ApiError(
+        429, refusal.message, type=type_, code="rate_limit_exceeded", headers=errors.retry_after_headers(wait_s)
+    )
+
+
+class BudgetService:
+    def __init__(
+        self, ledger: Ledger, store: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.metrics = metrics
+        self.keys: dict[str, KeyRecord] = {}
+        self._by_hash: dict[bytes, KeyRecord] = {}
+        metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
+        metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
+
+    @classmethod
+    async def load(
+        cls, store: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
+    ) -> "BudgetService":
+        """Recover (orphaned holds are charged in full) and rebuild the ledger."""
+        snapshot: Snapshot = await store.load(clock(), WINDOW_HORIZON_MAX_S)
+        service = cls(Ledger(), store, clock, config, metrics)
+        service._rebuild(snapshot)
+        for hold_id, key_id, amount in snapshot.orphaned:
+            metrics.holds_resolved.inc(state="orphaned")
+            logs.event("hold_orphaned", logging.WARNING, hold_id=hold_id, key_id=key_id, charged_tokens=amount)
+        return service
+
+    def _rebuild(self, snapshot: Snapshot) -> None:
+        for row in snapshot.accounts:
+            self.ledger.add_account(row["id"], caps_of(row), row["spent_tokens"])
+        for row in snapshot.keys:
+            self.ledger.add_key(row["id"], row["account_id"], caps_of(row), row["spent_tokens"])
+            self._index(
+                KeyRecord(row["id"], row["account_id"], row["name"], bytes(row["key_hash"]), row["key_prefix"],
+                          row["created_at"], row["revoked_at"])
+            )
+        for key_id, at, tokens in snapshot.recent_charges:
+            self.ledger.record_usage(key_id, at, tokens)
+        for row in snapshot.open_holds:
+            self.ledger.restore_hold(
+                Hold(row["id"], row["key_id"], row["account_id"], row["amount_tokens"], row["created_at"], row["expires_at"])
+            )
+
+    def _index(self, record: KeyRecord) -> None:
+        self.keys[record.id] = record
+        self._by_hash[record.key_hash] = record
+
+    # --- the request path --------------------------------------------------------
+
+    def authenticate(self, headers: dict[str, str]) -> KeyRecord:
+        presented = keys_mod.presented_key(headers)
+        if presented is None:
+            raise ApiError(
+                401, "Missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+                code="invalid_api_key",
+            )
+        digest = keys_mod.key_hash(presented)
+        record = self._by_hash.get(digest)
+        if record is None or not hmac.compare_digest(record.key_hash, digest) or record.revoked_at is not None:
+            raise ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key")
+        return record
+
+    async def reserve(self, key: KeyRecord, estimate: Estimate, request_id: str, model: str) -> Hold:
+        """Hold the worst case on every cap that applies, durably, or raise the 429."""
+        now = self.clock()
+        hold_id = "hold_" + secrets.token_hex(8)
+        result = self.ledger.reserve(hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s)
+        if isinstance(result, Refusal):
+            self.metrics.refusals.inc(reason=result.reason)
+            raise refusal_error(result, self.config.retry_hint_s)
+        hold = result
+        try:
+            await self.store.commit(
+                [OpenHold(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at, request_id, model)]
+            )
+        except StoreError as exc:
+            self.ledger.release(hold.id, self.clock())  # never dispatched, never stored
+            logs.event("ledger_write_failed", logging.ERROR, request_id=request_id, error=str(exc))
+            raise errors.service_unavailable("The budget ledger is unavailable; try again shortly.", 1) from None
+        return hold
+
+    async def settle(self, hold: Hold, actual_tokens: int) -> Resolution | None:
+        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, actual_tokens, now))
+
+    async def release(self, hold: Hold) -> Resolution | None:
+        return await self._resolve(hold, lambda now: self.ledger.release(hold.id, now))
+
+    async def charge_hold(self, hold: Hold) -> Resolution | None:
+        """Charge the whole hold: usage happened but cannot be observed."""
+        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, hold.amount_tokens, now))
+
+    async def _resolve(self, hold: Hold, decide: Callable[[float], Resolution]) -> Resolution | None:
+        # Shielded so a cancelled request still settles; bounded so shutdown cannot hang on it.
+        with trio.move_on_after(self.config.settle_timeout_s, shield=True) as scope:
+            try:
+                resolution = decide(self.clock())
+            except LedgerError as exc:  # e.g. expired while the request ran
+                logs.event("settle_skipped", logging.WARNING, hold_id=hold.id, error=str(exc))
+                return None
+            self._count(resolution)
+            try:
+                await self.store.commit([_resolve_op(resolution)])
+            except StoreError as exc:
+                logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
+            return resolution
+        if scope.cancelled_caught:
+            logs.event("settle_not_durable", logging.ERROR, hold_id=hold.id, timeout_s=self.config.settle_timeout_s)
+        return None
+
+    def _count(self, resolution: Resolution) -> None:
+        self.metrics.holds_resolved.inc(state=resolution.hold.state.value)
+        if resolution.overrun_tokens:
+            self.metrics.overruns.inc()
+            self.metrics.overrun_tokens.inc(resolution.overrun_tokens)
+            logs.event("settle_overrun", logging.WARNING, hold_id=resolution.hold.id, overrun_tokens=resolution.overrun_tokens)
+
+    def ratelimit_headers(self, key: KeyRecord) -> list[tuple[bytes, bytes]]:
+        room = self.ledger.headroom(key.id, self.clock())
+        if room is None:
+            return []
+        headers = [
+            (b"x-ratelimit-limit-tokens", str(room.limit_tokens).encode()),
+            (b"x-ratelimit-remaining-tokens", str(room.remaining_tokens).encode()),
+        ]
+        if room.reset_s is not None:
+            headers.append((b"x-ratelimit-reset-tokens", f"{math.ceil(room.reset_s * 1000) / 1000:g}s".encode()))
+        return headers
+
+    # --- background ------------------------------------------------------------------
+
+    async def expire_forever(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.expiry_interval_s)
+            await self.expire_due()
+
+    async def expire_due(self) -> list[Resolution]:
+        resolutions = self.ledger.expire(self.clock())
+        for r in resolutions:
+            self._count(r)
+            logs.event("hold_expired", logging.WARNING, hold_id=r.hold.id, key_id=r.hold.key_id, charged_tokens=r.charged_tokens)
+        if resolutions:
+            with trio.move_on_after(self.config.settle_timeout_s, shield=True):
+                await self.store.commit([_resolve_op(r) for r in resolutions])
+        return resolutions
+
+    # --- administration -------------------------------------------------------------------
+
+    async def create_account(self, account_id: str, caps: Caps) -> None:
+        if ("account", account_id) in self.ledger.principals:
+            raise ApiError(409, f"Account {account_id!r} already exists.", code="conflict")
+        _check_name(account_id, "account")
+        await self.store.commit([PutAccount(account_id, caps, self.clock())])
+        self.ledger.add_account(account_id, caps)
+
+    async def create_key(self, name: str, account_id: str | None, caps: Caps) -> tuple[KeyRecord, str]:
+        """A new key; the plaintext is returned once and never stored."""
+        _check_name(name, "name")
+        account_id = account_id or DEFAULT_ACCOUNT
+        ops: list[Any] = []
+        if ("account", account_id) not in self.ledger.principals:
+            _check_name(account_id, "account")
+            ops.append(PutAccount(account_id, Caps(), self.clock()))
+        plaintext = keys_mod.generate_key()
+        record = KeyRecord(
+            keys_mod.new_key_id(), account_id, name, keys_mod.key_hash(plaintext), keys_mod.key_prefix(plaintext), self.clock()
+        )
+        ops.append(PutKey(record.id, account_id, name, record.key_hash, record.prefix, caps, record.created_at))
+        await self.store.commit(ops)
+        if ops[0].__class__ is PutAccount:
+            self.ledger.add_account(account_id, Caps())
+        self.ledger.add_key(record.id, account_id, caps)
+        self._index(record)
+        return record, plaintext
+
+    def _principal_or_404(self, kind: str, principal_id: str) -> None:
+        if (kind, principal_id) not in self.ledger.principals:
+            raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
+
+    async def set_caps(self, kind: str, principal_id: str, caps: Caps) -> None:
+        self._principal_or_404(kind, principal_id)
+        await self.store.commit([SetCaps(kind, principal_id, caps)])
+        self.ledger.set_caps(kind, principal_id, caps)
+
+    async def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
+        self._principal_or_404(kind, principal_id)
+        p = self.ledger.principal(kind, principal_id)
+        if p.caps.balance_tokens is None:
+            raise errors.invalid_request(f"{kind} {principal_id} has no balance to top up; set one with its limits.")
+        caps = Caps(p.caps.balance_tokens + tokens, p.caps.window_tokens, p.caps.window_s, p.caps.max_concurrency)
+        await self.store.commit([SetCaps(kind, principal_id, caps)])
+        self.ledger.set_caps(kind, principal_id, caps)
+        return caps
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        self._principal_or_404("key", key_id)
+        record = self.keys[key_id]
+        if record.revoked_at is None:
+            at = self.clock()
+            await self.store.commit([RevokeKey(key_id, at)])
+            record.revoked_at = at
+        return record
+
+    def usage(self, kind: str, principal_id: str) -> dict[str, Any]:
+        self._principal_or_404(kind, principal_id)
+        return principal_usage(self.ledger, kind, principal_id, self.clock())
+
+    async def recent(self, key_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        return await self.store.query(lambda conn: recent_requests(conn, key_id, limit))
+
+
+def _check_name(value: str, field: str) -> None:
+    if not keys_mod.NAME_RE.fullmatch(value):
+        raise errors.invalid_request(
+            f"'{field}' must be 1-64 characters of letters, digits, '_', '.', '@' or '-'.", param=field
+        )
+
+
+def _resolve_op(r: Resolution) -> ResolveHold:
+    h = r.hold
+    return ResolveHold(h.id, h.key_id, h.account_id, h.state.value, r.charged_tokens, h.actual_tokens, h.resolved_at or 0.0)
+
+
+def principal_usage(ledger: Ledger, kind: str, principal_id: str, now: float) -> dict[str, Any]:
+    p = ledger.principal(kind, principal_id)
+    caps = p.caps
+    view: dict[str, Any] = {
+        "kind": kind,
+        "id": principal_id,
+        "limits": caps_view(caps),
+        "spent_tokens": p.spent_tokens,
+        "held_tokens": p.held_tokens,
+        "in_flight": p.in_flight,
+        "remaining": {},
+    }
+    if caps.balance_tokens is not None:
+        view["remaining"]["balance_tokens"] = caps.balance_tokens - p.spent_tokens - p.held_tokens
+    if caps.window_tokens is not None:
+        used = p.window_usage(now)
+        view["window_used_tokens"] = used
+        view["remaining"]["window_tokens"] = caps.window_tokens - used - p.held_tokens
+    if caps.max_concurrency is not None:
+        view["remaining"]["concurrency"] = caps.max_concurrency - p.in_flight
+    return view
+
+
+def recent_requests(conn: sqlite3.Connection, key_id: str, limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT id, request_id, model, amount_tokens, charged_tokens, actual_tokens, state, created_at, resolved_at"
+        " FROM holds WHERE key_id = ? ORDER BY created_at DESC LIMIT ?",
+        (key_id, limit),
+    ).fetchall()
+    names = ("hold_id", "request_id", "model", "held_tokens", "charged_tokens", "actual_tokens", "state", "created_at", "resolved_at")
+    return [dict(zip(names, row)) for row in rows]

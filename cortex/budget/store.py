@@ -1,0 +1,409 @@
+"""The durable ledger: SQLite (WAL) owned by one writer thread, with group commit.
+
+The pure `Ledger` decides; this module makes its decisions durable. Trio
+tasks hand *ops* to the writer thread through a queue; the thread drains
+everything queued, applies it in one transaction, commits once, and wakes
+every waiter with one call through the Trio token. Under load one fsync
+covers hundreds of reserves and settlements.
+
+`SyncStore` runs the same schema and the same `apply` in the calling task,
+for the simulator (no threads on the simulated path) and the offline CLI.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+from cortex.budget.ledger import Caps
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER,
+    spent_tokens INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    key_hash BLOB NOT NULL UNIQUE,
+    key_prefix TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER,
+    spent_tokens INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS holds (
+    id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    amount_tokens INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    charged_tokens INTEGER NOT NULL DEFAULT 0,
+    actual_tokens INTEGER,
+    resolved_at REAL,
+    request_id TEXT,
+    model TEXT
+);
+CREATE INDEX IF NOT EXISTS holds_open ON holds(state) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS holds_resolved_at ON holds(resolved_at);
+CREATE INDEX IF NOT EXISTS holds_key_created ON holds(key_id, created_at);
+"""
+
+BATCH_OPS_MAX = 4096
+SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
+
+
+class StoreError(Exception):
+    pass
+
+
+# --- ops: what the ledger decided, as data -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PutAccount:
+    id: str
+    caps: Caps
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PutKey:
+    id: str
+    account_id: str
+    name: str
+    key_hash: bytes
+    key_prefix: str
+    caps: Caps
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SetCaps:
+    kind: str  # "key" or "account"
+    id: str
+    caps: Caps
+
+
+@dataclass(frozen=True)
+class RevokeKey:
+    id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class OpenHold:
+    id: str
+    key_id: str
+    account_id: str
+    amount_tokens: int
+    created_at: float
+    expires_at: float
+    request_id: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolveHold:
+    id: str
+    key_id: str
+    account_id: str
+    state: str
+    charged_tokens: int
+    actual_tokens: int | None
+    resolved_at: float
+
+
+Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold
+
+_TABLES = {"key": "keys", "account": "accounts"}
+
+
+def _caps_row(caps: Caps) -> tuple[Any, ...]:
+    return (caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency)
+
+
+def apply(conn: sqlite3.Connection, op: Op) -> None:
+    """Apply one op inside the caller's transaction."""
+    if isinstance(op, OpenHold):
+        conn.execute(
+            "INSERT INTO holds (id, key_id, account_id, amount_tokens, created_at, expires_at, state, request_id, model)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+            (op.id, op.key_id, op.account_id, op.amount_tokens, op.created_at, op.expires_at, op.request_id, op.model),
+        )
+    elif isinstance(op, ResolveHold):
+        cursor = conn.execute(
+            "UPDATE holds SET state = ?, charged_tokens = ?, actual_tokens = ?, resolved_at = ?"
+            " WHERE id = ? AND state = 'open'",
+            (op.state, op.charged_tokens, op.actual_tokens, op.resolved_at, op.id),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"hold {op.id} is not open in the store")
+        if op.charged_tokens:
+            conn.execute("UPDATE keys SET spent_tokens = spent_tokens + ? WHERE id = ?", (op.charged_tokens, op.key_id))
+            conn.execute(
+                "UPDATE accounts SET spent_tokens = spent_tokens + ? WHERE id = ?", (op.charged_tokens, op.account_id)
+            )
+    elif isinstance(op, PutAccount):
+        conn.execute(
+            "INSERT INTO accounts (id, created_at, balance_tokens, window_tokens, window_s, max_concurrency)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (op.id, op.created_at, *_caps_row(op.caps)),
+        )
+    elif isinstance(op, PutKey):
+        conn.execute(
+            "INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at,"
+            " balance_tokens, window_tokens, window_s, max_concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (op.id, op.account_id, op.name, op.key_hash, op.key_prefix, op.created_at, *_caps_row(op.caps)),
+        )
+    elif isinstance(op, SetCaps):
+        conn.execute(
+            f"UPDATE {_TABLES[op.kind]} SET balance_tokens = ?, window_tokens = ?, window_s = ?, max_concurrency = ?"
+            " WHERE id = ?",
+            (*_caps_row(op.caps), op.id),
+        )
+    elif isinstance(op, RevokeKey):
+        conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (op.at, op.id))
+    else:  # pragma: no cover - exhaustive
+        raise TypeError(f"unknown op {op!r}")
+
+
+def apply_all(conn: sqlite3.Connection, ops: Sequence[Op]) -> None:
+    with conn:  # one transaction
+        for op in ops:
+            apply(conn, op)
+
+
+# --- opening, recovery and loading --------------------------------------------------
+
+
+def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
+    """Open (creating if needed) a ledger database in WAL mode."""
+    assert synchronous in SYNCHRONOUS_MODES
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    with conn:
+        conn.executescript(SCHEMA)
+        row = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise StoreError(f"ledger schema version {row[0]} is not supported (expected {SCHEMA_VERSION})")
+    return conn
+
+
+@dataclass
+class Snapshot:
+    accounts: list[sqlite3.Row] = field(default_factory=list)
+    keys: list[sqlite3.Row] = field(default_factory=list)
+    recent_charges: list[tuple[str, float, int]] = field(default_factory=list)  # (key_id, resolved_at, tokens)
+    orphaned: list[tuple[str, str, int]] = field(default_factory=list)  # (hold_id, key_id, amount)
+    open_holds: list[sqlite3.Row] = field(default_factory=list)  # only when not recovering
+
+
+def recover_and_load(conn: sqlite3.Connection, now: float, horizon_s: float, recover: bool = True) -> Snapshot:
+    """Charge holds a crash left open at their held amount, then read the ledger.
+
+    With `recover=False` (a read-only look while a server owns the data
+    dir) open holds are reported as they are instead.
+    """
+    conn.row_factory = sqlite3.Row
+    snapshot = Snapshot()
+    open_holds = conn.execute("SELECT * FROM holds WHERE state = 'open' ORDER BY created_at").fetchall()
+    if not recover:
+        snapshot.open_holds = open_holds
+    else:
+        with conn:
+            for hold in open_holds:
+                apply(
+                    conn,
+                    ResolveHold(hold["id"], hold["key_id"], hold["account_id"], "orphaned", hold["amount_tokens"], None, now),
+                )
+                snapshot.orphaned.append((hold["id"], hold["key_id"], hold["amount_tokens"]))
+    snapshot.accounts = conn.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+    snapshot.keys = conn.execute("SELECT * FROM keys ORDER BY created_at, id").fetchall()
+    snapshot.recent_charges = [
+        (r["key_id"], r["resolved_at"], r["charged_tokens"])
+        for r in conn.execute(
+            "SELECT key_id, resolved_at, charged_tokens FROM holds"
+            " WHERE resolved_at > ? AND charged_tokens > 0 ORDER BY resolved_at",
+            (now - horizon_s,),
+        )
+    ]
+    conn.row_factory = None
+    return snapshot
+
+
+def caps_of(row: sqlite3.Row) -> Caps:
+    return Caps(row["balance_tokens"], row["window_tokens"], row["window_s"], row["max_concurrency"])
+
+
+# --- the two stores -------------------------------------------------------------------
+
+
+class SyncStore:
+    """Applies ops in the calling task: the simulator's store and the offline CLI's."""
+
+    def __init__(self, conn: sqlite3.Connection, recover: bool = True) -> None:
+        self.conn = conn
+        self.recover = recover
+
+    async def load(self, now: float, horizon_s: float) -> Snapshot:
+        await trio.lowlevel.checkpoint()
+        return recover_and_load(self.conn, now, horizon_s, self.recover)
+
+    async def commit(self, ops: Sequence[Op]) -> None:
+        apply_all(self.conn, ops)
+        await trio.lowlevel.checkpoint()
+
+    async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(self.conn)
+
+
+class _Waiter:
+    __slots__ = ("event", "error", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+
+_STOP = object()
+CommitObserver = Callable[[int, float], None]
+
+
+class ThreadedStore:
+    """SQLite owned by one writer thread; Trio tasks await group commits."""
+
+    def __init__(self, path: Path, synchronous: str, on_commit: CommitObserver | None = None) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._on_commit = on_commit
+        self._thread = threading.Thread(target=self._run, name="cortex-ledger-writer", daemon=True)
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path, synchronous: str = "full", on_commit: CommitObserver | None = None) -> AsyncIterator["ThreadedStore"]:
+        """Start the writer thread; on exit, let it finish what is queued and join it."""
+        store = cls(path, synchronous, on_commit)
+        store._thread.start()
+        await trio.to_thread.run_sync(store._opened.wait)
+        if store._open_error is not None:
+            await trio.to_thread.run_sync(store._thread.join)
+            raise StoreError(f"cannot open the ledger at {path}: {store._open_error}") from store._open_error
+        try:
+            yield store
+        finally:
+            store._queue.put(_STOP)
+            with trio.move_on_after(10, shield=True):
+                await trio.to_thread.run_sync(store._thread.join, abandon_on_cancel=True)
+
+    async def load(self, now: float, horizon_s: float) -> Snapshot:
+        return await self._submit(("call", lambda conn: recover_and_load(conn, now, horizon_s)))
+
+    async def commit(self, ops: Sequence[Op]) -> None:
+        await self._submit(("ops", ops))
+
+    async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await self._submit(("call", fn))
+
+    async def _submit(self, job: tuple[str, Any]) -> Any:
+        waiter = _Waiter()
+        self._queue.put((job, waiter))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise StoreError(str(waiter.error)) from waiter.error
+        return waiter.result
+
+    # --- the writer thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            conn = connect(self.path, self.synchronous)
+        except BaseException as exc:  # reported to the opener
+            self._open_error = exc
+            self._opened.set()
+            return
+        self._opened.set()
+        try:
+            while self._serve_batch(conn):
+                pass
+        finally:
+            conn.close()
+
+    def _serve_batch(self, conn: sqlite3.Connection) -> bool:
+        item = self._queue.get()
+        batch: list[tuple[tuple[str, Any], _Waiter]] = []
+        stop = False
+        while True:
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+            if len(batch) >= BATCH_OPS_MAX:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if batch:
+            self._execute(conn, batch)
+        return not stop
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[tuple[tuple[str, Any], _Waiter]]) -> None:
+        started = time.perf_counter()
+        ops_jobs = [(job, w) for job, w in batch if job[0] == "ops"]
+        try:
+            apply_all(conn, [op for job, _ in ops_jobs for op in job[1]])
+        except Exception:
+            # One bad job must not fail its neighbours: redo each alone.
+            for job, waiter in ops_jobs:
+                try:
+                    apply_all(conn, job[1])
+                except Exception as exc:
+                    waiter.error = exc
+        commit_s = time.perf_counter() - started
+        for job, waiter in batch:
+            if job[0] == "call":
+                try:
+                    waiter.result = job[1](conn)
+                except Exception as exc:
+                    waiter.error = exc
+        self._wake([w for _, w in batch], len(ops_jobs), commit_s)
+
+    def _wake(self, waiters: list[_Waiter], batch_size: int, commit_s: float) -> None:
+        def wake() -> None:
+            for waiter in waiters:
+                waiter.event.set()
+            if self._on_commit is not None and batch_size:
+                self._on_commit(batch_size, commit_s)
+
+        try:
+            self._token.run_sync_soon(wake)
+        except trio.RunFinishedError:
+            pass
