@@ -1,0 +1,48 @@
+"""Shared pieces for the budget end-to-end tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from neuron import tokenizer
+from tests.conftest import Proc, Stack
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+MODEL = "cortex-mock"
+HI = [{"role": "user", "content": "hi"}]
+HI_PROMPT_TOKENS = tokenizer.count_chat(HI)  # exact: byte-level
+
+
+def budget_cortex(stack: Stack, *neurons: Proc, config: str = "", **kwargs: Any) -> Proc:
+    args = ["--admin-token", ADMIN_TOKEN]
+    if config:
+        path = stack.tmp_path / f"cortex-{len(stack.procs)}.toml"
+        path.write_text(config)
+        args += ["--config", str(path)]
+    return stack.cortex(*neurons, args=tuple(args), auth=True, **kwargs)
+
+
+def admin(cortex: Proc, method: str, path: str, json: Any = None, token: str = ADMIN_TOKEN) -> httpx.Response:
+    return httpx.request(
+        method, cortex.url + "/admin/v1/" + path, json=json, headers={"authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+def create_key(cortex: Proc, name: str = "agent", **limits: Any) -> tuple[str, str]:
+    r = admin(cortex, "POST", "keys", {"name": name, **limits})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return body["id"], body["key"]
+
+
+def usage(cortex: Proc, key_id: str) -> dict[str, Any]:
+    r = admin(cortex, "GET", f"keys/{key_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(cortex: Proc, key: str, max_tokens: int = 10, stream: bool = False, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens, "stream": stream, **extra}
+    return httpx.post(cortex.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)

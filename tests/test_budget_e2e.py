@@ -1,0 +1,348 @@
+"""Hard budgets end to end: real cortex and neuron processes, a real SQLite ledger."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+import trio
+
+from cortex.fleet.transport import H11Transport
+from tests.budget_helpers import (
+    ADMIN_TOKEN,
+    HI,
+    HI_PROMPT_TOKENS,
+    MODEL,
+    admin,
+    budget_cortex,
+    chat,
+    create_key,
+    usage,
+)
+from tests.conftest import Stack, wait_until
+
+COST = HI_PROMPT_TOKENS + 10  # the estimate and the actual usage of chat(max_tokens=10)
+
+
+async def fan_out(url: str, key: str, n: int, stream: bool) -> list[tuple[int, dict, bytes]]:
+    """n concurrent requests on one key; (status, headers, body) each."""
+    results: list[tuple[int, dict, bytes]] = []
+    body = {"model": MODEL, "messages": HI, "max_tokens": 10, "stream": stream}
+
+    async def one(client: httpx.AsyncClient) -> None:
+        r = await client.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+        results.append((r.status_code, dict(r.headers), r.content))
+
+    async with httpx.AsyncClient(transport=H11Transport(), timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one, client)
+    return results
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("fan", [20, 200])
+async def test_a0_fan_out_drains_the_cap_then_is_refused_and_the_neuron_sees_only_the_served(stack: Stack, fan, stream):
+    neuron = stack.neuron("--token-interval-ms", "2")
+    cortex = budget_cortex(stack, neuron)
+    served_max = 5 if fan == 20 else 37
+    key_id, key = create_key(cortex, balance_tokens=served_max * COST + COST - 1)
+    results = await fan_out(cortex.url, key, fan, stream)
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(ok) == served_max and len(refused) == fan - served_max
+    for status, headers, body in refused:
+        assert headers["x-should-retry"] == "false" and "retry-after" not in headers
+        assert b'"code":"insufficient_quota"' in body and b'"type":"insufficient_quota"' in body
+    assert neuron.get_json("/health")["requests_total"] == served_max
+    u = usage(cortex, key_id)["usage"]
+    assert u["spent_tokens"] == served_max * COST <= u["limits"]["balance_tokens"]
+    assert u["held_tokens"] == 0 and u["in_flight"] == 0
+    assert all(r["state"] == "settled" for r in usage(cortex, key_id)["recent"])
+
+
+def test_rolling_window_refusal_has_an_exact_retry_after_and_then_admits(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, window_tokens=2 * COST + 5, window_seconds=3)
+    assert chat(cortex, key).status_code == 200
+    assert chat(cortex, key).status_code == 200
+    refused = chat(cortex, key)
+    assert refused.status_code == 429
+    err = refused.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "tokens"
+    wait_ms = int(refused.headers["retry-after-ms"])
+    assert 0 < wait_ms <= 3000
+    assert int(refused.headers["retry-after"]) == -(-wait_ms // 1000)
+    time.sleep(max(0, wait_ms - 400) / 1000)
+    assert chat(cortex, key).status_code == 429  # not yet: the first charge has not aged out
+    time.sleep(0.45)
+    assert chat(cortex, key).status_code == 200  # now it has
+
+
+def test_hard_balance_is_insufficient_quota_until_topped_up(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=COST)
+    assert chat(cortex, key).status_code == 200
+    r = chat(cortex, key)
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == r.json()["error"]["type"] == "insufficient_quota"
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+    assert admin(cortex, "POST", f"keys/{key_id}/topup", {"tokens": COST}).status_code == 200
+    assert chat(cortex, key).status_code == 200
+    assert usage(cortex, key_id)["usage"]["spent_tokens"] == 2 * COST
+
+
+def test_an_estimate_larger_than_any_cap_says_it_can_never_fit(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, window_tokens=50, window_seconds=60)
+    r = chat(cortex, key, max_tokens=100)
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "never fit" in r.json()["error"]["message"]
+    assert r.headers["x-should-retry"] == "false"
+    assert neuron.get_json("/health")["requests_total"] == 0
+
+
+def test_account_caps_are_shared_by_its_keys(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "20")
+    cortex = budget_cortex(stack, neuron)
+    assert admin(cortex, "POST", "accounts", {"id": "team", "max_concurrency": 2, "balance_tokens": 10_000}).status_code == 201
+    k1_id, k1 = create_key(cortex, "one", account="team")
+    _, k2 = create_key(cortex, "two", account="team")
+    with httpx.Client(timeout=30) as http:
+        streams = []
+        for key in (k1, k2):
+            cm = http.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                             json={"model": MODEL, "messages": HI, "max_tokens": 60, "stream": True})
+            response = cm.__enter__()
+            assert response.status_code == 200
+            raw = response.iter_raw()
+            next(raw)
+            streams.append((cm, raw))
+        third = chat(cortex, k1)
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+    assert third.status_code == 429
+    assert third.json()["error"]["type"] == "requests" and third.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "account team" in third.json()["error"]["message"]
+    assert int(third.headers["retry-after"]) >= 1
+    detail = wait_until(lambda: (d := usage(cortex, k1_id))["account_usage"]["in_flight"] == 0 and d)
+    assert detail["account_usage"]["held_tokens"] == 0
+    assert chat(cortex, k1).status_code == 200
+
+
+def test_client_disconnect_mid_stream_charges_what_was_produced(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "10")
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    received = 0
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "messages": HI, "max_tokens": 2000, "stream": True}) as response:
+            for line in response.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    received += 1
+                if received == 15:
+                    break
+    wait_until(lambda: neuron.get_json("/health")["cancelled_total"] == 1)
+    detail = wait_until(lambda: (d := usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    spent = detail["usage"]["spent_tokens"]
+    assert HI_PROMPT_TOKENS + received <= spent < HI_PROMPT_TOKENS + 2000
+    assert spent == HI_PROMPT_TOKENS + neuron.get_json("/health")["tokens_generated_total"] or spent < HI_PROMPT_TOKENS + 2000
+    assert detail["recent"][0]["state"] == "settled"
+    assert detail["recent"][0]["charged_tokens"] == spent
+
+
+def test_neuron_killed_mid_stream_charges_what_was_produced(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "10")
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    client = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=0)
+    received = 0
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2000, stream=True):
+            received += len(chunk.choices[0].delta.content or "") if chunk.choices else 0
+            if received == 20:
+                neuron.kill()
+    detail = wait_until(lambda: (d := usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    assert HI_PROMPT_TOKENS + received <= detail["usage"]["spent_tokens"] < HI_PROMPT_TOKENS + 2000
+
+
+def test_unreachable_neuron_releases_the_hold(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron, config="[fleet]\npoll_interval_s = 30\n")
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    neuron.kill()  # cortex still believes it healthy: the dispatch finds out
+    r = chat(cortex, key)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    u = usage(cortex, key_id)
+    assert u["usage"]["spent_tokens"] == 0 and u["usage"]["held_tokens"] == 0
+    assert u["recent"][0]["state"] == "released"
+
+
+def test_context_overflow_is_refused_by_the_estimate_with_no_hold(stack: Stack):
+    neuron = stack.neuron("--context-length", "100")
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    r = chat(cortex, key, max_tokens=95)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert usage(cortex, key_id)["recent"] == []
+    assert neuron.get_json("/health")["requests_total"] == 0
+
+
+def test_successful_responses_carry_ratelimit_headers_for_the_tightest_cap(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=10_000, window_tokens=500, window_seconds=60)
+    r = chat(cortex, key)
+    assert r.headers["x-ratelimit-limit-tokens"] == "500"
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 500 - COST  # the hold, before settlement
+    assert r.headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+def test_the_official_sdk_sees_rate_limit_errors_and_honours_retry_after_ms(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, window_tokens=COST, window_seconds=1.5)
+    strict = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=0)
+    strict.chat.completions.create(model=MODEL, messages=HI, max_tokens=10)
+    with pytest.raises(openai.RateLimitError) as info:
+        strict.chat.completions.create(model=MODEL, messages=HI, max_tokens=10)
+    assert info.value.code == "rate_limit_exceeded"
+    patient = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=3)
+    reply = patient.chat.completions.create(model=MODEL, messages=HI, max_tokens=10)
+    assert reply.usage.total_tokens == COST
+    statuses = wait_until(lambda: (s := _statuses(cortex)).count(200) == 2 and s)
+    # The patient client waited as told: few retries, not a burst of 429s.
+    assert statuses[0] == 200 and statuses[-1] == 200 and 1 <= statuses.count(429) <= 3
+
+
+def test_the_official_sdk_does_not_retry_insufficient_quota(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=5)
+    client = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=3)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=10)
+    assert info.value.code == "insufficient_quota"
+    wait_until(lambda: _statuses(cortex).count(429) == 1)
+    time.sleep(0.5)  # room for a retry that must not come
+    assert _statuses(cortex).count(429) == 1
+
+
+def _statuses(cortex) -> list[int]:
+    return [e["status"] for e in cortex.log_events() if e.get("event") == "request" and e.get("path") == "/v1/chat/completions"]
+
+
+def test_x_api_key_header_is_accepted(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex)
+    r = httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 3}, headers={"x-api-key": key})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer sk-cx-not-a-real-key-000000000000"}, {"authorization": "Basic abc"}, {"x-api-key": ""}],
+    ids=["missing", "unknown", "wrong-scheme", "empty"],
+)
+def test_bad_keys_are_401_invalid_api_key(stack: Stack, headers):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    r = httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, headers=headers)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert neuron.get_json("/health")["requests_total"] == 0
+
+
+def test_a_revoked_key_is_refused_and_secrets_never_reach_logs_or_listings(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex)
+    assert chat(cortex, key).status_code == 200
+    listing = admin(cortex, "GET", "keys").text
+    assert key not in listing and key[:10] in listing  # only the prefix is shown again
+    assert admin(cortex, "POST", f"keys/{key_id}/revoke").json()["revoked"] is True
+    r = chat(cortex, key)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    logs = cortex.logs()
+    assert key not in logs and key[6:] not in logs and ADMIN_TOKEN not in logs
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "param"),
+    [
+        ("POST", "keys", {"name": "x", "window_tokens": 5}, 400, "window_tokens"),
+        ("POST", "keys", {"name": "x", "balance_tokens": -1}, 400, "balance_tokens"),
+        ("POST", "keys", {"name": ""}, 400, "name"),
+        ("POST", "keys", {"name": 3}, 400, "name"),
+        ("POST", "keys/key_nope/topup", {"tokens": 5}, 404, None),
+        ("GET", "keys/key_nope", None, 404, None),
+        ("POST", "accounts", {"id": "bad id!"}, 400, "account"),
+        ("DELETE", "keys", None, 405, None),
+        ("GET", "nothing", None, 404, None),
+    ],
+)
+def test_bad_admin_input_gets_clear_errors(stack: Stack, method, path, body, status, param):
+    cortex = budget_cortex(stack)
+    r = admin(cortex, method, path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    if param:
+        assert r.json()["error"]["param"] == param
+
+
+def test_admin_topup_validates_tokens_and_needs_a_balance(stack: Stack):
+    cortex = budget_cortex(stack)
+    key_id, _ = create_key(cortex)
+    assert admin(cortex, "POST", f"keys/{key_id}/topup", {"tokens": -5}).json()["error"]["param"] == "tokens"
+    assert "no balance" in admin(cortex, "POST", f"keys/{key_id}/topup", {"tokens": 5}).json()["error"]["message"]
+    r = httpx.post(cortex.url + f"/admin/v1/keys/{key_id}/topup", content=b"{", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 400
+
+
+def test_bad_admin_tokens_are_401_and_no_token_means_no_admin_api(stack: Stack):
+    cortex = budget_cortex(stack)
+    assert admin(cortex, "GET", "keys", token="wrong-token-wrong-token").json()["error"]["code"] == "invalid_admin_token"
+    assert httpx.get(cortex.url + "/admin/v1/keys").status_code == 401
+    plain = stack.cortex(auth=True)
+    r = admin(plain, "GET", "keys")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_hold_expiry_charges_the_hold_and_is_counted(stack: Stack):
+    neuron = stack.neuron("--token-interval-ms", "20")
+    cortex = budget_cortex(stack, neuron, config="[budget]\nhold_ttl_s = 0.5\nexpiry_interval_s = 0.1\n")
+    key_id, key = create_key(cortex, balance_tokens=10_000)
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "messages": HI, "max_tokens": 100, "stream": True}) as response:
+            for _ in response.iter_raw():
+                pass
+    detail = usage(cortex, key_id)
+    assert detail["recent"][0]["state"] == "expired"
+    assert detail["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + 100
+    assert any(e.get("event") == "hold_expired" for e in cortex.log_events())
+    assert 'cortex_holds_resolved_total{state="expired"} 1' in httpx.get(cortex.url + "/metrics").text
+
+
+def test_metrics_count_requests_refusals_tokens_and_commits(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=COST)
+    chat(cortex, key)
+    chat(cortex, key)
+    text = httpx.get(cortex.url + "/metrics").text
+    assert f'cortex_requests_total{{status="200",model="{MODEL}"}} 1' in text
+    assert f'cortex_requests_total{{status="429",model="{MODEL}"}} 1' in text
+    assert 'cortex_budget_refusals_total{reason="balance"} 1' in text
+    assert f'cortex_tokens_total{{direction="out",model="{MODEL}"}} 10' in text
+    assert "cortex_holds_outstanding 0" in text
+    assert 'cortex_holds_resolved_total{state="settled"} 1' in text
+    batches = [line for line in text.splitlines() if line.startswith("cortex_ledger_commit_batch_size_count")]
+    assert batches and int(batches[0].split()[-1]) >= 2
