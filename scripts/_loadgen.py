@@ -57,6 +57,7 @@ class Req:
     # Optional full check of one response body (first one per point), raising
     # on a wrong answer: catches a benchmark that measures error responses.
     validate: Callable[[bytes], None] | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # extra headers, e.g. authorization
 
     def h11_request(self) -> h11.Request:
         headers = [
@@ -64,6 +65,7 @@ class Req:
             ("content-type", "application/json"),
             ("content-length", str(len(self.body))),
             ("accept", "text/event-stream" if self.stream else "application/json"),
+            *self.headers,
         ]
         return h11.Request(method=self.method, target=self.target, headers=headers)
 

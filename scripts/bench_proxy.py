@@ -44,6 +44,10 @@ Usage
     python scripts/bench_proxy.py --modes non-stream --concurrency 1,64
     python scripts/bench_proxy.py --cortex-args "--config budget.toml" --label budget-on
     python scripts/bench_proxy.py --profile-cortex /tmp/cortex-prof.txt  # pyinstrument
+
+For a profile without in-process overhead, attach a sampling profiler to the
+cortex pid printed at start-up while a via-cortex point runs, e.g.
+``py-spy record --pid PID --duration 8 --format raw -o cortex.raw``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -183,7 +189,8 @@ async def bench(args, neuron: lg.Daemon, cortex: lg.Daemon) -> list[Cell]:
         validate = make_validator(stream, args.tokens)
         for name, d in (("direct", neuron), ("via", cortex)):
             host, port = d.host_port
-            reqs[(mode, name)] = lg.Req(host, port, PATH, body, stream=stream, validate=validate)
+            reqs[(mode, name)] = lg.Req(host, port, PATH, body, stream=stream, validate=validate,
+                                        headers=args.headers)
 
     # Warm-up: both paths, every mode (imports, caches, cortex's upstream pool).
     for (mode, name), req in reqs.items():
@@ -312,9 +319,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=None, help="time cap per point (default 3, --quick 1)")
     ap.add_argument("--tokens", type=int, default=100, help="reply tokens (neuron --reply-tokens and max_tokens)")
     ap.add_argument("--cortex-args", default="",
-                    help="extra arguments for `cortex serve` (one string, split with shlex)")
+                    help="extra arguments for `cortex serve` (one string, split with shlex; "
+                         "write --cortex-args='--flag' when it starts with a dash and has no space)")
     ap.add_argument("--neuron-args", default="",
                     help="extra arguments for `neuron serve` (one string, split with shlex)")
+    ap.add_argument("--api-key", help="send `authorization: Bearer KEY` (both paths; the neuron ignores it)")
+    ap.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                    help="extra request header (repeatable)")
     ap.add_argument("--label", default="", help="free text printed with the results (e.g. budget-on)")
     ap.add_argument("--profile-cortex", metavar="OUT",
                     help="run cortex under pyinstrument, text report to OUT (adds profiler overhead)")
@@ -339,15 +350,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.requests = 500 if args.quick else 4000
     if args.max_seconds is None:
         args.max_seconds = 1.0 if args.quick else 3.0
+    headers = []
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            ap.error(f"--header must look like 'Name: value', got {h!r}")
+        headers.append((name.strip(), value.strip()))
+    if args.api_key:
+        headers.append(("authorization", f"Bearer {args.api_key}"))
+    args.headers = tuple(headers)
     args.warmup_requests = 300 if args.quick else 1000
     args.warmup_seconds = 0.5 if args.quick else 1.0
     return args
 
 
+def _cortex_serve_has(flag: str, env: dict[str, str]) -> bool:
+    try:
+        out = subprocess.run([sys.executable, "-m", "cortex", "serve", "--help"], capture_output=True, text=True,
+                             env=env, cwd=str(REPO_ROOT), timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return flag in out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     py = sys.executable
-    logdir = args.keep_logs or tempfile.mkdtemp(prefix="bench_proxy_")
+    tmpdir = tempfile.mkdtemp(prefix="bench_proxy_")  # logs (unless --keep-logs) and cortex's data dir
+    logdir = args.keep_logs or tmpdir
     os.makedirs(logdir, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
@@ -358,32 +388,27 @@ def main(argv: list[str] | None = None) -> int:
         neuron = lg.Daemon("neuron", neuron_cmd, os.path.join(logdir, "neuron.log"), env=env, cwd=str(REPO_ROOT))
         daemons.append(neuron)
         neuron.wait_listening()
-        cortex_cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url,
-                      *shlex.split(args.cortex_args)]
+        extra = shlex.split(args.cortex_args)
+        if "--data-dir" not in " ".join(extra) and _cortex_serve_has("--data-dir", env):
+            # Keep cortex's ledger out of the working tree (and off a running dev instance's lock).
+            extra += ["--data-dir", os.path.join(tmpdir, "cortex-data")]
+        cortex_cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url, *extra]
         if args.profile_cortex:
             cortex_cmd = ["-m", "pyinstrument", "-o", args.profile_cortex, *cortex_cmd]
         cortex = lg.Daemon("cortex", [py, *cortex_cmd], os.path.join(logdir, "cortex.log"), env=env,
                            cwd=str(REPO_ROOT))
         daemons.append(cortex)
         cortex.wait_listening()
-        lg.progress(f"neuron {neuron.url}, cortex {cortex.url}")
+        lg.progress(f"neuron {neuron.url} (pid {neuron.proc.pid}), cortex {cortex.url} (pid {cortex.proc.pid})")
         cells = trio.run(bench, args, neuron, cortex)
     finally:
         for d in reversed(daemons):
             d.stop()
-        if not args.keep_logs:
-            for name in ("neuron.log", "cortex.log"):
-                try:
-                    os.unlink(os.path.join(logdir, name))
-                except FileNotFoundError:
-                    pass
-            try:
-                os.rmdir(logdir)
-            except OSError:
-                pass
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
     print()
-    print(f"Label: {args.label or '-'}; cortex args: {args.cortex_args or '-'}; git {lg.git_rev(str(REPO_ROOT))}")
+    print(f"Label: {args.label or '-'}; cortex args: {args.cortex_args or '-'}"
+          f"{'; api key: yes' if args.api_key else ''}; git {lg.git_rev(str(REPO_ROOT))}")
     print(f"Environment: {lg.versions()}")
     print(
         f"Mock neuron, zero latency, {args.tokens} tokens/reply; {args.requests} requests or "
