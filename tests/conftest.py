@@ -109,7 +109,7 @@ class Stack:
         return self._start("neuron", ["serve", "--listen", "127.0.0.1:0", *args])
 
     def cortex(
-        self, *neurons: Proc | str, args: tuple[str, ...] = (), auth: bool = False, data_dir: Path | None = None
+        self, *neurons: Any, args: tuple[str, ...] = (), auth: bool = False, data_dir: Path | None = None
     ) -> Proc:
         """cortex serve; without `auth`, unbudgeted (--no-auth) for pure proxy tests."""
         data_dir = data_dir or self.tmp_path / f"data-{len(self.procs)}"
@@ -117,7 +117,7 @@ class Stack:
         if not auth:
             argv.append("--no-auth")
         for n in neurons:
-            argv += ["--neuron", n.url if isinstance(n, Proc) else n]
+            argv += ["--neuron", getattr(n, "url", n)]
         proc = self._start("cortex", [*argv, *args])
         proc.data_dir = data_dir
         return proc

@@ -125,3 +125,15 @@ def test_offline_keys_work_when_cortex_starts_and_edits_wait_while_it_runs(stack
     live = wait_until(lambda: (d := json.loads(cli("usage", created["id"], "--json", "--data-dir", str(data)).stdout)["data"][0])["usage"]["spent_tokens"] == COST and d)
     assert live["recent"][0]["state"] == "settled"
     assert admin(cortex, "GET", f"keys/{created['id']}").json()["usage"]["spent_tokens"] == COST
+
+
+def test_window_usage_survives_a_restart(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, window_tokens=COST, window_seconds=60)
+    assert chat(cortex, key).status_code == 200
+    cortex.stop()
+    restarted = budget_cortex(stack, neuron, data_dir=cortex.data_dir)
+    r = chat(restarted, key)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 55_000 < int(r.headers["retry-after-ms"]) <= 60_000

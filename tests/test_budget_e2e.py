@@ -22,6 +22,7 @@ from tests.budget_helpers import (
     usage,
 )
 from tests.conftest import Stack, wait_until
+from tests.fake_upstream import FakeUpstream
 
 COST = HI_PROMPT_TOKENS + 10  # the estimate and the actual usage of chat(max_tokens=10)
 
@@ -346,3 +347,20 @@ def test_metrics_count_requests_refusals_tokens_and_commits(stack: Stack):
     assert 'cortex_holds_resolved_total{state="settled"} 1' in text
     batches = [line for line in text.splitlines() if line.startswith("cortex_ledger_commit_batch_size_count")]
     assert batches and int(batches[0].split()[-1]) >= 2
+
+
+def test_usage_above_the_hold_is_charged_at_the_hold_and_counted_as_overrun(stack: Stack):
+    body = b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":500}}'
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    upstream = FakeUpstream(reply)  # a neuron whose tokenizer disagrees with our estimate
+    try:
+        cortex = budget_cortex(stack, upstream)
+        key_id, key = create_key(cortex, balance_tokens=1000)
+        assert chat(cortex, key).status_code == 200
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == COST  # capped at the hold
+        metrics = httpx.get(cortex.url + "/metrics").text
+        assert "cortex_settle_overruns_total 1" in metrics
+        assert f"cortex_settle_overrun_tokens_total {9 + 500 - COST}" in metrics
+        assert any(e.get("event") == "settle_overrun" for e in cortex.log_events())
+    finally:
+        upstream.close()

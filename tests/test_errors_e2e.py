@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-
 import httpx
 import openai
 import pytest
 
 from tests.conftest import Stack
+from tests.fake_upstream import FakeUpstream
 
 MODEL = "cortex-mock"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -131,42 +129,6 @@ def test_neuron_context_length_refusal_is_mapped_through(pair):
     assert err["param"] == "max_tokens"
 
 
-class _BadUpstream:
-    """A fake neuron at the HTTP boundary: healthy to polls, broken for generation."""
-
-    def __init__(self, generation_reply: bytes) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.reply = generation_reply
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            request = conn.recv(65536)
-            if request.startswith(b"GET /health"):
-                body = b'{"status":"ok"}'
-            elif request.startswith(b"GET /v1/models"):
-                body = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}'
-            else:
-                conn.sendall(self.reply)
-                return
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize(
     ("reply", "status", "code"),
     [
@@ -178,7 +140,7 @@ class _BadUpstream:
     ],
 )
 def test_upstream_errors_are_mapped_to_clear_errors(stack: Stack, reply, status, code):
-    upstream = _BadUpstream(reply)
+    upstream = FakeUpstream(reply)
     try:
         cortex = stack.cortex(upstream.url)
         r = httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 5})
