@@ -44,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-interval-ms", type=_non_negative(float), default=0.0, help="mock: time per further token")
     s.add_argument("--reply-tokens", type=_non_negative(int), default=256, help="mock: natural reply length")
     s.add_argument("--seed", type=int, default=0, help="mock: engine seed")
+    s.add_argument("--chunk-tokens", type=int, default=1, help="tokens per streamed SSE event")
     s.add_argument("--slots", type=int, default=256, help="concurrent generations")
     s.add_argument("--queue-depth", type=_non_negative(int), default=4096, help="waiting generations before 503")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> NeuronConfig:
-    if args.slots < 1:
-        raise SystemExit("neuron: --slots must be >= 1")
+    if args.slots < 1 or args.chunk_tokens < 1:
+        raise SystemExit("neuron: --slots and --chunk-tokens must be >= 1")
     names = args.models or ["cortex-mock"]
     models = [ModelSpec(n, args.context_length, args.max_output_tokens) for n in dict.fromkeys(names)]
     engine = MockEngine(
@@ -59,7 +60,9 @@ def config_from_args(args: argparse.Namespace) -> NeuronConfig:
         reply_tokens=args.reply_tokens,
         pacing=Pacing(args.ttft_ms / 1000, args.token_interval_ms / 1000),
     )
-    return NeuronConfig(models=models, engine=engine, slots=args.slots, queue_depth=args.queue_depth)
+    return NeuronConfig(
+        models=models, engine=engine, slots=args.slots, queue_depth=args.queue_depth, chunk_tokens=args.chunk_tokens
+    )
 
 
 async def run_serve(config: NeuronConfig, listen: str) -> None:

@@ -118,3 +118,12 @@ def test_a_full_queue_refuses_with_503_and_retry_after(stack: Stack):
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "overloaded"
     assert r.headers["retry-after"] == "1"
+
+
+def test_chunk_tokens_groups_tokens_per_event_without_changing_the_text(stack: Stack):
+    neuron = stack.neuron("--chunk-tokens", "4")
+    c = sdk(neuron)
+    whole = c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10).choices[0].message.content
+    pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, stream=True) if ch.choices and ch.choices[0].delta.content]
+    assert [len(p) for p in pieces] == [4, 4, 2]
+    assert "".join(pieces) == whole

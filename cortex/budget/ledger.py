@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -182,6 +183,7 @@ class Hold:
     amount_tokens: int
     created_at: float
     expires_at: float
+    request_id: str | None = None
     state: HoldState = HoldState.OPEN
     charged_tokens: int = 0
     actual_tokens: int | None = None
@@ -211,8 +213,12 @@ class Ledger:
     holds: dict[str, Hold] = field(default_factory=dict)  # open holds only
     # Recently resolved holds, so that a second resolution is a named error.
     resolved: dict[str, HoldState] = field(default_factory=dict)
-    # Test-only fault injection for the simulator's planted-bug checks.
+    # Called after every reserve and resolution with (event, hold, now): the
+    # simulator checks its invariants there, at every instant.
+    observer: Callable[[str, Hold, float], None] | None = None
+    # Test-only fault injection, so the simulator can prove it catches bugs.
     fault_skip_cap_check: bool = False
+    fault_double_charge: bool = False
 
     # --- principals ------------------------------------------------------------
 
@@ -258,7 +264,7 @@ class Ledger:
     # --- admission -------------------------------------------------------------
 
     def reserve(
-        self, hold_id: str, key_id: str, amount_tokens: int, now: float, ttl_s: float
+        self, hold_id: str, key_id: str, amount_tokens: int, now: float, ttl_s: float, request_id: str | None = None
     ) -> Hold | Refusal:
         """Place a hold on the key and its account, or say why it does not fit."""
         assert amount_tokens >= 0 and ttl_s > 0
@@ -271,8 +277,10 @@ class Ledger:
         for p in chain:
             p.held_tokens += amount_tokens
             p.in_flight += 1
-        hold = Hold(hold_id, key_id, chain[1].id, amount_tokens, now, now + ttl_s)
+        hold = Hold(hold_id, key_id, chain[1].id, amount_tokens, now, now + ttl_s, request_id)
         self.holds[hold_id] = hold
+        if self.observer is not None:
+            self.observer("reserve", hold, now)
         return hold
 
     def _refusal(self, chain: tuple[Principal, ...], amount: int, now: float) -> Refusal | None:
@@ -343,7 +351,7 @@ class Ledger:
             assert p.held_tokens >= hold.amount_tokens and p.in_flight >= 1
             p.held_tokens -= hold.amount_tokens
             p.in_flight -= 1
-            p.spent_tokens += charged
+            p.spent_tokens += charged * (2 if self.fault_double_charge else 1)
             if p.window is not None:
                 p.window.add(now, charged)
         hold.state = state
@@ -353,6 +361,8 @@ class Ledger:
         self.resolved[hold.id] = state
         if len(self.resolved) > RESOLVED_MEMORY_MAX:
             del self.resolved[next(iter(self.resolved))]  # dicts keep insertion order: oldest first
+        if self.observer is not None:
+            self.observer("resolve", hold, now)
         return Resolution(hold, charged, overrun)
 
     # --- views -------------------------------------------------------------

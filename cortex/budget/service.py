@@ -107,11 +107,12 @@ class BudgetService:
 
     @classmethod
     async def load(
-        cls, store: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
+        cls, store: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics,
+        ledger: Ledger | None = None,
     ) -> "BudgetService":
         """Recover (orphaned holds are charged in full) and rebuild the ledger."""
         snapshot: Snapshot = await store.load(clock(), WINDOW_HORIZON_MAX_S)
-        service = cls(Ledger(), store, clock, config, metrics)
+        service = cls(ledger or Ledger(), store, clock, config, metrics)
         service._rebuild(snapshot)
         for hold_id, key_id, amount in snapshot.orphaned:
             metrics.holds_resolved.inc(state="orphaned")
@@ -157,7 +158,7 @@ class BudgetService:
         """Hold the worst case on every cap that applies, durably, or raise the 429."""
         now = self.clock()
         hold_id = "hold_" + secrets.token_hex(8)
-        result = self.ledger.reserve(hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s)
+        result = self.ledger.reserve(hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s, request_id)
         if isinstance(result, Refusal):
             self.metrics.refusals.inc(reason=result.reason)
             raise refusal_error(result, self.config.retry_hint_s)
