@@ -19,6 +19,7 @@ from cortex.api.admin import AdminApi
 from cortex.api.errors import ApiError
 from cortex.api.validate import chat_request, completion_request, parse_json_object
 from cortex.budget import datadir
+from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.budget.store import ThreadedStore
 from cortex.config import Config
@@ -54,6 +55,7 @@ class CortexApp:
         transport_factory: TransportFactory | None = None,
         store_factory: StoreFactory = durable_store,
         clock: Callable[[], float] = time.time,
+        ledger_factory: Callable[[], Ledger] = Ledger,
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
@@ -63,6 +65,7 @@ class CortexApp:
         self.proxy = Proxy(config, self.fleet, self.upstream, None)
         self._store_factory = store_factory
         self._clock = clock
+        self._ledger_factory = ledger_factory
         self._admin: AdminApi | None = None
         self.router = web.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
@@ -84,7 +87,9 @@ class CortexApp:
         """Everything that outlives a request, owned by the lifespan."""
         try:
             async with self._store_factory(self.config, self.metrics) as store:
-                self.budget = await BudgetService.load(store, self._clock, self.config.budget, self.metrics)
+                self.budget = await BudgetService.load(
+                    store, self._clock, self.config.budget, self.metrics, self._ledger_factory()
+                )
                 self.proxy.budget = self.budget
                 if self.config.admin.token:
                     self._admin = AdminApi(self.budget, self.config.admin.token)

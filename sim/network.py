@@ -1,0 +1,213 @@
+"""The simulated network: an in-memory, streaming httpx transport to ASGI hosts.
+
+httpx's own ASGITransport buffers whole responses, so it cannot model a
+stream, a disconnect or a drop. Here each request becomes an ASGI exchange
+run in its host's own nursery: the response head and every body chunk cross
+a memory channel as the app sends them, `receive()` reports the client's
+disconnect, and a crashed host (its nursery cancelled) breaks every
+exchange it was serving.
+
+Granularity, chosen for speed: latency (with jitter) is paid once when the
+request travels and once when the response head comes back; body chunks
+then flow without per-chunk delay. A streamed chunk therefore costs one
+wake-up at each hop, not four, and chunk timing comes from the engine's
+pacing, which is what budgets and cancellation depend on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+CHANNEL_CHUNKS = 64  # like a socket buffer: a sender only blocks when the reader lags this far
+
+
+@dataclass
+class LinkFaults:
+    """Faults on the way to one host."""
+
+    extra_delay_s: float = 0.0
+    partitioned_until: float = -1.0
+    drop_at_chunk: int | None = None  # break responses after this many body chunks
+    drop_share: float = 0.0  # the share of responses the drop applies to
+
+
+@dataclass
+class Host:
+    """One simulated machine: an ASGI app and the nursery its requests run in."""
+
+    name: str
+    app: Any = None
+    nursery: trio.Nursery | None = None
+    faults: LinkFaults = field(default_factory=LinkFaults)
+    delivered: int = 0  # requests that reached the app
+
+    @property
+    def up(self) -> bool:
+        return self.app is not None and self.nursery is not None
+
+
+class _Exchange:
+    """One request/response between a client transport and an ASGI app."""
+
+    def __init__(self, request: httpx.Request, body: bytes, drop_at_chunk: int | None) -> None:
+        self.request = request
+        self.body = body
+        self.head: dict[str, Any] | None = None
+        self.head_ready = trio.Event()
+        self.client_gone = trio.Event()
+        self.complete = False
+        self.broken = False
+        self.drop_at_chunk = drop_at_chunk
+        self.chunks_sent = 0
+        self._body_sent = False
+        self.send_chunks, self.recv_chunks = trio.open_memory_channel[bytes](CHANNEL_CHUNKS)
+
+    def scope(self) -> dict[str, Any]:
+        url = self.request.url
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": self.request.method,
+            "scheme": "http",
+            "path": url.path,
+            "raw_path": url.raw_path,
+            "query_string": url.query,
+            "headers": [(k.lower(), v) for k, v in self.request.headers.raw],
+            "client": ("sim-client", 0),
+            "server": (url.host, url.port or 80),
+        }
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._body_sent:
+            self._body_sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.client_gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.client_gone.is_set() or self.broken:
+            return  # like a server writing to a closed socket: dropped
+        if message["type"] == "http.response.start":
+            self.head = message
+            self.head_ready.set()
+            return
+        data = message.get("body", b"")
+        if data:
+            if self.drop_at_chunk is not None and self.chunks_sent >= self.drop_at_chunk:
+                self._break()
+                return
+            self.chunks_sent += 1
+            await self.send_chunks.send(data)
+        if not message.get("more_body", False):
+            self.complete = True
+            self.send_chunks.close()
+
+    def _break(self) -> None:
+        """The connection dies: the client sees an error, the server a disconnect."""
+        self.broken = True
+        self.head_ready.set()
+        self.send_chunks.close()
+        self.client_gone.set()
+
+    async def serve(self, app: Any) -> None:
+        try:
+            await app(self.scope(), self.receive, self.send)
+        finally:
+            if not self.complete:
+                self.broken = True
+                self.head_ready.set()
+                self.send_chunks.close()
+
+
+class _SimStream(httpx.AsyncByteStream):
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        ex = self._exchange
+        async for chunk in ex.recv_chunks:
+            # Coalesce what is already buffered: one wake-up per read, as from a socket.
+            parts = [chunk]
+            while True:
+                try:
+                    parts.append(ex.recv_chunks.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            yield b"".join(parts)
+        if ex.broken or not ex.complete:
+            raise httpx.ReadError("simulated connection lost mid-response")
+
+    async def aclose(self) -> None:
+        self._exchange.client_gone.set()
+        self._exchange.recv_chunks.close()
+
+
+class SimNetwork:
+    """Hosts by base URL, and transports that reach them."""
+
+    def __init__(self, rng: random.Random, latency_s: float, jitter_s: float) -> None:
+        self.rng = rng
+        self.latency_s = latency_s
+        self.jitter_s = jitter_s
+        self.hosts: dict[str, Host] = {}
+        self.on_deliver: Callable[[Host, httpx.Request], None] | None = None
+
+    def add_host(self, name: str) -> Host:
+        host = Host(name)
+        self.hosts[f"http://{name}"] = host
+        return host
+
+    def transport(self) -> "SimTransport":
+        return SimTransport(self)
+
+    def one_way_s(self, host: Host) -> float:
+        jitter = self.rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0
+        return self.latency_s + jitter + host.faults.extra_delay_s
+
+
+class SimTransport(httpx.AsyncBaseTransport):
+    def __init__(self, network: SimNetwork) -> None:
+        self.network = network
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        net = self.network
+        host = net.hosts.get(f"{request.url.scheme}://{request.url.host}")
+        if host is None:
+            raise httpx.ConnectError(f"no such host {request.url.host}", request=request)
+        body = request.content  # cortex and the simulated clients always send bytes
+        await trio.sleep(net.one_way_s(host))
+        now = trio.current_time()
+        if host.faults.partitioned_until > now:
+            timeout_s = request.extensions.get("timeout", {}).get("connect") or 5.0
+            await trio.sleep(timeout_s)
+            raise httpx.ConnectTimeout(f"{host.name} is partitioned away", request=request)
+        if not host.up:
+            raise httpx.ConnectError(f"{host.name} refused the connection (down)", request=request)
+        faults = host.faults
+        drop = faults.drop_at_chunk
+        if drop is not None and faults.drop_share < 1.0 and net.rng.random() >= faults.drop_share:
+            drop = None
+        exchange = _Exchange(request, body, drop)
+        assert host.nursery is not None
+        host.delivered += 1
+        if self.network.on_deliver is not None:
+            self.network.on_deliver(host, request)
+        host.nursery.start_soon(exchange.serve, host.app)
+        await exchange.head_ready.wait()
+        if exchange.head is None:
+            raise httpx.RemoteProtocolError(f"{host.name} closed the connection before responding", request=request)
+        await trio.sleep(net.one_way_s(host))
+        return httpx.Response(
+            exchange.head["status"],
+            headers=[(k, v) for k, v in exchange.head.get("headers", [])],
+            stream=_SimStream(exchange),
+            request=request,
+        )
+

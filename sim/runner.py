@@ -1,0 +1,154 @@
+"""Run one scenario with one seed in virtual time, and judge it.
+
+Determinism: every random choice comes from a `random.Random` seeded from
+(seed, stream name). Trio itself randomises the order of each batch of
+ready tasks; we turn on its deterministic-scheduling hook (the one its
+Hypothesis plugin uses), which sorts each batch by task creation order and
+shuffles it with a generator we seed. Deadline ties, which Trio breaks by
+`id()`, then no longer matter: tied tasks land in one batch and are sorted.
+The hook is private, so `setup.cfg` pins trio below the next minor release
+and `enable_deterministic_scheduling` fails loudly if it is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+
+from sim.invariants import Checker
+from sim.scenario import Range, Scenario
+from sim.world import SETTLE_GRACE_S, LedgerFaults, World, quiet_logs
+
+
+def enable_deterministic_scheduling(seed: int) -> None:
+    run_module = trio._core._run
+    if not hasattr(run_module, "_ALLOW_DETERMINISTIC_SCHEDULING") or not hasattr(run_module, "_r"):
+        raise RuntimeError("this trio version lacks the deterministic-scheduling hook the simulator relies on")
+    run_module._ALLOW_DETERMINISTIC_SCHEDULING = True
+    run_module._r.seed(seed)
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    seed: int
+    violation: str | None
+    expectation_failures: list[str]
+    summary: dict[str, Any]
+    trace_sha256: str
+    recent_events: list[str]
+    world: World = field(repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None and not self.expectation_failures
+
+
+def run(scenario: Scenario, seed: int, faults: LedgerFaults | None = None) -> Result:
+    enable_deterministic_scheduling(seed)
+    quiet_logs()
+    world = World(scenario, seed, faults)
+    started = time.perf_counter()
+    trio.run(_main, world, clock=trio.testing.MockClock(autojump_threshold=0))
+    wall_s = time.perf_counter() - started
+    checker = world.checker
+    summary = summarize(world, wall_s)
+    failures = [] if checker.violation else check_expectations(scenario, checker, summary)
+    return Result(scenario, seed, checker.violation, failures, summary, world.trace.sha256, list(world.trace.recent), world)
+
+
+async def _main(world: World) -> None:
+    with trio.CancelScope() as root:
+        world.checker.cancel_scope = root
+        async with trio.open_nursery() as hosts:
+            for name in world.neuron_hosts:
+                await world.start_neuron(hosts, name)
+            await world.start_cortex(hosts)
+            await world.create_principals()
+            with trio.move_on_after(world.scenario.horizon_s) as horizon:
+                async with trio.open_nursery() as work:
+                    for fault in world.scenario.faults:
+                        work.start_soon(world.run_fault, fault, hosts)
+                    for index, workload in enumerate(world.scenario.workloads):
+                        work.start_soon(world.run_workload, index, workload)
+            if horizon.cancelled_caught:
+                world.checker.fail(f"the scenario did not finish within its horizon of {world.scenario.horizon_s:g} s")
+            await trio.sleep(SETTLE_GRACE_S)
+            world.virtual_end_s = trio.current_time()
+            leaked = world.leaked_tasks()
+            if world.cortex_host.up:
+                await world.stop_cortex()
+            open_count, states = world.store_states()
+            world.checker.check_end(open_count, states, *world.neuron_counts(), leaked)
+            hosts.cancel_scope.cancel()
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    values = sorted(values)
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"p50": round(pick(0.5), 6), "p90": round(pick(0.9), 6), "p99": round(pick(0.99), 6), "max": round(values[-1], 6)}
+
+
+def summarize(world: World, wall_s: float) -> dict[str, Any]:
+    checker = world.checker
+    requests = list(checker.requests.values())
+    counts = checker.summary_counts()
+    caps = []
+    ledger = checker.ledger
+    names = {key_id: name for name, key_id in world.key_ids.items()}
+    if ledger is not None:
+        for (kind, pid), p in sorted(ledger.principals.items()):
+            if p.caps.empty:
+                continue
+            caps.append({
+                "principal": f"{kind} {names.get(pid, pid)}",
+                "balance_tokens": p.caps.balance_tokens,
+                "window_tokens": p.caps.window_tokens,
+                "max_concurrency": p.caps.max_concurrency,
+                "spent_tokens": p.spent_tokens,
+                "held_tokens_peak": checker.peak_held.get(f"{kind} {pid}", 0),
+            })
+    served = [r.latency_s for r in requests if r.outcome == "served"]
+    virtual_s = world.virtual_end_s
+    return {
+        "scenario": world.scenario.name,
+        "seed": world.seed,
+        "requests": len(requests),
+        **counts,
+        "charged_tokens": sum(r.charged or 0 for r in requests),
+        "held_tokens": sum(r.hold_amount or 0 for r in requests),
+        "admitted_on_retry": checker.admitted_on_retry,
+        "caps": caps,
+        "latency_s": _percentiles(served),
+        "virtual_s": round(virtual_s, 3),
+        "wall_s": round(wall_s, 3),
+        "requests_per_wall_s": round(len(requests) / wall_s, 1) if wall_s else 0.0,
+        "trace_events": world.trace.count,
+        "trace_sha256": world.trace.sha256,
+    }
+
+
+def _check_range(failures: list[str], name: str, expected: Range | None, actual: float) -> None:
+    if expected is not None and not expected.contains(actual):
+        bounds = f"{expected.low:g}" if expected.low == expected.high else f"[{expected.low:g}, {expected.high:g}]"
+        failures.append(f"expected {name} {bounds}, got {actual:g}")
+
+
+def check_expectations(scenario: Scenario, checker: Checker, summary: dict[str, Any]) -> list[str]:
+    expect = scenario.expect
+    outcomes, refused = summary["outcomes"], summary["refused"]
+    failures: list[str] = []
+    _check_range(failures, "served", expect.served, outcomes.get("served", 0))
+    _check_range(failures, "failed", expect.failed, outcomes.get("failed", 0))
+    _check_range(failures, "cancelled", expect.cancelled, outcomes.get("cancelled", 0))
+    _check_range(failures, "charged_tokens", expect.charged_tokens, summary["charged_tokens"])
+    _check_range(failures, "admitted_on_retry", expect.admitted_on_retry, summary["admitted_on_retry"])
+    for reason, expected in expect.refused.items():
+        _check_range(failures, f"refused {reason}", expected, refused.get(reason, 0))
+    return failures

@@ -1,0 +1,464 @@
+"""Scenario files: TOML in, a validated `Scenario` out. Pure.
+
+Every error names the offending key (`workload[1].rate_per_s`). The
+format is documented in docs/SIMULATOR.md; the bundled scenarios live in
+sim/scenarios/.
+"""
+
+from __future__ import annotations
+
+import random
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cortex.budget.ledger import Caps
+
+REQUESTS_MAX = 200_000  # a bound on scenario size: the workloads' expected request count
+HORIZON_MAX_S = 7 * 24 * 3600.0
+WORKLOAD_KINDS = ("burst", "open", "closed")
+FAULT_KINDS = ("delay", "drop", "partition", "crash", "cortex_restart")
+REFUSAL_REASONS = ("insufficient_quota", "rate_limit_exceeded", "invalid_api_key", "context_length_exceeded")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Range:
+    """A uniform distribution over [low, high] (a constant when equal)."""
+
+    low: float
+    high: float
+    integer: bool = True
+
+    def sample(self, rng: random.Random) -> float:
+        if self.low == self.high:
+            return self.low
+        if self.integer:
+            return rng.randint(int(self.low), int(self.high))
+        return rng.uniform(self.low, self.high)
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    id: str
+    caps: Caps
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    name: str
+    account: str
+    caps: Caps
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    name: str
+    models: tuple[str, ...] = ("cortex-mock",)
+    ttft_s: float = 0.05
+    tokens_per_s: float = 100.0
+    slots: int = 64
+    queue_depth: int = 1024
+    context_tokens: int = 8192
+    output_tokens: int = 1024
+    reply_tokens: int = 256
+    chunk_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    kind: str
+    keys: tuple[str, ...]
+    at_s: float = 0.0
+    count: int = 0  # burst
+    rate_per_s: float = 0.0  # open loop
+    duration_s: float = 0.0  # open and closed loop
+    clients: int = 0  # closed loop
+    think_s: Range = Range(0.0, 0.0, False)
+    model: str = "cortex-mock"
+    prompt_bytes: Range = Range(16, 256)
+    max_tokens: Range | None = Range(16, 128)
+    stream_share: float = 0.5
+    cancel_share: float = 0.0
+    cancel_after_tokens: Range | None = None
+    cancel_after_s: Range | None = None
+    honor_retry_after: bool = False
+    max_retries: int = 0
+
+    def expected_requests(self) -> float:
+        if self.kind == "burst":
+            return self.count * (1 + self.max_retries)
+        if self.kind == "open":
+            return self.rate_per_s * self.duration_s * (1 + self.max_retries)
+        return self.clients * self.duration_s / max(self.think_s.low + 0.01, 0.01)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    kind: str
+    target: str = ""  # a neuron name; empty for cortex_restart
+    at_s: float = 0.0
+    for_s: float = 0.0  # partition and delay length; down time for crash and cortex_restart
+    delay_ms: float = 0.0
+    at_chunk: int = 0
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
+class CortexSpec:
+    poll_interval_s: float = 1.0
+    unhealthy_after_failures: int = 2
+    hold_ttl_s: float = 600.0
+    expiry_interval_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    first_byte_timeout_s: float = 120.0
+    idle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Expectations:
+    served: Range | None = None
+    refused: dict[str, Range] = field(default_factory=dict)
+    failed: Range | None = None
+    cancelled: Range | None = None
+    charged_tokens: Range | None = None
+    admitted_on_retry: Range | None = None  # rolling-window retries admitted at the predicted instant
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    horizon_s: float
+    latency_ms: float
+    jitter_ms: float
+    accounts: tuple[AccountSpec, ...]
+    keys: tuple[KeySpec, ...]
+    neurons: tuple[NeuronSpec, ...]
+    workloads: tuple[WorkloadSpec, ...]
+    faults: tuple[FaultSpec, ...]
+    cortex: CortexSpec
+    expect: Expectations
+    source: str = ""
+
+
+# --- field parsers --------------------------------------------------------------------
+
+
+def _number(low: float = 0.0, strict: bool = False) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low or (strict and value == low):
+            raise ScenarioError(f"'{key}' must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
+        return float(value)
+
+    return parse
+
+
+def _integer(low: int = 0) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ScenarioError(f"'{key}' must be an integer >= {low}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _share(key: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ScenarioError(f"'{key}' must be a share between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ScenarioError(f"'{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ScenarioError(f"'{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ScenarioError(f"'{key}' must be a string or a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _range(integer: bool = True, low: float = 0.0) -> Callable[[str, Any], Range]:
+    def parse(key: str, value: Any) -> Range:
+        if isinstance(value, dict):
+            extra = set(value) - {"min", "max"}
+            if extra or "min" not in value or "max" not in value:
+                raise ScenarioError(f"'{key}' must be a number or {{min = ..., max = ...}}, got {value!r}")
+            lo, hi = value["min"], value["max"]
+        else:
+            lo = hi = value
+        for bound in (lo, hi):
+            if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < low:
+                raise ScenarioError(f"'{key}' bounds must be numbers >= {low:g}, got {value!r}")
+            if integer and not isinstance(bound, int):
+                raise ScenarioError(f"'{key}' bounds must be integers, got {value!r}")
+        if lo > hi:
+            raise ScenarioError(f"'{key}': min {lo} is above max {hi}")
+        return Range(lo, hi, integer)
+
+    return parse
+
+
+def _table(key: str, data: Any, fields: dict[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ScenarioError(f"'{key}' must be a table, got {data!r}")
+    out = {}
+    for name, value in data.items():
+        parser = fields.get(name)
+        if parser is None:
+            raise ScenarioError(f"unknown key '{key}.{name}' (known: {', '.join(sorted(fields))})")
+        out[name] = parser(f"{key}.{name}", value)
+    return out
+
+
+def _array(key: str, data: Any) -> list[Any]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ScenarioError(f"'{key}' must be an array of tables ([[{key}]])")
+    return data
+
+
+CAP_FIELDS = {
+    "balance_tokens": _integer(),
+    "window_tokens": _integer(),
+    "window_seconds": _number(strict=True),
+    "max_concurrency": _integer(),
+}
+
+
+def _caps(key: str, values: dict[str, Any]) -> Caps:
+    if ("window_tokens" in values) != ("window_seconds" in values):
+        raise ScenarioError(f"'{key}': window_tokens and window_seconds go together")
+    return Caps(values.get("balance_tokens"), values.get("window_tokens"), values.get("window_seconds"), values.get("max_concurrency"))
+
+
+# --- sections -------------------------------------------------------------------------
+
+
+def _accounts(data: Any) -> tuple[AccountSpec, ...]:
+    out = []
+    for i, raw in enumerate(_array("accounts", data)):
+        key = f"accounts[{i}]"
+        values = _table(key, raw, {"id": _string, **CAP_FIELDS})
+        if "id" not in values:
+            raise ScenarioError(f"'{key}.id' is required")
+        out.append(AccountSpec(values["id"], _caps(key, values)))
+    return tuple(out)
+
+
+def _keys(data: Any, accounts: tuple[AccountSpec, ...]) -> tuple[KeySpec, ...]:
+    out = []
+    known_accounts = {a.id for a in accounts}
+    for i, raw in enumerate(_array("keys", data)):
+        key = f"keys[{i}]"
+        values = _table(key, raw, {"name": _string, "account": _string, **CAP_FIELDS})
+        if "name" not in values:
+            raise ScenarioError(f"'{key}.name' is required")
+        account = values.get("account", "default")
+        if account != "default" and account not in known_accounts:
+            raise ScenarioError(f"'{key}.account': no account {account!r} in [[accounts]]")
+        out.append(KeySpec(values["name"], account, _caps(key, values)))
+    names = [k.name for k in out]
+    if len(set(names)) != len(names):
+        raise ScenarioError("'keys': names must be unique")
+    return tuple(out)
+
+
+NEURON_FIELDS = {
+    "name": _string,
+    "models": _strings,
+    "ttft_ms": _number(),
+    "tokens_per_s": _number(strict=True),
+    "slots": _integer(1),
+    "queue_depth": _integer(),
+    "context_tokens": _integer(1),
+    "output_tokens": _integer(1),
+    "reply_tokens": _integer(),
+    "chunk_tokens": _integer(1),
+}
+
+
+def _neurons(data: Any) -> tuple[NeuronSpec, ...]:
+    out = []
+    for i, raw in enumerate(_array("neurons", data)):
+        key = f"neurons[{i}]"
+        values = _table(key, raw, NEURON_FIELDS)
+        if "name" not in values:
+            raise ScenarioError(f"'{key}.name' is required")
+        if "ttft_ms" in values:
+            values["ttft_s"] = values.pop("ttft_ms") / 1000
+        out.append(NeuronSpec(**values))
+    if not out:
+        raise ScenarioError("'neurons': a scenario needs at least one [[neurons]]")
+    if len({n.name for n in out}) != len(out):
+        raise ScenarioError("'neurons': names must be unique")
+    return tuple(out)
+
+
+WORKLOAD_FIELDS = {
+    "kind": _string,
+    "key": _strings,
+    "at_s": _number(),
+    "count": _integer(1),
+    "rate_per_s": _number(strict=True),
+    "duration_s": _number(strict=True),
+    "clients": _integer(1),
+    "think_s": _range(integer=False),
+    "model": _string,
+    "prompt_bytes": _range(),
+    "max_tokens": lambda k, v: None if v == "none" else _range(low=1)(k, v),
+    "stream_share": _share,
+    "cancel_share": _share,
+    "cancel_after_tokens": _range(),
+    "cancel_after_s": _range(integer=False),
+    "honor_retry_after": _bool,
+    "max_retries": _integer(),
+}
+WORKLOAD_NEEDS = {"burst": ("count",), "open": ("rate_per_s", "duration_s"), "closed": ("clients", "duration_s")}
+
+
+def _workloads(data: Any, keys: tuple[KeySpec, ...]) -> tuple[WorkloadSpec, ...]:
+    out = []
+    known_keys = {k.name for k in keys}
+    for i, raw in enumerate(_array("workload", data)):
+        key = f"workload[{i}]"
+        values = _table(key, raw, WORKLOAD_FIELDS)
+        kind = values.get("kind")
+        if kind not in WORKLOAD_KINDS:
+            raise ScenarioError(f"'{key}.kind' must be one of {', '.join(WORKLOAD_KINDS)}, got {kind!r}")
+        for needed in WORKLOAD_NEEDS[kind]:
+            if needed not in values:
+                raise ScenarioError(f"'{key}.{needed}' is required for a {kind} workload")
+        if "key" not in values:
+            raise ScenarioError(f"'{key}.key' is required")
+        for name in values["key"]:
+            if name not in known_keys and not name.startswith("invalid"):
+                raise ScenarioError(f"'{key}.key': no key {name!r} in [[keys]]")
+        values["keys"] = values.pop("key")
+        if values.get("cancel_share") and not ("cancel_after_tokens" in values or "cancel_after_s" in values):
+            raise ScenarioError(f"'{key}.cancel_share' needs cancel_after_tokens or cancel_after_s")
+        out.append(WorkloadSpec(**values))
+    if not out:
+        raise ScenarioError("'workload': a scenario needs at least one [[workload]]")
+    return tuple(out)
+
+
+FAULT_FIELDS = {
+    "kind": _string,
+    "target": _string,
+    "at_s": _number(),
+    "for_s": _number(),
+    "delay_ms": _number(),
+    "at_chunk": _integer(),
+    "share": _share,
+}
+
+
+def _faults(data: Any, neurons: tuple[NeuronSpec, ...]) -> tuple[FaultSpec, ...]:
+    out = []
+    names = {n.name for n in neurons}
+    for i, raw in enumerate(_array("faults", data)):
+        key = f"faults[{i}]"
+        values = _table(key, raw, FAULT_FIELDS)
+        kind = values.get("kind")
+        if kind not in FAULT_KINDS:
+            raise ScenarioError(f"'{key}.kind' must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+        if kind != "cortex_restart" and values.get("target") not in names:
+            raise ScenarioError(f"'{key}.target' must name a neuron ({', '.join(sorted(names))})")
+        if kind in ("partition", "delay") and not values.get("for_s"):
+            raise ScenarioError(f"'{key}.for_s' is required for a {kind} fault")
+        out.append(FaultSpec(**values))
+    return tuple(out)
+
+
+CORTEX_FIELDS = {
+    "poll_interval_s": _number(strict=True),
+    "unhealthy_after_failures": _integer(1),
+    "hold_ttl_s": _number(strict=True),
+    "expiry_interval_s": _number(strict=True),
+    "connect_timeout_s": _number(strict=True),
+    "first_byte_timeout_s": _number(strict=True),
+    "idle_timeout_s": _number(strict=True),
+}
+
+
+def _expect(data: Any) -> Expectations:
+    if data is None:
+        return Expectations()
+    values = _table(
+        "expect", data,
+        {
+            "served": _range(), "failed": _range(), "cancelled": _range(), "charged_tokens": _range(),
+            "admitted_on_retry": _range(), "refused": lambda k, v: _table(k, v, {r: _range() for r in REFUSAL_REASONS}),
+        },
+    )
+    return Expectations(**values)
+
+
+def parse(data: dict[str, Any], source: str = "") -> Scenario:
+    top = _table("scenario", data, {
+        "name": _string, "description": _string, "horizon_s": _number(strict=True),
+        "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "workload": lambda k, v: v,
+        "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
+    })
+    for required in ("name", "description"):
+        if required not in top:
+            raise ScenarioError(f"'{required}' is required")
+    network = _table("network", top.get("network", {}), {"latency_ms": _number(), "jitter_ms": _number()})
+    accounts = _accounts(top.get("accounts"))
+    keys = _keys(top.get("keys"), accounts)
+    neurons = _neurons(top.get("neurons"))
+    workloads = _workloads(top.get("workload"), keys)
+    scenario = Scenario(
+        name=top["name"],
+        description=top["description"],
+        horizon_s=top.get("horizon_s", 3600.0),
+        latency_ms=network.get("latency_ms", 1.0),
+        jitter_ms=network.get("jitter_ms", 0.5),
+        accounts=accounts,
+        keys=keys,
+        neurons=neurons,
+        workloads=workloads,
+        faults=_faults(top.get("faults"), neurons),
+        cortex=CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS)),
+        expect=_expect(top.get("expect")),
+        source=source,
+    )
+    if scenario.horizon_s > HORIZON_MAX_S:
+        raise ScenarioError(f"'horizon_s' must be at most {HORIZON_MAX_S:g}")
+    expected = sum(w.expected_requests() for w in workloads)
+    if expected > REQUESTS_MAX:
+        raise ScenarioError(f"the workloads would send about {expected:,.0f} requests; the limit is {REQUESTS_MAX:,}")
+    return scenario
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ScenarioError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path} is not valid TOML: {exc}") from None
+    return parse(data, str(path))

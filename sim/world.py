@@ -1,0 +1,373 @@
+"""The simulated world: the real cortex and neuron apps on a simulated network.
+
+Everything here runs inside one `trio.run` on a `MockClock`: no sockets, no
+threads, no real sleeps. cortex is the real `CortexApp` (routing, the ledger
+and its SQLite store, the request lifetime, streaming), its store a
+`SyncStore` on an in-memory database that outlives cortex restarts like a
+disk; each neuron is the real `NeuronApp` with the mock engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from cortex import config as config_mod
+from cortex.app import CortexApp
+from cortex.budget.ledger import Ledger
+from cortex.budget.store import SyncStore, connect
+from cortex.relay import StreamRelay
+from neuron.app import ModelSpec, NeuronApp, NeuronConfig
+from neuron.engines.mock import MockEngine, Pacing
+from sim.invariants import Checker, RequestRecord
+from sim.network import Host, SimNetwork
+from sim.scenario import FaultSpec, NeuronSpec, Scenario, WorkloadSpec
+from sim.trace import Trace
+
+PROMPT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+SETTLE_GRACE_S = 5.0  # virtual time for in-flight settlements after the workload ends
+
+
+@dataclass
+class LedgerFaults:
+    """Planted bugs, so tests can prove the simulator catches them."""
+
+    skip_cap_check: bool = False
+    double_charge: bool = False
+
+
+class _Lifespan:
+    """Drives an ASGI app's lifespan protocol from inside the world."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.failed: str | None = None
+        self.stop = trio.Event()
+        self.stopped = trio.Event()
+        self._sent_startup = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._sent_startup:
+            self._sent_startup = True
+            return {"type": "lifespan.startup"}
+        await self.stop.wait()
+        return {"type": "lifespan.shutdown"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            self.started.set()
+        elif message["type"] == "lifespan.startup.failed":
+            self.failed = message.get("message", "")
+            self.started.set()
+        elif message["type"] == "lifespan.shutdown.complete":
+            self.stopped.set()
+
+
+class World:
+    def __init__(self, scenario: Scenario, seed: int, faults: LedgerFaults | None = None) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.ledger_faults = faults or LedgerFaults()
+        self.trace = Trace()
+        self.checker = Checker(self.trace)
+        self.network = SimNetwork(self._rng("network"), scenario.latency_ms / 1000, scenario.jitter_ms / 1000)
+        self.network.on_deliver = self._on_deliver
+        self.db = connect(":memory:")
+        self.cortex_host = self.network.add_host("cortex")
+        self.neuron_hosts = {n.name: self.network.add_host(n.name) for n in scenario.neurons}
+        self.neuron_specs = {n.name: n for n in scenario.neurons}
+        self.neuron_apps: list[NeuronApp] = []  # every incarnation, for the admitted counts
+        self.cortex: CortexApp | None = None
+        self.keys: dict[str, str] = {}  # name -> plaintext
+        self.key_ids: dict[str, str] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._lifespans: dict[str, _Lifespan] = {}
+        self._request_counter = 0
+        self.client = self.network.transport()
+        self.virtual_end_s = 0.0
+
+    def _rng(self, stream: str) -> random.Random:
+        return random.Random(f"{self.seed}:{stream}")
+
+    # --- hosts --------------------------------------------------------------------
+
+    async def _host(self, host: Host, app: Any, lifespan: bool, task_status: trio.TaskStatus[None]) -> None:
+        """Run `app` on `host` until its scope is cancelled (a crash) or it is stopped."""
+        with trio.CancelScope() as host_scope:
+            self._scopes[host.name] = host_scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    host.nursery = nursery
+                    if lifespan:
+                        span = self._lifespans[host.name] = _Lifespan()
+                        scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+                        nursery.start_soon(app, scope, span.receive, span.send, name="lifespan")
+                        await span.started.wait()
+                        if span.failed is not None:
+                            raise RuntimeError(f"{host.name} failed to start: {span.failed}")
+                    host.app = app
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                host.app = None
+                host.nursery = None
+
+    def crash(self, name: str) -> None:
+        """Kill a host at once: no shutdown, no settlement, connections broken."""
+        self._scopes[name].cancel()
+
+    async def start_neuron(self, nursery: trio.Nursery, name: str) -> None:
+        spec = self.neuron_specs[name]
+        app = NeuronApp(_neuron_config(spec, self.seed), wall_clock=trio.current_time)
+        self.neuron_apps.append(app)
+        await nursery.start(self._host, self.neuron_hosts[name], app, False)
+
+    async def start_cortex(self, nursery: trio.Nursery) -> None:
+        app = CortexApp(
+            self._cortex_config(),
+            transport_factory=lambda url: self.network.transport(),
+            store_factory=self._store,
+            clock=trio.current_time,
+            ledger_factory=self._ledger,
+        )
+        await nursery.start(self._host, self.cortex_host, app, True)
+        self.cortex = app
+        assert app.budget is not None
+        self.checker.ledger = app.budget.ledger
+
+    async def stop_cortex(self) -> None:
+        """Graceful: the lifespan shuts down (background tasks end), then the host."""
+        span = self._lifespans["cortex"]
+        span.stop.set()
+        await span.stopped.wait()
+        self._scopes["cortex"].cancel()
+
+    def _ledger(self) -> Ledger:
+        ledger = Ledger(
+            fault_skip_cap_check=self.ledger_faults.skip_cap_check,
+            fault_double_charge=self.ledger_faults.double_charge,
+        )
+        ledger.observer = self.checker.on_ledger
+        return ledger
+
+    @asynccontextmanager
+    async def _store(self, config: Any, metrics: Any) -> AsyncIterator[SyncStore]:
+        yield SyncStore(self.db)
+
+    def _cortex_config(self) -> config_mod.Config:
+        c = self.scenario.cortex
+        return config_mod.from_mapping({
+            "fleet": {
+                "neurons": [f"http://{n}" for n in self.neuron_hosts],
+                "poll_interval_s": c.poll_interval_s,
+                "poll_timeout_s": c.connect_timeout_s,
+                "unhealthy_after_failures": c.unhealthy_after_failures,
+            },
+            "upstream": {
+                "connect_timeout_s": c.connect_timeout_s,
+                "first_byte_timeout_s": c.first_byte_timeout_s,
+                "idle_timeout_s": c.idle_timeout_s,
+            },
+            "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s},
+        })
+
+    def _on_deliver(self, host: Host, request: httpx.Request) -> None:
+        if request.method == "POST" and host.name != "cortex":
+            self.checker.on_deliver(host.name, request.headers.get("x-request-id", "?"))
+
+    # --- principals -------------------------------------------------------------------
+
+    async def create_principals(self) -> None:
+        assert self.cortex is not None and self.cortex.budget is not None
+        budget = self.cortex.budget
+        for account in self.scenario.accounts:
+            await budget.create_account(account.id, account.caps)
+        for key in self.scenario.keys:
+            record, plaintext = await budget.create_key(key.name, key.account, key.caps)
+            self.keys[key.name] = plaintext
+            self.key_ids[key.name] = record.id
+
+    # --- faults -----------------------------------------------------------------------
+
+    async def run_fault(self, fault: FaultSpec, nursery: trio.Nursery) -> None:
+        await trio.sleep_until(fault.at_s)
+        self.trace.event("fault", kind=fault.kind, target=fault.target or "cortex")
+        if fault.kind == "cortex_restart":
+            self.crash("cortex")
+            await trio.sleep(fault.for_s)
+            await self.start_cortex(nursery)
+            self.trace.event("recovered", target="cortex")
+            return
+        host = self.neuron_hosts[fault.target]
+        if fault.kind == "crash":
+            self.crash(fault.target)
+            if fault.for_s:
+                await trio.sleep(fault.for_s)
+                await self.start_neuron(nursery, fault.target)
+                self.trace.event("recovered", target=fault.target)
+        elif fault.kind == "partition":
+            host.faults.partitioned_until = fault.at_s + fault.for_s
+        elif fault.kind == "delay":
+            host.faults.extra_delay_s = fault.delay_ms / 1000
+            await trio.sleep(fault.for_s)
+            host.faults.extra_delay_s = 0.0
+        elif fault.kind == "drop":
+            host.faults.drop_at_chunk, host.faults.drop_share = fault.at_chunk, fault.share
+            if fault.for_s:
+                await trio.sleep(fault.for_s)
+                host.faults.drop_at_chunk = None
+
+    # --- clients ------------------------------------------------------------------------
+
+    def next_request_id(self) -> str:
+        self._request_counter += 1
+        return f"r{self._request_counter:06d}"
+
+    async def run_workload(self, index: int, wl: WorkloadSpec) -> None:
+        rng = self._rng(f"workload{index}")
+        await trio.sleep_until(wl.at_s)
+        async with trio.open_nursery() as nursery:
+            if wl.kind == "burst":
+                for _ in range(wl.count):
+                    nursery.start_soon(self.client_request, wl, rng.choice(wl.keys), random.Random(rng.random()))
+            elif wl.kind == "open":
+                end = wl.at_s + wl.duration_s
+                while True:
+                    await trio.sleep(rng.expovariate(wl.rate_per_s))
+                    if trio.current_time() >= end:
+                        break
+                    nursery.start_soon(self.client_request, wl, rng.choice(wl.keys), random.Random(rng.random()))
+            else:
+                for c in range(wl.clients):
+                    nursery.start_soon(self._closed_loop_client, wl, wl.keys[c % len(wl.keys)], random.Random(rng.random()))
+
+    async def _closed_loop_client(self, wl: WorkloadSpec, key: str, rng: random.Random) -> None:
+        end = wl.at_s + wl.duration_s
+        while trio.current_time() < end:
+            await self.client_request(wl, key, random.Random(rng.random()))
+            await trio.sleep(wl.think_s.sample(rng))
+
+    async def client_request(self, wl: WorkloadSpec, key_name: str, rng: random.Random) -> None:
+        prompt_len = int(wl.prompt_bytes.sample(rng))
+        prompt = "".join(rng.choice(PROMPT_ALPHABET) for _ in range(prompt_len))
+        body: dict[str, Any] = {"model": wl.model, "messages": [{"role": "user", "content": prompt}]}
+        if wl.max_tokens is not None:
+            body["max_tokens"] = int(wl.max_tokens.sample(rng))
+        stream = rng.random() < wl.stream_share
+        if stream:
+            body["stream"] = True
+        cancel_tokens = cancel_s = None
+        if wl.cancel_share and rng.random() < wl.cancel_share:
+            if wl.cancel_after_tokens is not None:
+                cancel_tokens = int(wl.cancel_after_tokens.sample(rng))
+            if wl.cancel_after_s is not None:
+                cancel_s = wl.cancel_after_s.sample(rng)
+        payload = json.dumps(body).encode()
+        for attempt in range(wl.max_retries + 1):
+            wait_s = await self._one_request(key_name, payload, stream, cancel_tokens, cancel_s, attempt)
+            if wait_s is None or not wl.honor_retry_after:
+                return
+            await trio.sleep(wait_s)
+
+    async def _one_request(
+        self, key_name: str, payload: bytes, stream: bool, cancel_tokens: int | None, cancel_s: float | None, attempt: int
+    ) -> float | None:
+        """One HTTP exchange; returns the Retry-After wait when refused by a rate limit."""
+        rid = self.next_request_id()
+        record = self.checker.requests[rid] = RequestRecord(rid, key_name)
+        key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
+        request = httpx.Request(
+            "POST", "http://cortex/v1/chat/completions", content=payload,
+            headers={"authorization": f"Bearer {key}", "x-request-id": rid, "content-type": "application/json"},
+        )
+        started = trio.current_time()
+        self.trace.event("send", req=rid, key=key_name, stream=stream, attempt=attempt)
+        retry_after: float | None = None
+        with trio.move_on_after(cancel_s if cancel_s is not None else float("inf")) as scope:
+            try:
+                retry_after = await self._exchange(request, record, stream, cancel_tokens)
+            except httpx.HTTPError as exc:
+                record.outcome = "failed"
+                record.code = type(exc).__name__
+        if scope.cancelled_caught:
+            record.outcome = "cancelled"
+        if attempt and record.outcome == "served":
+            self.checker.admitted_on_retry += 1
+        record.latency_s = trio.current_time() - started
+        self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code, tokens=record.received_tokens)
+        return retry_after
+
+    async def _exchange(self, request: httpx.Request, record: RequestRecord, stream: bool, cancel_tokens: int | None) -> float | None:
+        response = await self.client.handle_async_request(request)
+        record.status = response.status_code
+        try:
+            if response.status_code != 200:
+                raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]
+                error = json.loads(raw).get("error", {})
+                record.code = error.get("code")
+                record.outcome = "refused" if response.status_code in (400, 401, 429) else "failed"
+                if response.status_code == 429 and "retry-after-ms" in response.headers:
+                    return int(response.headers["retry-after-ms"]) / 1000
+                return None
+            if not stream:
+                raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]
+                content = json.loads(raw)["choices"][0]["message"]["content"] or ""
+                record.received_tokens = len(content.encode())
+                record.outcome = "served"
+                return None
+            relay = StreamRelay(client_wants_usage=True)
+            async for chunk in response.stream:  # type: ignore[union-attr]
+                relay.feed(chunk)
+                record.received_tokens = relay.output_tokens
+                if b'"error"' in chunk:
+                    record.outcome = "failed"
+                    record.code = "stream_error"
+                if cancel_tokens is not None and relay.output_tokens >= cancel_tokens:
+                    record.outcome = "cancelled"
+                    return None
+            if not record.outcome:
+                record.outcome = "served" if relay.done else "failed"
+            return None
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def leaked_tasks(self) -> list[str]:
+        """Tasks still alive on any host once every client is done (the lifespan aside)."""
+        return [
+            f"{host.name}:{task.name}"
+            for host in [self.cortex_host, *self.neuron_hosts.values()]
+            if host.nursery is not None
+            for task in host.nursery.child_tasks
+            if task.name != "lifespan"
+        ]
+
+    def store_states(self) -> tuple[int, dict[str, str]]:
+        rows = self.db.execute("SELECT request_id, state FROM holds").fetchall()
+        return sum(1 for _, s in rows if s == "open"), {rid: state for rid, state in rows}
+
+    def neuron_counts(self) -> tuple[int, int]:
+        return (
+            sum(a.counters.requests_total for a in self.neuron_apps),
+            sum(a.counters.rejected_total for a in self.neuron_apps),
+        )
+
+
+def _neuron_config(spec: NeuronSpec, seed: int) -> NeuronConfig:
+    engine = MockEngine(seed=seed, reply_tokens=spec.reply_tokens, pacing=Pacing(spec.ttft_s, 1 / spec.tokens_per_s))
+    models = [ModelSpec(m, spec.context_tokens, spec.output_tokens) for m in spec.models]
+    return NeuronConfig(models=models, engine=engine, slots=spec.slots, queue_depth=spec.queue_depth, chunk_tokens=spec.chunk_tokens)
+
+
+def quiet_logs() -> None:
+    logging.getLogger("cortex").setLevel(logging.CRITICAL)
