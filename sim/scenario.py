@@ -201,15 +201,15 @@ def _range(integer: bool = True, low: float = 0.0) -> Callable[[str, Any], Range
     def parse(key: str, value: Any) -> Range:
         if isinstance(value, dict):
             extra = set(value) - {"min", "max"}
-            if extra or "min" not in value or "max" not in value:
+            if extra or not value:
                 raise ScenarioError(f"'{key}' must be a number or {{min = ..., max = ...}}, got {value!r}")
-            lo, hi = value["min"], value["max"]
+            lo, hi = value.get("min", low), value.get("max", float("inf"))
         else:
             lo = hi = value
         for bound in (lo, hi):
             if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < low:
                 raise ScenarioError(f"'{key}' bounds must be numbers >= {low:g}, got {value!r}")
-            if integer and not isinstance(bound, int):
+            if integer and not isinstance(bound, int) and bound != float("inf"):
                 raise ScenarioError(f"'{key}' bounds must be integers, got {value!r}")
         if lo > hi:
             raise ScenarioError(f"'{key}': min {lo} is above max {hi}")

@@ -236,8 +236,8 @@ class World:
         await trio.sleep_until(wl.at_s)
         async with trio.open_nursery() as nursery:
             if wl.kind == "burst":
-                for _ in range(wl.count):
-                    nursery.start_soon(self.client_request, wl, rng.choice(wl.keys), random.Random(rng.random()))
+                for i in range(wl.count):  # keys in turn, so a burst spreads evenly
+                    nursery.start_soon(self.client_request, wl, wl.keys[i % len(wl.keys)], random.Random(rng.random()))
             elif wl.kind == "open":
                 end = wl.at_s + wl.duration_s
                 while True:
