@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import trio
 
@@ -65,6 +66,10 @@ class Request:
     @property
     def path(self) -> str:
         return self.scope["path"]
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(self.scope.get("query_string", b"").decode("latin-1")))
 
     async def body(self, limit_bytes: int) -> bytes:
         """Read the whole body, refusing early once it passes `limit_bytes`."""

@@ -48,6 +48,9 @@ class Checker:
     peak_held: dict[str, int] = field(default_factory=dict)
     deliveries: int = 0
     admitted_on_retry: int = 0
+    keep_samples: bool = False  # for --plot: (t, principal, cap kind, used, held, cap) at every change
+    samples: list[tuple[float, str, str, int, int, int]] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # key id -> scenario name
 
     def fail(self, message: str) -> None:
         if self.violation is None:
@@ -82,12 +85,17 @@ class Checker:
             self._check_caps(self.ledger.principal(kind, pid), now)
 
     def _check_caps(self, p: Principal, now: float) -> None:
-        caps, who = p.caps, f"{p.kind} {p.id}"
+        caps, who = p.caps, f"{p.kind} {self.names.get(p.id, p.id)}"
         self.peak_held[who] = max(self.peak_held.get(who, 0), p.held_tokens)
-        if caps.balance_tokens is not None and p.spent_tokens + p.held_tokens > caps.balance_tokens:
-            self.fail(f"{who}: spent {p.spent_tokens} + held {p.held_tokens} > balance {caps.balance_tokens}")
+        if caps.balance_tokens is not None:
+            if self.keep_samples:
+                self.samples.append((now, who, "balance", p.spent_tokens, p.held_tokens, caps.balance_tokens))
+            if p.spent_tokens + p.held_tokens > caps.balance_tokens:
+                self.fail(f"{who}: spent {p.spent_tokens} + held {p.held_tokens} > balance {caps.balance_tokens}")
         if caps.window_tokens is not None:
             used = p.window_usage(now)
+            if self.keep_samples:
+                self.samples.append((now, who, "window", used, p.held_tokens, caps.window_tokens))
             if used + p.held_tokens > caps.window_tokens:
                 self.fail(f"{who}: window usage {used} + held {p.held_tokens} > {caps.window_tokens}")
         if caps.max_concurrency is not None and p.in_flight > caps.max_concurrency:

@@ -48,10 +48,11 @@ class Result:
         return self.violation is None and not self.expectation_failures
 
 
-def run(scenario: Scenario, seed: int, faults: LedgerFaults | None = None) -> Result:
+def run(scenario: Scenario, seed: int, faults: LedgerFaults | None = None, keep_samples: bool = False) -> Result:
     enable_deterministic_scheduling(seed)
     quiet_logs()
     world = World(scenario, seed, faults)
+    world.checker.keep_samples = keep_samples
     started = time.perf_counter()
     trio.run(_main, world, clock=trio.testing.MockClock(autojump_threshold=0))
     wall_s = time.perf_counter() - started
@@ -101,18 +102,17 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
     counts = checker.summary_counts()
     caps = []
     ledger = checker.ledger
-    names = {key_id: name for name, key_id in world.key_ids.items()}
     if ledger is not None:
-        for (kind, pid), p in sorted(ledger.principals.items()):
+        for (kind, pid), p in sorted(ledger.principals.items(), key=lambda item: (item[0][0], checker.names.get(item[0][1], item[0][1]))):
             if p.caps.empty:
                 continue
             caps.append({
-                "principal": f"{kind} {names.get(pid, pid)}",
+                "principal": f"{kind} {checker.names.get(pid, pid)}",
                 "balance_tokens": p.caps.balance_tokens,
                 "window_tokens": p.caps.window_tokens,
                 "max_concurrency": p.caps.max_concurrency,
                 "spent_tokens": p.spent_tokens,
-                "held_tokens_peak": checker.peak_held.get(f"{kind} {pid}", 0),
+                "held_tokens_peak": checker.peak_held.get(f"{kind} {checker.names.get(pid, pid)}", 0),
             })
     served = [r.latency_s for r in requests if r.outcome == "served"]
     virtual_s = world.virtual_end_s

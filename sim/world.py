@@ -91,7 +91,9 @@ class World:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._lifespans: dict[str, _Lifespan] = {}
         self._request_counter = 0
-        self.client = self.network.transport()
+        self.client: httpx.AsyncBaseTransport = self.network.transport()
+        self.base_url = "http://cortex"
+        self.t0 = 0.0  # workload and fault times are offsets from this
         self.virtual_end_s = 0.0
 
     def _rng(self, stream: str) -> random.Random:
@@ -159,8 +161,18 @@ class World:
         return ledger
 
     @asynccontextmanager
-    async def _store(self, config: Any, metrics: Any) -> AsyncIterator[SyncStore]:
-        yield SyncStore(self.db)
+    async def _store(self, config: Any, metrics: Any) -> AsyncIterator["_MortalStore"]:
+        self._cortex_store = _MortalStore(self.db)
+        yield self._cortex_store
+
+    def crash_cortex(self) -> None:
+        """kill -9: the process stops mid-flight. Trio still unwinds the dead
+        incarnation's tasks, so its store and ledger go deaf first: nothing it
+        does while unwinding reaches the disk or the checker."""
+        self._cortex_store.dead = True
+        if self.cortex is not None and self.cortex.budget is not None:
+            self.cortex.budget.ledger.observer = None
+        self.crash("cortex")
 
     def _cortex_config(self) -> config_mod.Config:
         c = self.scenario.cortex
@@ -194,6 +206,7 @@ class World:
             record, plaintext = await budget.create_key(key.name, key.account, key.caps)
             self.keys[key.name] = plaintext
             self.key_ids[key.name] = record.id
+            self.checker.names[record.id] = key.name
 
     # --- faults -----------------------------------------------------------------------
 
@@ -201,7 +214,7 @@ class World:
         await trio.sleep_until(fault.at_s)
         self.trace.event("fault", kind=fault.kind, target=fault.target or "cortex")
         if fault.kind == "cortex_restart":
-            self.crash("cortex")
+            self.crash_cortex()
             await trio.sleep(fault.for_s)
             await self.start_cortex(nursery)
             self.trace.event("recovered", target="cortex")
@@ -233,13 +246,13 @@ class World:
 
     async def run_workload(self, index: int, wl: WorkloadSpec) -> None:
         rng = self._rng(f"workload{index}")
-        await trio.sleep_until(wl.at_s)
+        await trio.sleep_until(self.t0 + wl.at_s)
         async with trio.open_nursery() as nursery:
             if wl.kind == "burst":
                 for i in range(wl.count):  # keys in turn, so a burst spreads evenly
                     nursery.start_soon(self.client_request, wl, wl.keys[i % len(wl.keys)], random.Random(rng.random()))
             elif wl.kind == "open":
-                end = wl.at_s + wl.duration_s
+                end = self.t0 + wl.at_s + wl.duration_s
                 while True:
                     await trio.sleep(rng.expovariate(wl.rate_per_s))
                     if trio.current_time() >= end:
@@ -250,7 +263,7 @@ class World:
                     nursery.start_soon(self._closed_loop_client, wl, wl.keys[c % len(wl.keys)], random.Random(rng.random()))
 
     async def _closed_loop_client(self, wl: WorkloadSpec, key: str, rng: random.Random) -> None:
-        end = wl.at_s + wl.duration_s
+        end = self.t0 + wl.at_s + wl.duration_s
         while trio.current_time() < end:
             await self.client_request(wl, key, random.Random(rng.random()))
             await trio.sleep(wl.think_s.sample(rng))
@@ -285,7 +298,7 @@ class World:
         record = self.checker.requests[rid] = RequestRecord(rid, key_name)
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
         request = httpx.Request(
-            "POST", "http://cortex/v1/chat/completions", content=payload,
+            "POST", self.base_url + "/v1/chat/completions", content=payload,
             headers={"authorization": f"Bearer {key}", "x-request-id": rid, "content-type": "application/json"},
         )
         started = trio.current_time()
@@ -361,6 +374,20 @@ class World:
             sum(a.counters.requests_total for a in self.neuron_apps),
             sum(a.counters.rejected_total for a in self.neuron_apps),
         )
+
+
+class _MortalStore(SyncStore):
+    """The store of one cortex incarnation: after a crash its writes are lost."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(conn)
+        self.dead = False
+
+    async def commit(self, ops: Any) -> None:
+        if self.dead:
+            await trio.lowlevel.checkpoint()
+            return
+        await super().commit(ops)
 
 
 def _neuron_config(spec: NeuronSpec, seed: int) -> NeuronConfig:

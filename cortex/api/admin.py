@@ -2,7 +2,7 @@
 
     GET  /admin/v1/keys                    list keys
     POST /admin/v1/keys                    create one: {"name", "account"?, limits...}; the key is shown once
-    GET  /admin/v1/keys/{id}               one key, its usage and recent requests
+    GET  /admin/v1/keys/{id}[?recent=N]    one key, its usage and its N most recent requests (default 20)
     POST /admin/v1/keys/{id}/topup         {"tokens": N}
     POST /admin/v1/keys/{id}/limits        {"balance_tokens", "window_tokens", "window_seconds", "max_concurrency"}
     POST /admin/v1/keys/{id}/revoke
@@ -29,6 +29,8 @@ from cortex.budget.service import BudgetService, caps_view
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
+RECENT_DEFAULT = 20
+RECENT_MAX = 10_000
 LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency")
 
 
@@ -51,6 +53,13 @@ def caps_from(body: dict[str, Any]) -> Caps:
     if (values["window_tokens"] is None) != (values["window_seconds"] is None):
         raise errors.invalid_request("'window_tokens' and 'window_seconds' go together.", param="window_tokens")
     return Caps(values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"])
+
+
+def _recent_limit(request: web.Request) -> int:
+    raw = request.query.get("recent", str(RECENT_DEFAULT))
+    if not raw.isdigit() or not 0 <= int(raw) <= RECENT_MAX:
+        raise errors.invalid_request(f"'recent' must be an integer from 0 to {RECENT_MAX}.", param="recent")
+    return int(raw)
 
 
 def _tokens(body: dict[str, Any]) -> int:
@@ -116,7 +125,7 @@ class AdminApi:
             if request.method != "GET":
                 raise errors.method_not_allowed(request.method, request.path, ["GET"])
             if kind == "key":
-                return 200, await self._key_detail(principal_id)
+                return 200, await self._key_detail(principal_id, _recent_limit(request))
             return 200, self.budget.usage("account", principal_id)
         if request.method != "POST":
             raise errors.method_not_allowed(request.method, request.path, ["POST"])
@@ -145,14 +154,14 @@ class AdminApi:
         usage = self.budget.usage("key", record.id)
         return {**record.view(), "limits": usage["limits"], "usage": usage}
 
-    async def _key_detail(self, key_id: str) -> dict[str, Any]:
+    async def _key_detail(self, key_id: str, recent: int = RECENT_DEFAULT) -> dict[str, Any]:
         if key_id not in self.budget.keys:
             raise ApiError(404, f"No key {key_id!r}.", code="not_found")
         record = self.budget.keys[key_id]
         return {
             **self._key_view(record),
             "account_usage": self.budget.usage("account", record.account_id),
-            "recent": await self.budget.recent(key_id),
+            "recent": await self.budget.recent(key_id, recent),
         }
 
     @staticmethod

@@ -1,0 +1,89 @@
+"""What a run prints and writes: the summary table, summary.json, trace.jsonl, a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cap_text(cap: dict[str, Any]) -> str:
+    parts = []
+    if cap["balance_tokens"] is not None:
+        parts.append(f"balance {cap['balance_tokens']:,}")
+    if cap["window_tokens"] is not None:
+        parts.append(f"window {cap['window_tokens']:,}")
+    if cap["max_concurrency"] is not None:
+        parts.append(f"concurrency {cap['max_concurrency']}")
+    return ", ".join(parts)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    outcomes = summary["outcomes"]
+    refused = ", ".join(f"{k} {v}" for k, v in summary["refused"].items()) or "none"
+    lines = [
+        f"scenario {summary['scenario']}  seed {summary['seed']}",
+        "",
+        "| outcome | requests |",
+        "| --- | ---: |",
+        *(f"| {name} | {count:,} |" for name, count in outcomes.items()),
+        f"| **total** | {summary['requests']:,} |",
+        "",
+        f"refused by reason: {refused}",
+        f"tokens held {summary['held_tokens']:,}, charged {summary['charged_tokens']:,}"
+        + (f"; admitted on retry {summary['admitted_on_retry']}" if summary["admitted_on_retry"] else ""),
+        "",
+    ]
+    if summary["caps"]:
+        lines += ["| principal | caps | charged | peak held |", "| --- | --- | ---: | ---: |"]
+        lines += [
+            f"| {c['principal']} | {_cap_text(c)} | {c['spent_tokens']:,} | {c['held_tokens_peak']:,} |"
+            for c in summary["caps"]
+        ]
+        lines.append("")
+    latency = summary["latency_s"]
+    if latency:
+        lines.append(
+            "latency of served requests (virtual): "
+            + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in latency.items())
+        )
+    lines += [
+        f"virtual time {summary['virtual_s']:,.1f} s; wall time {summary['wall_s']:.2f} s; "
+        f"{summary['requests_per_wall_s']:,.0f} simulated requests per wall-second",
+        f"trace: {summary['trace_events']:,} events, sha256 {summary['trace_sha256']}",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, summary: dict[str, Any], trace_lines: list[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "trace.jsonl").write_text("".join(line + "\n" for line in trace_lines))
+
+
+def plot(out_path: Path, samples: list[tuple[float, str, str, int, int, int]]) -> None:
+    """Spend and held tokens against each cap over virtual time (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'cortex-gateway[plot]'") from None
+    series: dict[tuple[str, str], list[tuple[float, int, int, int]]] = {}
+    for t, who, kind, used, held, cap in samples:
+        series.setdefault((who, kind), []).append((t, used, held, cap))
+    count = max(1, len(series))
+    fig, axes = plt.subplots(count, 1, figsize=(10, 2.6 * count), squeeze=False)
+    for ax, ((who, kind), points) in zip(axes[:, 0], sorted(series.items())):
+        ts = [p[0] for p in points]
+        ax.step(ts, [p[1] for p in points], where="post", label="spent" if kind == "balance" else "window usage")
+        ax.step(ts, [p[1] + p[2] for p in points], where="post", label="+ held")
+        ax.step(ts, [p[3] for p in points], where="post", linestyle="--", color="red", label=f"{kind} cap")
+        ax.set_title(f"{who}: {kind}")
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("tokens")
+        ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

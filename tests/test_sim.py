@@ -1,0 +1,169 @@
+"""The simulator: bundled scenarios, determinism, planted bugs, the CLI, live mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim import runner
+from sim.cli import bundled
+from sim.scenario import ScenarioError, load, parse
+from sim.world import LedgerFaults
+from tests.budget_helpers import ADMIN_TOKEN, budget_cortex
+from tests.conftest import Stack
+
+SEEDS = {"mixed_day": (1, 2), "disconnect_storm": (1, 2, 3)}
+
+
+def sim_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sim", *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+
+
+CASES = [(path.stem, seed) for path in bundled() for seed in SEEDS.get(path.stem, (1, 2, 3))]
+
+
+@pytest.mark.parametrize(("name", "seed"), CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
+def test_bundled_scenario_holds_every_invariant_and_expectation(name, seed):
+    result = runner.run(load(Path("sim/scenarios") / f"{name}.toml"), seed)
+    assert result.violation is None, "\n".join(result.recent_events)
+    assert result.expectation_failures == []
+    assert result.summary["requests"] > 0
+
+
+def test_the_scenarios_prove_what_they_claim():
+    """Spot checks that each scenario exercises its fault, not just passes."""
+    storm = runner.run(load("sim/scenarios/disconnect_storm.toml"), 1)
+    cancelled = [r for r in storm.world.checker.requests.values() if r.outcome == "cancelled"]
+    assert cancelled and any(0 < r.received_tokens < r.charged < r.hold_amount for r in cancelled)
+    crash = runner.run(load("sim/scenarios/cortex_restart_recovery.toml"), 1)
+    orphaned = [r for r in crash.world.checker.requests.values() if r.hold_state == "orphaned"]
+    assert orphaned and all(r.charged == r.hold_amount for r in orphaned)
+    partition = runner.run(load("sim/scenarios/network_partition.toml"), 1)
+    assert partition.summary["outcomes"].get("failed", 0) == 0
+    assert partition.world.neuron_hosts["n2"].delivered > partition.world.neuron_hosts["n1"].delivered
+
+
+def test_same_scenario_and_seed_give_a_byte_identical_trace_in_separate_processes(tmp_path):
+    outs = []
+    for i, hash_seed in enumerate(("1", "2")):
+        out = tmp_path / f"run{i}"
+        result = sim_cli("run", "neuron_crash_midstream", "--seed", "11", "--out", str(out), env={"PYTHONHASHSEED": hash_seed})
+        assert result.returncode == 0, result.stdout + result.stderr
+        outs.append(out)
+    first, second = ((o / "trace.jsonl").read_bytes() for o in outs)
+    assert first == second and len(first) > 10_000
+    summaries = [json.loads((o / "summary.json").read_text()) for o in outs]
+    assert summaries[0]["trace_sha256"] == summaries[1]["trace_sha256"]
+
+
+def test_different_seeds_give_different_runs():
+    scenario = load("sim/scenarios/neuron_crash_midstream.toml")
+    assert runner.run(scenario, 1).trace_sha256 != runner.run(scenario, 2).trace_sha256
+
+
+@pytest.mark.parametrize("bug", ["skip_cap_check", "double_charge"])
+@pytest.mark.parametrize("name", ["a0_fanout", "fanout_2000"])
+def test_a_planted_ledger_bug_is_caught(name, bug):
+    result = runner.run(load(f"sim/scenarios/{name}.toml"), 1, LedgerFaults(**{bug: True}))
+    assert result.violation is not None
+    assert "balance" in result.violation or "window" in result.violation or "in flight" in result.violation
+
+
+def test_the_cli_reports_a_violation_with_its_seed_time_events_and_reproduce_command():
+    result = sim_cli("run", "a0_fanout", "--seed", "4", "--plant-bug", "skip_cap_check")
+    assert result.returncode == 1
+    assert "INVARIANT VIOLATED in a0_fanout with seed 4 at t=" in result.stdout
+    assert "events leading up to it:" in result.stdout and '"ev":"hold"' in result.stdout
+    assert "reproduce: cortex-sim run" in result.stdout and "--seed 4" in result.stdout
+
+
+def test_cli_run_prints_the_summary_and_writes_outputs_and_a_plot(tmp_path):
+    result = sim_cli("run", "rolling_window_refill", "--seed", "2", "--out", str(tmp_path), "--plot")
+    assert result.returncode == 0, result.stderr
+    for needle in ("| served | 10 |", "refused by reason: rate_limit_exceeded 5", "admitted on retry 5",
+                   "simulated requests per wall-second", "sha256", "result: PASS"):
+        assert needle in result.stdout
+    assert (tmp_path / "caps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "trace.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["ev"] == "send"
+    assert json.loads((tmp_path / "summary.json").read_text())["outcomes"] == {"refused": 5, "served": 10}
+
+
+def test_cli_list_names_every_bundled_scenario():
+    result = sim_cli("list")
+    assert result.returncode == 0
+    for path in bundled():
+        assert path.stem in result.stdout
+    assert len(bundled()) == 8
+
+
+def test_fuzz_runs_many_seeds_of_fanout_2000():
+    result = sim_cli("fuzz", "fanout_2000", "--seeds", "50", "--jobs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "50 passed, 0 failed" in result.stdout
+    assert "50/50 seeds" in result.stderr
+
+
+def test_fuzz_reports_failing_seeds_with_reproduce_commands(tmp_path):
+    scenario = tmp_path / "strict.toml"
+    text = Path("sim/scenarios/a0_fanout.toml").read_text().replace("served = 8", "served = 9")
+    scenario.write_text(text)
+    result = sim_cli("fuzz", str(scenario), "--seeds", "3", "--jobs", "1")
+    assert result.returncode == 1
+    assert "0 passed, 3 failed" in result.stdout
+    assert f"reproduce: cortex-sim run {scenario} --seed 2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda d: d["workload"][0].update(rate=5), "workload[0].rate"),
+        (lambda d: d["workload"][0].update(kind="storm"), "workload[0].kind"),
+        (lambda d: d["workload"][0].update(key="ghost"), "workload[0].key"),
+        (lambda d: d["workload"][0].update(max_tokens={"min": 9, "max": 3}), "workload[0].max_tokens"),
+        (lambda d: d["keys"][0].update(window_tokens=5), "keys[0]"),
+        (lambda d: d["neurons"][0].update(slots=0), "neurons[0].slots"),
+        (lambda d: d.update(faults=[{"kind": "crash", "target": "nope"}]), "faults[0].target"),
+        (lambda d: d.update(expect={"served": "many"}), "expect.served"),
+        (lambda d: d.update(bogus=1), "scenario.bogus"),
+        (lambda d: d["workload"][0].update(count=10_000_000), "limit"),
+    ],
+)
+def test_scenario_errors_name_the_bad_key(mutate, key):
+    import tomllib
+
+    data = tomllib.loads(Path("sim/scenarios/a0_fanout.toml").read_text())
+    mutate(data)
+    with pytest.raises(ScenarioError) as info:
+        parse(data)
+    assert key in str(info.value)
+
+
+def test_cli_refuses_a_bad_scenario_file_with_status_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ndescription = "y"\n[[neurons]]\nname = "n"\ntokens_per_s = -1\n')
+    result = sim_cli("run", str(bad))
+    assert result.returncode == 2 and "neurons[0].tokens_per_s" in result.stderr
+    assert sim_cli("run", "no_such_scenario").returncode == 2
+
+
+def test_live_mode_drives_a_real_cortex_and_checks_it_from_outside(stack: Stack):
+    neuron = stack.neuron("--ttft-ms", "20", "--token-interval-ms", "2")
+    cortex = budget_cortex(stack, neuron)
+    result = sim_cli("run", "a0_fanout", "--live", "--cortex", cortex.url, "--admin-token", ADMIN_TOKEN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "outcomes: {'refused': 12, 'served': 8}" in result.stdout
+    assert "result: PASS" in result.stdout
+    assert neuron.get_json("/health")["requests_total"] == 8
+
+
+def test_scenario_file_that_does_not_exist_is_a_scenario_error():
+    with pytest.raises(ScenarioError):
+        load("/nonexistent/x.toml")
