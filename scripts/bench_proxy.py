@@ -1,52 +1,68 @@
 #!/usr/bin/env python3
-"""Benchmark what cortex costs in front of a neuron: direct vs via cortex.
+"""Benchmark what cortex costs in front of a neuron: direct, budgets off, budgets on.
 
 What it does
 ------------
-1. Starts two daemons as subprocesses, each on an ephemeral port, and waits
+1. Starts three daemons as subprocesses, each on an ephemeral port, and waits
    for their one-line JSON ``listening`` announcement on stdout:
 
        python -m neuron serve --listen 127.0.0.1:0 --reply-tokens 100
-       python -m cortex serve --listen 127.0.0.1:0 --neuron NEURON_URL [--cortex-args ...]
+       python -m cortex serve ... --neuron NEURON_URL --data-dir TMP/off --no-auth     # "off"
+       python -m cortex serve ... --neuron NEURON_URL --data-dir TMP/on                # "on"
+
+   Before "on" starts, a key is created in its data dir with
+   ``python -m cortex keys create --name bench --balance 1000000000000 --json
+   --data-dir TMP/on``; every request (on all three paths, so the bytes sent
+   are identical) carries ``authorization: Bearer KEY``.  "off" has auth off,
+   so its requests run unbudgeted; "on" authenticates, reserves a durable hold
+   (SQLite, group commit) and settles it, on every request.
 
    The mock neuron has zero latency (no TTFT, no inter-token delay), so every
-   millisecond measured is HTTP/JSON/event-loop work.  cortex's per-request log
-   (stderr) goes to a temporary file that is deleted afterwards.
+   millisecond measured is HTTP/JSON/event-loop/ledger work.  The daemons'
+   stderr (cortex's per-request log) goes to a temporary directory that is
+   deleted afterwards, together with both data dirs.
 2. Drives ``POST /v1/chat/completions`` (``max_tokens`` 100) with the lean
    trio + h11 load generator in ``scripts/_loadgen.py``: ``concurrency`` tasks,
    one persistent keep-alive connection each, sequential requests, latency =
    full response time (for ``stream: true``: until the end of the chunked SSE
-   body, after ``data: [DONE]``).  Once directly (client -> neuron) and once
-   through cortex (client -> cortex -> neuron), for every mode and
-   concurrency level.
-3. Warms both paths up, then runs every point for a fixed request count or a
-   time cap (whichever comes first), ``--repeats`` times; direct and via are
-   measured back to back in each repeat (alternating which goes first) and the
-   table reports medians over the repeats.  The via/direct throughput ratio,
-   the added p50 and p99/p50 are medians of the per-repeat paired values.
+   body, after ``data: [DONE]``), for every mode and concurrency level.
+3. Warms every path up, then runs every point for a fixed request count or a
+   time cap (whichever comes first), ``--repeats`` times.  The three paths are
+   measured back to back within each repeat, the order rotating per repeat
+   (direct, off, on / off, on, direct / on, direct, off), so machine drift hits
+   them equally.  The table reports medians over the repeats; ratios, added
+   p50s and p99/p50 are medians of per-repeat paired values.
 4. Prints one Markdown table, CPU notes (load generator CPU %, daemon CPU ms
    per request, read from /proc) and a check section with PASS/MISS for the
    targets:
 
-   * cortex adds <= 2 ms at p50 at concurrency 1 (non-stream);
-   * throughput through cortex at c=64 >= 50% of direct;
-   * p99 through cortex at c=64 < 4x its p50.
+   * cortex (budgets off) adds <= 2 ms at p50 at concurrency 1 (non-stream);
+   * throughput through cortex (budgets off) at c=64 >= 50% of direct;
+   * p99 through cortex at c=64 < 4x its p50 (budgets off and on);
+   * budgets add <= 0.5 ms at p50 at concurrency 1 (non-stream; on vs off).
 
 The load generator runs in this process; the daemons are separate processes.
-On a small machine all three share the CPUs: through cortex there is one more
+On a small machine they all share the CPUs: through cortex there is one more
 busy process, which is part of what the throughput ratio shows (see the CPU
-notes to tell CPU cost from added waiting).
+notes to tell CPU cost from added waiting).  The idle cortex instance costs
+next to nothing while the other one is measured.
 
 Usage
 -----
-    python scripts/bench_proxy.py                      # full run (~2 min)
+    python scripts/bench_proxy.py                      # full run (~2.5 min)
     python scripts/bench_proxy.py --quick              # fewer requests, 1 repeat
     python scripts/bench_proxy.py --modes non-stream --concurrency 1,64
-    python scripts/bench_proxy.py --cortex-args "--config budget.toml" --label budget-on
-    python scripts/bench_proxy.py --profile-cortex /tmp/cortex-prof.txt  # pyinstrument
+    python scripts/bench_proxy.py --paths direct,off   # skip the budget-on cortex
+    python scripts/bench_proxy.py --cortex-args "--config my.toml" --label my-config
+    python scripts/bench_proxy.py --api-key KEY --cortex-args "--data-dir DIR"  # "on" uses DIR and KEY
+    python scripts/bench_proxy.py --profile-cortex /tmp/cortex-prof.txt  # pyinstrument, "on" instance
 
-For a profile without in-process overhead, attach a sampling profiler to the
-cortex pid printed at start-up while a via-cortex point runs, e.g.
+``--cortex-args`` go to both cortex instances, except ``--data-dir``, which
+only the "on" instance gets (the "off" one always uses a temporary dir); with
+``--api-key`` no key is created and that key is sent instead.
+
+For a profile without in-process overhead, attach a sampling profiler to a
+cortex pid printed at start-up while one of its points runs, e.g.
 ``py-spy record --pid PID --duration 8 --format raw -o cortex.raw``.
 """
 
@@ -70,13 +86,16 @@ import _loadgen as lg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("non-stream", "stream")
+PATHS = ("direct", "off", "on")  # client -> neuron; -> cortex --no-auth -> neuron; -> cortex with budgets -> neuron
 DEFAULT_CONCURRENCY = (1, 16, 64)
 PATH = "/v1/chat/completions"
+KEY_BALANCE = 1_000_000_000_000
 
 # Targets
-ADDED_P50_MAX_MS = 2.0  # non-stream, c=1
-THROUGHPUT_RATIO_MIN = 0.50  # via/direct at c=64
-TAIL_RATIO_MAX = 4.0  # via p99/p50 at c=64
+ADDED_P50_MAX_MS = 2.0  # off - direct, non-stream, c=1
+THROUGHPUT_RATIO_MIN = 0.50  # off/direct at c=64
+TAIL_RATIO_MAX = 4.0  # cortex p99/p50 at c=64
+BUDGET_P50_MAX_MS = 0.5  # on - off, non-stream, c=1
 TARGET_C_HIGH = 64
 
 
@@ -120,7 +139,7 @@ def make_validator(stream: bool, tokens: int):
 
 @dataclass
 class Sample:
-    """One measured point of one repeat (direct or via)."""
+    """One measured point of one repeat on one path."""
 
     result: lg.Result
     neuron_cpu_s: float
@@ -131,46 +150,45 @@ class Sample:
         return 1000.0 * cpu_s / n if n else float("nan")
 
 
+NAN = float("nan")
+
+
 @dataclass
 class Cell:
     mode: str
     concurrency: int
-    direct: list[Sample] = field(default_factory=list)
-    via: list[Sample] = field(default_factory=list)
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {p: [] for p in PATHS})
 
     # --- medians over repeats ------------------------------------------------
-    @staticmethod
-    def _med(samples: list[Sample], fn) -> float:
-        return lg.median([fn(s) for s in samples])
+    def med(self, path: str, fn) -> float:
+        return lg.median([fn(s) for s in self.samples[path]])
 
-    def rps(self, which: str) -> float:
-        return self._med(getattr(self, which), lambda s: s.result.rps)
+    def rps(self, path: str) -> float:
+        return self.med(path, lambda s: s.result.rps)
 
-    def p(self, which: str, q: float) -> float:
-        return self._med(getattr(self, which), lambda s: s.result.pct_ms(q))
+    def p(self, path: str, q: float) -> float:
+        return self.med(path, lambda s: s.result.pct_ms(q))
 
-    def _paired(self, fn) -> float:
-        return lg.median([fn(d, v) for d, v in zip(self.direct, self.via)])
+    def tail_ratio(self, path: str) -> float:
+        return self.med(path, lambda s: s.result.pct_ms(0.99) / s.result.pct_ms(0.5))
 
-    @property
-    def ratio(self) -> float:
-        return self._paired(lambda d, v: v.result.rps / d.result.rps if d.result.rps else float("nan"))
+    def _paired(self, a: str, b: str, fn) -> float:
+        """Median over repeats of fn(sample on a, sample on b), same repeat."""
+        return lg.median([fn(x, y) for x, y in zip(self.samples[a], self.samples[b])])
 
-    @property
-    def added_p50(self) -> float:
-        return self._paired(lambda d, v: v.result.pct_ms(0.5) - d.result.pct_ms(0.5))
+    def ratio(self, path: str, base: str = "direct") -> float:
+        return self._paired(path, base, lambda x, y: x.result.rps / y.result.rps if y.result.rps else NAN)
 
-    @property
-    def tail_ratio_via(self) -> float:
-        return self._med(self.via, lambda s: s.result.pct_ms(0.99) / s.result.pct_ms(0.5))
+    def added_p50(self, path: str, base: str) -> float:
+        return self._paired(path, base, lambda x, y: x.result.pct_ms(0.5) - y.result.pct_ms(0.5))
 
     @property
     def errors(self) -> int:
-        return sum(s.result.errors for s in self.direct + self.via)
+        return sum(s.result.errors for ss in self.samples.values() for s in ss)
 
     @property
     def truncated(self) -> bool:
-        return any(s.result.truncated for s in self.direct + self.via)
+        return any(s.result.truncated for ss in self.samples.values() for s in ss)
 
 
 async def measure(req: lg.Req, c: int, args, neuron: lg.Daemon, cortex: lg.Daemon | None) -> Sample:
@@ -178,40 +196,47 @@ async def measure(req: lg.Req, c: int, args, neuron: lg.Daemon, cortex: lg.Daemo
     if cortex is not None:
         probes["cortex"] = cortex.cpu_s
     res = await lg.run_point(req, c, args.requests, args.max_seconds, probes=probes)
-    return Sample(res, res.extra["neuron"], res.extra.get("cortex", float("nan")))
+    return Sample(res, res.extra["neuron"], res.extra.get("cortex", NAN))
 
 
-async def bench(args, neuron: lg.Daemon, cortex: lg.Daemon) -> list[Cell]:
+def rotation(paths: list[str], r: int) -> list[str]:
+    k = r % len(paths)
+    return paths[k:] + paths[:k]
+
+
+async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon]) -> list[Cell]:
+    targets = {"direct": neuron, **cortexes}
     reqs: dict[tuple[str, str], lg.Req] = {}
     for mode in args.modes:
         stream = mode == "stream"
         body = request_body(args.tokens, stream)
         validate = make_validator(stream, args.tokens)
-        for name, d in (("direct", neuron), ("via", cortex)):
-            host, port = d.host_port
-            reqs[(mode, name)] = lg.Req(host, port, PATH, body, stream=stream, validate=validate,
+        for path in args.paths:
+            host, port = targets[path].host_port
+            reqs[(mode, path)] = lg.Req(host, port, PATH, body, stream=stream, validate=validate,
                                         headers=args.headers)
 
-    # Warm-up: both paths, every mode (imports, caches, cortex's upstream pool).
-    for (mode, name), req in reqs.items():
-        lg.progress(f"warm-up {mode} {name} ...")
+    # Warm-up: every path, every mode (imports, caches, cortex's upstream pool, the ledger's pages).
+    for (mode, path), req in reqs.items():
+        lg.progress(f"warm-up {mode} {path} ...")
         res = await lg.run_point(req, max(args.concurrency), args.warmup_requests, args.warmup_seconds)
         if res.errors:
-            raise RuntimeError(f"warm-up {mode} {name}: {res.errors} errors; first: {res.first_error}")
+            raise RuntimeError(f"warm-up {mode} {path}: {res.errors} errors; first: {res.first_error}")
 
     cells = {(m, c): Cell(m, c) for m in args.modes for c in args.concurrency}
     for r in range(args.repeats):
-        order = ("direct", "via") if r % 2 == 0 else ("via", "direct")
+        order = rotation(list(args.paths), r)
         for mode in args.modes:
             for c in args.concurrency:
                 cell = cells[(mode, c)]
-                for name in order:
-                    sample = await measure(reqs[(mode, name)], c, args, neuron, cortex if name == "via" else None)
-                    getattr(cell, name).append(sample)
+                for path in order:
+                    cortex = cortexes.get(path)
+                    sample = await measure(reqs[(mode, path)], c, args, neuron, cortex)
+                    cell.samples[path].append(sample)
                     res = sample.result
-                    extra = f", cortex {sample.per_req_ms(sample.cortex_cpu_s):.2f}" if name == "via" else ""
+                    extra = f", cortex {sample.per_req_ms(sample.cortex_cpu_s):.2f}" if cortex else ""
                     lg.progress(
-                        f"[{r + 1}/{args.repeats}] {mode:10s} c={c:<3d} {name:6s} "
+                        f"[{r + 1}/{args.repeats}] {mode:10s} c={c:<3d} {path:6s} "
                         f"{res.completed:5d} ok{'*' if res.truncated else ' '} {res.errors} err  "
                         f"{res.rps:8,.0f} req/s  p50 {res.pct_ms(0.5):7.2f}  p99 {res.pct_ms(0.99):7.2f} ms  "
                         f"cpu ms/req: neuron {sample.per_req_ms(sample.neuron_cpu_s):.2f}{extra}, "
@@ -232,32 +257,46 @@ def _f(x: float, fmt: str) -> str:
 
 def format_table(cells: list[Cell]) -> str:
     rows = [
-        "| mode | concurrency | direct req/s | via-cortex req/s | via/direct | direct p50 ms | direct p99 ms "
-        "| via p50 ms | via p99 ms | added p50 ms | via p99/p50 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | concurrency | direct req/s | off req/s | on req/s | off/direct | on/direct "
+        "| direct p50 ms | off p50 ms | on p50 ms | added p50 ms (off - direct) | budget overhead p50 ms (on - off) "
+        "| on p99/p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         rows.append(
-            f"| {cell.mode} | {cell.concurrency} | {_f(cell.rps('direct'), ',.0f')} | {_f(cell.rps('via'), ',.0f')} "
-            f"| {_f(cell.ratio, '.2f')} | {_f(cell.p('direct', 0.5), '.2f')} | {_f(cell.p('direct', 0.99), '.2f')} "
-            f"| {_f(cell.p('via', 0.5), '.2f')} | {_f(cell.p('via', 0.99), '.2f')} | {_f(cell.added_p50, '+.2f')} "
-            f"| {_f(cell.tail_ratio_via, '.1f')} |"
+            f"| {cell.mode} | {cell.concurrency} | {_f(cell.rps('direct'), ',.0f')} | {_f(cell.rps('off'), ',.0f')} "
+            f"| {_f(cell.rps('on'), ',.0f')} | {_f(cell.ratio('off'), '.2f')} | {_f(cell.ratio('on'), '.2f')} "
+            f"| {_f(cell.p('direct', 0.5), '.2f')} | {_f(cell.p('off', 0.5), '.2f')} | {_f(cell.p('on', 0.5), '.2f')} "
+            f"| {_f(cell.added_p50('off', 'direct'), '+.2f')} | {_f(cell.added_p50('on', 'off'), '+.2f')} "
+            f"| {_f(cell.tail_ratio('on'), '.1f')} |"
         )
     return "\n".join(rows)
+
+
+def format_p99(cells: list[Cell]) -> str:
+    lines = ["p99 ms (medians) and p99/p50:"]
+    for cell in cells:
+        parts = [
+            f"{path} {_f(cell.p(path, 0.99), '.2f')} ({_f(cell.tail_ratio(path), '.1f')}x)"
+            for path in PATHS if cell.samples[path]
+        ]
+        lines.append(f"- {cell.mode} c={cell.concurrency}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def format_cpu_notes(cells: list[Cell]) -> str:
     lines = ["CPU (medians; ms of CPU per request, from /proc; loadgen = this process's CPU % of wall time):"]
     for cell in cells:
-        med = Cell._med
-        lines.append(
-            f"- {cell.mode} c={cell.concurrency}: direct: neuron "
-            f"{_f(med(cell.direct, lambda s: s.per_req_ms(s.neuron_cpu_s)), '.2f')}, loadgen "
-            f"{_f(med(cell.direct, lambda s: s.result.loadgen_cpu_pct), '.0f')}% | via: neuron "
-            f"{_f(med(cell.via, lambda s: s.per_req_ms(s.neuron_cpu_s)), '.2f')}, cortex "
-            f"{_f(med(cell.via, lambda s: s.per_req_ms(s.cortex_cpu_s)), '.2f')}, loadgen "
-            f"{_f(med(cell.via, lambda s: s.result.loadgen_cpu_pct), '.0f')}%"
-        )
+        parts = []
+        for path in PATHS:
+            if not cell.samples[path]:
+                continue
+            text = f"{path}: neuron {_f(cell.med(path, lambda s: s.per_req_ms(s.neuron_cpu_s)), '.2f')}"
+            if path != "direct":
+                text += f", cortex {_f(cell.med(path, lambda s: s.per_req_ms(s.cortex_cpu_s)), '.2f')}"
+            text += f", loadgen {_f(cell.med(path, lambda s: s.result.loadgen_cpu_pct), '.0f')}%"
+            parts.append(text)
+        lines.append(f"- {cell.mode} c={cell.concurrency}: " + " | ".join(parts))
     return "\n".join(lines)
 
 
@@ -273,29 +312,44 @@ def format_checks(cells: list[Cell]) -> tuple[str, bool]:
             all_ok = False
         lines.append(f"- {tag} {text}")
 
+    def have(cell: Cell | None, *paths: str) -> bool:
+        return cell is not None and all(cell.samples[p] for p in paths)
+
     cell = by.get(("non-stream", 1))
-    if cell:
-        added = cell.added_p50
+    if have(cell, "direct", "off"):
+        added = cell.added_p50("off", "direct")
         line(added <= ADDED_P50_MAX_MS,
-             f"added p50 at c=1 (non-stream) <= {ADDED_P50_MAX_MS:g} ms: {added:+.2f} ms "
-             f"(direct {cell.p('direct', 0.5):.2f} ms, via {cell.p('via', 0.5):.2f} ms)")
+             f"added p50 at c=1 (non-stream, off vs direct) <= {ADDED_P50_MAX_MS:g} ms: {added:+.2f} ms "
+             f"(direct {cell.p('direct', 0.5):.2f} ms, off {cell.p('off', 0.5):.2f} ms)")
     else:
-        line(None, "added p50 at c=1 (non-stream): not measured (needs --modes non-stream, c=1)")
+        line(None, "added p50 at c=1 (non-stream): not measured (needs non-stream, c=1, paths direct and off)")
 
     for mode in MODES:
         cell = by.get((mode, TARGET_C_HIGH))
-        if not cell:
-            if (mode, 1) in by or any(m == mode for m, _ in by):
+        if cell is None:
+            if any(m == mode for m, _ in by):
                 line(None, f"{mode} c={TARGET_C_HIGH} targets: not measured (needs c={TARGET_C_HIGH})")
             continue
-        r = cell.ratio
-        line(r >= THROUGHPUT_RATIO_MIN,
-             f"{mode} c={TARGET_C_HIGH} throughput via/direct >= {THROUGHPUT_RATIO_MIN:.0%}: {r:.0%} "
-             f"({cell.rps('via'):,.0f} vs {cell.rps('direct'):,.0f} req/s)")
-        t = cell.tail_ratio_via
-        line(t < TAIL_RATIO_MAX,
-             f"{mode} c={TARGET_C_HIGH} via p99 < {TAIL_RATIO_MAX:g}x p50: {t:.1f}x "
-             f"(p50 {cell.p('via', 0.5):.2f} ms, p99 {cell.p('via', 0.99):.2f} ms)")
+        if have(cell, "direct", "off"):
+            r = cell.ratio("off")
+            line(r >= THROUGHPUT_RATIO_MIN,
+                 f"{mode} c={TARGET_C_HIGH} throughput off/direct >= {THROUGHPUT_RATIO_MIN:.0%}: {r:.0%} "
+                 f"({cell.rps('off'):,.0f} vs {cell.rps('direct'):,.0f} req/s; on/direct {cell.ratio('on'):.0%})")
+        for path in ("off", "on"):
+            if have(cell, path):
+                t = cell.tail_ratio(path)
+                line(t < TAIL_RATIO_MAX,
+                     f"{mode} c={TARGET_C_HIGH} {path} p99 < {TAIL_RATIO_MAX:g}x p50: {t:.1f}x "
+                     f"(p50 {cell.p(path, 0.5):.2f} ms, p99 {cell.p(path, 0.99):.2f} ms)")
+
+    cell = by.get(("non-stream", 1))
+    if have(cell, "off", "on"):
+        over = cell.added_p50("on", "off")
+        line(over <= BUDGET_P50_MAX_MS,
+             f"budget overhead p50 at c=1 (non-stream, on vs off) <= {BUDGET_P50_MAX_MS:g} ms: {over:+.2f} ms "
+             f"(off {cell.p('off', 0.5):.2f} ms, on {cell.p('on', 0.5):.2f} ms)")
+    else:
+        line(None, "budget overhead p50 at c=1 (non-stream): not measured (needs non-stream, c=1, paths off and on)")
     return "\n".join(lines), all_ok
 
 
@@ -306,7 +360,7 @@ def format_checks(cells: list[Cell]) -> tuple[str, bool]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Benchmark cortex's overhead: client -> neuron vs client -> cortex -> neuron.",
+        description="Benchmark cortex's overhead: client -> neuron vs client -> cortex (budgets off / on) -> neuron.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="fewer requests per point, 1 repeat")
@@ -314,21 +368,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated concurrency levels (default: %(default)s)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated subset of: {', '.join(MODES)} (default: %(default)s)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated subset of: {', '.join(PATHS)} (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3, --quick 1)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per point (default 4000, --quick 500)")
-    ap.add_argument("--max-seconds", type=float, default=None, help="time cap per point (default 3, --quick 1)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per point (default 3000, --quick 500)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="time cap per point (default 2, --quick 1)")
     ap.add_argument("--tokens", type=int, default=100, help="reply tokens (neuron --reply-tokens and max_tokens)")
     ap.add_argument("--cortex-args", default="",
-                    help="extra arguments for `cortex serve` (one string, split with shlex; "
+                    help="extra arguments for both `cortex serve` instances (one string, split with shlex; "
+                         "a --data-dir in it goes to the budget-on instance only; "
                          "write --cortex-args='--flag' when it starts with a dash and has no space)")
     ap.add_argument("--neuron-args", default="",
                     help="extra arguments for `neuron serve` (one string, split with shlex)")
-    ap.add_argument("--api-key", help="send `authorization: Bearer KEY` (both paths; the neuron ignores it)")
+    ap.add_argument("--api-key", help="key for the budget-on path (default: one is created in its data dir); "
+                                      "sent as `authorization: Bearer KEY` on every path")
     ap.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                     help="extra request header (repeatable)")
-    ap.add_argument("--label", default="", help="free text printed with the results (e.g. budget-on)")
+    ap.add_argument("--label", default="", help="free text printed with the results")
     ap.add_argument("--profile-cortex", metavar="OUT",
-                    help="run cortex under pyinstrument, text report to OUT (adds profiler overhead)")
+                    help="run the budget-on cortex (else the budget-off one) under pyinstrument, "
+                         "text report to OUT (adds profiler overhead)")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep the daemons' stderr logs in DIR")
     args = ap.parse_args(argv)
 
@@ -336,6 +395,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         ap.error(f"unknown mode(s): {', '.join(unknown) or '(none)'}")
+    paths = {p.strip() for p in args.paths.split(",") if p.strip()}
+    unknown = sorted(paths - set(PATHS))
+    if unknown or not paths:
+        ap.error(f"unknown path(s): {', '.join(unknown) or '(none)'}")
+    args.paths = [p for p in PATHS if p in paths]
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
@@ -347,90 +411,121 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     if args.requests is None:
-        args.requests = 500 if args.quick else 4000
+        args.requests = 500 if args.quick else 3000
     if args.max_seconds is None:
-        args.max_seconds = 1.0 if args.quick else 3.0
+        args.max_seconds = 1.0 if args.quick else 2.0
     headers = []
     for h in args.header:
         name, sep, value = h.partition(":")
         if not sep or not name.strip():
             ap.error(f"--header must look like 'Name: value', got {h!r}")
         headers.append((name.strip(), value.strip()))
-    if args.api_key:
-        headers.append(("authorization", f"Bearer {args.api_key}"))
-    args.headers = tuple(headers)
+    args.extra_headers = headers
     args.warmup_requests = 300 if args.quick else 1000
     args.warmup_seconds = 0.5 if args.quick else 1.0
     return args
 
 
-def _cortex_serve_has(flag: str, env: dict[str, str]) -> bool:
-    try:
-        out = subprocess.run([sys.executable, "-m", "cortex", "serve", "--help"], capture_output=True, text=True,
-                             env=env, cwd=str(REPO_ROOT), timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return flag in out
+def split_data_dir(extra: list[str]) -> tuple[list[str], str | None]:
+    """Take `--data-dir X` / `--data-dir=X` out of cortex's extra args."""
+    rest: list[str] = []
+    data_dir = None
+    it = iter(extra)
+    for arg in it:
+        if arg == "--data-dir":
+            data_dir = next(it, None)
+        elif arg.startswith("--data-dir="):
+            data_dir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, data_dir
+
+
+def create_key(data_dir: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "cortex", "keys", "create", "--name", "bench", "--balance", str(KEY_BALANCE),
+         "--json", "--data-dir", data_dir],
+        capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=60,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"cortex keys create failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)["key"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     py = sys.executable
-    tmpdir = tempfile.mkdtemp(prefix="bench_proxy_")  # logs (unless --keep-logs) and cortex's data dir
+    tmpdir = tempfile.mkdtemp(prefix="bench_proxy_")  # logs (unless --keep-logs) and cortex's data dirs
     logdir = args.keep_logs or tmpdir
     os.makedirs(logdir, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
     neuron_cmd = [py, "-m", "neuron", "serve", "--listen", "127.0.0.1:0", "--reply-tokens", str(args.tokens),
                   *shlex.split(args.neuron_args)]
+    extra, on_data_dir = split_data_dir(shlex.split(args.cortex_args))
+    on_data_dir = on_data_dir or os.path.join(tmpdir, "cortex-on")
+    data_dirs = {"off": os.path.join(tmpdir, "cortex-off"), "on": on_data_dir}
+    api_key = args.api_key
+    if "on" in args.paths and not api_key:
+        api_key = create_key(on_data_dir, env)
+    args.headers = tuple(args.extra_headers + ([("authorization", f"Bearer {api_key}")] if api_key else []))
+    profiled = "on" if "on" in args.paths else "off"
+
     daemons: list[lg.Daemon] = []
+    cortexes: dict[str, lg.Daemon] = {}
     try:
         neuron = lg.Daemon("neuron", neuron_cmd, os.path.join(logdir, "neuron.log"), env=env, cwd=str(REPO_ROOT))
         daemons.append(neuron)
         neuron.wait_listening()
-        extra = shlex.split(args.cortex_args)
-        if "--data-dir" not in " ".join(extra) and _cortex_serve_has("--data-dir", env):
-            # Keep cortex's ledger out of the working tree (and off a running dev instance's lock).
-            extra += ["--data-dir", os.path.join(tmpdir, "cortex-data")]
-        cortex_cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url, *extra]
-        if args.profile_cortex:
-            cortex_cmd = ["-m", "pyinstrument", "-o", args.profile_cortex, *cortex_cmd]
-        cortex = lg.Daemon("cortex", [py, *cortex_cmd], os.path.join(logdir, "cortex.log"), env=env,
-                           cwd=str(REPO_ROOT))
-        daemons.append(cortex)
-        cortex.wait_listening()
-        lg.progress(f"neuron {neuron.url} (pid {neuron.proc.pid}), cortex {cortex.url} (pid {cortex.proc.pid})")
-        cells = trio.run(bench, args, neuron, cortex)
+        for path in ("off", "on"):
+            if path not in args.paths:
+                continue
+            cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url, *extra,
+                   "--data-dir", data_dirs[path], *(["--no-auth"] if path == "off" else [])]
+            if args.profile_cortex and path == profiled:
+                cmd = ["-m", "pyinstrument", "-o", args.profile_cortex, *cmd]
+            d = lg.Daemon(f"cortex-{path}", [py, *cmd], os.path.join(logdir, f"cortex-{path}.log"), env=env,
+                          cwd=str(REPO_ROOT))
+            daemons.append(d)
+            d.wait_listening()
+            cortexes[path] = d
+        lg.progress(f"neuron {neuron.url} (pid {neuron.proc.pid}); "
+                    + "; ".join(f"cortex-{p} {d.url} (pid {d.proc.pid})" for p, d in cortexes.items()))
+        cells = trio.run(bench, args, neuron, cortexes)
     finally:
         for d in reversed(daemons):
             d.stop()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     print()
-    print(f"Label: {args.label or '-'}; cortex args: {args.cortex_args or '-'}"
-          f"{'; api key: yes' if args.api_key else ''}; git {lg.git_rev(str(REPO_ROOT))}")
+    print(f"Label: {args.label or '-'}; cortex args: {args.cortex_args or '-'}; paths: {', '.join(args.paths)}"
+          f"{'; api key: given' if args.api_key else ''}; git {lg.git_rev(str(REPO_ROOT))}")
     print(f"Environment: {lg.versions()}")
     print(
         f"Mock neuron, zero latency, {args.tokens} tokens/reply; {args.requests} requests or "
-        f"{args.max_seconds:g} s per point, {args.repeats} repeat(s), medians"
-        f"{'; cortex under pyinstrument' if args.profile_cortex else ''}"
+        f"{args.max_seconds:g} s per point, {args.repeats} repeat(s), paths interleaved (rotating order), medians"
+        f"{f'; cortex-{profiled} under pyinstrument' if args.profile_cortex else ''}"
     )
+    print("direct = client -> neuron; off = via cortex --no-auth; on = via cortex with budgets "
+          "(auth + durable reserve/settle per request).")
     print()
     print(format_table(cells))
     print()
-    print("via/direct, added p50 and via p99/p50 are medians of per-repeat paired values.")
+    print("Ratios, added p50s and p99/p50 are medians of per-repeat paired values.")
     errors = sum(c.errors for c in cells)
     if errors:
         print(f"WARNING: {errors} failed requests in total (see progress on stderr).")
     if any(c.truncated for c in cells):
         print(f"Some points were capped by time ({args.max_seconds:g} s) before {args.requests} requests.")
     print()
+    print(format_p99(cells))
+    print()
     print(format_cpu_notes(cells))
     print()
     checks, _ = format_checks(cells)
     print(checks)
     if args.profile_cortex:
-        print(f"\npyinstrument report: {args.profile_cortex}")
+        print(f"\npyinstrument report (cortex-{profiled}): {args.profile_cortex}")
     return 1 if errors else 0
 
 

@@ -270,7 +270,7 @@ class World:
 
     async def client_request(self, wl: WorkloadSpec, key_name: str, rng: random.Random) -> None:
         prompt_len = int(wl.prompt_bytes.sample(rng))
-        prompt = "".join(rng.choice(PROMPT_ALPHABET) for _ in range(prompt_len))
+        prompt = "".join(rng.choices(PROMPT_ALPHABET, k=prompt_len))
         body: dict[str, Any] = {"model": wl.model, "messages": [{"role": "user", "content": prompt}]}
         if wl.max_tokens is not None:
             body["max_tokens"] = int(wl.max_tokens.sample(rng))

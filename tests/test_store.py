@@ -117,3 +117,21 @@ def test_a_failed_open_reports_the_reason(tmp_path):
 )
 def test_meter_settlement_rules(meter, expected):
     assert meter.settlement() == expected
+
+
+async def test_deferred_ops_land_before_later_durable_ones_and_on_close(tmp_path):
+    path = tmp_path / "l.db"
+    async with ThreadedStore.open(path, "normal") as store:
+        await store.commit([*_principals(), OpenHold("h1", "k", "acct", 5, 0.0, 60.0), OpenHold("h2", "k", "acct", 5, 0.0, 60.0)])
+        await store.commit([ResolveHold("h1", "k", "acct", "settled", 4, 4, 1.0)], durable=False)
+        # A durable op queued later carries the deferred one first.
+        await store.commit([OpenHold("h3", "k", "acct", 5, 0.0, 60.0)])
+        assert await store.query(lambda c: c.execute("SELECT state FROM holds WHERE id = 'h1'").fetchone()[0]) == "settled"
+        await store.commit([ResolveHold("h2", "k", "acct", "released", 0, None, 2.0)], durable=False)
+        await trio.sleep(0.05)  # the flush timer writes it without help
+        assert await store.query(lambda c: c.execute("SELECT state FROM holds WHERE id = 'h2'").fetchone()[0]) == "released"
+        await store.commit([ResolveHold("h3", "k", "acct", "settled", 5, 5, 3.0)], durable=False)
+    # Closing flushed the last deferred op.
+    conn = connect(path)
+    assert conn.execute("SELECT state FROM holds WHERE id = 'h3'").fetchone()[0] == "settled"
+    assert conn.execute("SELECT spent_tokens FROM keys").fetchone()[0] == 9

@@ -10,6 +10,7 @@ passes `reserve` holds a `Hold`, and its owner must call `settle`,
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import math
 import secrets
@@ -102,6 +103,9 @@ class BudgetService:
         self.metrics = metrics
         self.keys: dict[str, KeyRecord] = {}
         self._by_hash: dict[bytes, KeyRecord] = {}
+        # Unique across restarts without a syscall per request.
+        self._id_prefix = secrets.token_hex(4)
+        self._hold_seq = itertools.count(1)
         metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
         metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
 
@@ -157,7 +161,7 @@ class BudgetService:
     async def reserve(self, key: KeyRecord, estimate: Estimate, request_id: str, model: str) -> Hold:
         """Hold the worst case on every cap that applies, durably, or raise the 429."""
         now = self.clock()
-        hold_id = "hold_" + secrets.token_hex(8)
+        hold_id = f"hold_{self._id_prefix}{next(self._hold_seq):x}"
         result = self.ledger.reserve(hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s, request_id)
         if isinstance(result, Refusal):
             self.metrics.refusals.inc(reason=result.reason)
@@ -193,7 +197,8 @@ class BudgetService:
                 return None
             self._count(resolution)
             try:
-                await self.store.commit([_resolve_op(resolution)])
+                # Not awaited to disk: recovery charges an unwritten settlement in full.
+                await self.store.commit([_resolve_op(resolution)], durable=False)
             except StoreError as exc:
                 logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
             return resolution

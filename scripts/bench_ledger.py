@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Benchmark the durable budget ledger: reserve+settle pairs per second.
+
+Question: how many *durable* admissions (a reserve whose hold is committed to
+SQLite before the request may go on, then its settlement, also committed) can
+one cortex process do per second, and what does group commit buy?
+
+What it does
+------------
+For every concurrency level (default 1 and 256) and every SQLite
+``synchronous`` mode (``normal``: survives a process crash; ``full``: survives
+a power cut), in a fresh temporary directory per point:
+
+1. Opens the ledger exactly as cortex does -- ``ThreadedStore.open(path,
+   synchronous, on_commit)`` (one writer thread, WAL, group commit) -- loads a
+   ``BudgetService`` on it and creates one key with a huge balance.
+2. Runs N Trio tasks, each looping over the real request-path calls for a fixed
+   duration::
+
+       hold = await service.reserve(key, Estimate(...), request_id, model)  # ledger decision + commit([OpenHold])
+       await service.settle(hold, actual_tokens)                            # ledger decision + commit([ResolveHold])
+
+   Admission latency is the time of ``service.reserve`` (ledger decision plus
+   the durable commit).  The ``on_commit`` callback gives the number of ops
+   jobs in each group commit, hence the mean batch size, and the writer's time
+   per commit.
+3. Runs the same point against the baseline *no group commit*: a
+   ``ThreadedStore`` subclass whose writer takes ONE job per transaction (same
+   connection setup, schema, ops, ``synchronous`` mode and wake-up path; one
+   ``COMMIT`` -- and, with ``full``, one WAL fsync -- per op).
+
+Group and baseline are interleaved within each repeat (alternating which goes
+first); the table shows medians over ``--repeats``, and the ratio is the
+median of per-repeat paired ratios.  CPU columns come from /proc (per thread):
+the writer thread's and the Trio (main) thread's CPU as a percentage of wall
+time, to tell which side is the bottleneck.
+
+Target: >= 10,000 durable reserve+settle pairs/s at concurrency 256.
+
+Usage
+-----
+    python scripts/bench_ledger.py                     # full run (~1.5 min)
+    python scripts/bench_ledger.py --quick             # 1 s per point, 1 repeat
+    python scripts/bench_ledger.py --seconds 5 --concurrency 1,64,256 --modes full
+    python scripts/bench_ledger.py --no-baseline       # group commit only
+
+For a profile, run one point under py-spy, e.g.
+``py-spy record -o prof.txt --format raw --threads -- python scripts/bench_ledger.py --quick --concurrency 256 --modes full --no-baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from cortex.budget import store as store_mod  # noqa: E402
+from cortex.budget.estimate import Estimate  # noqa: E402
+from cortex.budget.ledger import Caps  # noqa: E402
+from cortex.budget.service import BudgetService  # noqa: E402
+from cortex.budget.store import ThreadedStore  # noqa: E402
+from cortex.config import BudgetConfig  # noqa: E402
+from cortex.metrics import GatewayMetrics  # noqa: E402
+
+DEFAULT_CONCURRENCY = (1, 256)
+MODES = ("normal", "full")
+VARIANTS = ("group", "single")
+TARGET_PAIRS_S = 10_000
+TARGET_C = 256
+ESTIMATE = Estimate(prompt_tokens=60, output_tokens=100)
+ACTUAL_TOKENS = 120
+
+
+class OneTxnStore(ThreadedStore):
+    """Baseline: the same writer thread, but one job -- one op, one COMMIT -- per transaction."""
+
+    def _serve_batch(self, conn: Any) -> bool:
+        item = self._queue.get()
+        if item is store_mod._STOP:
+            return False
+        self._execute(conn, [item])
+        return True
+
+
+# --------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(native_id: int | None) -> float:
+    """User+system CPU seconds of one thread of this process (Linux /proc)."""
+    if native_id is None:
+        return float("nan")
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+@dataclass
+class Sample:
+    pairs: int
+    elapsed_s: float
+    admit_s: list[float]
+    batches: list[int]
+    commit_s: list[float]
+    writer_cpu_s: float
+    trio_cpu_s: float
+
+    @property
+    def pairs_s(self) -> float:
+        return self.pairs / self.elapsed_s if self.elapsed_s else float("nan")
+
+    def admit_ms(self, q: float) -> float:
+        if not self.admit_s:
+            return float("nan")
+        s = sorted(self.admit_s)
+        return 1000.0 * s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+    @property
+    def mean_batch(self) -> float:
+        return statistics.fmean(self.batches) if self.batches else float("nan")
+
+    @property
+    def commit_ms(self) -> float:
+        return 1000.0 * statistics.fmean(self.commit_s) if self.commit_s else float("nan")
+
+    @property
+    def commits_s(self) -> float:
+        return len(self.batches) / self.elapsed_s if self.elapsed_s else float("nan")
+
+    def pct(self, cpu_s: float) -> float:
+        return 100.0 * cpu_s / self.elapsed_s if self.elapsed_s else float("nan")
+
+
+async def run_point(variant: str, concurrency: int, synchronous: str, seconds: float) -> Sample:
+    batches: list[int] = []
+    commit_s: list[float] = []
+    measuring = False
+
+    def on_commit(batch_size: int, seconds_: float) -> None:
+        if measuring:
+            batches.append(batch_size)
+            commit_s.append(seconds_)
+
+    cls = ThreadedStore if variant == "group" else OneTxnStore
+    with tempfile.TemporaryDirectory(prefix="bench_ledger_") as tmp:
+        path = Path(tmp) / "ledger.sqlite3"
+        async with cls.open(path, synchronous, on_commit) as store:
+            config = BudgetConfig(data_dir=tmp, synchronous=synchronous)
+            service = await BudgetService.load(store, time.time, config, GatewayMetrics())
+            key, _ = await service.create_key("bench", None, Caps(balance_tokens=10**15))
+            writer_tid = store._thread.native_id
+            trio_tid = threading.get_native_id()
+
+            admit: list[float] = []
+            pairs = 0
+            perf = time.perf_counter
+            deadline = 0.0
+
+            async def worker(i: int, timed: bool) -> None:
+                nonlocal pairs
+                n = 0
+                while perf() < deadline:
+                    t0 = perf()
+                    hold = await service.reserve(key, ESTIMATE, f"req-{i}-{n}", "bench-model")
+                    t1 = perf()
+                    await service.settle(hold, ACTUAL_TOKENS)
+                    n += 1
+                    if timed:
+                        admit.append(t1 - t0)
+                        pairs += 1
+
+            # Warm-up: every task once round the loop (the first commits pay for page allocation).
+            deadline = perf() + min(0.3, seconds / 4)
+            async with trio.open_nursery() as nursery:
+                for i in range(concurrency):
+                    nursery.start_soon(worker, i, False)
+
+            measuring = True
+            w0, m0 = thread_cpu_s(writer_tid), thread_cpu_s(trio_tid)
+            start = perf()
+            deadline = start + seconds
+            async with trio.open_nursery() as nursery:
+                for i in range(concurrency):
+                    nursery.start_soon(worker, i, True)
+            elapsed = perf() - start
+            measuring = False
+            w1, m1 = thread_cpu_s(writer_tid), thread_cpu_s(trio_tid)
+            if len(service.ledger.holds) != 0:
+                raise RuntimeError(f"{len(service.ledger.holds)} holds left open")
+    # Pairs whose reserve started before the deadline finish a little after it: elapsed covers them.
+    return Sample(pairs, elapsed, admit, batches, commit_s, w1 - w0, m1 - m0)
+
+
+@dataclass
+class Cell:
+    concurrency: int
+    synchronous: str
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+
+    def med(self, variant: str, fn) -> float:
+        vals = [fn(s) for s in self.samples[variant]]
+        vals = [v for v in vals if v == v]
+        return statistics.median(vals) if vals else float("nan")
+
+    @property
+    def ratio(self) -> float:
+        pairs = list(zip(self.samples["group"], self.samples["single"]))
+        vals = [g.pairs_s / s.pairs_s for g, s in pairs if s.pairs_s]
+        return statistics.median(vals) if vals else float("nan")
+
+
+async def bench(args) -> list[Cell]:
+    cells = {(c, m): Cell(c, m) for c in args.concurrency for m in args.modes}
+    for r in range(args.repeats):
+        order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+        if not args.baseline:
+            order = ("group",)
+        for c in args.concurrency:
+            for m in args.modes:
+                for variant in order:
+                    s = await run_point(variant, c, m, args.seconds)
+                    cells[(c, m)].samples[variant].append(s)
+                    print(
+                        f"[{r + 1}/{args.repeats}] c={c:<4d} {m:6s} {variant:6s} {s.pairs:7d} pairs "
+                        f"{s.pairs_s:9,.0f} pairs/s  admit p50 {s.admit_ms(0.5):7.3f} p99 {s.admit_ms(0.99):7.3f} ms  "
+                        f"batch {s.mean_batch:6.1f}  commit {s.commit_ms:6.3f} ms  "
+                        f"cpu writer {s.pct(s.writer_cpu_s):3.0f}% trio {s.pct(s.trio_cpu_s):3.0f}%",
+                        file=sys.stderr, flush=True,
+                    )
+    return list(cells.values())
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def _f(x: float, fmt: str) -> str:
+    return "n/a" if x != x else format(x, fmt)
+
+
+def format_table(cells: list[Cell]) -> str:
+    rows = [
+        "| concurrency | synchronous | pairs/s | admit p50 ms | admit p99 ms | mean batch | commits/s "
+        "| writer ms/commit | writer CPU | trio CPU | no-group pairs/s | no-group p50 ms | no-group p99 ms "
+        "| vs no-group |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        g = lambda fn: cell.med("group", fn)  # noqa: E731
+        b = lambda fn: cell.med("single", fn)  # noqa: E731
+        rows.append(
+            f"| {cell.concurrency} | {cell.synchronous} | {_f(g(lambda s: s.pairs_s), ',.0f')} "
+            f"| {_f(g(lambda s: s.admit_ms(0.5)), '.3f')} | {_f(g(lambda s: s.admit_ms(0.99)), '.3f')} "
+            f"| {_f(g(lambda s: s.mean_batch), '.1f')} | {_f(g(lambda s: s.commits_s), ',.0f')} "
+            f"| {_f(g(lambda s: s.commit_ms), '.3f')} | {_f(g(lambda s: s.pct(s.writer_cpu_s)), '.0f')}% "
+            f"| {_f(g(lambda s: s.pct(s.trio_cpu_s)), '.0f')}% "
+            f"| {_f(b(lambda s: s.pairs_s), ',.0f')} | {_f(b(lambda s: s.admit_ms(0.5)), '.3f')} "
+            f"| {_f(b(lambda s: s.admit_ms(0.99)), '.3f')} | {_f(cell.ratio, '.1f')}x |"
+        )
+    return "\n".join(rows)
+
+
+def format_checks(cells: list[Cell]) -> str:
+    lines = ["Checks:"]
+    high = [c for c in cells if c.concurrency == TARGET_C]
+    if not high:
+        lines.append(f"- n/a  >= {TARGET_PAIRS_S:,} pairs/s at c={TARGET_C}: not measured (needs --concurrency {TARGET_C})")
+    for cell in high:
+        v = cell.med("group", lambda s: s.pairs_s)
+        tag = "PASS" if v >= TARGET_PAIRS_S else "MISS"
+        lines.append(
+            f"- {tag} >= {TARGET_PAIRS_S:,} durable reserve+settle pairs/s at c={TARGET_C}, "
+            f"synchronous={cell.synchronous}: {v:,.0f} pairs/s ({v / TARGET_PAIRS_S:.0%} of target)"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Durable reserve+settle pairs/s through BudgetService + ThreadedStore (group commit vs none).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="1 s per point, 1 repeat")
+    ap.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 3, --quick 1)")
+    ap.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+                    help="comma-separated concurrency levels (default: %(default)s)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated SQLite synchronous modes: normal, full, extra (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3, --quick 1)")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the one-transaction-per-op baseline")
+    args = ap.parse_args(argv)
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--concurrency must be comma-separated integers")
+    if not args.concurrency or any(c < 1 for c in args.concurrency):
+        ap.error("concurrency levels must be >= 1")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in ("normal", "full", "extra")]
+    if bad or not args.modes:
+        ap.error(f"unknown synchronous mode(s): {', '.join(bad) or '(none)'}")
+    if args.seconds is None:
+        args.seconds = 1.0 if args.quick else 3.0
+    if args.seconds <= 0:
+        ap.error("--seconds must be > 0")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import sqlite3
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _loadgen as lg
+
+    cells = trio.run(bench, args)
+    print()
+    print(f"Environment: {lg.versions(f'sqlite {sqlite3.sqlite_version}')}; git {lg.git_rev(str(REPO_ROOT))}; "
+          f"temp dir {tempfile.gettempdir()}")
+    print(f"{args.seconds:g} s per point, {args.repeats} repeat(s), medians; one key, estimate "
+          f"{ESTIMATE.total_tokens} tokens, settled at {ACTUAL_TOKENS}")
+    print()
+    print(format_table(cells))
+    print()
+    print("pairs/s: durable reserve+settle pairs (2 commits each). admit = service.reserve incl. its durable commit. "
+          "mean batch = ops jobs per group commit; writer ms/commit = apply+COMMIT time in the writer thread; "
+          "CPU = % of wall time on the writer thread / the Trio thread. no-group = one op per transaction "
+          "(same writer, schema, ops and synchronous mode); vs no-group = median of paired ratios.")
+    print()
+    print(format_checks(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
