@@ -195,7 +195,7 @@ def apply_all(conn: sqlite3.Connection, ops: Sequence[Op]) -> None:
 # --- opening, recovery and loading --------------------------------------------------
 
 
-def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
+def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection:
     """Open (creating if needed) a ledger database in WAL mode."""
     assert synchronous in SYNCHRONOUS_MODES
     conn = sqlite3.connect(str(path))
@@ -312,7 +312,7 @@ class ThreadedStore:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path, synchronous: str = "full", on_commit: CommitObserver | None = None) -> AsyncIterator["ThreadedStore"]:
+    async def open(cls, path: Path, synchronous: str = "normal", on_commit: CommitObserver | None = None) -> AsyncIterator["ThreadedStore"]:
         """Start the writer thread; on exit, flush deferred ops, let it finish what is queued, join it."""
         store = cls(path, synchronous, on_commit)
         store._thread.start()
