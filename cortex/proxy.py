@@ -1,10 +1,12 @@
-"""One generation request's life inside cortex: route, dispatch, relay.
+"""One generation request's life inside cortex: estimate, reserve, dispatch, settle.
 
 The whole exchange runs in one block under a disconnect watch: if the
 client goes away, the block is cancelled, the upstream response is closed,
-and the neuron stops generating. A connect failure (the neuron never saw
-the request) fails over to the next healthy neuron; anything after that is
-reported, never retried, since the neuron may already have generated.
+and the neuron stops generating. The budget is reserved before routing,
+and the hold is settled in the block's `finally`, so every way out settles
+exactly once. A connect failure (the neuron never saw the request) fails
+over to the next healthy neuron; anything after that is reported, never
+retried, since the neuron may already have generated.
 """
 
 from __future__ import annotations
@@ -167,12 +169,14 @@ class Proxy:
     ) -> None:
         await web.start_stream(request.send, [])
         try:
-            while chunk := await response.next_chunk():
-                out = relay.feed(chunk)
-                meter.streamed_tokens = relay.output_tokens
-                if out:
-                    request.log.setdefault("ttft_ms", round((trio.current_time() - request.started) * 1000, 2))
-                    await web.send_chunk(request.send, out)
+            with response.idle_watch():
+                while chunk := await response.next_chunk():
+                    out = relay.feed(chunk)
+                    meter.streamed_tokens = relay.output_tokens
+                    if out:
+                        if "ttft_ms" not in request.log:
+                            request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
+                        await web.send_chunk(request.send, out)
             if relay.truncated:
                 raise UpstreamFailed("upstream ended the stream without [DONE]")
         except (UpstreamFailed, SSEProtocolError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -194,3 +196,23 @@ def test_parse_models_rejects_malformed_catalogues():
     for bad in ({}, {"data": [{"id": "m"}]}, {"data": [{"id": "m", "limit": {"context": "x", "output": 1}}]}, []):
         with pytest.raises(ValueError):
             parse_models(bad)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"choices": [{"index": 0, "delta": {"content": "héllo wörld"}}]},
+        {"choices": [{"index": 0, "delta": {"content": 'say "hi"\\n'}}]},
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [{"index": 0, "text": "abc", "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": '{"a": 1}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"content": 'text with "content":"inside"'}}]},
+    ],
+)
+def test_the_fast_token_count_agrees_with_the_json_count(frame):
+    from cortex.relay import chunk_output_tokens, output_tokens
+
+    for ensure_ascii in (False, True):
+        data = json.dumps(frame, separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
+        assert chunk_output_tokens(data) == output_tokens(frame)

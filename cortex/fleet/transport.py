@@ -53,10 +53,13 @@ class _Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_after(read_timeout_s if read_timeout_s is not None else float("inf")) as scope:
+            if read_timeout_s is None:  # the common case: deadlines are the caller's
                 data = await self.stream.receive_some(READ_CHUNK_BYTES)
-            if scope.cancelled_caught:
-                raise httpx.ReadTimeout("timed out reading from the upstream")
+            else:
+                with trio.move_on_after(read_timeout_s) as scope:
+                    data = await self.stream.receive_some(READ_CHUNK_BYTES)
+                if scope.cancelled_caught:
+                    raise httpx.ReadTimeout("timed out reading from the upstream")
             self.bytes_received += len(data)
             self.h11.receive_data(data)
 

@@ -13,8 +13,9 @@ connect (inside the transport), first byte (the response head), and idle
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import math
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any
 
@@ -57,27 +58,49 @@ class UpstreamResponse:
         self._stream = stream
         self._chunks = stream.__aiter__()
         self._idle_timeout_s = idle_timeout_s
+        self._idle: trio.CancelScope | None = None
+
+    @contextmanager
+    def idle_watch(self) -> Iterator[None]:
+        """One deadline scope for a whole body, armed only while reading.
+
+        Cheaper than a scope per read (a stream is hundreds of reads), and
+        disarmed while we write to the client, so a slow client is
+        back-pressure, not an upstream timeout.
+        """
+        with trio.CancelScope() as scope:
+            self._idle = scope
+            try:
+                yield
+            finally:
+                self._idle = None
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout_s:g} s")
 
     async def next_chunk(self) -> bytes:
         """The next body chunk, or b"" at the end; each read has the idle deadline."""
-        with trio.move_on_after(self._idle_timeout_s) as scope:
-            try:
-                return await self._chunks.__anext__()
-            except StopAsyncIteration:
-                return b""
-            except httpx.HTTPError as exc:
-                raise UpstreamFailed(f"upstream connection broke mid-response: {exc}") from None
-        assert scope.cancelled_caught
-        raise UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout_s:g} s")
+        if self._idle is None:
+            with self.idle_watch():
+                return await self.next_chunk()
+        self._idle.deadline = trio.current_time() + self._idle_timeout_s
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+        except httpx.HTTPError as exc:
+            raise UpstreamFailed(f"upstream connection broke mid-response: {exc}") from None
+        finally:
+            self._idle.deadline = math.inf
 
     async def read_all(self, limit_bytes: int) -> bytes:
         parts = []
         size = 0
-        while chunk := await self.next_chunk():
-            size += len(chunk)
-            if size > limit_bytes:
-                raise UpstreamFailed(f"upstream response exceeds {limit_bytes} bytes")
-            parts.append(chunk)
+        with self.idle_watch():
+            while chunk := await self.next_chunk():
+                size += len(chunk)
+                if size > limit_bytes:
+                    raise UpstreamFailed(f"upstream response exceeds {limit_bytes} bytes")
+                parts.append(chunk)
         return b"".join(parts)
 
     async def aclose(self) -> None:
