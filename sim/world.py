@@ -383,11 +383,11 @@ class _MortalStore(SyncStore):
         super().__init__(conn)
         self.dead = False
 
-    async def commit(self, ops: Any) -> None:
+    async def commit(self, ops: Any, durable: bool = True) -> None:
         if self.dead:
             await trio.lowlevel.checkpoint()
             return
-        await super().commit(ops)
+        await super().commit(ops, durable)
 
 
 def _neuron_config(spec: NeuronSpec, seed: int) -> NeuronConfig:
