@@ -2,8 +2,9 @@
 """Benchmark the durable budget ledger: reserve+settle pairs per second.
 
 Question: how many *durable* admissions (a reserve whose hold is committed to
-SQLite before the request may go on, then its settlement, also committed) can
-one cortex process do per second, and what does group commit buy?
+SQLite before the request may go on, then its settlement, which rides along
+with the next commit) can one cortex process do per second, and what does
+group commit buy?
 
 What it does
 ------------
@@ -18,7 +19,7 @@ a power cut), in a fresh temporary directory per point:
    duration::
 
        hold = await service.reserve(key, Estimate(...), request_id, model)  # ledger decision + commit([OpenHold])
-       await service.settle(hold, actual_tokens)                            # ledger decision + commit([ResolveHold])
+       await service.settle(hold, actual_tokens)                            # ledger decision + deferred ResolveHold
 
    Admission latency is the time of ``service.reserve`` (ledger decision plus
    the durable commit).  The ``on_commit`` callback gives the number of ops
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(cells))
     print()
-    print("pairs/s: durable reserve+settle pairs (2 commits each). admit = service.reserve incl. its durable commit. "
+    print("pairs/s: durable reserve+settle pairs (the reserve awaits its commit; the settlement rides along with the next one). admit = service.reserve incl. its durable commit. "
           "mean batch = ops jobs per group commit; writer ms/commit = apply+COMMIT time in the writer thread; "
           "CPU = % of wall time on the writer thread / the Trio thread. no-group = one op per transaction "
           "(same writer, schema, ops and synchronous mode); vs no-group = median of paired ratios.")
