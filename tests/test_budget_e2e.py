@@ -364,3 +364,10 @@ def test_usage_above_the_hold_is_charged_at_the_hold_and_counted_as_overrun(stac
         assert any(e.get("event") == "settle_overrun" for e in cortex.log_events())
     finally:
         upstream.close()
+
+
+def test_the_admin_token_can_come_from_the_environment(stack: Stack, monkeypatch):
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "from-the-environment-123")
+    cortex = stack.cortex(auth=True)
+    assert admin(cortex, "GET", "keys", token="from-the-environment-123").status_code == 200
+    assert admin(cortex, "GET", "keys", token=ADMIN_TOKEN).status_code == 401

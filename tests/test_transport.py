@@ -127,3 +127,40 @@ async def test_https_is_refused_clearly():
     async with httpx.AsyncClient(transport=H11Transport()) as client:
         with pytest.raises(httpx.UnsupportedProtocol):
             await client.get("https://127.0.0.1:1/x")
+
+
+def _unanswered_port() -> tuple[int, list]:
+    """A listener whose accept queue is full: further connects hang, as to a dead host."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    held = [server]
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        held.append(filler)
+    return port, held
+
+
+async def test_a_connect_that_hangs_times_out_and_counts_as_unreachable():
+    from cortex.config import UpstreamConfig
+    from cortex.fleet.upstream import Upstream, UpstreamUnavailable
+
+    port, held = _unanswered_port()
+    try:
+        upstream = Upstream(UpstreamConfig(connect_timeout_s=0.3))
+        with trio.fail_after(10):
+            with pytest.raises(UpstreamUnavailable, match="timed out connecting"):
+                async with upstream.post(f"http://127.0.0.1:{port}", "/v1/completions", b"{}", {}):
+                    pass
+        await upstream.aclose()
+    finally:
+        for sock in held:
+            sock.close()
