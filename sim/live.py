@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from cortex.budget.service import caps_view
 from cortex.fleet.transport import H11Transport
 from sim.scenario import Scenario
 from sim.world import World
@@ -34,15 +35,6 @@ async def _admin(client: httpx.AsyncClient, method: str, path: str, body: Any = 
     return r.json()
 
 
-def _limits(caps: Any) -> dict[str, Any]:
-    return {
-        "balance_tokens": caps.balance_tokens,
-        "window_tokens": caps.window_tokens,
-        "window_seconds": caps.window_s,
-        "max_concurrency": caps.max_concurrency,
-    }
-
-
 async def _main(world: World, cortex_url: str, admin_token: str) -> None:
     scenario = world.scenario
     suffix = secrets.token_hex(3)
@@ -50,10 +42,10 @@ async def _main(world: World, cortex_url: str, admin_token: str) -> None:
     async with httpx.AsyncClient(base_url=cortex_url, headers=headers, timeout=30, transport=H11Transport()) as admin:
         account_ids = {a.id: f"{a.id}-{suffix}" for a in scenario.accounts}
         for account in scenario.accounts:
-            await _admin(admin, "POST", "accounts", {"id": account_ids[account.id], **_limits(account.caps)})
+            await _admin(admin, "POST", "accounts", {"id": account_ids[account.id], **caps_view(account.caps)})
         for key in scenario.keys:
             account = account_ids.get(key.account, f"{key.account}-{suffix}")
-            body = await _admin(admin, "POST", "keys", {"name": f"{key.name}-{suffix}", "account": account, **_limits(key.caps)})
+            body = await _admin(admin, "POST", "keys", {"name": f"{key.name}-{suffix}", "account": account, **caps_view(key.caps)})
             world.keys[key.name], world.key_ids[key.name] = body["key"], body["id"]
         world.t0 = trio.current_time()
         with trio.move_on_after(scenario.horizon_s) as horizon:
@@ -76,7 +68,7 @@ async def _check(world: World, admin: httpx.AsyncClient) -> None:
                 break
             await trio.sleep(0.2)
         details[name] = detail
-    for name, detail in details.items():
+    for detail in details.values():
         for usage in (detail["usage"], detail["account_usage"]):
             who = f"{usage['kind']} {usage['id']}"
             if usage["held_tokens"] or usage["in_flight"]:

@@ -54,7 +54,7 @@ async def test_a0_fan_out_drains_the_cap_then_is_refused_and_the_neuron_sees_onl
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
     assert len(ok) == served_max and len(refused) == fan - served_max
-    for status, headers, body in refused:
+    for _status, headers, body in refused:
         assert headers["x-should-retry"] == "false" and "retry-after" not in headers
         assert b'"code":"insufficient_quota"' in body and b'"type":"insufficient_quota"' in body
     assert neuron.get_json("/health")["requests_total"] == served_max

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import h11
 import httpx
 import pytest

@@ -25,7 +25,7 @@ from cortex.api import errors
 from cortex.api.errors import ApiError
 from cortex.api.validate import parse_json_object
 from cortex.budget.ledger import Caps
-from cortex.budget.service import BudgetService, caps_view
+from cortex.budget.service import BudgetService
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
@@ -171,5 +171,3 @@ class AdminApi:
         except web.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
 
-
-__all__ = ["AdminApi", "caps_from", "caps_view", "PREFIX"]
