@@ -128,12 +128,13 @@ class CortexApp:
             logs.event("unhandled_error", logging.ERROR, request_id=request_id, error=repr(exc))
             await self._send_error(request, response, ApiError(500, "Internal error in cortex.", type="server_error", code="internal_error"))
         finally:
-            if request.path.startswith("/v1/"):
+            if request.path.startswith(("/v1/", ADMIN_PREFIX)):
                 self._observe(request, response.get("status"), trio.current_time() - started)
 
     def _observe(self, request: web.Request, status: int | None, latency_s: float) -> None:
         model = request.log.get("model", "")
-        self.metrics.requests.inc(status=status or 499, model=model)
+        if request.path.startswith("/v1/"):
+            self.metrics.requests.inc(status=status or 499, model=model)
         if model:
             self.metrics.latency_s.observe(latency_s, model=model)
             if "ttft_ms" in request.log:
