@@ -1,7 +1,8 @@
 """Lean HTTP/1.1 load generator for the cortex benchmarks (trio + h11).
 
 Shared by ``scripts/bench_proxy.py`` and ``scripts/bench_framework.py``; not a
-command of its own.
+command of its own.  ``scripts/bench_ledger.py`` and
+``scripts/bench_upstream_pool.py`` use only its helpers.
 
 Design: ``concurrency`` Trio tasks, each owning exactly one persistent
 keep-alive TCP connection driven by its own ``h11.Connection``.  There is no
@@ -14,12 +15,15 @@ written until h11 reports ``EndOfMessage`` (for SSE streams: the end of the
 chunked body, i.e. after ``data: [DONE]``).
 
 Also here: helpers to start/stop a daemon that announces itself with one JSON
-line on stdout, to read a process's CPU time from /proc, and to format
-percentiles/medians the same way in every script.
+line on stdout, to read a process's (or thread's) CPU time from /proc, to
+format percentiles/medians/table cells the same way in every script, and the
+command-line checks the scripts share (``--concurrency``, ``--repeats``, the
+``--quick`` defaults of a load-generator point).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -95,7 +99,7 @@ class Result:
 
 
 def percentile_ms(latencies_s: list[float], q: float) -> float:
-    """Nearest-rank percentile in ms (same rule as bench_upstream_pool.py)."""
+    """Nearest-rank percentile in ms."""
     if not latencies_s:
         return float("nan")
     s = sorted(latencies_s)
@@ -106,6 +110,11 @@ def percentile_ms(latencies_s: list[float], q: float) -> float:
 def median(values: list[float]) -> float:
     vals = [v for v in values if v == v]  # drop NaN
     return statistics.median(vals) if vals else float("nan")
+
+
+def fmt(x: float, spec: str) -> str:
+    """`format(x, spec)`, or "n/a" for NaN: one table cell."""
+    return "n/a" if x != x else format(x, spec)
 
 
 class BadResponse(Exception):
@@ -361,8 +370,20 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def proc_cpu_s(pid: int) -> float:
     """User+system CPU seconds of `pid` (Linux /proc; NaN elsewhere)."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
+def thread_cpu_s(native_id: int | None) -> float:
+    """User+system CPU seconds of one thread of this process (Linux /proc; NaN elsewhere)."""
+    if native_id is None:
+        return float("nan")
+    return _stat_cpu_s(f"/proc/self/task/{native_id}/stat")
+
+
+def _stat_cpu_s(stat_path: str) -> float:
+    """utime + stime of a /proc/.../stat file, in seconds; NaN if unreadable."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(stat_path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
     except (OSError, IndexError, ValueError):
@@ -401,3 +422,45 @@ def git_rev(repo_root: str) -> str:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Command-line checks shared by the scripts
+# --------------------------------------------------------------------------
+
+
+def parse_concurrency(ap: argparse.ArgumentParser, value: str) -> list[int]:
+    """The levels of a comma-separated --concurrency value; `ap.error` unless
+    they are whole numbers >= 1 (and at least one)."""
+    try:
+        levels = [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--concurrency must be comma-separated integers")
+    if not levels or any(c < 1 for c in levels):
+        ap.error("concurrency levels must be >= 1")
+    return levels
+
+
+def resolve_repeats(ap: argparse.ArgumentParser, repeats: int | None, quick: bool) -> int:
+    """--repeats: default 3, with --quick 1; `ap.error` below 1."""
+    if repeats is None:
+        repeats = 1 if quick else 3
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return repeats
+
+
+def resolve_point_args(ap: argparse.ArgumentParser, args: argparse.Namespace, *,
+                       requests: int, quick_requests: int,
+                       max_seconds: float, quick_max_seconds: float) -> None:
+    """Fill in the per-point settings of a `run_point` script in place:
+    `args.repeats` (see `resolve_repeats`), `args.requests` and
+    `args.max_seconds` (the given defaults, or the quick ones with --quick),
+    and the warm-up budget `args.warmup_requests` / `args.warmup_seconds`."""
+    args.repeats = resolve_repeats(ap, args.repeats, args.quick)
+    if args.requests is None:
+        args.requests = quick_requests if args.quick else requests
+    if args.max_seconds is None:
+        args.max_seconds = quick_max_seconds if args.quick else max_seconds
+    args.warmup_requests = 300 if args.quick else 1000
+    args.warmup_seconds = 0.5 if args.quick else 1.0

@@ -183,10 +183,6 @@ def _cpu_ms(res: lg.Result) -> float:
     return 1000.0 * res.extra["server"] / res.completed if res.completed else float("nan")
 
 
-def _f(x: float, fmt: str) -> str:
-    return "n/a" if x != x else format(x, fmt)
-
-
 def format_table(results, names: list[str], concurrency: list[int]) -> str:
     cols = ["concurrency"]
     for n in names:
@@ -200,15 +196,15 @@ def format_table(results, names: list[str], concurrency: list[int]) -> str:
         for n in names:
             rs = results[(n, c)]
             cells += [
-                _f(lg.median([r.rps for r in rs]), ",.0f"),
-                _f(lg.median([r.pct_ms(0.5) for r in rs]), ".2f"),
-                _f(lg.median([r.pct_ms(0.99) for r in rs]), ".2f"),
-                _f(lg.median([_cpu_ms(r) for r in rs]), ".3f"),
+                lg.fmt(lg.median([r.rps for r in rs]), ",.0f"),
+                lg.fmt(lg.median([r.pct_ms(0.5) for r in rs]), ".2f"),
+                lg.fmt(lg.median([r.pct_ms(0.99) for r in rs]), ".2f"),
+                lg.fmt(lg.median([_cpu_ms(r) for r in rs]), ".3f"),
             ]
         if both:
             pairs = list(zip(results[("raw", c)], results[("starlette", c)]))
-            cells.append(_f(lg.median([a.rps / b.rps for a, b in pairs if b.rps]), ".2f"))
-            cells.append(_f(lg.median([_cpu_ms(b) / _cpu_ms(a) for a, b in pairs]), ".2f"))
+            cells.append(lg.fmt(lg.median([a.rps / b.rps for a, b in pairs if b.rps]), ".2f"))
+            cells.append(lg.fmt(lg.median([_cpu_ms(b) / _cpu_ms(a) for a, b in pairs]), ".2f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -235,22 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [f for f in args.frameworks if f not in FRAMEWORKS]
     if unknown or not args.frameworks:
         ap.error(f"unknown framework(s): {', '.join(unknown) or '(none)'}")
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--concurrency must be comma-separated integers")
-    if not args.concurrency or any(c < 1 for c in args.concurrency):
-        ap.error("concurrency levels must be >= 1")
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    if args.requests is None:
-        args.requests = 1000 if args.quick else 6000
-    if args.max_seconds is None:
-        args.max_seconds = 1.0 if args.quick else 3.0
-    args.warmup_requests = 300 if args.quick else 1000
-    args.warmup_seconds = 0.5 if args.quick else 1.0
+    args.concurrency = lg.parse_concurrency(ap, args.concurrency)
+    lg.resolve_point_args(ap, args, requests=6000, quick_requests=1000, max_seconds=3.0, quick_max_seconds=1.0)
     return args
 
 

@@ -52,7 +52,6 @@ For a profile, run one point under py-spy, e.g.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -66,6 +65,9 @@ import trio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _loadgen as lg  # noqa: E402
 
 from cortex.budget import store as store_mod  # noqa: E402
 from cortex.budget.estimate import Estimate  # noqa: E402
@@ -99,21 +101,6 @@ class OneTxnStore(ThreadedStore):
 # Measurement
 # --------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu_s(native_id: int | None) -> float:
-    """User+system CPU seconds of one thread of this process (Linux /proc)."""
-    if native_id is None:
-        return float("nan")
-    try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
 @dataclass
 class Sample:
     pairs: int
@@ -129,10 +116,7 @@ class Sample:
         return self.pairs / self.elapsed_s if self.elapsed_s else float("nan")
 
     def admit_ms(self, q: float) -> float:
-        if not self.admit_s:
-            return float("nan")
-        s = sorted(self.admit_s)
-        return 1000.0 * s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+        return lg.percentile_ms(self.admit_s, q)
 
     @property
     def mean_batch(self) -> float:
@@ -195,7 +179,7 @@ async def run_point(variant: str, concurrency: int, synchronous: str, seconds: f
                     nursery.start_soon(worker, i, False)
 
             measuring = True
-            w0, m0 = thread_cpu_s(writer_tid), thread_cpu_s(trio_tid)
+            w0, m0 = lg.thread_cpu_s(writer_tid), lg.thread_cpu_s(trio_tid)
             start = perf()
             deadline = start + seconds
             async with trio.open_nursery() as nursery:
@@ -203,7 +187,7 @@ async def run_point(variant: str, concurrency: int, synchronous: str, seconds: f
                     nursery.start_soon(worker, i, True)
             elapsed = perf() - start
             measuring = False
-            w1, m1 = thread_cpu_s(writer_tid), thread_cpu_s(trio_tid)
+            w1, m1 = lg.thread_cpu_s(writer_tid), lg.thread_cpu_s(trio_tid)
             if len(service.ledger.holds) != 0:
                 raise RuntimeError(f"{len(service.ledger.holds)} holds left open")
     # Pairs whose reserve started before the deadline finish a little after it: elapsed covers them.
@@ -217,9 +201,7 @@ class Cell:
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
 
     def med(self, variant: str, fn) -> float:
-        vals = [fn(s) for s in self.samples[variant]]
-        vals = [v for v in vals if v == v]
-        return statistics.median(vals) if vals else float("nan")
+        return lg.median([fn(s) for s in self.samples[variant]])
 
     @property
     def ratio(self) -> float:
@@ -254,10 +236,6 @@ async def bench(args) -> list[Cell]:
 # --------------------------------------------------------------------------
 
 
-def _f(x: float, fmt: str) -> str:
-    return "n/a" if x != x else format(x, fmt)
-
-
 def format_table(cells: list[Cell]) -> str:
     rows = [
         "| concurrency | synchronous | pairs/s | admit p50 ms | admit p99 ms | mean batch | commits/s "
@@ -269,13 +247,13 @@ def format_table(cells: list[Cell]) -> str:
         g = lambda fn: cell.med("group", fn)  # noqa: E731
         b = lambda fn: cell.med("single", fn)  # noqa: E731
         rows.append(
-            f"| {cell.concurrency} | {cell.synchronous} | {_f(g(lambda s: s.pairs_s), ',.0f')} "
-            f"| {_f(g(lambda s: s.admit_ms(0.5)), '.3f')} | {_f(g(lambda s: s.admit_ms(0.99)), '.3f')} "
-            f"| {_f(g(lambda s: s.mean_batch), '.1f')} | {_f(g(lambda s: s.commits_s), ',.0f')} "
-            f"| {_f(g(lambda s: s.commit_ms), '.3f')} | {_f(g(lambda s: s.pct(s.writer_cpu_s)), '.0f')}% "
-            f"| {_f(g(lambda s: s.pct(s.trio_cpu_s)), '.0f')}% "
-            f"| {_f(b(lambda s: s.pairs_s), ',.0f')} | {_f(b(lambda s: s.admit_ms(0.5)), '.3f')} "
-            f"| {_f(b(lambda s: s.admit_ms(0.99)), '.3f')} | {_f(cell.ratio, '.1f')}x |"
+            f"| {cell.concurrency} | {cell.synchronous} | {lg.fmt(g(lambda s: s.pairs_s), ',.0f')} "
+            f"| {lg.fmt(g(lambda s: s.admit_ms(0.5)), '.3f')} | {lg.fmt(g(lambda s: s.admit_ms(0.99)), '.3f')} "
+            f"| {lg.fmt(g(lambda s: s.mean_batch), '.1f')} | {lg.fmt(g(lambda s: s.commits_s), ',.0f')} "
+            f"| {lg.fmt(g(lambda s: s.commit_ms), '.3f')} | {lg.fmt(g(lambda s: s.pct(s.writer_cpu_s)), '.0f')}% "
+            f"| {lg.fmt(g(lambda s: s.pct(s.trio_cpu_s)), '.0f')}% "
+            f"| {lg.fmt(b(lambda s: s.pairs_s), ',.0f')} | {lg.fmt(b(lambda s: s.admit_ms(0.5)), '.3f')} "
+            f"| {lg.fmt(b(lambda s: s.admit_ms(0.99)), '.3f')} | {lg.fmt(cell.ratio, '.1f')}x |"
         )
     return "\n".join(rows)
 
@@ -310,12 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="skip the one-transaction-per-op baseline")
     args = ap.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--concurrency must be comma-separated integers")
-    if not args.concurrency or any(c < 1 for c in args.concurrency):
-        ap.error("concurrency levels must be >= 1")
+    args.concurrency = lg.parse_concurrency(ap, args.concurrency)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in ("normal", "full", "extra")]
     if bad or not args.modes:
@@ -324,19 +297,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds = 1.0 if args.quick else 3.0
     if args.seconds <= 0:
         ap.error("--seconds must be > 0")
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    args.repeats = lg.resolve_repeats(ap, args.repeats, args.quick)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import sqlite3
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _loadgen as lg
 
     cells = trio.run(bench, args)
     print()

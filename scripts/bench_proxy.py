@@ -251,10 +251,6 @@ async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon]) -> list
 # --------------------------------------------------------------------------
 
 
-def _f(x: float, fmt: str) -> str:
-    return "n/a" if x != x else format(x, fmt)
-
-
 def format_table(cells: list[Cell]) -> str:
     rows = [
         "| mode | concurrency | direct req/s | off req/s | on req/s | off/direct | on/direct "
@@ -264,11 +260,14 @@ def format_table(cells: list[Cell]) -> str:
     ]
     for cell in cells:
         rows.append(
-            f"| {cell.mode} | {cell.concurrency} | {_f(cell.rps('direct'), ',.0f')} | {_f(cell.rps('off'), ',.0f')} "
-            f"| {_f(cell.rps('on'), ',.0f')} | {_f(cell.ratio('off'), '.2f')} | {_f(cell.ratio('on'), '.2f')} "
-            f"| {_f(cell.p('direct', 0.5), '.2f')} | {_f(cell.p('off', 0.5), '.2f')} | {_f(cell.p('on', 0.5), '.2f')} "
-            f"| {_f(cell.added_p50('off', 'direct'), '+.2f')} | {_f(cell.added_p50('on', 'off'), '+.2f')} "
-            f"| {_f(cell.tail_ratio('on'), '.1f')} |"
+            f"| {cell.mode} | {cell.concurrency} "
+            f"| {lg.fmt(cell.rps('direct'), ',.0f')} | {lg.fmt(cell.rps('off'), ',.0f')} "
+            f"| {lg.fmt(cell.rps('on'), ',.0f')} "
+            f"| {lg.fmt(cell.ratio('off'), '.2f')} | {lg.fmt(cell.ratio('on'), '.2f')} "
+            f"| {lg.fmt(cell.p('direct', 0.5), '.2f')} | {lg.fmt(cell.p('off', 0.5), '.2f')} "
+            f"| {lg.fmt(cell.p('on', 0.5), '.2f')} "
+            f"| {lg.fmt(cell.added_p50('off', 'direct'), '+.2f')} | {lg.fmt(cell.added_p50('on', 'off'), '+.2f')} "
+            f"| {lg.fmt(cell.tail_ratio('on'), '.1f')} |"
         )
     return "\n".join(rows)
 
@@ -277,7 +276,7 @@ def format_p99(cells: list[Cell]) -> str:
     lines = ["p99 ms (medians) and p99/p50:"]
     for cell in cells:
         parts = [
-            f"{path} {_f(cell.p(path, 0.99), '.2f')} ({_f(cell.tail_ratio(path), '.1f')}x)"
+            f"{path} {lg.fmt(cell.p(path, 0.99), '.2f')} ({lg.fmt(cell.tail_ratio(path), '.1f')}x)"
             for path in PATHS if cell.samples[path]
         ]
         lines.append(f"- {cell.mode} c={cell.concurrency}: " + ", ".join(parts))
@@ -291,10 +290,12 @@ def format_cpu_notes(cells: list[Cell]) -> str:
         for path in PATHS:
             if not cell.samples[path]:
                 continue
-            text = f"{path}: neuron {_f(cell.med(path, lambda s: s.per_req_ms(s.neuron_cpu_s)), '.2f')}"
+            neuron_ms = cell.med(path, lambda s: s.per_req_ms(s.neuron_cpu_s))
+            text = f"{path}: neuron {lg.fmt(neuron_ms, '.2f')}"
             if path != "direct":
-                text += f", cortex {_f(cell.med(path, lambda s: s.per_req_ms(s.cortex_cpu_s)), '.2f')}"
-            text += f", loadgen {_f(cell.med(path, lambda s: s.result.loadgen_cpu_pct), '.0f')}%"
+                cortex_ms = cell.med(path, lambda s: s.per_req_ms(s.cortex_cpu_s))
+                text += f", cortex {lg.fmt(cortex_ms, '.2f')}"
+            text += f", loadgen {lg.fmt(cell.med(path, lambda s: s.result.loadgen_cpu_pct), '.0f')}%"
             parts.append(text)
         lines.append(f"- {cell.mode} c={cell.concurrency}: " + " | ".join(parts))
     return "\n".join(lines)
@@ -400,20 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not paths:
         ap.error(f"unknown path(s): {', '.join(unknown) or '(none)'}")
     args.paths = [p for p in PATHS if p in paths]
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--concurrency must be comma-separated integers")
-    if not args.concurrency or any(c < 1 for c in args.concurrency):
-        ap.error("concurrency levels must be >= 1")
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    if args.requests is None:
-        args.requests = 500 if args.quick else 3000
-    if args.max_seconds is None:
-        args.max_seconds = 1.0 if args.quick else 2.0
+    args.concurrency = lg.parse_concurrency(ap, args.concurrency)
+    lg.resolve_point_args(ap, args, requests=3000, quick_requests=500, max_seconds=2.0, quick_max_seconds=1.0)
     headers = []
     for h in args.header:
         name, sep, value = h.partition(":")
@@ -421,8 +410,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--header must look like 'Name: value', got {h!r}")
         headers.append((name.strip(), value.strip()))
     args.extra_headers = headers
-    args.warmup_requests = 300 if args.quick else 1000
-    args.warmup_seconds = 0.5 if args.quick else 1.0
     return args
 
 

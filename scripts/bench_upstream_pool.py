@@ -75,6 +75,9 @@ from typing import Callable
 import h11
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _loadgen as lg  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 RESPONSE_BODY = b'{"ok":true,"model":"bench","choices":[]}'
@@ -221,11 +224,7 @@ class Point:
         return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def pct_ms(self, q: float) -> float:
-        if not self.latencies_s:
-            return float("nan")
-        s = sorted(self.latencies_s)
-        idx = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
-        return s[idx] * 1000.0
+        return lg.percentile_ms(self.latencies_s, q)
 
 
 async def measure(
