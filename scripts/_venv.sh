@@ -10,7 +10,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)${extras:+-$extras}"
 if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+    echo "installing cortex-gateway${extras:+[$extras]} into .venv (log: .venv/install.log) ..." >&2
+    if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
+           .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"; } > .venv/install.log 2>&1; then
+        tail -n 40 .venv/install.log >&2
+        echo "install failed; the whole log is in .venv/install.log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
