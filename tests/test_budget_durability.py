@@ -31,6 +31,14 @@ def open_stream(http: httpx.Client, cortex, key: str, max_tokens: int):
     return cm, lines
 
 
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 def test_kill_9_with_requests_in_flight_recovers_orphaned_holds_and_the_caps_hold(stack: Stack):
     neuron = stack.neuron("--token-interval-ms", "20")
     cortex = budget_cortex(stack, neuron)
@@ -68,6 +76,8 @@ def test_sigterm_drains_in_flight_requests_then_cancels_and_settles_the_rest(sta
         short_cm, short_lines = open_stream(http, cortex, key, 40)
         long_cm, long_lines = open_stream(http, cortex, key, 3000)
         cortex.signal(signal.SIGTERM)
+        # No new connections while draining.
+        wait_until(lambda: _refused(cortex.url))
         short_tail = [line for line in short_lines if line]
         assert short_tail[-1] == "data: [DONE]"  # finished inside the grace period
         try:

@@ -67,7 +67,7 @@ async def test_a0_fan_out_drains_the_cap_then_is_refused_and_the_neuron_sees_onl
 def test_rolling_window_refusal_has_an_exact_retry_after_and_then_admits(stack: Stack):
     neuron = stack.neuron()
     cortex = budget_cortex(stack, neuron)
-    _, key = create_key(cortex, window_tokens=2 * COST + 5, window_seconds=3)
+    _, key = create_key(cortex, window_tokens=2 * COST + 5, window_seconds=4)
     assert chat(cortex, key).status_code == 200
     assert chat(cortex, key).status_code == 200
     refused = chat(cortex, key)
@@ -75,11 +75,12 @@ def test_rolling_window_refusal_has_an_exact_retry_after_and_then_admits(stack: 
     err = refused.json()["error"]
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "tokens"
     wait_ms = int(refused.headers["retry-after-ms"])
-    assert 0 < wait_ms <= 3000
+    assert 0 < wait_ms <= 4000
     assert int(refused.headers["retry-after"]) == -(-wait_ms // 1000)
-    time.sleep(max(0, wait_ms - 400) / 1000)
+    admit_at = time.monotonic() + wait_ms / 1000
+    time.sleep(max(0, wait_ms - 1500) / 1000)
     assert chat(cortex, key).status_code == 429  # not yet: the first charge has not aged out
-    time.sleep(0.45)
+    time.sleep(max(0.0, admit_at - time.monotonic()) + 0.05)
     assert chat(cortex, key).status_code == 200  # now it has
 
 
@@ -119,7 +120,7 @@ def test_account_caps_are_shared_by_its_keys(stack: Stack):
         streams = []
         for key in (k1, k2):
             cm = http.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                             json={"model": MODEL, "messages": HI, "max_tokens": 60, "stream": True})
+                             json={"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True})
             response = cm.__enter__()
             assert response.status_code == 200
             raw = response.iter_raw()

@@ -143,7 +143,7 @@ def test_least_in_flight_routing_under_concurrency(stack: Stack):
     with httpx.Client(timeout=30) as http:
         streams = []
         for _ in range(4):
-            cm = http.stream("POST", cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 50, "stream": True})
+            cm = http.stream("POST", cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 250, "stream": True})
             raw = cm.__enter__().iter_raw()
             next(raw)  # the stream has started at its neuron; keep `raw` alive
             streams.append((cm, raw))
