@@ -123,11 +123,13 @@ class Proxy:
                 )
             request.log["neuron"] = node.url
             self.fleet.acquire(node)
+            meter.dispatched = True
             try:
                 async with self.upstream.post(node.url, path, payload, headers) as response:
                     await self._relay(request, gen, node, response, watch, meter)
                 return
             except UpstreamUnavailable as exc:
+                meter.dispatched = False  # never reached the neuron
                 self.fleet.dispatch_failed(node.url, str(exc))
                 logs.event("neuron_unreachable", logging.WARNING, neuron=node.url, request_id=request.request_id, error=str(exc))
                 tried.add(node.url)
@@ -149,8 +151,8 @@ class Proxy:
     ) -> None:
         if response.status != 200:
             raw = await response.read_all(ERROR_BODY_MAX_BYTES)
+            meter.dispatched = False  # refused by the neuron: nothing generated
             raise upstream_error(node, response.status, raw, response.headers)
-        meter.upstream_accepted = True
         if gen.stream:
             await self._relay_stream(request, response, StreamRelay(gen.include_usage), watch, meter)
             return

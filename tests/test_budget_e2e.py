@@ -372,3 +372,34 @@ def test_the_admin_token_can_come_from_the_environment(stack: Stack, monkeypatch
     cortex = stack.cortex(auth=True)
     assert admin(cortex, "GET", "keys", token="from-the-environment-123").status_code == 200
     assert admin(cortex, "GET", "keys", token=ADMIN_TOKEN).status_code == 401
+
+
+def test_a_client_leaving_a_non_streamed_request_is_charged_the_whole_hold(stack: Stack):
+    neuron = stack.neuron("--ttft-ms", "3000")
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 10},
+                   headers={"authorization": f"Bearer {key}"}, timeout=0.5)
+    wait_until(lambda: neuron.get_json("/health")["cancelled_total"] == 1)
+    detail = wait_until(lambda: (d := usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    # The neuron was working and its count never reached cortex: the upper bound is charged.
+    assert detail["usage"]["spent_tokens"] == COST
+    assert detail["recent"][0]["state"] == "settled" and detail["recent"][0]["charged_tokens"] == COST
+
+
+def test_a_neuron_refusing_before_any_token_releases_the_hold(stack: Stack):
+    neuron = stack.neuron("--slots", "1", "--queue-depth", "0", "--token-interval-ms", "20")
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            busy = chat(cortex, key)
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded"
+    detail = wait_until(lambda: (d := usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    states = {r["request_id"]: r for r in detail["recent"]}
+    refused = states[busy.headers["x-request-id"]]
+    assert refused["state"] == "released" and refused["charged_tokens"] == 0

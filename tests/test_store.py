@@ -99,20 +99,21 @@ def test_a_failed_open_reports_the_reason(tmp_path):
 @pytest.mark.parametrize(
     ("meter", "expected"),
     [
-        (Meter(False, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, upstream_accepted=True), ("settle", 14)),
-        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, upstream_accepted=True), ("settle", 14)),
-        (Meter(True, 9, streamed_tokens=3, upstream_accepted=True, client_gone=True), ("settle", 12)),
-        (Meter(True, 9, streamed_tokens=3, upstream_accepted=True), ("settle", 12)),
-        (Meter(True, 9, upstream_accepted=True, client_gone=True), ("settle", 9)),
-        (Meter(True, 9, upstream_accepted=True), ("release", 0)),
+        (Meter(False, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, dispatched=True), ("settle", 14)),
+        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, dispatched=True), ("settle", 14)),
+        (Meter(True, 9, streamed_tokens=3, dispatched=True, client_gone=True), ("settle", 12)),
+        (Meter(True, 9, streamed_tokens=3, dispatched=True), ("settle", 12)),
+        (Meter(True, 9, dispatched=True, client_gone=True), ("settle", 9)),
+        (Meter(True, 9, dispatched=True), ("release", 0)),
         (Meter(True, 9), ("release", 0)),
-        (Meter(False, 9, upstream_accepted=True, client_gone=True), ("charge_hold", 0)),
-        (Meter(False, 9, upstream_accepted=True), ("release", 0)),
-        (Meter(False, 9, usage={"prompt_tokens": "x"}, upstream_accepted=True, client_gone=True), ("charge_hold", 0)),
+        (Meter(False, 9, client_gone=True), ("release", 0)),
+        (Meter(False, 9, dispatched=True, client_gone=True), ("charge_hold", 0)),
+        (Meter(False, 9, dispatched=True), ("release", 0)),
+        (Meter(False, 9, usage={"prompt_tokens": "x"}, dispatched=True, client_gone=True), ("charge_hold", 0)),
     ],
     ids=[
         "whole-usage", "stream-usage-frame", "stream-disconnect", "stream-broke-mid", "stream-disconnect-before-token",
-        "stream-broke-before-token", "never-dispatched", "whole-disconnect", "whole-upstream-failed", "malformed-usage",
+        "stream-broke-before-token", "never-dispatched", "left-before-dispatch", "whole-disconnect", "whole-upstream-failed", "malformed-usage",
     ],
 )
 def test_meter_settlement_rules(meter, expected):

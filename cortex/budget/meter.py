@@ -2,9 +2,10 @@
 
 The rule: charge observed usage whenever it can be observed, capped at the
 hold by the ledger. Release when the neuron never produced anything for
-the client. Charge the whole hold only when usage happened but cannot be
-observed (a non-streamed request whose client left: the neuron was working
-and its count never reached us).
+the client (it was never reached, refused, or failed before any token).
+Charge the whole hold only when usage happened but cannot be observed (a
+non-streamed request whose client left: the neuron was working and its
+count never reached us).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Meter:
     prompt_tokens_estimate: int
     usage: dict[str, Any] | None = None  # the neuron's own count, when it arrived
     streamed_tokens: int = 0  # output tokens relayed to the client (stream)
-    upstream_accepted: bool = False  # a neuron answered 200: generation started
+    dispatched: bool = False  # handed to a neuron, which may be working on it
     client_gone: bool = False
 
     def settlement(self) -> tuple[Action, int]:
@@ -37,7 +38,7 @@ class Meter:
             total = usage_total(self.usage)
             if total is not None:
                 return "settle", total
-        if not self.upstream_accepted:
+        if not self.dispatched:
             return "release", 0
         if self.stream:
             if self.streamed_tokens or self.client_gone:
