@@ -52,10 +52,18 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
     if 400 <= status < 500 and status != 429:
         return ApiError(status, message, type=type_ or "invalid_request_error", code=code, param=param)
     if status in (429, 503):
-        retry_after = headers.get("retry-after", "1")
-        retry_after_s = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 1.0
+        retry_after_s = _retry_after_s(headers.get("retry-after", ""))
         return errors.server_overloaded(f"The neuron serving this model is overloaded: {message}", retry_after_s)
     return errors.upstream_error(f"The neuron at {node.url} failed with HTTP {status}: {message}")
+
+
+def _retry_after_s(value: str) -> float:
+    """A neuron's Retry-After in seconds, within [1, 3600]; 1 when unreadable."""
+    try:
+        seconds = float(value) if value.isascii() else 1.0
+    except ValueError:
+        return 1.0
+    return min(max(seconds, 1.0), 3600.0) if math.isfinite(seconds) else 1.0
 
 
 class Proxy:
@@ -79,8 +87,8 @@ class Proxy:
             else:
                 request.log["key_id"] = key.id
                 hold = await self.budget.reserve(key, est, request.request_id, gen.model)
-                request.response_headers = self.budget.ratelimit_headers(key)
                 try:
+                    request.response_headers = self.budget.ratelimit_headers(key)
                     await self._dispatch(request, gen, path, payload, watch, meter)
                 finally:
                     meter.client_gone = watch.disconnected

@@ -200,10 +200,15 @@ class SimTransport(httpx.AsyncBaseTransport):
         if self.network.on_deliver is not None:
             self.network.on_deliver(host, request)
         host.nursery.start_soon(exchange.serve, host.app)
-        await exchange.head_ready.wait()
-        if exchange.head is None:
-            raise httpx.RemoteProtocolError(f"{host.name} closed the connection before responding", request=request)
-        await trio.sleep(net.one_way_s(host))
+        try:
+            await exchange.head_ready.wait()
+            if exchange.head is None:
+                raise httpx.RemoteProtocolError(f"{host.name} closed the connection before responding", request=request)
+            await trio.sleep(net.one_way_s(host))
+        except BaseException:
+            exchange.client_gone.set()  # the client hung up before the head: the server must hear it
+            exchange.recv_chunks.close()
+            raise
         return httpx.Response(
             exchange.head["status"],
             headers=[(k, v) for k, v in exchange.head.get("headers", [])],

@@ -7,6 +7,7 @@ sim/scenarios/.
 
 from __future__ import annotations
 
+import math
 import random
 import tomllib
 from collections.abc import Callable
@@ -155,7 +156,8 @@ class Scenario:
 
 def _number(low: float = 0.0, strict: bool = False) -> Callable[[str, Any], float]:
     def parse(key: str, value: Any) -> float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low or (strict and value == low):
+        bad_type = not isinstance(value, (int, float)) or isinstance(value, bool)
+        if bad_type or not math.isfinite(value) or value < low or (strict and value == low):
             raise ScenarioError(f"'{key}' must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
         return float(value)
 

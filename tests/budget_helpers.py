@@ -25,8 +25,10 @@ def budget_cortex(stack: Stack, *neurons: Proc, config: str = "", **kwargs: Any)
 
 
 def admin(cortex: Proc, method: str, path: str, json: Any = None, token: str = ADMIN_TOKEN) -> httpx.Response:
+    """An admin call; `json` may be raw bytes, for bodies httpx would refuse to encode."""
+    body = {"content": json} if isinstance(json, bytes) else {"json": json}
     return httpx.request(
-        method, cortex.url + "/admin/v1/" + path, json=json, headers={"authorization": f"Bearer {token}"}, timeout=30
+        method, cortex.url + "/admin/v1/" + path, headers={"authorization": f"Bearer {token}"}, timeout=30, **body
     )
 
 

@@ -120,6 +120,9 @@ def test_offline_cli_manages_keys_and_accounts(tmp_path):
     assert {k["name"]: k["revoked"] for k in listed} == {"ci": True, "other": False}
     bad = cli("keys", "set-limits", key_id, "--window-tokens", "5", "--data-dir", data)
     assert bad.returncode == 1 and "window_seconds" in bad.stderr
+    for argv in (("keys", "topup", key_id, "-50"), ("keys", "set-limits", key_id, "--window-tokens", "5", "--window-seconds", "nan")):
+        refused = cli(*argv, "--data-dir", data)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     missing = cli("keys", "show", "key_nope", "--data-dir", data)
     assert missing.returncode == 1 and "no key" in missing.stderr
 

@@ -281,6 +281,11 @@ def test_a_revoked_key_is_refused_and_secrets_never_reach_logs_or_listings(stack
     [
         ("POST", "keys", {"name": "x", "window_tokens": 5}, 400, "window_tokens"),
         ("POST", "keys", {"name": "x", "balance_tokens": -1}, 400, "balance_tokens"),
+        ("POST", "keys", {"name": "x", "balance_tokens": 10**20}, 400, "balance_tokens"),
+        ("POST", "keys", b'{"name": "x", "window_tokens": 5, "window_seconds": 1e999}', 400, "window_seconds"),
+        ("POST", "keys", b'{"name": "x", "window_tokens": 5, "window_seconds": NaN}', 400, "window_seconds"),
+        ("POST", "keys", {"name": "x", "window_tokens": 5, "window_seconds": 10**9}, 400, "window_seconds"),
+        ("POST", "keys", {"name": "x", "max_concurrency": 2**70}, 400, "max_concurrency"),
         ("POST", "keys", {"name": ""}, 400, "name"),
         ("POST", "keys", {"name": 3}, 400, "name"),
         ("POST", "keys/key_nope/topup", {"tokens": 5}, 404, None),
@@ -302,6 +307,8 @@ def test_bad_admin_input_gets_clear_errors(stack: Stack, method, path, body, sta
 def test_admin_topup_validates_tokens_and_needs_a_balance(stack: Stack):
     cortex = budget_cortex(stack)
     key_id, _ = create_key(cortex)
+    assert admin(cortex, "GET", f"keys/{key_id}?recent=%C2%B2").json()["error"]["param"] == "recent"
+    assert admin(cortex, "GET", f"keys/{key_id}?recent=5").status_code == 200
     assert admin(cortex, "POST", f"keys/{key_id}/topup", {"tokens": -5}).json()["error"]["param"] == "tokens"
     assert "no balance" in admin(cortex, "POST", f"keys/{key_id}/topup", {"tokens": 5}).json()["error"]["message"]
     r = httpx.post(cortex.url + f"/admin/v1/keys/{key_id}/topup", content=b"{", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})

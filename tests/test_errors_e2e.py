@@ -79,6 +79,23 @@ def test_a_json_array_body_is_400(pair):
     _error(httpx.post(cortex.url + "/v1/chat/completions", json=[1, 2]), 400)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"model": "m", "n": ' + b"9" * 5000 + b"}", b'{"model": "m", "max_tokens": NaN}'],
+    ids=["nested-too-deep", "integer-too-long", "nan"],
+)
+def test_hostile_json_is_a_400_not_a_500(pair, raw):
+    _, cortex = pair
+    err = _error(httpx.post(cortex.url + "/v1/chat/completions", content=raw), 400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_absurd_max_tokens_is_400_naming_the_field(pair):
+    _, cortex = pair
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 10**30}
+    assert _error(httpx.post(cortex.url + "/v1/chat/completions", json=body), 400)["param"] == "max_tokens"
+
+
 def test_unknown_model_is_404_model_not_found_and_never_reaches_a_neuron(pair):
     neuron, cortex = pair
     before = neuron.get_json("/health")["requests_total"]

@@ -193,7 +193,13 @@ def test_dispatch_failure_takes_a_node_out_at_once():
 
 def test_parse_models_rejects_malformed_catalogues():
     assert parse_models({"data": [{"id": "m", "limit": {"context": 5, "output": 2}}]}) == {"m": ModelInfo("m", 5, 2)}
-    for bad in ({}, {"data": [{"id": "m"}]}, {"data": [{"id": "m", "limit": {"context": "x", "output": 1}}]}, []):
+    for bad in (
+        {}, {"data": [{"id": "m"}]}, {"data": [{"id": "m", "limit": {"context": "x", "output": 1}}]}, [],
+        {"data": [{"id": {"x": 1}, "limit": {"context": 5, "output": 2}}]},
+        {"data": [{"id": "m", "limit": {"context": float("inf"), "output": 2}}]},
+        {"data": [{"id": "m", "limit": {"context": -5, "output": 2}}]},
+        {"data": ["m"]},
+    ):
         with pytest.raises(ValueError):
             parse_models(bad)
 

@@ -25,10 +25,12 @@ from cortex.api import errors
 from cortex.api.errors import ApiError
 from cortex.api.validate import parse_json_object
 from cortex.budget.ledger import Caps
-from cortex.budget.service import BudgetService
+from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetService
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
+WINDOW_S_MAX = WINDOW_HORIZON_MAX_S  # windows longer than the usage replayed at start-up could not hold
+CONCURRENCY_MAX = 1_000_000
 RECENT_DEFAULT = 20
 RECENT_MAX = 10_000
 LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency")
@@ -43,12 +45,13 @@ def caps_from(body: dict[str, Any]) -> Caps:
             values[name] = None
             continue
         if name == "window_seconds":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise errors.invalid_request(f"'{name}' must be a number > 0.", param=name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= WINDOW_S_MAX:
+                raise errors.invalid_request(f"'{name}' must be a number of seconds in (0, {WINDOW_S_MAX:g}].", param=name)
             values[name] = float(value)
         else:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise errors.invalid_request(f"'{name}' must be an integer >= 0.", param=name)
+            high = CONCURRENCY_MAX if name == "max_concurrency" else TOKENS_MAX
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+                raise errors.invalid_request(f"'{name}' must be an integer from 0 to {high}.", param=name)
             values[name] = value
     if (values["window_tokens"] is None) != (values["window_seconds"] is None):
         raise errors.invalid_request("'window_tokens' and 'window_seconds' go together.", param="window_tokens")
@@ -57,15 +60,15 @@ def caps_from(body: dict[str, Any]) -> Caps:
 
 def _recent_limit(request: web.Request) -> int:
     raw = request.query.get("recent", str(RECENT_DEFAULT))
-    if not raw.isdigit() or not 0 <= int(raw) <= RECENT_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= RECENT_MAX:
         raise errors.invalid_request(f"'recent' must be an integer from 0 to {RECENT_MAX}.", param="recent")
     return int(raw)
 
 
 def _tokens(body: dict[str, Any]) -> int:
     tokens = body.get("tokens")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
-        raise errors.invalid_request("'tokens' must be a positive integer.", param="tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= TOKENS_MAX:
+        raise errors.invalid_request(f"'tokens' must be an integer from 1 to {TOKENS_MAX}.", param="tokens")
     return tokens
 
 

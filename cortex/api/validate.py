@@ -16,6 +16,7 @@ from cortex.api.errors import invalid_json, invalid_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 STOP_SEQUENCES_MAX = 4
+TOKENS_PER_REQUEST_MAX = 10**9
 LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
 
@@ -35,8 +36,10 @@ class GenerationRequest:
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and over-long integers
         raise invalid_json(str(exc)) from None
+    except RecursionError:
+        raise invalid_json("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     return body
@@ -56,8 +59,8 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
         return None
     if not _is_int(value):
         raise invalid_request(f"'{name}' must be an integer, got {type(value).__name__}.", param=name)
-    if value < 1:
-        raise invalid_request(f"'{name}' must be at least 1, got {value}.", param=name)
+    if not 1 <= value <= TOKENS_PER_REQUEST_MAX:
+        raise invalid_request(f"'{name}' must be from 1 to {TOKENS_PER_REQUEST_MAX}, got {value}.", param=name)
     return value
 
 

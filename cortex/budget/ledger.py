@@ -147,8 +147,13 @@ class Principal:
     def __post_init__(self) -> None:
         self._sync_window()
 
-    def set_caps(self, caps: Caps) -> None:
+    def set_caps(self, caps: Caps, history: list[tuple[float, int]] | None = None) -> None:
+        """New caps; `history` (time, tokens) rebuilds a window that grew or appeared."""
         self.caps = caps
+        if history is not None and caps.window_s is not None:
+            self.window = SlidingWindow(caps.window_s)
+            for at, tokens in history:
+                self.window.add(at, tokens)
         self._sync_window()
 
     def _sync_window(self) -> None:
@@ -239,8 +244,10 @@ class Ledger:
     def principal(self, kind: str, principal_id: str) -> Principal:
         return self.principals[(kind, principal_id)]
 
-    def set_caps(self, kind: str, principal_id: str, caps: Caps) -> None:
-        self.principal(kind, principal_id).set_caps(caps)
+    def set_caps(
+        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int]] | None = None
+    ) -> None:
+        self.principal(kind, principal_id).set_caps(caps, history)
 
     def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
         """Raise a hard balance. A principal without one has nothing to top up."""

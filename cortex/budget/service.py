@@ -42,6 +42,7 @@ from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
 
 DEFAULT_ACCOUNT = "default"
+TOKENS_MAX = 10**15  # far above any real balance, far below SQLite's 2**63
 WINDOW_HORIZON_MAX_S = 31 * 24 * 3600.0  # usage older than any sane window is not replayed
 
 
@@ -106,6 +107,7 @@ class BudgetService:
         # Unique across restarts without a syscall per request.
         self._id_prefix = secrets.token_hex(4)
         self._hold_seq = itertools.count(1)
+        self._admin_lock = trio.Lock()  # administrative changes are read-modify-write
         metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
         metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
 
@@ -167,14 +169,18 @@ class BudgetService:
             self.metrics.refusals.inc(reason=result.reason)
             raise refusal_error(result, self.config.retry_hint_s)
         hold = result
+        op = OpenHold(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at, request_id, model)
         try:
-            await self.store.commit(
-                [OpenHold(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at, request_id, model)]
-            )
-        except StoreError as exc:
-            self.ledger.release(hold.id, self.clock())  # never dispatched, never stored
-            logs.event("ledger_write_failed", logging.ERROR, request_id=request_id, error=str(exc))
+            with trio.fail_after(self.config.ledger_timeout_s):
+                await self.store.commit([op])
+        except (StoreError, trio.TooSlowError) as exc:
+            # Never dispatched: resolve it (the release is queued after the hold, so order holds).
+            await self.release(hold)
+            logs.event("ledger_write_failed", logging.ERROR, request_id=request_id, error=str(exc) or "timed out")
             raise errors.service_unavailable("The budget ledger is unavailable; try again shortly.", 1) from None
+        except BaseException:
+            await self.release(hold)  # cancelled while the hold was being written
+            raise
         return hold
 
     async def settle(self, hold: Hold, actual_tokens: int) -> Resolution | None:
@@ -189,7 +195,7 @@ class BudgetService:
 
     async def _resolve(self, hold: Hold, decide: Callable[[float], Resolution]) -> Resolution | None:
         # Shielded so a cancelled request still settles; bounded so shutdown cannot hang on it.
-        with trio.move_on_after(self.config.settle_timeout_s, shield=True) as scope:
+        with trio.move_on_after(self.config.ledger_timeout_s, shield=True) as scope:
             try:
                 resolution = decide(self.clock())
             except LedgerError as exc:  # e.g. expired while the request ran
@@ -203,7 +209,7 @@ class BudgetService:
                 logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
             return resolution
         if scope.cancelled_caught:
-            logs.event("settle_not_durable", logging.ERROR, hold_id=hold.id, timeout_s=self.config.settle_timeout_s)
+            logs.event("settle_not_durable", logging.ERROR, hold_id=hold.id, timeout_s=self.config.ledger_timeout_s)
         return None
 
     def _count(self, resolution: Resolution) -> None:
@@ -239,37 +245,44 @@ class BudgetService:
             self._count(r)
             logs.event("hold_expired", logging.WARNING, hold_id=r.hold.id, key_id=r.hold.key_id, charged_tokens=r.charged_tokens)
         if resolutions:
-            with trio.move_on_after(self.config.settle_timeout_s, shield=True):
-                await self.store.commit([_resolve_op(r) for r in resolutions])
+            try:
+                with trio.move_on_after(self.config.ledger_timeout_s, shield=True):
+                    await self.store.commit([_resolve_op(r) for r in resolutions])
+            except StoreError as exc:  # recovery charges these holds in full anyway
+                logs.event("ledger_write_failed", logging.ERROR, expired=len(resolutions), error=str(exc))
         return resolutions
 
     # --- administration -------------------------------------------------------------------
 
     async def create_account(self, account_id: str, caps: Caps) -> None:
-        if ("account", account_id) in self.ledger.principals:
-            raise ApiError(409, f"Account {account_id!r} already exists.", code="conflict")
-        _check_name(account_id, "account")
-        await self.store.commit([PutAccount(account_id, caps, self.clock())])
-        self.ledger.add_account(account_id, caps)
+        async with self._admin_lock:
+            if ("account", account_id) in self.ledger.principals:
+                raise ApiError(409, f"Account {account_id!r} already exists.", code="conflict")
+            _check_name(account_id, "account")
+            await self.store.commit([PutAccount(account_id, caps, self.clock())])
+            self.ledger.add_account(account_id, caps)
 
     async def create_key(self, name: str, account_id: str | None, caps: Caps) -> tuple[KeyRecord, str]:
         """A new key; the plaintext is returned once and never stored."""
         _check_name(name, "name")
         account_id = account_id or DEFAULT_ACCOUNT
-        ops: list[Any] = []
-        if ("account", account_id) not in self.ledger.principals:
-            _check_name(account_id, "account")
-            ops.append(PutAccount(account_id, Caps(), self.clock()))
-        plaintext = keys_mod.generate_key()
-        record = KeyRecord(
-            keys_mod.new_key_id(), account_id, name, keys_mod.key_hash(plaintext), keys_mod.key_prefix(plaintext), self.clock()
-        )
-        ops.append(PutKey(record.id, account_id, name, record.key_hash, record.prefix, caps, record.created_at))
-        await self.store.commit(ops)
-        if ops[0].__class__ is PutAccount:
-            self.ledger.add_account(account_id, Caps())
-        self.ledger.add_key(record.id, account_id, caps)
-        self._index(record)
+        async with self._admin_lock:
+            new_account = ("account", account_id) not in self.ledger.principals
+            ops: list[Any] = []
+            if new_account:
+                _check_name(account_id, "account")
+                ops.append(PutAccount(account_id, Caps(), self.clock()))
+            plaintext = keys_mod.generate_key()
+            record = KeyRecord(
+                keys_mod.new_key_id(), account_id, name, keys_mod.key_hash(plaintext), keys_mod.key_prefix(plaintext),
+                self.clock(),
+            )
+            ops.append(PutKey(record.id, account_id, name, record.key_hash, record.prefix, caps, record.created_at))
+            await self.store.commit(ops)
+            if new_account:
+                self.ledger.add_account(account_id, Caps())
+            self.ledger.add_key(record.id, account_id, caps)
+            self._index(record)
         return record, plaintext
 
     def _principal_or_404(self, kind: str, principal_id: str) -> None:
@@ -277,27 +290,44 @@ class BudgetService:
             raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
 
     async def set_caps(self, kind: str, principal_id: str, caps: Caps) -> None:
-        self._principal_or_404(kind, principal_id)
-        await self.store.commit([SetCaps(kind, principal_id, caps)])
-        self.ledger.set_caps(kind, principal_id, caps)
+        async with self._admin_lock:
+            self._principal_or_404(kind, principal_id)
+            await self._apply_caps(kind, principal_id, caps)
 
     async def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
-        self._principal_or_404(kind, principal_id)
-        p = self.ledger.principal(kind, principal_id)
-        if p.caps.balance_tokens is None:
-            raise errors.invalid_request(f"{kind} {principal_id} has no balance to top up; set one with its limits.")
-        caps = Caps(p.caps.balance_tokens + tokens, p.caps.window_tokens, p.caps.window_s, p.caps.max_concurrency)
-        await self.store.commit([SetCaps(kind, principal_id, caps)])
-        self.ledger.set_caps(kind, principal_id, caps)
+        if not 0 < tokens <= TOKENS_MAX:
+            raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
+        async with self._admin_lock:  # read-modify-write: concurrent top-ups must all count
+            self._principal_or_404(kind, principal_id)
+            p = self.ledger.principal(kind, principal_id)
+            if p.caps.balance_tokens is None:
+                raise errors.invalid_request(f"{kind} {principal_id} has no balance to top up; set one with its limits.")
+            if p.caps.balance_tokens + tokens > TOKENS_MAX:
+                raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
+            caps = Caps(p.caps.balance_tokens + tokens, p.caps.window_tokens, p.caps.window_s, p.caps.max_concurrency)
+            await self._apply_caps(kind, principal_id, caps)
         return caps
 
+    async def _apply_caps(self, kind: str, principal_id: str, caps: Caps) -> None:
+        old = self.ledger.principal(kind, principal_id).caps
+        await self.store.commit([SetCaps(kind, principal_id, caps)])
+        grows = caps.window_s is not None and (old.window_s is None or caps.window_s > old.window_s)
+        history = None
+        if grows:
+            # Usage older than the old window was already dropped from memory;
+            # the store still has it, and the new window must see it.
+            since = self.clock() - caps.window_s
+            history = await self.store.query(lambda conn: charges_since(conn, kind, principal_id, since))
+        self.ledger.set_caps(kind, principal_id, caps, history)
+
     async def revoke(self, key_id: str) -> KeyRecord:
-        self._principal_or_404("key", key_id)
-        record = self.keys[key_id]
-        if record.revoked_at is None:
-            at = self.clock()
-            await self.store.commit([RevokeKey(key_id, at)])
-            record.revoked_at = at
+        async with self._admin_lock:
+            self._principal_or_404("key", key_id)
+            record = self.keys[key_id]
+            if record.revoked_at is None:
+                at = self.clock()
+                await self.store.commit([RevokeKey(key_id, at)])
+                record.revoked_at = at
         return record
 
     def usage(self, kind: str, principal_id: str) -> dict[str, Any]:
@@ -341,6 +371,15 @@ def principal_usage(ledger: Ledger, kind: str, principal_id: str, now: float) ->
     if caps.max_concurrency is not None:
         view["remaining"]["concurrency"] = caps.max_concurrency - p.in_flight
     return view
+
+
+def charges_since(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> list[tuple[float, int]]:
+    column = "key_id" if kind == "key" else "account_id"
+    return conn.execute(
+        f"SELECT resolved_at, charged_tokens FROM holds WHERE {column} = ? AND resolved_at > ?"
+        " AND charged_tokens > 0 ORDER BY resolved_at",
+        (principal_id, since),
+    ).fetchall()
 
 
 def recent_requests(conn: sqlite3.Connection, key_id: str, limit: int) -> list[dict[str, Any]]:

@@ -274,7 +274,10 @@ class SyncStore:
         return recover_and_load(self.conn, now, horizon_s, self.recover)
 
     async def commit(self, ops: Sequence[Op], durable: bool = True) -> None:
-        apply_all(self.conn, ops)
+        try:
+            apply_all(self.conn, ops)
+        except (sqlite3.Error, StoreError) as exc:
+            raise StoreError(str(exc)) from exc
         await trio.lowlevel.checkpoint()
 
     async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -283,12 +286,13 @@ class SyncStore:
 
 
 class _Waiter:
-    __slots__ = ("event", "error", "result")
+    __slots__ = ("event", "error", "result", "unwatched")
 
-    def __init__(self) -> None:
+    def __init__(self, unwatched: bool = False) -> None:
         self.event = trio.Event()
         self.error: BaseException | None = None
         self.result: Any = None
+        self.unwatched = unwatched  # nobody awaits it: its failure is logged instead
 
 
 _STOP = object()
@@ -309,6 +313,7 @@ class ThreadedStore:
         self._open_error: BaseException | None = None
         self._deferred: list[Op] = []
         self._nursery: trio.Nursery | None = None
+        self._stopped = False
 
     @classmethod
     @asynccontextmanager
@@ -331,6 +336,7 @@ class ThreadedStore:
             with trio.move_on_after(10, shield=True):
                 if store._deferred:
                     await store._submit(("ops", []))  # carries the deferred ops
+                store._stopped = True
                 store._queue.put(_STOP)
                 await trio.to_thread.run_sync(store._thread.join, abandon_on_cancel=True)
 
@@ -348,6 +354,8 @@ class ThreadedStore:
         if durable:
             await self._submit(("ops", ops))
             return
+        if self._stopped:
+            raise StoreError("the ledger store is closed")
         if not self._deferred:
             assert self._nursery is not None
             self._nursery.start_soon(self._flush_deferred)
@@ -366,9 +374,11 @@ class ThreadedStore:
         return await self._submit(("call", fn))
 
     async def _submit(self, job: tuple[str, Any]) -> Any:
+        if self._stopped:
+            raise StoreError("the ledger store is closed")
         if self._deferred:  # earlier ops first: the queue is the order of the ledger
             deferred, self._deferred = self._deferred, []
-            self._queue.put((("ops", deferred), _Waiter()))
+            self._queue.put((("ops", deferred), _Waiter(unwatched=True)))
         waiter = _Waiter()
         self._queue.put((job, waiter))
         await waiter.event.wait()
@@ -436,6 +446,8 @@ class ThreadedStore:
         def wake() -> None:
             for waiter in waiters:
                 waiter.event.set()
+                if waiter.unwatched and waiter.error is not None:
+                    logging.getLogger("cortex").error("deferred ledger write failed: %s", waiter.error)
             if self._on_commit is not None and batch_size:
                 self._on_commit(batch_size, commit_s)
 

@@ -9,7 +9,7 @@ import trio
 from cortex import logs
 from cortex.config import FleetConfig
 from cortex.fleet.registry import Fleet, parse_models
-from cortex.fleet.upstream import Upstream, UpstreamFailed
+from cortex.fleet.upstream import Upstream
 
 
 async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float) -> None:
@@ -19,8 +19,8 @@ async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float
     try:
         await upstream.get_json(url, "/health", timeout_s)
         models = parse_models(await upstream.get_json(url, "/v1/models", timeout_s))
-    except (UpstreamFailed, ValueError) as exc:
-        fleet.poll_failed(url, str(exc))
+    except Exception as exc:  # whatever a neuron sends, the poller lives on
+        fleet.poll_failed(url, str(exc) or type(exc).__name__)
         if was_healthy and not node.healthy:
             logs.event("neuron_unhealthy", logging.WARNING, neuron=url, error=str(exc))
         return

@@ -50,10 +50,14 @@ def parse_models(payload: Any) -> dict[str, ModelInfo]:
     for entry in payload["data"]:
         try:
             name, limit = entry["id"], entry["limit"]
-            info = ModelInfo(name, int(limit["context"]), int(limit["output"]))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"malformed model entry {entry!r}") from None
-        models[name] = info
+            context, output = limit["context"], limit["output"]
+        except (KeyError, TypeError):
+            raise ValueError(f"malformed model entry {str(entry)[:200]}") from None
+        if not isinstance(name, str) or not name or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**40 for v in (context, output)
+        ):
+            raise ValueError(f"malformed model entry {str(entry)[:200]}")
+        models[name] = ModelInfo(name, context, output)
     return models
 
 
