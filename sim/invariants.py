@@ -8,7 +8,7 @@ recorded with the virtual time and stops the run.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,29 @@ class RequestRecord:
 
 
 @dataclass
+class Tally:
+    """The checker's own count for one principal, kept from the ledger's events
+    alone, so a bug in the ledger's arithmetic cannot hide itself."""
+
+    held: int = 0
+    in_flight: int = 0
+    spent: int = 0
+    charges: deque[tuple[float, int]] = field(default_factory=deque)
+    window_sum: int = 0
+
+    def window_usage(self, now: float, window_s: float) -> int:
+        while self.charges and self.charges[0][0] <= now - window_s:
+            self.window_sum -= self.charges.popleft()[1]
+        return self.window_sum
+
+    def charge(self, now: float, tokens: int) -> None:
+        self.spent += tokens
+        if tokens:
+            self.charges.append((now, tokens))
+            self.window_sum += tokens
+
+
+@dataclass
 class Checker:
     trace: Trace
     ledger: Ledger | None = None
@@ -51,6 +74,7 @@ class Checker:
     keep_samples: bool = False  # for --plot: (t, principal, cap kind, used, held, cap) at every change
     samples: list[tuple[float, str, str, int, int, int]] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # key id -> scenario name
+    tallies: dict[tuple[str, str], Tally] = field(default_factory=dict)
 
     def fail(self, message: str) -> None:
         if self.violation is None:
@@ -64,13 +88,22 @@ class Checker:
     def on_ledger(self, event: str, hold: Hold, now: float) -> None:
         assert self.ledger is not None
         rid = hold.request_id or hold.id
+        chain = (("key", hold.key_id), ("account", hold.account_id))
+        tallies = [self.tallies.setdefault(who, Tally()) for who in chain]
         if event == "reserve":
+            for tally in tallies:
+                tally.held += hold.amount_tokens
+                tally.in_flight += 1
             self.open_by_request[rid] = hold
             self.trace.event("hold", req=rid, amount=hold.amount_tokens)
             record = self.requests.get(rid)
             if record is not None:
                 record.hold_amount = hold.amount_tokens
         else:
+            for tally in tallies:
+                tally.held -= hold.amount_tokens
+                tally.in_flight -= 1
+                tally.charge(now, hold.charged_tokens)
             self.resolutions[rid] += 1
             if self.resolutions[rid] > 1:
                 self.fail(f"hold of {rid} resolved {self.resolutions[rid]} times")
@@ -81,8 +114,37 @@ class Checker:
                 record.charged, record.hold_state = hold.charged_tokens, hold.state.value
             if not 0 <= hold.charged_tokens <= hold.amount_tokens:
                 self.fail(f"{rid} charged {hold.charged_tokens}, outside [0, hold {hold.amount_tokens}]")
-        for kind, pid in (("key", hold.key_id), ("account", hold.account_id)):
-            self._check_caps(self.ledger.principal(kind, pid), now)
+        for (kind, pid), tally in zip(chain, tallies, strict=True):
+            p = self.ledger.principal(kind, pid)
+            self._check_caps(p, now)
+            self._check_tally(p, tally, now)
+
+    def on_orphans(self, orphans: list[tuple[str, str, str, int, float]]) -> None:
+        """Holds a crash left open, charged in full by the restarted cortex's recovery."""
+        for rid, key_id, account_id, amount, at in orphans:
+            self.resolutions[rid] += 1
+            self.open_by_request.pop(rid, None)
+            self.trace.event("orphaned", req=rid, charged=amount)
+            for who in (("key", key_id), ("account", account_id)):
+                tally = self.tallies.setdefault(who, Tally())
+                tally.held -= amount
+                tally.in_flight -= 1
+                tally.charge(at, amount)
+
+    def _check_tally(self, p: Principal, tally: Tally, now: float) -> None:
+        """The caps against the checker's own counts, and the ledger's counts against them."""
+        caps, who = p.caps, f"{p.kind} {self.names.get(p.id, p.id)}"
+        if (p.spent_tokens, p.held_tokens, p.in_flight) != (tally.spent, tally.held, tally.in_flight):
+            self.fail(
+                f"{who}: the ledger says spent {p.spent_tokens}, held {p.held_tokens}, in flight {p.in_flight}; "
+                f"its events add up to {tally.spent}, {tally.held}, {tally.in_flight}"
+            )
+        if caps.balance_tokens is not None and tally.spent + tally.held > caps.balance_tokens:
+            self.fail(f"{who}: charges {tally.spent} + held {tally.held} > balance {caps.balance_tokens}")
+        if caps.window_tokens is not None and caps.window_s is not None:
+            used = tally.window_usage(now, caps.window_s)
+            if used + tally.held > caps.window_tokens:
+                self.fail(f"{who}: charged {used} in the last {caps.window_s:g} s + held {tally.held} > {caps.window_tokens}")
 
     def _check_caps(self, p: Principal, now: float) -> None:
         caps, who = p.caps, f"{p.kind} {self.names.get(p.id, p.id)}"

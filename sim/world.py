@@ -42,6 +42,7 @@ class LedgerFaults:
 
     skip_cap_check: bool = False
     double_charge: bool = False
+    window_amnesia: bool = False
 
 
 class _Lifespan:
@@ -156,6 +157,7 @@ class World:
         ledger = Ledger(
             fault_skip_cap_check=self.ledger_faults.skip_cap_check,
             fault_double_charge=self.ledger_faults.double_charge,
+            fault_window_amnesia=self.ledger_faults.window_amnesia,
         )
         ledger.observer = self.checker.on_ledger
         return ledger
@@ -215,8 +217,14 @@ class World:
         self.trace.event("fault", kind=fault.kind, target=fault.target or "cortex")
         if fault.kind == "cortex_restart":
             self.crash_cortex()
+            crashed_at = trio.current_time()
             await trio.sleep(fault.for_s)
             await self.start_cortex(nursery)
+            self.checker.on_orphans(self.db.execute(
+                "SELECT request_id, key_id, account_id, charged_tokens, resolved_at FROM holds"
+                " WHERE state = 'orphaned' AND resolved_at >= ? ORDER BY request_id",
+                (crashed_at,),
+            ).fetchall())
             self.trace.event("recovered", target="cortex")
             return
         host = self.neuron_hosts[fault.target]

@@ -42,6 +42,8 @@ def test_the_scenarios_prove_what_they_claim():
     storm = runner.run(load("sim/scenarios/disconnect_storm.toml"), 1)
     cancelled = [r for r in storm.world.checker.requests.values() if r.outcome == "cancelled"]
     assert cancelled and any(0 < r.received_tokens < r.charged < r.hold_amount for r in cancelled)
+    assert any(r.received_tokens == 0 and r.charged == r.hold_amount for r in cancelled)  # non-streamed: the hold
+    assert sum(app.counters.cancelled_total for app in storm.world.neuron_apps) >= len(cancelled) // 2
     crash = runner.run(load("sim/scenarios/cortex_restart_recovery.toml"), 1)
     orphaned = [r for r in crash.world.checker.requests.values() if r.hold_state == "orphaned"]
     assert orphaned and all(r.charged == r.hold_amount for r in orphaned)
@@ -68,12 +70,23 @@ def test_different_seeds_give_different_runs():
     assert runner.run(scenario, 1).trace_sha256 != runner.run(scenario, 2).trace_sha256
 
 
-@pytest.mark.parametrize("bug", ["skip_cap_check", "double_charge"])
-@pytest.mark.parametrize("name", ["a0_fanout", "fanout_2000"])
+PLANTED = [
+    ("a0_fanout", "skip_cap_check"), ("fanout_2000", "skip_cap_check"),
+    ("a0_fanout", "double_charge"), ("fanout_2000", "double_charge"),
+    ("cortex_restart_recovery", "window_amnesia"), ("rolling_window_refill", "window_amnesia"),
+]
+
+
+@pytest.mark.parametrize(("name", "bug"), PLANTED, ids=[f"{n}-{b}" for n, b in PLANTED])
 def test_a_planted_ledger_bug_is_caught(name, bug):
     result = runner.run(load(f"sim/scenarios/{name}.toml"), 1, LedgerFaults(**{bug: True}))
     assert result.violation is not None
-    assert "balance" in result.violation or "window" in result.violation or "in flight" in result.violation
+    assert any(word in result.violation for word in ("balance", "window", "in flight", "in the last", "add up to"))
+
+
+def test_a_window_bug_the_ledger_cannot_see_is_caught_by_the_checkers_own_count():
+    result = runner.run(load("sim/scenarios/rolling_window_refill.toml"), 1, LedgerFaults(window_amnesia=True))
+    assert "in the last 10 s" in result.violation  # the ledger's own numbers looked fine
 
 
 def test_the_cli_reports_a_violation_with_its_seed_time_events_and_reproduce_command():

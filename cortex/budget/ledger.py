@@ -224,6 +224,7 @@ class Ledger:
     # Test-only fault injection, so the simulator can prove it catches bugs.
     fault_skip_cap_check: bool = False
     fault_double_charge: bool = False
+    fault_window_amnesia: bool = False  # charges never reach the sliding windows
 
     # --- principals ------------------------------------------------------------
 
@@ -359,7 +360,7 @@ class Ledger:
             p.held_tokens -= hold.amount_tokens
             p.in_flight -= 1
             p.spent_tokens += charged * (2 if self.fault_double_charge else 1)
-            if p.window is not None:
+            if p.window is not None and not self.fault_window_amnesia:
                 p.window.add(now, charged)
         hold.state = state
         hold.charged_tokens = charged
