@@ -129,7 +129,7 @@ async def test_deferred_ops_land_before_later_durable_ones_and_on_close(tmp_path
         await store.commit([OpenHold("h3", "k", "acct", 5, 0.0, 60.0)])
         assert await store.query(lambda c: c.execute("SELECT state FROM holds WHERE id = 'h1'").fetchone()[0]) == "settled"
         await store.commit([ResolveHold("h2", "k", "acct", "released", 0, None, 2.0)], durable=False)
-        await trio.sleep(0.05)  # the flush timer writes it without help
+        await trio.sleep(0.2)  # the flush timer writes it without help
         assert await store.query(lambda c: c.execute("SELECT state FROM holds WHERE id = 'h2'").fetchone()[0]) == "released"
         await store.commit([ResolveHold("h3", "k", "acct", "settled", 5, 5, 3.0)], durable=False)
     # Closing flushed the last deferred op.

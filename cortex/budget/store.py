@@ -67,7 +67,7 @@ CREATE INDEX IF NOT EXISTS holds_key_created ON holds(key_id, created_at);
 """
 
 BATCH_OPS_MAX = 4096
-DEFER_FLUSH_S = 0.002
+DEFER_FLUSH_S = 0.05  # the longest a settlement waits for a durable commit to ride along with
 SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
 
 
@@ -314,6 +314,7 @@ class ThreadedStore:
         self._deferred: list[Op] = []
         self._nursery: trio.Nursery | None = None
         self._stopped = False
+        self._flush_pending = False
 
     @classmethod
     @asynccontextmanager
@@ -347,7 +348,7 @@ class ThreadedStore:
         """Make `ops` durable and wait for it; or, with `durable=False`, just queue them.
 
         Deferred ops ride along with the next durable commit (or a flush
-        `DEFER_FLUSH_S` later): one fsync instead of two on the request
+        at most `DEFER_FLUSH_S` later): one fsync instead of two on the request
         path. Settlements use it; a crash before the flush loses nothing
         that matters, since recovery charges the hold in full.
         """
@@ -356,14 +357,19 @@ class ThreadedStore:
             return
         if self._stopped:
             raise StoreError("the ledger store is closed")
-        if not self._deferred:
+        if not self._flush_pending:
             assert self._nursery is not None
+            self._flush_pending = True
             self._nursery.start_soon(self._flush_deferred)
         self._deferred.extend(ops)
         await trio.lowlevel.checkpoint()
 
     async def _flush_deferred(self) -> None:
-        await trio.sleep(DEFER_FLUSH_S)
+        """One timer at a time: under load, durable commits carry the deferred ops long before it fires."""
+        try:
+            await trio.sleep(DEFER_FLUSH_S)
+        finally:
+            self._flush_pending = False
         if self._deferred:
             try:
                 await self._submit(("ops", []))
