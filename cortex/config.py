@@ -55,7 +55,7 @@ class BudgetConfig:
     expiry_interval_s: float = 5.0
     fallback_output_tokens: int = 4096  # when a model's limits are unknown
     # SQLite durability in WAL mode: "normal" survives a process crash (kill -9),
-    # "full" a power cut too, at about +0.15 ms per request (docs/BENCHMARKS.md).
+    # "full" a power cut too, at about +0.25 ms per request (docs/BENCHMARKS.md).
     synchronous: str = "normal"
     ledger_timeout_s: float = 5.0  # bound on each ledger write a request waits for (its hold; its settlement)
     retry_hint_s: float = 1.0  # Retry-After when in-flight requests, not window usage, are in the way
