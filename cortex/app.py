@@ -67,6 +67,7 @@ class CortexApp:
         self._clock = clock
         self._ledger_factory = ledger_factory
         self._admin: AdminApi | None = None
+        self.startup_error: BaseException | None = None
         self.router = web.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
         self.router.add("POST", "/v1/completions", self._completion)
@@ -85,6 +86,13 @@ class CortexApp:
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Everything that outlives a request, owned by the lifespan."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            started = True
+            task_status.started()
+
         try:
             async with self._store_factory(self.config, self.metrics) as store:
                 self.budget = await BudgetService.load(
@@ -96,7 +104,11 @@ class CortexApp:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
                     await nursery.start(self.budget.expire_forever)
-                    task_status.started()
+                    ready()
+        except BaseException as exc:
+            if not started:
+                self.startup_error = exc  # Hypercorn only logs it; the CLI reports it
+            raise
         finally:
             await self.upstream.aclose()
 

@@ -19,7 +19,7 @@ from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
-from cortex.serving import announce, serve, wait_for_signal
+from cortex.serving import announce, leaf_error, serve, shutdown_signals
 
 DEFAULT_UP_LISTEN = "127.0.0.1:8080"
 DEMO_BALANCE_TOKENS = 1_000_000
@@ -58,22 +58,36 @@ def serve_config(args: argparse.Namespace) -> Config:
     return config_mod.load(args.config, overrides)
 
 
+class StartupFailed(Exception):
+    pass
+
+
+def _check_started(app: CortexApp) -> None:
+    # Hypercorn reports its binds even when the lifespan failed; never announce then.
+    if app.startup_error is not None:
+        raise StartupFailed(str(leaf_error(app.startup_error, DataDirBusy, StoreError, OSError))) from None
+    if app.budget is None:
+        raise StartupFailed("the app did not start")
+
+
 async def run_gateway(config: Config) -> None:
     app = CortexApp(config)
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(
-                serve,
-                app,
-                config.server.listen,
-                shutdown_trigger=wait_for_signal,
-                graceful_timeout_s=config.server.graceful_timeout_s,
+    with shutdown_signals() as trigger:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(
+                    serve,
+                    app,
+                    config.server.listen,
+                    shutdown_trigger=trigger,
+                    graceful_timeout_s=config.server.graceful_timeout_s,
+                )
             )
-        )
-        announce(
-            "listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons),
-            data_dir=config.budget.data_dir, admin=bool(config.admin.token),
-        )
+            _check_started(app)
+            announce(
+                "listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons),
+                data_dir=config.budget.data_dir, admin=bool(config.admin.token),
+            )
 
 
 async def run_up(listen: str, data_dir: str) -> None:
@@ -81,21 +95,23 @@ async def run_up(listen: str, data_dir: str) -> None:
     from neuron.app import NeuronApp, NeuronConfig
 
     admin_token = secrets.token_urlsafe(24)
-    async with trio.open_nursery() as nursery:
-        neuron_binds = await nursery.start(partial(serve, NeuronApp(NeuronConfig()), "127.0.0.1:0"))
-        config = config_mod.from_mapping({
-            "server": {"listen": listen},
-            "fleet": {"neurons": [neuron_binds[0]]},
-            "budget": {"data_dir": data_dir},
-            "admin": {"token": admin_token},
-        })
-        app = CortexApp(config)
-        binds = await nursery.start(partial(serve, app, listen))
-        assert app.budget is not None
-        _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))
-        print(_welcome(binds[0], neuron_binds[0], key, admin_token), flush=True)
-        await wait_for_signal()
-        nursery.cancel_scope.cancel()
+    with shutdown_signals() as trigger:
+        async with trio.open_nursery() as nursery:
+            neuron_binds = await nursery.start(partial(serve, NeuronApp(NeuronConfig()), "127.0.0.1:0"))
+            config = config_mod.from_mapping({
+                "server": {"listen": listen},
+                "fleet": {"neurons": [neuron_binds[0]]},
+                "budget": {"data_dir": data_dir},
+                "admin": {"token": admin_token},
+            })
+            app = CortexApp(config)
+            binds = await nursery.start(partial(serve, app, listen))
+            _check_started(app)
+            assert app.budget is not None
+            _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))
+            print(_welcome(binds[0], neuron_binds[0], key, admin_token), flush=True)
+            await trigger()
+            nursery.cancel_scope.cancel()
 
 
 def _welcome(url: str, neuron_url: str, key: str, admin_token: str) -> str:
@@ -133,19 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # noqa: BLE001 - start-up failures, maybe grouped by trio
-        leaf = _leaf(exc)
-        if isinstance(leaf, (OSError, DataDirBusy, StoreError)) or type(leaf).__name__ == "LifespanFailureError":
+        leaf = leaf_error(exc, StartupFailed, OSError, DataDirBusy, StoreError, KeyboardInterrupt)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 0
+        if isinstance(leaf, (OSError, DataDirBusy, StoreError, StartupFailed)):
             print(f"cortex: {leaf}", file=sys.stderr)
             return 1
         raise
     return 0
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The one real error inside nested single-member exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":

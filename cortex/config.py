@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from cortex.serving import parse_listen
 
 
@@ -82,6 +84,8 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+INT_MAX = 2**40  # far above any sane size or count
+SECONDS_MAX = 7 * 24 * 3600.0  # also refuses nan and inf
 
 
 def _check_value(key: str, value: Any, default: Any) -> Any:
@@ -91,12 +95,12 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"'{key}' must be true or false, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"'{key}' must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= INT_MAX:
+            raise ConfigError(f"'{key}' must be an integer from 1 to {INT_MAX}, got {value!r}")
         return value
     if isinstance(default, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"'{key}' must be a number > 0, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= SECONDS_MAX:
+            raise ConfigError(f"'{key}' must be a number of seconds in (0, {SECONDS_MAX:g}], got {value!r}")
         return float(value)
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -146,8 +150,14 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"'server.listen': {exc}") from None
     for url in config.fleet.neurons:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL")
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError):
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or any(c.isspace() for c in url):
+            raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL with a host")
+    if not config.admin.token.isascii():
+        raise ConfigError("'admin.token' must be ASCII")
     if config.budget.synchronous not in ("normal", "full", "extra"):
         raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
     if config.admin.token and len(config.admin.token) < 16:
@@ -168,7 +178,10 @@ def load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
-        merged = dict(data.get(section, {}))
+        current = data.get(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"'{section}' must be a table, got {current!r}")
+        merged = dict(current)
         merged.update({k: v for k, v in values.items() if v is not None})
         data[section] = merged
     return from_mapping(data)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -31,11 +33,37 @@ def hypercorn_config(listen: str, graceful_timeout_s: float = 5.0) -> HypercornC
     return config
 
 
-async def wait_for_signal() -> None:
-    """Return on SIGINT or SIGTERM: the trigger for a graceful shutdown."""
+@contextmanager
+def shutdown_signals() -> Iterator[Callable[[], Awaitable[None]]]:
+    """A shutdown trigger that returns on SIGINT or SIGTERM.
+
+    The receiver is open from the moment this block is entered, so a signal
+    that arrives before the server's trigger task runs is queued, not lost
+    to the default action.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
+
+        async def trigger() -> None:
+            async for _ in signals:
+                return
+
+        yield trigger
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The real errors inside (possibly nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+    return [exc]
+
+
+def leaf_error(exc: BaseException, *kinds: type[BaseException]) -> BaseException:
+    """The first leaf error of one of `kinds` (any kind if none given), else the first leaf."""
+    leaves = leaf_errors(exc)
+    for leaf in leaves:
+        if not kinds or isinstance(leaf, kinds):
+            return leaf
+    return leaves[0]
 
 
 async def serve(

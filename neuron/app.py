@@ -96,6 +96,12 @@ class NeuronApp:
         except ApiError as err:
             self.counters.rejected_total += 1
             await web.send_bytes(send, err.status, err.openai_bytes(), web.JSON_HEADERS + err.headers)
+        except web.ClientGone:
+            pass  # left before its body was complete: nothing to answer
+        except Exception as exc:  # a bug must still answer in the API's shape
+            self.counters.rejected_total += 1
+            err = ApiError(500, f"Internal error in neuron: {type(exc).__name__}.", type="server_error", code="internal_error")
+            await web.send_bytes(send, err.status, err.openai_bytes(), web.JSON_HEADERS)
 
     # --- generation -------------------------------------------------------
 
@@ -118,6 +124,8 @@ class NeuronApp:
         spec = self.models.get(gen.model)
         if spec is None:
             raise errors.model_not_found(gen.model)
+        if gen.max_tokens_defaulted:  # the legacy default of 16, not the client's ask
+            return min(gen.max_output_tokens or 0, spec.output_tokens, max(0, spec.context_tokens - prompt_tokens))
         if gen.max_output_tokens is not None and gen.max_output_tokens > spec.output_tokens:
             raise errors.invalid_request(
                 f"'max_tokens' is too large: {gen.max_output_tokens}. This model supports at most "

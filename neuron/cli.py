@@ -8,7 +8,7 @@ from functools import partial
 
 import trio
 
-from cortex.serving import announce, parse_listen, serve, wait_for_signal
+from cortex.serving import announce, leaf_error, parse_listen, serve, shutdown_signals
 from neuron.app import ModelSpec, NeuronApp, NeuronConfig
 from neuron.engines.mock import MockEngine, Pacing
 
@@ -21,11 +21,14 @@ def _listen(value: str) -> str:
     return value
 
 
-def _non_negative(kind: type) -> object:
+def _bounded(kind: type, low: float, high: float) -> object:
     def parse(value: str) -> object:
-        parsed = kind(value)
-        if parsed < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value}") from None
+        if not low <= parsed <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {value}")
         return parsed
 
     return parse
@@ -38,21 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", type=_listen, default="127.0.0.1:9000", help="HOST:PORT (port 0 picks a free one)")
     s.add_argument("--engine", choices=["mock"], default="mock")
     s.add_argument("--model", action="append", dest="models", metavar="NAME", help="model to serve (repeatable)")
-    s.add_argument("--context-length", type=_non_negative(int), default=32768, help="context window, tokens")
-    s.add_argument("--max-output-tokens", type=_non_negative(int), default=4096, help="limit.output, tokens")
-    s.add_argument("--ttft-ms", type=_non_negative(float), default=0.0, help="mock: time to first token")
-    s.add_argument("--token-interval-ms", type=_non_negative(float), default=0.0, help="mock: time per further token")
-    s.add_argument("--reply-tokens", type=_non_negative(int), default=256, help="mock: natural reply length")
-    s.add_argument("--seed", type=int, default=0, help="mock: engine seed")
-    s.add_argument("--chunk-tokens", type=int, default=1, help="tokens per streamed SSE event")
-    s.add_argument("--slots", type=int, default=256, help="concurrent generations")
-    s.add_argument("--queue-depth", type=_non_negative(int), default=4096, help="waiting generations before 503")
+    s.add_argument("--context-length", type=_bounded(int, 1, 2**30), default=32768, help="context window, tokens")
+    s.add_argument("--max-output-tokens", type=_bounded(int, 1, 2**30), default=4096, help="limit.output, tokens")
+    s.add_argument("--ttft-ms", type=_bounded(float, 0, 3_600_000), default=0.0, help="mock: time to first token")
+    s.add_argument("--token-interval-ms", type=_bounded(float, 0, 60_000), default=0.0, help="mock: time per further token")
+    s.add_argument("--reply-tokens", type=_bounded(int, 0, 2**30), default=256, help="mock: natural reply length")
+    s.add_argument("--seed", type=_bounded(int, -(2**63), 2**63 - 1), default=0, help="mock: engine seed")
+    s.add_argument("--chunk-tokens", type=_bounded(int, 1, 2**20), default=1, help="tokens per streamed SSE event")
+    s.add_argument("--slots", type=_bounded(int, 1, 2**20), default=256, help="concurrent generations")
+    s.add_argument("--queue-depth", type=_bounded(int, 0, 2**24), default=4096, help="waiting generations before 503")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> NeuronConfig:
-    if args.slots < 1 or args.chunk_tokens < 1:
-        raise SystemExit("neuron: --slots and --chunk-tokens must be >= 1")
     names = args.models or ["cortex-mock"]
     models = [ModelSpec(n, args.context_length, args.max_output_tokens) for n in dict.fromkeys(names)]
     engine = MockEngine(
@@ -67,20 +68,24 @@ def config_from_args(args: argparse.Namespace) -> NeuronConfig:
 
 async def run_serve(config: NeuronConfig, listen: str) -> None:
     app = NeuronApp(config)
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, listen, shutdown_trigger=wait_for_signal))
-        announce("listening", service="neuron", url=binds[0], models=[m.name for m in config.models])
+    with shutdown_signals() as trigger:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, app, listen, shutdown_trigger=trigger))
+            announce("listening", service="neuron", url=binds[0], models=[m.name for m in config.models])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         trio.run(run_serve, config_from_args(args), args.listen)
-    except OSError as exc:
-        print(f"neuron: cannot listen on {args.listen}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
+    except BaseException as exc:  # noqa: BLE001 - trio groups start-up errors
+        leaf = leaf_error(exc, OSError, KeyboardInterrupt)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 0
+        if isinstance(leaf, OSError):
+            print(f"neuron: cannot listen on {args.listen}: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

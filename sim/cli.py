@@ -8,6 +8,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import httpx
+
+from cortex.serving import leaf_error
 from sim import report, runner
 from sim.scenario import Scenario, ScenarioError, load
 from sim.world import LedgerFaults
@@ -76,14 +79,21 @@ def _verdict(result: runner.Result) -> int:
 
 
 def _run_live(args: argparse.Namespace, scenario: Scenario) -> int:
-    from sim.live import run_live
+    from sim.live import LiveError, run_live
 
     if not args.cortex or not args.admin_token:
         print("cortex-sim: --live needs --cortex URL and --admin-token T", file=sys.stderr)
         return 2
     if scenario.faults:
         print(f"note: live mode skips the scenario's {len(scenario.faults)} fault(s); the fleet is real")
-    world, wall_s = run_live(scenario, args.seed, args.cortex, args.admin_token)
+    try:
+        world, wall_s = run_live(scenario, args.seed, args.cortex, args.admin_token)
+    except BaseException as exc:  # noqa: BLE001 - report, don't dump a traceback
+        leaf = leaf_error(exc, LiveError, httpx.HTTPError, OSError)
+        if isinstance(leaf, (LiveError, httpx.HTTPError, OSError)):
+            print(f"cortex-sim: live run failed: {leaf}", file=sys.stderr)
+            return 2
+        raise
     counts = world.checker.summary_counts()
     print(f"live run of {scenario.name} against {args.cortex}: {len(world.checker.requests)} requests in {wall_s:.1f} s")
     print(f"outcomes: {counts['outcomes']}; refused: {counts['refused']}")
@@ -111,15 +121,21 @@ def _fuzz_one(path: str, seed: int) -> tuple[int, bool, str, str, float]:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
+    if args.seeds < 1 or args.jobs < 1:
+        print("cortex-sim: --seeds and --jobs must be at least 1", file=sys.stderr)
+        return 2
     path = resolve(args.scenario)
     scenario = load(path)
     seeds = range(args.start, args.start + args.seeds)
     failures: list[tuple[int, str]] = []
     done = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(_fuzz_one, str(path), seed) for seed in seeds]
+        futures = {pool.submit(_fuzz_one, str(path), seed): seed for seed in seeds}
         for future in as_completed(futures):
-            seed, ok, why, _, _ = future.result()
+            try:
+                seed, ok, why, _, _ = future.result()
+            except Exception as exc:  # a crash is a failing seed too, with its reproduce line
+                seed, ok, why = futures[future], False, f"crashed: {type(exc).__name__}: {exc}"
             done += 1
             if not ok:
                 failures.append((seed, why))

@@ -18,6 +18,8 @@ from typing import Any
 from cortex.budget.ledger import Caps
 
 REQUESTS_MAX = 200_000  # a bound on scenario size: the workloads' expected request count
+PROMPT_BYTES_MAX = 1_000_000
+TOKENS_MAX = 1_000_000
 HORIZON_MAX_S = 7 * 24 * 3600.0
 WORKLOAD_KINDS = ("burst", "open", "closed")
 FAULT_KINDS = ("delay", "drop", "partition", "crash", "cortex_restart")
@@ -99,7 +101,8 @@ class WorkloadSpec:
             return self.count * (1 + self.max_retries)
         if self.kind == "open":
             return self.rate_per_s * self.duration_s * (1 + self.max_retries)
-        return self.clients * self.duration_s / max(self.think_s.low + 0.01, 0.01)
+        # Every client sends at least once, however short the run.
+        return self.clients * max(1.0, self.duration_s / max(self.think_s.low + 0.01, 0.01))
 
 
 @dataclass(frozen=True)
@@ -164,17 +167,17 @@ def _number(low: float = 0.0, strict: bool = False) -> Callable[[str, Any], floa
     return parse
 
 
-def _integer(low: int = 0) -> Callable[[str, Any], int]:
+def _integer(low: int = 0, high: int = 10**15) -> Callable[[str, Any], int]:
     def parse(key: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ScenarioError(f"'{key}' must be an integer >= {low}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ScenarioError(f"'{key}' must be an integer from {low} to {high}, got {value!r}")
         return value
 
     return parse
 
 
 def _share(key: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:  # nan fails too
         raise ScenarioError(f"'{key}' must be a share between 0 and 1, got {value!r}")
     return float(value)
 
@@ -199,19 +202,27 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _range(integer: bool = True, low: float = 0.0) -> Callable[[str, Any], Range]:
+def _range(
+    integer: bool = True, low: float = 0.0, high: float = 1e9, open_ended: bool = False
+) -> Callable[[str, Any], Range]:
+    """A constant or {min, max}. Only expectations may leave a bound out (open-ended)."""
+
     def parse(key: str, value: Any) -> Range:
         if isinstance(value, dict):
             extra = set(value) - {"min", "max"}
-            if extra or not value:
-                raise ScenarioError(f"'{key}' must be a number or {{min = ..., max = ...}}, got {value!r}")
+            needed = set() if open_ended else {"min", "max"}
+            if extra or not value or needed - set(value):
+                form = "{min = ..., max = ...}" + (" (either may be left out)" if open_ended else "")
+                raise ScenarioError(f"'{key}' must be a number or {form}, got {value!r}")
             lo, hi = value.get("min", low), value.get("max", float("inf"))
         else:
             lo = hi = value
         for bound in (lo, hi):
-            if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < low:
-                raise ScenarioError(f"'{key}' bounds must be numbers >= {low:g}, got {value!r}")
-            if integer and not isinstance(bound, int) and bound != float("inf"):
+            if bound == float("inf") and open_ended:
+                continue
+            if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not low <= bound <= high:
+                raise ScenarioError(f"'{key}' bounds must be numbers from {low:g} to {high:g}, got {value!r}")
+            if integer and not isinstance(bound, int):
                 raise ScenarioError(f"'{key}' bounds must be integers, got {value!r}")
         if lo > hi:
             raise ScenarioError(f"'{key}': min {lo} is above max {hi}")
@@ -325,14 +336,14 @@ WORKLOAD_FIELDS = {
     "rate_per_s": _number(strict=True),
     "duration_s": _number(strict=True),
     "clients": _integer(1),
-    "think_s": _range(integer=False),
+    "think_s": _range(integer=False, high=HORIZON_MAX_S),
     "model": _string,
-    "prompt_bytes": _range(),
-    "max_tokens": lambda k, v: None if v == "none" else _range(low=1)(k, v),
+    "prompt_bytes": _range(high=PROMPT_BYTES_MAX),
+    "max_tokens": lambda k, v: None if v == "none" else _range(low=1, high=TOKENS_MAX)(k, v),
     "stream_share": _share,
     "cancel_share": _share,
-    "cancel_after_tokens": _range(),
-    "cancel_after_s": _range(integer=False),
+    "cancel_after_tokens": _range(high=TOKENS_MAX),
+    "cancel_after_s": _range(integer=False, high=HORIZON_MAX_S),
     "honor_retry_after": _bool,
     "max_retries": _integer(),
 }
@@ -410,8 +421,10 @@ def _expect(data: Any) -> Expectations:
     values = _table(
         "expect", data,
         {
-            "served": _range(), "failed": _range(), "cancelled": _range(), "charged_tokens": _range(),
-            "admitted_on_retry": _range(), "refused": lambda k, v: _table(k, v, {r: _range() for r in REFUSAL_REASONS}),
+            "served": _range(open_ended=True), "failed": _range(open_ended=True),
+            "cancelled": _range(open_ended=True), "charged_tokens": _range(high=1e18, open_ended=True),
+            "admitted_on_retry": _range(open_ended=True),
+            "refused": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in REFUSAL_REASONS}),
         },
     )
     return Expectations(**values)

@@ -28,15 +28,51 @@ class FakeUpstream:
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
-            request = conn.recv(65536)
+            request = _read_request(conn)
             if request.startswith(b"GET /health"):
-                body = b'{"status":"ok"}'
+                reply = _json_reply(b'{"status":"ok"}')
             elif request.startswith(b"GET /v1/models"):
-                body = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}'
+                reply = _json_reply(b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}')
             else:
-                conn.sendall(self.reply)
-                return
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                reply = self.reply
+            conn.sendall(reply)
+            # Close politely: unread data or an abrupt close would reset the connection
+            # and turn the reply we mean to test into a different error.
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(2)
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    """The whole request: head, then as many body bytes as content-length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _json_reply(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body,
+    )

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -34,7 +35,7 @@ def open_stream(http: httpx.Client, cortex, key: str, max_tokens: int):
 def _refused(url: str) -> bool:
     try:
         httpx.get(url + "/health", timeout=2)
-    except httpx.ConnectError:
+    except httpx.TransportError:  # refused, or reset while the listener closed
         return True
     return False
 
@@ -70,7 +71,7 @@ def test_kill_9_with_requests_in_flight_recovers_orphaned_holds_and_the_caps_hol
 
 def test_sigterm_drains_in_flight_requests_then_cancels_and_settles_the_rest(stack: Stack):
     neuron = stack.neuron("--token-interval-ms", "10")
-    cortex = budget_cortex(stack, neuron, config="[server]\ngraceful_timeout_s = 1.5\n")
+    cortex = budget_cortex(stack, neuron, config="[server]\ngraceful_timeout_s = 3\n")
     key_id, key = create_key(cortex, balance_tokens=100_000)
     with httpx.Client(timeout=30) as http:
         short_cm, short_lines = open_stream(http, cortex, key, 40)
@@ -143,10 +144,12 @@ def test_offline_keys_work_when_cortex_starts_and_edits_wait_while_it_runs(stack
 def test_window_usage_survives_a_restart(stack: Stack):
     neuron = stack.neuron()
     cortex = budget_cortex(stack, neuron)
-    key_id, key = create_key(cortex, window_tokens=COST, window_seconds=60)
+    key_id, key = create_key(cortex, window_tokens=COST, window_seconds=600)
+    charged_at = time.monotonic()
     assert chat(cortex, key).status_code == 200
     cortex.stop()
     restarted = budget_cortex(stack, neuron, data_dir=cortex.data_dir)
     r = chat(restarted, key)
+    elapsed_ms = (time.monotonic() - charged_at) * 1000
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-    assert 55_000 < int(r.headers["retry-after-ms"]) <= 60_000
+    assert 600_000 - elapsed_ms - 1000 <= int(r.headers["retry-after-ms"]) <= 600_000

@@ -58,16 +58,17 @@ async def test_a0_fan_out_drains_the_cap_then_is_refused_and_the_neuron_sees_onl
         assert headers["x-should-retry"] == "false" and "retry-after" not in headers
         assert b'"code":"insufficient_quota"' in body and b'"type":"insufficient_quota"' in body
     assert neuron.get_json("/health")["requests_total"] == served_max
-    u = usage(cortex, key_id)["usage"]
+    # Settlement follows the last byte of each response: give it its moment.
+    u = wait_until(lambda: (d := usage(cortex, key_id)["usage"])["held_tokens"] == 0 and d)
     assert u["spent_tokens"] == served_max * COST <= u["limits"]["balance_tokens"]
-    assert u["held_tokens"] == 0 and u["in_flight"] == 0
+    assert u["in_flight"] == 0
     assert all(r["state"] == "settled" for r in usage(cortex, key_id)["recent"])
 
 
 def test_rolling_window_refusal_has_an_exact_retry_after_and_then_admits(stack: Stack):
     neuron = stack.neuron()
     cortex = budget_cortex(stack, neuron)
-    _, key = create_key(cortex, window_tokens=2 * COST + 5, window_seconds=4)
+    _, key = create_key(cortex, window_tokens=2 * COST + 5, window_seconds=8)
     assert chat(cortex, key).status_code == 200
     assert chat(cortex, key).status_code == 200
     refused = chat(cortex, key)
@@ -75,10 +76,10 @@ def test_rolling_window_refusal_has_an_exact_retry_after_and_then_admits(stack: 
     err = refused.json()["error"]
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "tokens"
     wait_ms = int(refused.headers["retry-after-ms"])
-    assert 0 < wait_ms <= 4000
+    assert 0 < wait_ms <= 8000
     assert int(refused.headers["retry-after"]) == -(-wait_ms // 1000)
     admit_at = time.monotonic() + wait_ms / 1000
-    time.sleep(max(0, wait_ms - 1500) / 1000)
+    time.sleep(wait_ms / 2 / 1000)
     assert chat(cortex, key).status_code == 429  # not yet: the first charge has not aged out
     time.sleep(max(0.0, admit_at - time.monotonic()) + 0.05)
     assert chat(cortex, key).status_code == 200  # now it has
@@ -210,7 +211,7 @@ def test_successful_responses_carry_ratelimit_headers_for_the_tightest_cap(stack
 def test_the_official_sdk_sees_rate_limit_errors_and_honours_retry_after_ms(stack: Stack):
     neuron = stack.neuron()
     cortex = budget_cortex(stack, neuron)
-    _, key = create_key(cortex, window_tokens=COST, window_seconds=1.5)
+    _, key = create_key(cortex, window_tokens=COST, window_seconds=3)
     strict = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=0)
     strict.chat.completions.create(model=MODEL, messages=HI, max_tokens=10)
     with pytest.raises(openai.RateLimitError) as info:
@@ -346,7 +347,7 @@ def test_metrics_count_requests_refusals_tokens_and_commits(stack: Stack):
     _, key = create_key(cortex, balance_tokens=COST)
     chat(cortex, key)
     chat(cortex, key)
-    text = httpx.get(cortex.url + "/metrics").text
+    text = wait_until(lambda: (t := httpx.get(cortex.url + "/metrics").text).count('cortex_requests_total{status="') == 2 and t)
     assert f'cortex_requests_total{{status="200",model="{MODEL}"}} 1' in text
     assert f'cortex_requests_total{{status="429",model="{MODEL}"}} 1' in text
     assert 'cortex_budget_refusals_total{reason="balance"} 1' in text

@@ -55,10 +55,12 @@ def test_cortex_serve_refuses_a_busy_port(stack: Stack, tmp_path):
     neuron = stack.neuron()
     port = neuron.url.rsplit(":", 1)[1]
     result = subprocess.run(
-        [sys.executable, "-m", "cortex", "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cortex", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
     assert "address already in use" in result.stderr.lower()
+    assert '"listening"' not in result.stdout
 
 
 def test_neuron_rejects_bad_flags_with_usage():
@@ -67,3 +69,30 @@ def test_neuron_rejects_bad_flags_with_usage():
     )
     assert result.returncode == 2
     assert "HOST:PORT" in result.stderr
+
+
+def test_cortex_serve_on_a_data_dir_in_use_says_so_and_never_announces(stack: Stack, tmp_path):
+    first = stack.cortex(data_dir=tmp_path / "shared")
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(first.data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "in use by a running cortex" in result.stderr
+    assert '"listening"' not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_neuron_on_a_busy_port_says_so_without_a_traceback(stack: Stack):
+    neuron = stack.neuron()
+    port = neuron.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "neuron", "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_neuron_flags_are_bounded():
+    for argv in (["--seed", str(2**70)], ["--context-length", "0"], ["--ttft-ms", "inf"], ["--ttft-ms", "nan"]):
+        result = subprocess.run([sys.executable, "-m", "neuron", "serve", *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and ("must be from" in result.stderr or "not a number" in result.stderr)

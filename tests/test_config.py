@@ -52,6 +52,12 @@ def test_flags_override_the_file(tmp_path):
         ("[fleet]\nneurons = ['ftp://x']\n", "fleet.neurons"),
         ("[fleet]\nneurons = 'http://x'\n", "fleet.neurons"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
+        ("[fleet]\npoll_interval_s = nan\n", "fleet.poll_interval_s"),
+        ("[budget]\nretry_hint_s = inf\n", "budget.retry_hint_s"),
+        ("[budget]\nfallback_output_tokens = 99999999999999999\n", "budget.fallback_output_tokens"),
+        ("[fleet]\nneurons = ['http://']\n", "fleet.neurons"),
+        ("[fleet]\nneurons = ['http://a b']\n", "fleet.neurons"),
+        ("[admin]\ntoken = 'sécret-sécret-sécret'\n", "admin.token"),
         ("[budgets]\ncap = 1\n", "budgets"),
         ("[budget]\nsynchronous = 'off'\n", "budget.synchronous"),
         ("[budget]\nauth_required = 1\n", "budget.auth_required"),
@@ -63,6 +69,11 @@ def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as info:
         load_text(tmp_path, text)
     assert key in str(info.value)
+
+
+def test_a_section_that_is_not_a_table_is_a_config_error_even_with_flags(tmp_path):
+    with pytest.raises(ConfigError, match="'server' must be a table"):
+        load_text(tmp_path, "server = 1\n", {"server": {"listen": "127.0.0.1:1"}})
 
 
 def test_invalid_toml_and_missing_file_are_config_errors(tmp_path):

@@ -90,6 +90,34 @@ def test_hostile_json_is_a_400_not_a_500(pair, raw):
     assert err["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("target", ["cortex", "neuron"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "cortex-mock", "messages": [{"role": "user", "content": "a\\udfffb"}]}',
+    ],
+    ids=["in-model", "in-content"],
+)
+def test_a_lone_surrogate_escape_is_a_400_on_both_daemons(pair, raw, target):
+    neuron, cortex = pair
+    proc = cortex if target == "cortex" else neuron
+    r = httpx.post(proc.url + "/v1/chat/completions", content=raw)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_seed_outside_64_bits_is_400(pair):
+    _, cortex = pair
+    body = {"model": MODEL, "messages": HELLO, "seed": 2**70}
+    assert _error(httpx.post(cortex.url + "/v1/chat/completions", json=body), 400)["param"] == "seed"
+
+
+def test_non_ascii_escapes_that_are_valid_still_work(pair):
+    _, cortex = pair
+    raw = b'{"model": "cortex-mock", "messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}], "max_tokens": 3}'
+    assert httpx.post(cortex.url + "/v1/chat/completions", content=raw).status_code == 200
+
+
 def test_absurd_max_tokens_is_400_naming_the_field(pair):
     _, cortex = pair
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 10**30}

@@ -127,3 +127,26 @@ def test_chunk_tokens_groups_tokens_per_event_without_changing_the_text(stack: S
     pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, stream=True) if ch.choices and ch.choices[0].delta.content]
     assert [len(p) for p in pieces] == [4, 4, 2]
     assert "".join(pieces) == whole
+
+
+def test_a_client_leaving_mid_body_is_quietly_dropped(stack: Stack):
+    import socket
+
+    neuron = stack.neuron()
+    host, port = neuron.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"mod")
+    r = httpx.post(neuron.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+    assert "Traceback" not in neuron.logs()
+
+
+def test_completions_default_max_tokens_fits_a_small_output_limit(stack: Stack):
+    from tests.conftest import Stack as _Stack  # noqa: F401 - same fixture module
+
+    neuron = stack.neuron("--max-output-tokens", "10")
+    cortex = stack.cortex(neuron)
+    for proc in (neuron, cortex):
+        r = httpx.post(proc.url + "/v1/completions", json={"model": MODEL, "prompt": "hello"})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 10

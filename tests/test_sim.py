@@ -147,6 +147,11 @@ def test_fuzz_reports_failing_seeds_with_reproduce_commands(tmp_path):
         (lambda d: d.update(expect={"served": "many"}), "expect.served"),
         (lambda d: d.update(bogus=1), "scenario.bogus"),
         (lambda d: d["workload"][0].update(count=10_000_000), "limit"),
+        (lambda d: d["workload"][0].update(prompt_bytes={"min": 16}), "workload[0].prompt_bytes"),
+        (lambda d: d["workload"][0].update(prompt_bytes=10**11), "workload[0].prompt_bytes"),
+        (lambda d: d["workload"][0].update(kind="closed", clients=10**8, duration_s=0.0001, think_s=10), "limit"),
+        (lambda d: d["workload"][0].update(think_s=float("nan")), "workload[0].think_s"),
+        (lambda d: d["neurons"][0].update(tokens_per_s=float("inf")), "neurons[0].tokens_per_s"),
     ],
 )
 def test_scenario_errors_name_the_bad_key(mutate, key):
@@ -175,6 +180,13 @@ def test_live_mode_drives_a_real_cortex_and_checks_it_from_outside(stack: Stack)
     assert "outcomes: {'refused': 12, 'served': 8}" in result.stdout
     assert "result: PASS" in result.stdout
     assert neuron.get_json("/health")["requests_total"] == 8
+
+
+def test_fuzz_and_live_report_bad_use_without_a_traceback():
+    bad_jobs = sim_cli("fuzz", "a0_fanout", "--seeds", "3", "--jobs", "0")
+    assert bad_jobs.returncode == 2 and "Traceback" not in bad_jobs.stderr
+    unreachable = sim_cli("run", "a0_fanout", "--live", "--cortex", "http://127.0.0.1:1", "--admin-token", "x" * 20)
+    assert unreachable.returncode == 2 and "live run failed" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
 
 def test_scenario_file_that_does_not_exist_is_a_scenario_error():

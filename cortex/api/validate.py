@@ -31,6 +31,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
+    max_tokens_defaulted: bool = False  # /v1/completions' default of 16, not asked for
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -42,6 +43,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise invalid_json("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
+    if b"\\u" in raw:  # only escapes can smuggle in lone surrogates, which no UTF-8 can carry
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise invalid_json("the body contains a lone UTF-16 surrogate escape") from None
     return body
 
 
@@ -90,8 +96,8 @@ def _common(body: dict[str, Any]) -> tuple[str, bool, bool, list[str]]:
     for name in ("presence_penalty", "frequency_penalty"):
         _number_in(body, name, -2, 2)
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise invalid_request("'seed' must be an integer.", param="seed")
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**63):
+        raise invalid_request("'seed' must be a 64-bit integer.", param="seed")
     return model, stream, include_usage, _stop(body)
 
 
@@ -184,7 +190,10 @@ def completion_request(body: dict[str, Any]) -> GenerationRequest:
     if best_of is not None and best_of != 1:
         raise invalid_request("Only 'best_of' = 1 is supported.", param="best_of")
     max_tokens = _positive_int(body, "max_tokens")
-    if max_tokens is None:
+    defaulted = max_tokens is None
+    if defaulted:
         max_tokens = LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS
-    return GenerationRequest("completion", model, body, stream, include_usage, max_tokens, stop, prompt=prompt)
+    return GenerationRequest(
+        "completion", model, body, stream, include_usage, max_tokens, stop, prompt=prompt, max_tokens_defaulted=defaulted
+    )
 

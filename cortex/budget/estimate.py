@@ -63,6 +63,8 @@ def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_to
     asked = gen.max_output_tokens
     if model is None:
         return Estimate(prompt, asked if asked is not None else fallback_output_tokens)
+    if asked is not None and gen.max_tokens_defaulted:
+        asked = min(asked, model.output_tokens)  # the neuron clamps a default it was not asked for
     if asked is not None:
         if prompt + asked > model.context_tokens:
             raise errors.context_length_exceeded(prompt, asked, model.context_tokens)
