@@ -142,8 +142,6 @@ def test_a_client_leaving_mid_body_is_quietly_dropped(stack: Stack):
 
 
 def test_completions_default_max_tokens_fits_a_small_output_limit(stack: Stack):
-    from tests.conftest import Stack as _Stack  # noqa: F401 - same fixture module
-
     neuron = stack.neuron("--max-output-tokens", "10")
     cortex = stack.cortex(neuron)
     for proc in (neuron, cortex):
