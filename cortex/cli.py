@@ -19,7 +19,7 @@ from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
-from cortex.serving import announce, leaf_error, serve, shutdown_signals
+from cortex.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
 
 DEFAULT_UP_LISTEN = "127.0.0.1:8080"
 DEMO_BALANCE_TOKENS = 1_000_000
@@ -134,29 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("keys", "accounts", "usage"):
         return admin_cli.run(args)
+    expected = (StartupFailed, OSError, DataDirBusy, StoreError)
     try:
         if args.command == "serve":
             config = serve_config(args)
             logs.configure(config.log.level)
-            trio.run(run_gateway, config)
-        else:
-            config_mod.from_mapping({"server": {"listen": args.listen}})  # validate early
-            logs.configure(args.log_level)
-            trio.run(run_up, args.listen, args.data_dir)
+            return run_daemon(run_gateway, config, prog="cortex", expected=expected)
+        config_mod.from_mapping({"server": {"listen": args.listen}})  # validate early
+        logs.configure(args.log_level)
+        return run_daemon(run_up, args.listen, args.data_dir, prog="cortex", expected=expected)
     except ConfigError as exc:
         print(f"cortex: configuration error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - start-up failures, maybe grouped by trio
-        leaf = leaf_error(exc, StartupFailed, OSError, DataDirBusy, StoreError, KeyboardInterrupt)
-        if isinstance(leaf, KeyboardInterrupt):
-            return 0
-        if isinstance(leaf, (OSError, DataDirBusy, StoreError, StartupFailed)):
-            print(f"cortex: {leaf}", file=sys.stderr)
-            return 1
-        raise
-    return 0
 
 
 if __name__ == "__main__":

@@ -83,3 +83,21 @@ def announce(event: str, **fields: Any) -> None:
     """One JSON line on stdout, for supervisors and tests to read."""
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
+
+
+def run_daemon(
+    main: Callable[..., Awaitable[None]], *args: Any, prog: str, expected: tuple[type[BaseException], ...], prefix: str = ""
+) -> int:
+    """`trio.run(main, *args)` as a CLI: 0 on success or Ctrl+C; an expected
+    start-up failure (however trio grouped it) is one line on stderr and 1."""
+    try:
+        trio.run(main, *args)
+    except BaseException as exc:  # noqa: BLE001 - classified below, re-raised if unknown
+        leaf = leaf_error(exc, *expected, KeyboardInterrupt)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 0
+        if isinstance(leaf, expected):
+            print(f"{prog}: {prefix}{leaf}", file=sys.stderr)
+            return 1
+        raise
+    return 0

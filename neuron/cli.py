@@ -8,7 +8,7 @@ from functools import partial
 
 import trio
 
-from cortex.serving import announce, leaf_error, parse_listen, serve, shutdown_signals
+from cortex.serving import announce, parse_listen, run_daemon, serve, shutdown_signals
 from neuron.app import ModelSpec, NeuronApp, NeuronConfig
 from neuron.engines.mock import MockEngine, Pacing
 
@@ -76,17 +76,10 @@ async def run_serve(config: NeuronConfig, listen: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        trio.run(run_serve, config_from_args(args), args.listen)
-    except BaseException as exc:  # noqa: BLE001 - trio groups start-up errors
-        leaf = leaf_error(exc, OSError, KeyboardInterrupt)
-        if isinstance(leaf, KeyboardInterrupt):
-            return 0
-        if isinstance(leaf, OSError):
-            print(f"neuron: cannot listen on {args.listen}: {leaf}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return run_daemon(
+        run_serve, config_from_args(args), args.listen, prog="neuron", expected=(OSError,),
+        prefix=f"cannot listen on {args.listen}: ",
+    )
 
 
 if __name__ == "__main__":
