@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 _logger = logging.getLogger("cortex")
@@ -34,6 +33,3 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     if _logger.isEnabledFor(level):
         _logger.log(level, name, extra={"fields": {"event": name, **fields}})
 
-
-def now_ms() -> float:
-    return time.monotonic() * 1000

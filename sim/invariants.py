@@ -18,10 +18,6 @@ from cortex.budget.ledger import Hold, HoldState, Ledger, Principal
 from sim.trace import Trace
 
 
-class InvariantViolation(Exception):
-    pass
-
-
 @dataclass
 class RequestRecord:
     id: str

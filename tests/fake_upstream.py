@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 
+MODELS_BODY = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}'
+
 
 class FakeUpstream:
     """A fake neuron at the HTTP boundary: healthy to polls, broken for generation."""
 
-    def __init__(self, generation_reply: bytes) -> None:
+    def __init__(self, generation_reply: bytes, models_body: bytes = MODELS_BODY) -> None:
+        self.models_body = models_body
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -32,7 +35,7 @@ class FakeUpstream:
             if request.startswith(b"GET /health"):
                 reply = _json_reply(b'{"status":"ok"}')
             elif request.startswith(b"GET /v1/models"):
-                reply = _json_reply(b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}')
+                reply = _json_reply(self.models_body)
             else:
                 reply = self.reply
             conn.sendall(reply)

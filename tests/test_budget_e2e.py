@@ -353,6 +353,7 @@ def test_metrics_count_requests_refusals_tokens_and_commits(stack: Stack):
     assert 'cortex_budget_refusals_total{reason="balance"} 1' in text
     assert f'cortex_tokens_total{{direction="out",model="{MODEL}"}} 10' in text
     assert "cortex_holds_outstanding 0" in text
+    assert "cortex_neurons_healthy 1" in text and "cortex_neurons 1" in text
     assert 'cortex_holds_resolved_total{state="settled"} 1' in text
     batches = [line for line in text.splitlines() if line.startswith("cortex_ledger_commit_batch_size_count")]
     assert batches and int(batches[0].split()[-1]) >= 2

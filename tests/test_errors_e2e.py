@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_until
 from tests.fake_upstream import FakeUpstream
 
 MODEL = "cortex-mock"
@@ -195,6 +195,25 @@ def test_upstream_errors_are_mapped_to_clear_errors(stack: Stack, reply, status,
             assert r.headers["retry-after"] == "7"
     finally:
         upstream.close()
+
+
+def test_a_neuron_with_a_malformed_catalogue_is_unhealthy_and_cortex_lives_on(stack: Stack):
+    upstream = FakeUpstream(b"", models_body=b'{"data": [{"id": {"x": 1}, "limit": {"context": 1e999, "output": 1}}]}')
+    try:
+        cortex = stack.cortex(upstream.url, args=("--config", str(_poll_fast(stack))))
+        health = httpx.get(cortex.url + "/health")
+        assert health.status_code == 503 and "malformed model entry" in health.json()["nodes"][0]["last_error"]
+        # The poller keeps polling: the node's failure count goes on rising.
+        first = health.json()["nodes"][0]["consecutive_failures"]
+        wait_until(lambda: httpx.get(cortex.url + "/health").json()["nodes"][0]["consecutive_failures"] > first)
+    finally:
+        upstream.close()
+
+
+def _poll_fast(stack: Stack):
+    path = stack.tmp_path / "poll.toml"
+    path.write_text("[fleet]\npoll_interval_s = 0.1\n")
+    return path
 
 
 def test_idle_timeout_ends_a_stalled_stream_with_an_error_event(stack: Stack):

@@ -117,6 +117,7 @@ def test_health_reports_fleet_status(pair):
     _, cortex = pair
     health = cortex.get_json("/health")
     assert health["status"] == "ok"
+    assert httpx.head(cortex.url + "/health").status_code == 200  # HEAD is served like GET
     assert health["neurons"] == {"total": 1, "healthy": 1, "unhealthy": 0}
 
 

@@ -88,6 +88,18 @@ async def test_concurrent_requests_open_one_connection_each_and_park_them(nurser
         assert server.connections == 20
 
 
+async def test_idle_connections_beyond_the_cap_are_closed_not_parked(nursery):
+    server = CountingServer()
+    await nursery.start(server.run)
+    transport = H11Transport(max_idle_per_origin=2)
+    async with httpx.AsyncClient(transport=transport) as client:
+        async with trio.open_nursery() as inner:
+            for _ in range(5):
+                inner.start_soon(client.get, server.url + "/x")
+        assert server.connections == 5
+        assert sum(len(stack) for stack in transport._idle.values()) == 2
+
+
 async def test_a_connection_the_server_closed_while_parked_is_replaced(nursery):
     server = CountingServer(close_after_response=True)
     await nursery.start(server.run)

@@ -13,7 +13,6 @@ import re
 import secrets
 
 KEY_PREFIX = "sk-cx-"
-KEY_RE = re.compile(r"sk-cx-[A-Za-z0-9_-]{20,128}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 

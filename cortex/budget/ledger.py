@@ -21,7 +21,6 @@ never charges more than its hold, and usage only ages out of a window.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -337,10 +336,6 @@ class Ledger:
         due = [h for h in self.holds.values() if h.expires_at <= now]
         return [self._resolve(h, HoldState.EXPIRED, h.amount_tokens, now) for h in due]
 
-    def resolved_state(self, hold_id: str) -> HoldState | None:
-        hold = self.holds.get(hold_id)
-        return hold.state if hold is not None else None
-
     def _open(self, hold_id: str) -> Hold:
         hold = self.holds.get(hold_id)
         if hold is None:
@@ -429,13 +424,3 @@ def _check(p: Principal, amount: int, now: float) -> list[Refusal]:
         out.append(Refusal("concurrency", p.kind, p.id, message, None, never))
     return out
 
-
-def retry_after_hint_s(refusal: Refusal, fallback_s: float) -> float:
-    """Retry-After for a refusal: exact when window ageing alone suffices, else a hint."""
-    if refusal.retry_after_s is not None:
-        return max(refusal.retry_after_s, 0.001)
-    return fallback_s
-
-
-def ceil_ms(seconds: float) -> int:
-    return max(1, math.ceil(seconds * 1000))

@@ -169,7 +169,7 @@ class BudgetService:
             self.metrics.refusals.inc(reason=result.reason)
             raise refusal_error(result, self.config.retry_hint_s)
         hold = result
-        op = OpenHold(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at, request_id, model)
+        op = OpenHold.of(hold, model)
         try:
             with trio.fail_after(self.config.ledger_timeout_s):
                 await self.store.commit([op])

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from cortex.budget.ledger import Caps
+from cortex.budget.ledger import Caps, Hold
 
 SCHEMA_VERSION = "1"
 SCHEMA = """
@@ -119,6 +119,11 @@ class OpenHold:
     expires_at: float
     request_id: str | None = None
     model: str | None = None
+
+    @classmethod
+    def of(cls, hold: Hold, model: str | None = None) -> "OpenHold":
+        return cls(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at,
+                   hold.request_id, model)
 
 
 @dataclass(frozen=True)

@@ -78,10 +78,8 @@ class UpstreamResponse:
             raise UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout_s:g} s")
 
     async def next_chunk(self) -> bytes:
-        """The next body chunk, or b"" at the end; each read has the idle deadline."""
-        if self._idle is None:
-            with self.idle_watch():
-                return await self.next_chunk()
+        """The next body chunk, or b"" at the end; read inside `idle_watch()`."""
+        assert self._idle is not None, "next_chunk() reads under idle_watch()"
         self._idle.deadline = trio.current_time() + self._idle_timeout_s
         try:
             return await self._chunks.__anext__()
