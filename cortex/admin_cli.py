@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from cortex.api.admin import caps_from
-from cortex.api.errors import ApiError
+from common.errors import ApiError
 from cortex.budget import datadir
 from cortex.budget.service import BudgetService
 from cortex.budget.store import SyncStore, connect

@@ -12,12 +12,13 @@ from typing import Any
 
 import trio
 
-from cortex import logs, web
-from cortex.api import errors
+from cortex import logs
+from common import asgi
+from common import errors
 from cortex.api.admin import PREFIX as ADMIN_PREFIX
 from cortex.api.admin import AdminApi
-from cortex.api.errors import ApiError
-from cortex.api.validate import chat_request, completion_request, parse_json_object
+from common.errors import ApiError
+from common.openai_schema import chat_request, completion_request, parse_json_object
 from cortex.budget import datadir
 from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
@@ -68,7 +69,7 @@ class CortexApp:
         self._ledger_factory = ledger_factory
         self._admin: AdminApi | None = None
         self.startup_error: BaseException | None = None
-        self.router = web.Router(self._not_found, self._method_not_allowed)
+        self.router = asgi.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
         self.router.add("POST", "/v1/completions", self._completion)
         self.router.add("GET", "/v1/models", self._models)
@@ -78,9 +79,9 @@ class CortexApp:
         self.metrics.neurons_total.set_function(lambda: len(self.fleet.nodes))
         self.metrics.neurons_healthy.set_function(lambda: sum(n.healthy for n in self.fleet.nodes))
 
-    async def __call__(self, scope: web.Scope, receive: web.Receive, send: web.Send) -> None:
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] == "lifespan":
-            await web.serve_lifespan(receive, send, self.run_background)
+            await asgi.serve_lifespan(receive, send, self.run_background)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
 
@@ -112,13 +113,13 @@ class CortexApp:
         finally:
             await self.upstream.aclose()
 
-    async def _http(self, scope: web.Scope, receive: web.Receive, send: web.Send) -> None:
+    async def _http(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         started = trio.current_time()
         response: dict[str, Any] = {}
         offered = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
         request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         id_header = (b"x-request-id", request_id.encode())
-        request: web.Request
+        request: asgi.Request
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -127,14 +128,14 @@ class CortexApp:
                 response["status"] = message["status"]
             await send(message)
 
-        request = web.Request.from_scope(scope, receive, send_with_id)
+        request = asgi.Request.from_scope(scope, receive, send_with_id)
         request.request_id = request_id
         request.started = started
         try:
             await self.router.dispatch(request)
         except ApiError as err:
             await self._send_error(request, response, err)
-        except web.ClientGone:
+        except asgi.ClientGone:
             request.log["outcome"] = "client_disconnected"
         except Exception as exc:  # a bug must still answer in the API's shape
             logs.event("unhandled_error", logging.ERROR, request_id=request_id, error=repr(exc))
@@ -143,7 +144,7 @@ class CortexApp:
             if request.path.startswith(("/v1/", ADMIN_PREFIX)):
                 self._observe(request, response.get("status"), trio.current_time() - started)
 
-    def _observe(self, request: web.Request, status: int | None, latency_s: float) -> None:
+    def _observe(self, request: asgi.Request, status: int | None, latency_s: float) -> None:
         model = request.log.get("model", "")
         if request.path.startswith("/v1/"):
             self.metrics.requests.inc(status=status or 499, model=model)
@@ -165,15 +166,15 @@ class CortexApp:
         )
 
     @staticmethod
-    async def _send_error(request: web.Request, response: dict[str, Any], err: ApiError) -> None:
+    async def _send_error(request: asgi.Request, response: dict[str, Any], err: ApiError) -> None:
         request.log.setdefault("outcome", err.code or err.type)
         if "status" in response:
             return  # headers already sent; the stream path reports its own errors
-        await web.send_bytes(request.send, err.status, err.openai_bytes(), web.JSON_HEADERS + err.headers)
+        await asgi.send_bytes(request.send, err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
 
     # --- generation ---------------------------------------------------------------
 
-    def _authenticate(self, request: web.Request) -> KeyRecord | None:
+    def _authenticate(self, request: asgi.Request) -> KeyRecord | None:
         if self.budget is None:
             raise errors.service_unavailable("cortex is starting; try again shortly.", 1)
         try:
@@ -184,43 +185,43 @@ class CortexApp:
             # Auth off (development): SDKs always send some key; unknown ones run unbudgeted.
             return None
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: asgi.Request) -> dict[str, Any]:
         try:
             raw = await request.body(self.config.server.max_body_bytes)
-        except web.BodyTooLarge as exc:
+        except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
         return parse_json_object(raw)
 
-    async def _chat(self, request: web.Request) -> None:
+    async def _chat(self, request: asgi.Request) -> None:
         key = self._authenticate(request)
         gen = chat_request(await self._body(request))
         await self.proxy.generate(request, gen, "/v1/chat/completions", key)
 
-    async def _completion(self, request: web.Request) -> None:
+    async def _completion(self, request: asgi.Request) -> None:
         key = self._authenticate(request)
         gen = completion_request(await self._body(request))
         await self.proxy.generate(request, gen, "/v1/completions", key)
 
     # --- everything else -------------------------------------------------------------
 
-    async def _models(self, request: web.Request) -> None:
-        await web.send_json(request.send, 200, {"object": "list", "data": self.fleet.catalogue()})
+    async def _models(self, request: asgi.Request) -> None:
+        await asgi.send_json(request.send, 200, {"object": "list", "data": self.fleet.catalogue()})
 
-    async def _health(self, request: web.Request) -> None:
+    async def _health(self, request: asgi.Request) -> None:
         status = self.fleet.status()
-        await web.send_json(request.send, 503 if status["status"] == "down" else 200, status)
+        await asgi.send_json(request.send, 503 if status["status"] == "down" else 200, status)
 
-    async def _metrics(self, request: web.Request) -> None:
+    async def _metrics(self, request: asgi.Request) -> None:
         body = self.metrics.registry.render()
-        await web.send_bytes(request.send, 200, body, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+        await asgi.send_bytes(request.send, 200, body, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
 
-    async def _admin_api(self, request: web.Request) -> None:
+    async def _admin_api(self, request: asgi.Request) -> None:
         if self._admin is None:
             raise ApiError(404, "The admin API is off: start cortex with --admin-token or CORTEX_ADMIN_TOKEN.", code="admin_disabled")
         await self._admin.handle(request)
 
-    async def _not_found(self, request: web.Request) -> None:
+    async def _not_found(self, request: asgi.Request) -> None:
         raise errors.not_found(request.path)
 
-    async def _method_not_allowed(self, request: web.Request, allowed: list[str]) -> None:
+    async def _method_not_allowed(self, request: asgi.Request, allowed: list[str]) -> None:
         raise errors.method_not_allowed(request.method, request.path, allowed)

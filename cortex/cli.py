@@ -19,7 +19,7 @@ from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
-from cortex.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
+from common.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
 
 DEFAULT_UP_LISTEN = "127.0.0.1:8080"
 DEMO_BALANCE_TOKENS = 1_000_000
@@ -81,6 +81,8 @@ async def run_gateway(config: Config) -> None:
                     config.server.listen,
                     shutdown_trigger=trigger,
                     graceful_timeout_s=config.server.graceful_timeout_s,
+                    backlog=config.server.backlog,
+                    keep_alive_timeout_s=config.server.keep_alive_timeout_s,
                 )
             )
             _check_started(app)

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from cortex.serving import parse_listen
+from common.serving import parse_listen
 
 
 class ConfigError(ValueError):
@@ -26,6 +26,14 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = 4 * 1024 * 1024
     graceful_timeout_s: float = 30.0
+    # The kernel caps it at net.core.somaxconn; a burst past it is reset or SYN-retried.
+    backlog: int = 4096
+    # Longer than client pools keep idle connections (httpx 5 s, undici 4 s,
+    # aiohttp 15 s), so the client closes first and never reuses a dying one.
+    keep_alive_timeout_s: float = 75.0
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this (then 408)
+    body_buffer_max_bytes: int = 128 * 1024 * 1024  # request bodies buffered at once, all requests; past it, 503
+    client_write_timeout_s: float = 30.0  # longest a response write may block on a client that does not read
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from typing import Any
 
 import trio
 
-from cortex import logs, web
-from cortex.api import errors
-from cortex.api.errors import ApiError
-from cortex.api.validate import GenerationRequest
+from cortex import logs
+from common import asgi
+from common import errors
+from common.errors import ApiError
+from common.openai_schema import GenerationRequest
 from cortex.budget.estimate import estimate
 from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter
@@ -39,7 +40,7 @@ def upstream_payload(gen: GenerationRequest) -> bytes:
     body = gen.body
     if gen.stream and not gen.include_usage:
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-    return web.encode_json(body)
+    return asgi.encode_json(body)
 
 
 def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiError:
@@ -73,7 +74,7 @@ class Proxy:
         self.upstream = upstream
         self.budget = budget
 
-    async def generate(self, request: web.Request, gen: GenerationRequest, path: str, key: KeyRecord | None) -> None:
+    async def generate(self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None) -> None:
         """Estimate, reserve, dispatch, settle: one block, one owner."""
         if not self.fleet.knows(gen.model):
             raise errors.model_not_found(gen.model)
@@ -81,7 +82,7 @@ class Proxy:
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
         meter = Meter(gen.stream, est.prompt_tokens)
         payload = upstream_payload(gen)
-        async with web.disconnect_watch(request.receive) as watch:
+        async with asgi.disconnect_watch(request.receive) as watch:
             if key is None or self.budget is None:
                 await self._dispatch(request, gen, path, payload, watch, meter)
             else:
@@ -98,7 +99,7 @@ class Proxy:
         else:
             request.log.setdefault("outcome", "ok")
 
-    async def _settle(self, request: web.Request, hold: Hold, meter: Meter) -> None:
+    async def _settle(self, request: asgi.Request, hold: Hold, meter: Meter) -> None:
         assert self.budget is not None
         action, tokens = meter.settlement()
         if action == "settle":
@@ -113,11 +114,11 @@ class Proxy:
 
     async def _dispatch(
         self,
-        request: web.Request,
+        request: asgi.Request,
         gen: GenerationRequest,
         path: str,
         payload: bytes,
-        watch: web.Disconnect,
+        watch: asgi.Disconnect,
         meter: Meter,
     ) -> None:
         headers = {"content-type": "application/json", "x-request-id": request.request_id}
@@ -150,11 +151,11 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: asgi.Request,
         gen: GenerationRequest,
         node: Node,
         response: UpstreamResponse,
-        watch: web.Disconnect,
+        watch: asgi.Disconnect,
         meter: Meter,
     ) -> None:
         if response.status != 200:
@@ -172,12 +173,12 @@ class Proxy:
         meter.usage = usage
         self._log_usage(request, usage)
         watch.closing()
-        await web.send_bytes(request.send, 200, raw, list(web.JSON_HEADERS))
+        await asgi.send_bytes(request.send, 200, raw, list(asgi.JSON_HEADERS))
 
     async def _relay_stream(
-        self, request: web.Request, response: UpstreamResponse, relay: StreamRelay, watch: web.Disconnect, meter: Meter
+        self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter
     ) -> None:
-        await web.start_stream(request.send, [])
+        await asgi.start_stream(request.send, [])
         try:
             with response.idle_watch():
                 while chunk := await response.next_chunk():
@@ -186,22 +187,22 @@ class Proxy:
                     if out:
                         if "ttft_ms" not in request.log:
                             request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
-                        await web.send_chunk(request.send, out)
+                        await asgi.send_chunk(request.send, out)
             if relay.truncated:
                 raise UpstreamFailed("upstream ended the stream without [DONE]")
         except (UpstreamFailed, SSEProtocolError) as exc:
             # Headers are gone already: the error travels as a final SSE event.
             err = errors.upstream_error(f"The upstream stream broke: {exc}")
             request.log.update(outcome="upstream_broken", error=str(exc))
-            await web.send_chunk(request.send, web.sse_data(err.openai_body()))
+            await asgi.send_chunk(request.send, asgi.sse_data(err.openai_body()))
         finally:
             meter.usage = relay.usage
             self._log_usage(request, relay.usage or {})
             request.log["data_events"] = relay.data_events
         watch.closing()
-        await web.end_stream(request.send)
+        await asgi.end_stream(request.send)
 
     @staticmethod
-    def _log_usage(request: web.Request, usage: dict[str, Any]) -> None:
+    def _log_usage(request: asgi.Request, usage: dict[str, Any]) -> None:
         request.log["prompt_tokens"] = usage.get("prompt_tokens")
         request.log["completion_tokens"] = usage.get("completion_tokens")

@@ -21,11 +21,11 @@ from typing import Any
 
 import trio
 
-from cortex import web
-from cortex.api import errors
-from cortex.api.errors import ApiError
-from cortex.api.validate import GenerationRequest, chat_request, completion_request, parse_json_object
-from neuron import tokenizer
+from common import asgi
+from common import errors
+from common.errors import ApiError
+from common.openai_schema import GenerationRequest, chat_request, completion_request, parse_json_object
+from common import counting
 from neuron.engines.mock import MockEngine, Reply
 
 VERSION = "0.1.0"
@@ -77,47 +77,47 @@ class NeuronApp:
         self._wall_clock = wall_clock
         assert config.slots >= 1 and config.queue_depth >= 0 and config.chunk_tokens >= 1
         self._slots = trio.CapacityLimiter(config.slots)
-        self.router = web.Router(self._not_found, self._method_not_allowed)
+        self.router = asgi.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
         self.router.add("POST", "/v1/completions", self._completion)
         self.router.add("GET", "/v1/models", self._list_models)
         self.router.add("GET", "/health", self._health)
         self.router.add("GET", "/discovery", self._discovery)
 
-    async def __call__(self, scope: web.Scope, receive: web.Receive, send: web.Send) -> None:
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] == "lifespan":
-            await web.serve_lifespan(receive, send, _ready)
+            await asgi.serve_lifespan(receive, send, _ready)
             return
         if scope["type"] != "http":
             return
-        request = web.Request.from_scope(scope, receive, send)
+        request = asgi.Request.from_scope(scope, receive, send)
         try:
             await self.router.dispatch(request)
         except ApiError as err:
             self.counters.rejected_total += 1
-            await web.send_bytes(send, err.status, err.openai_bytes(), web.JSON_HEADERS + err.headers)
-        except web.ClientGone:
+            await asgi.send_bytes(send, err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
+        except asgi.ClientGone:
             pass  # left before its body was complete: nothing to answer
         except Exception as exc:  # a bug must still answer in the API's shape
             self.counters.rejected_total += 1
             err = ApiError(500, f"Internal error in neuron: {type(exc).__name__}.", type="server_error", code="internal_error")
-            await web.send_bytes(send, err.status, err.openai_bytes(), web.JSON_HEADERS)
+            await asgi.send_bytes(send, err.status, err.openai_bytes(), asgi.JSON_HEADERS)
 
     # --- generation -------------------------------------------------------
 
-    async def _chat(self, request: web.Request) -> None:
+    async def _chat(self, request: asgi.Request) -> None:
         gen = chat_request(await self._body(request))
-        prompt_tokens = tokenizer.count_chat(gen.messages)
-        await self._generate(request, gen, tokenizer.render_chat(gen.messages), prompt_tokens)
+        prompt_tokens = counting.count_chat(gen.messages)
+        await self._generate(request, gen, counting.render_chat(gen.messages), prompt_tokens)
 
-    async def _completion(self, request: web.Request) -> None:
+    async def _completion(self, request: asgi.Request) -> None:
         gen = completion_request(await self._body(request))
-        await self._generate(request, gen, gen.prompt, tokenizer.count_text(gen.prompt))
+        await self._generate(request, gen, gen.prompt, counting.count_text(gen.prompt))
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: asgi.Request) -> dict[str, Any]:
         try:
             return parse_json_object(await request.body(self.config.max_body_bytes))
-        except web.BodyTooLarge as exc:
+        except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
 
     def _limit_tokens(self, gen: GenerationRequest, prompt_tokens: int) -> int:
@@ -140,14 +140,14 @@ class NeuronApp:
             raise errors.context_length_exceeded(prompt_tokens, gen.max_output_tokens, spec.context_tokens)
         return gen.max_output_tokens
 
-    async def _generate(self, request: web.Request, gen: GenerationRequest, prompt: str, prompt_tokens: int) -> None:
+    async def _generate(self, request: asgi.Request, gen: GenerationRequest, prompt: str, prompt_tokens: int) -> None:
         limit = self._limit_tokens(gen, prompt_tokens)
         if self._slots.available_tokens == 0 and self.counters.queued >= self.config.queue_depth:
             raise errors.server_overloaded("neuron queue is full; retry shortly.", retry_after_s=1)
         reply = self.config.engine.plan(gen.body.get("seed"), prompt, limit, gen.stop)
         self.counters.requests_total += 1
         completion_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        async with web.disconnect_watch(request.receive) as watch:
+        async with asgi.disconnect_watch(request.receive) as watch:
             async with self._slot():
                 self.counters.in_flight += 1
                 try:
@@ -174,12 +174,12 @@ class NeuronApp:
 
     async def _respond(
         self,
-        request: web.Request,
+        request: asgi.Request,
         gen: GenerationRequest,
         reply: Reply,
         prompt_tokens: int,
         completion_id: str,
-        watch: web.Disconnect,
+        watch: asgi.Disconnect,
     ) -> None:
         engine = self.config.engine
         start = trio.current_time()
@@ -190,35 +190,35 @@ class NeuronApp:
             self.counters.tokens_generated_total += reply.tokens
             body = shape.whole(reply, prompt_tokens)
             watch.closing()
-            await web.send_json(request.send, 200, body, [(b"x-request-id", completion_id.encode())])
+            await asgi.send_json(request.send, 200, body, [(b"x-request-id", completion_id.encode())])
             return
-        await web.start_stream(request.send, [(b"x-request-id", completion_id.encode())])
+        await asgi.start_stream(request.send, [(b"x-request-id", completion_id.encode())])
         if gen.kind == "chat":
-            await web.send_chunk(request.send, web.sse_data(shape.chunk({"role": "assistant", "content": ""}, None)))
+            await asgi.send_chunk(request.send, asgi.sse_data(shape.chunk({"role": "assistant", "content": ""}, None)))
         step = self.config.chunk_tokens
         for index in range(0, reply.tokens, step):
             piece = reply.text[index : index + step]
             await engine.wait_for_token(start, index + len(piece) - 1)
             self.counters.tokens_generated_total += len(piece)
-            await web.send_chunk(request.send, web.sse_data(shape.token_chunk(piece)))
-        await web.send_chunk(request.send, web.sse_data(shape.finish_chunk(reply.finish_reason)))
+            await asgi.send_chunk(request.send, asgi.sse_data(shape.token_chunk(piece)))
+        await asgi.send_chunk(request.send, asgi.sse_data(shape.finish_chunk(reply.finish_reason)))
         if gen.include_usage:
-            await web.send_chunk(request.send, web.sse_data(shape.usage_chunk(prompt_tokens, reply.tokens)))
+            await asgi.send_chunk(request.send, asgi.sse_data(shape.usage_chunk(prompt_tokens, reply.tokens)))
         watch.closing()
-        await web.send_chunk(request.send, web.SSE_DONE)
-        await web.end_stream(request.send)
+        await asgi.send_chunk(request.send, asgi.SSE_DONE)
+        await asgi.end_stream(request.send)
 
     # --- catalogue and health --------------------------------------------
 
-    async def _list_models(self, request: web.Request) -> None:
+    async def _list_models(self, request: asgi.Request) -> None:
         created = int(self.started_at)
-        await web.send_json(
+        await asgi.send_json(
             request.send, 200, {"object": "list", "data": [m.catalogue_entry(created) for m in self.models.values()]}
         )
 
-    async def _health(self, request: web.Request) -> None:
+    async def _health(self, request: asgi.Request) -> None:
         c = self.counters
-        await web.send_json(
+        await asgi.send_json(
             request.send,
             200,
             {
@@ -238,8 +238,8 @@ class NeuronApp:
             },
         )
 
-    async def _discovery(self, request: web.Request) -> None:
-        await web.send_json(
+    async def _discovery(self, request: asgi.Request) -> None:
+        await asgi.send_json(
             request.send,
             200,
             {
@@ -255,10 +255,10 @@ class NeuronApp:
             },
         )
 
-    async def _not_found(self, request: web.Request) -> None:
+    async def _not_found(self, request: asgi.Request) -> None:
         raise errors.not_found(request.path)
 
-    async def _method_not_allowed(self, request: web.Request, allowed: list[str]) -> None:
+    async def _method_not_allowed(self, request: asgi.Request, allowed: list[str]) -> None:
         raise errors.method_not_allowed(request.method, request.path, allowed)
 
 

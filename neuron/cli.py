@@ -8,7 +8,7 @@ from functools import partial
 
 import trio
 
-from cortex.serving import announce, parse_listen, run_daemon, serve, shutdown_signals
+from common.serving import announce, parse_listen, run_daemon, serve, shutdown_signals
 from neuron.app import ModelSpec, NeuronApp, NeuronConfig
 from neuron.engines.mock import MockEngine, Pacing
 

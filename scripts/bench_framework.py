@@ -3,19 +3,19 @@
 
 Question: what does a framework cost per request, on the server cortex
 actually runs (Hypercorn's Trio worker)?  cortex serves raw ASGI behind
-``cortex.web.Router``; this measures that choice against Starlette.
+``common.asgi.Router``; this measures that choice against Starlette.
 
 What it does
 ------------
 1. Starts one server subprocess per framework (this same file in
-   ``--serve NAME`` mode), each through ``cortex.serving.serve`` -- i.e.
+   ``--serve NAME`` mode), each through ``common.serving.serve`` -- i.e.
    Hypercorn's Trio worker with exactly cortex's Hypercorn configuration -- on
    127.0.0.1 with an ephemeral port.  Both answer ``POST /v1/echo`` by reading
    the whole JSON body, ``json``-decoding it and replying with a small JSON
    object (``{"ok":true,"model":...,"messages":N}``):
 
-   ``raw``        ``cortex.web.Router`` + ``cortex.web.Request.body`` +
-                  ``cortex.web.send_json``: what cortex uses.
+   ``raw``        ``common.asgi.Router`` + ``common.asgi.Request.body`` +
+                  ``common.asgi.send_json``: what cortex uses.
    ``starlette``  ``Starlette(routes=[Route("/v1/echo", ..., methods=["POST"])])``
                   with ``await request.body()`` and ``JSONResponse`` (runs on
                   trio through anyio).  Needs ``pip install 'starlette>=0.37'``
@@ -72,25 +72,25 @@ def _reply(data: dict) -> dict:
 
 
 def make_raw_app():
-    from cortex import web
+    from common import asgi
 
-    async def not_found(request: web.Request) -> None:
-        await web.send_json(request.send, 404, {"error": "not found"})
+    async def not_found(request: asgi.Request) -> None:
+        await asgi.send_json(request.send, 404, {"error": "not found"})
 
-    async def method_not_allowed(request: web.Request, methods: list[str]) -> None:
-        await web.send_json(request.send, 405, {"error": "method not allowed"},
+    async def method_not_allowed(request: asgi.Request, methods: list[str]) -> None:
+        await asgi.send_json(request.send, 405, {"error": "method not allowed"},
                             [(b"allow", ", ".join(methods).encode())])
 
-    async def echo(request: web.Request) -> None:
+    async def echo(request: asgi.Request) -> None:
         data = json.loads(await request.body(BODY_LIMIT))
-        await web.send_json(request.send, 200, _reply(data))
+        await asgi.send_json(request.send, 200, _reply(data))
 
-    router = web.Router(not_found, method_not_allowed)
+    router = asgi.Router(not_found, method_not_allowed)
     router.add("POST", PATH, echo)
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "http":
-            await router.dispatch(web.Request.from_scope(scope, receive, send))
+            await router.dispatch(asgi.Request.from_scope(scope, receive, send))
         elif scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -122,7 +122,7 @@ APP_FACTORIES = {"raw": make_raw_app, "starlette": make_starlette_app}
 def serve_main(name: str) -> int:
     from functools import partial
 
-    from cortex.serving import announce, serve, wait_for_signal
+    from common.serving import announce, serve, wait_for_signal
 
     app = APP_FACTORIES[name]()
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Label: {args.label or '-'}; git {lg.git_rev(str(REPO_ROOT))}")
     print(f"Environment: {lg.versions(*filter(None, [starlette_version]))}")
     print(
-        f"Hypercorn Trio worker (cortex.serving config), POST {PATH} with a {len(REQUEST_BODY)}-byte JSON body; "
+        f"Hypercorn Trio worker (common.serving config), POST {PATH} with a {len(REQUEST_BODY)}-byte JSON body; "
         f"{args.requests} requests or {args.max_seconds:g} s per point, {args.repeats} repeat(s), medians"
     )
     print()

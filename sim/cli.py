@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex.serving import leaf_error
+from common.serving import leaf_error
 from sim import report, runner
 from sim.scenario import Scenario, ScenarioError, load
 from sim.world import LedgerFaults

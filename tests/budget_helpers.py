@@ -6,13 +6,13 @@ from typing import Any
 
 import httpx
 
-from neuron import tokenizer
+from common import counting
 from tests.conftest import Proc, Stack
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 MODEL = "cortex-mock"
 HI = [{"role": "user", "content": "hi"}]
-HI_PROMPT_TOKENS = tokenizer.count_chat(HI)  # exact: byte-level
+HI_PROMPT_TOKENS = counting.count_chat(HI)  # exact: byte-level
 
 
 def budget_cortex(stack: Stack, *neurons: Proc, config: str = "", **kwargs: Any) -> Proc:

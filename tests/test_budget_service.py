@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 import trio
 
-from cortex.api.errors import ApiError
+from common.errors import ApiError
 from cortex.budget.estimate import Estimate
 from cortex.budget.ledger import Caps, Refusal
 from cortex.budget.service import BudgetService

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from neuron import tokenizer
+from common import counting
 from tests.conftest import Stack, wait_until
 
 MODEL = "cortex-mock"
@@ -31,7 +31,7 @@ def test_models_advertise_context_and_output_limits(neuron):
 def test_usage_is_exact_byte_level_accounting(neuron):
     messages = [{"role": "system", "content": "sé"}, {"role": "user", "content": "hi there"}]
     reply = sdk(neuron).chat.completions.create(model=MODEL, messages=messages, max_tokens=33)
-    assert reply.usage.prompt_tokens == tokenizer.count_chat(messages)
+    assert reply.usage.prompt_tokens == counting.count_chat(messages)
     assert reply.usage.completion_tokens == len(reply.choices[0].message.content.encode()) == 33
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 33
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cortex.api.errors import ApiError
-from cortex.api.validate import chat_request, completion_request, parse_json_object
+from common.errors import ApiError
+from common.openai_schema import chat_request, completion_request, parse_json_object
 from cortex.fleet.registry import Fleet, ModelInfo, parse_models
 from cortex.relay import SSEDecoder, SSEProtocolError, StreamRelay, event_data
-from neuron import tokenizer
+from common import counting
 from neuron.engines.mock import Pacing, plan_reply
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -57,18 +57,18 @@ def test_invalid_utf8_is_invalid_json():
 def test_chat_prompt_tokens_are_bytes_plus_template_overhead():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo", "name": "ann"}]
     expected = (
-        tokenizer.REPLY_PRIMER_TOKENS
-        + 2 * tokenizer.MESSAGE_OVERHEAD_TOKENS
+        counting.REPLY_PRIMER_TOKENS
+        + 2 * counting.MESSAGE_OVERHEAD_TOKENS
         + len("Be brief.")
         + len("héllo".encode())
         + len("ann")
     )
-    assert tokenizer.count_chat(messages) == expected
+    assert counting.count_chat(messages) == expected
 
 
 def test_text_parts_count_and_other_parts_do_not():
     parts = [{"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "image_url", "image_url": {}}]}]
-    assert tokenizer.count_chat(parts) == tokenizer.REPLY_PRIMER_TOKENS + tokenizer.MESSAGE_OVERHEAD_TOKENS + 2
+    assert counting.count_chat(parts) == counting.REPLY_PRIMER_TOKENS + counting.MESSAGE_OVERHEAD_TOKENS + 2
 
 
 @given(st.text(max_size=50), st.integers(0, 300), st.integers(0, 300), st.integers(-5, 5))

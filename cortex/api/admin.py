@@ -20,10 +20,10 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from cortex import web
-from cortex.api import errors
-from cortex.api.errors import ApiError
-from cortex.api.validate import parse_json_object
+from common import asgi
+from common import errors
+from common.errors import ApiError
+from common.openai_schema import parse_json_object
 from cortex.budget.ledger import Caps
 from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetService
 
@@ -58,7 +58,7 @@ def caps_from(body: dict[str, Any]) -> Caps:
     return Caps(values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"])
 
 
-def _recent_limit(request: web.Request) -> int:
+def _recent_limit(request: asgi.Request) -> int:
     raw = request.query.get("recent", str(RECENT_DEFAULT))
     if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= RECENT_MAX:
         raise errors.invalid_request(f"'recent' must be an integer from 0 to {RECENT_MAX}.", param="recent")
@@ -78,19 +78,19 @@ class AdminApi:
         self.budget = budget
         self._token = token.encode()
 
-    def _authorize(self, request: web.Request) -> None:
+    def _authorize(self, request: asgi.Request) -> None:
         auth = request.headers.get("authorization", "")
         scheme, _, presented = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
             raise ApiError(401, "Missing or incorrect admin token.", code="invalid_admin_token")
 
-    async def handle(self, request: web.Request) -> None:
+    async def handle(self, request: asgi.Request) -> None:
         self._authorize(request)
         parts = request.path[len(PREFIX):].strip("/").split("/")
         status, body = await self._route(request, parts)
-        await web.send_json(request.send, status, body)
+        await asgi.send_json(request.send, status, body)
 
-    async def _route(self, request: web.Request, parts: list[str]) -> tuple[int, Any]:
+    async def _route(self, request: asgi.Request, parts: list[str]) -> tuple[int, Any]:
         method = request.method
         head, rest = parts[0], parts[1:]
         if head == "keys" and not rest:
@@ -120,7 +120,7 @@ class AdminApi:
             raise errors.not_found(request.path)
         raise errors.method_not_allowed(method, request.path, ["GET", "POST"])
 
-    async def _principal(self, request: web.Request, kind: str, rest: list[str]) -> tuple[int, Any]:
+    async def _principal(self, request: asgi.Request, kind: str, rest: list[str]) -> tuple[int, Any]:
         principal_id, action = rest[0], (rest[1] if len(rest) > 1 else None)
         if len(rest) > 2:
             raise errors.not_found(request.path)
@@ -168,9 +168,9 @@ class AdminApi:
         }
 
     @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
+    async def _body(request: asgi.Request) -> dict[str, Any]:
         try:
             return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES))
-        except web.BodyTooLarge as exc:
+        except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
 

@@ -1,7 +1,7 @@
 """The reservation estimate: a true upper bound on a request's token cost.
 
 Prompt: neuron's tokenizer is byte-level, so the rendered-prompt count from
-`neuron.tokenizer` is exact. For any other tokenizer whose tokens each
+`common.counting` is exact. For any other tokenizer whose tokens each
 cover at least one byte (byte-level BPE as in GPT-2, Llama 3 and tiktoken;
 SentencePiece with byte fallback), the same count is still an upper bound,
 provided the template overhead per message is no larger than ours. Fields
@@ -21,10 +21,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cortex.api import errors
-from cortex.api.validate import GenerationRequest
+from common import errors
+from common.openai_schema import GenerationRequest
 from cortex.fleet.registry import ModelInfo
-from neuron import tokenizer
+from common import counting
 
 FALLBACK_OUTPUT_TOKENS = 4096
 PROMPT_SIDE_FIELDS = ("tools", "functions", "tool_choice", "response_format")
@@ -46,8 +46,8 @@ def _json_bytes(value: Any) -> int:
 
 def prompt_tokens_bound(gen: GenerationRequest) -> int:
     if gen.kind == "completion":
-        return tokenizer.count_text(gen.prompt)
-    total = tokenizer.count_chat(gen.messages)
+        return counting.count_text(gen.prompt)
+    total = counting.count_chat(gen.messages)
     for message in gen.messages:
         content = message.get("content")
         if isinstance(content, list):

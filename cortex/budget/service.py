@@ -22,8 +22,8 @@ from typing import Any
 import trio
 
 from cortex import logs
-from cortex.api import errors
-from cortex.api.errors import ApiError
+from common import errors
+from common.errors import ApiError
 from cortex.budget import keys as keys_mod
 from cortex.budget.estimate import Estimate
 from cortex.budget.ledger import Caps, Hold, Ledger, LedgerError, Refusal, Resolution

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cortex.web import encode_json
+from common.asgi import encode_json
 
 
 class ApiError(Exception):

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cortex.api.errors import invalid_json, invalid_request
+from common.errors import invalid_json, invalid_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 STOP_SEQUENCES_MAX = 4

@@ -22,13 +22,23 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def hypercorn_config(listen: str, graceful_timeout_s: float = 5.0) -> HypercornConfig:
+DEFAULT_BACKLOG = 4096
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0
+
+
+def hypercorn_config(
+    listen: str,
+    graceful_timeout_s: float = 5.0,
+    backlog: int = DEFAULT_BACKLOG,
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+) -> HypercornConfig:
     host, port = parse_listen(listen)
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # cortex writes its own structured request log
     config.graceful_timeout = graceful_timeout_s
-    config.keep_alive_timeout = 75  # longer than common client pool idle times
+    config.backlog = backlog
+    config.keep_alive_timeout = keep_alive_timeout_s
     config.h11_max_incomplete_size = 64 * 1024
     return config
 
@@ -72,10 +82,12 @@ async def serve(
     *,
     shutdown_trigger: Any = None,
     graceful_timeout_s: float = 5.0,
+    backlog: int = DEFAULT_BACKLOG,
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown_trigger` returns; `started()` reports the bound URLs."""
-    config = hypercorn_config(listen, graceful_timeout_s)
+    config = hypercorn_config(listen, graceful_timeout_s, backlog, keep_alive_timeout_s)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
