@@ -337,6 +337,11 @@ class GatewayMetrics:
         self.held_tokens = r.gauge("cortex_held_tokens", "Tokens held by open holds.")
         self.holds_resolved = r.counter("cortex_holds_resolved_total", "Holds resolved, by how.", ("state",))
         self.overruns = r.counter("cortex_settle_overruns_total", "Settlements whose actual usage exceeded the hold.")
+        self.usage_disagreements = r.counter(
+            "cortex_usage_disagreements_total",
+            "Settlements where the upstream's usage was missing, malformed or below what cortex relayed, by reason.",
+            ("reason",),
+        )
         self.overrun_tokens = r.counter("cortex_settle_overrun_tokens_total", "Tokens above the hold (not charged).")
         self.commit_batch = r.histogram(
             "cortex_ledger_commit_batch_size", "Jobs per ledger group commit.", BATCH_SIZE_BUCKETS

@@ -25,21 +25,36 @@ from common.errors import ApiError
 from common.openai_schema import GenerationRequest
 from cortex.budget.estimate import estimate
 from cortex.budget.ledger import Hold
-from cortex.budget.meter import Meter
+from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
 from cortex.fleet.registry import Fleet, Node
-from cortex.fleet.upstream import Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
-from cortex.relay import SSEProtocolError, StreamRelay
+from cortex.fleet.upstream import (
+    LocalResourceError,
+    Upstream,
+    UpstreamFailed,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from cortex.relay import SSEProtocolError, StreamRelay, output_tokens
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
 
-def upstream_payload(gen: GenerationRequest) -> bytes:
-    """The body sent to the neuron: the client's, asking for a usage frame when streaming."""
-    body = gen.body
+# neuron's tokens are UTF-8 bytes, so relayed bytes bound relayed tokens from below.
+OUTPUT_BYTES_PER_TOKEN_MAX = 1
+
+
+def upstream_payload(gen: GenerationRequest, output_tokens_max: int) -> bytes:
+    """The body sent upstream: the client's, with the output bound its hold covers
+    (so no upstream may write more than the client is charged for), asking for
+    a usage frame when streaming."""
+    body = {**gen.body, "max_tokens": output_tokens_max}
+    if "max_completion_tokens" in body:
+        body["max_completion_tokens"] = output_tokens_max
     if gen.stream and not gen.include_usage:
-        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return asgi.encode_json(body)
 
 
@@ -81,34 +96,43 @@ class Proxy:
         est = estimate(gen, self.fleet.model_info(gen.model), self.config.budget.fallback_output_tokens)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
         meter = Meter(gen.stream, est.prompt_tokens)
-        payload = upstream_payload(gen)
+        payload = upstream_payload(gen, est.output_tokens)
+        output_max = est.output_tokens * OUTPUT_BYTES_PER_TOKEN_MAX
         async with asgi.disconnect_watch(request.receive) as watch:
             if key is None or self.budget is None:
-                await self._dispatch(request, gen, path, payload, watch, meter)
+                await self._dispatch(request, gen, path, payload, watch, meter, output_max)
             else:
                 request.log["key_id"] = key.id
                 hold = await self.budget.reserve(key, est, request.request_id, gen.model)
                 try:
                     request.response_headers = self.budget.ratelimit_headers(key)
-                    await self._dispatch(request, gen, path, payload, watch, meter)
+                    await self._dispatch(request, gen, path, payload, watch, meter, output_max)
                 finally:
-                    meter.client_gone = watch.disconnected
+                    meter.client_gone = watch.disconnected or request.client_gone
                     await self._settle(request, hold, meter)
-        if watch.disconnected:
+        if watch.disconnected or request.client_gone:
             request.log["outcome"] = "client_disconnected"
         else:
             request.log.setdefault("outcome", "ok")
 
     async def _settle(self, request: asgi.Request, hold: Hold, meter: Meter) -> None:
+        """Resolve the hold exactly once; nothing an upstream sent can make this raise."""
         assert self.budget is not None
-        action, tokens = meter.settlement()
-        if action == "settle":
-            resolution = await self.budget.settle(hold, tokens)
-        elif action == "release":
+        try:
+            decision = meter.settlement()
+        except Exception as exc:  # a bug in the meter must not leak the hold
+            logs.event("settle_fallback", logging.ERROR, request_id=request.request_id, error=repr(exc))
+            decision = Settlement("charge_hold", 0)
+        if decision.disagreement is not None:
+            self.budget.metrics.usage_disagreements.inc(reason=decision.disagreement)
+            request.log["usage_disagreement"] = decision.disagreement
+        if decision.action == "settle":
+            resolution = await self.budget.settle(hold, decision.tokens)
+        elif decision.action == "release":
             resolution = await self.budget.release(hold)
         else:
             resolution = await self.budget.charge_hold(hold)
-        request.log.update(settlement=action, hold_tokens=hold.amount_tokens)
+        request.log.update(settlement=decision.action, hold_tokens=hold.amount_tokens)
         if resolution is not None:
             request.log["charged_tokens"] = resolution.charged_tokens
 
@@ -120,6 +144,7 @@ class Proxy:
         payload: bytes,
         watch: asgi.Disconnect,
         meter: Meter,
+        output_max: int,
     ) -> None:
         headers = {"content-type": "application/json", "x-request-id": request.request_id}
         tried: set[str] = set()
@@ -135,8 +160,12 @@ class Proxy:
             meter.dispatched = True
             try:
                 async with self.upstream.post(node.url, path, payload, headers) as response:
-                    await self._relay(request, gen, node, response, watch, meter)
+                    await self._relay(request, gen, node, response, watch, meter, output_max)
                 return
+            except LocalResourceError as exc:
+                meter.dispatched = False  # the request never left cortex
+                logs.event("local_resource_error", logging.ERROR, request_id=request.request_id, error=str(exc))
+                raise errors.service_unavailable("cortex is short of local resources (file descriptors); retry shortly.", 1) from None
             except UpstreamUnavailable as exc:
                 meter.dispatched = False  # never reached the neuron
                 self.fleet.dispatch_failed(node.url, str(exc))
@@ -157,21 +186,33 @@ class Proxy:
         response: UpstreamResponse,
         watch: asgi.Disconnect,
         meter: Meter,
+        output_max: int,
     ) -> None:
         if response.status != 200:
             raw = await response.read_all(ERROR_BODY_MAX_BYTES)
             meter.dispatched = False  # refused by the neuron: nothing generated
             raise upstream_error(node, response.status, raw, response.headers)
         if gen.stream:
-            await self._relay_stream(request, response, StreamRelay(gen.include_usage), watch, meter)
+            relay = StreamRelay(gen.include_usage, output_max)
+            await self._relay_stream(request, response, relay, watch, meter)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
-            usage = json.loads(raw).get("usage") or {}
-        except (ValueError, AttributeError):
-            raise errors.upstream_error(f"The neuron at {node.url} sent a malformed response.") from None
-        meter.usage = usage
-        self._log_usage(request, usage)
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            raise errors.upstream_error(f"The neuron at {node.url} sent a malformed response.")
+        output = output_tokens(body)
+        if output > output_max:
+            # Never deliver more than the hold covers; the client gets nothing, so it pays nothing.
+            raise errors.upstream_error(
+                f"The neuron at {node.url} wrote more output than the {output_max} tokens it was allowed."
+            )
+        meter.usage = body.get("usage")
+        meter.relayed_output_tokens = output
+        meter.responded = meter.completed = True
+        self._log_usage(request, meter.usage)
         watch.closing()
         await asgi.send_bytes(request.send, 200, raw, list(asgi.JSON_HEADERS))
 
@@ -183,13 +224,16 @@ class Proxy:
             with response.idle_watch():
                 while chunk := await response.next_chunk():
                     out = relay.feed(chunk)
-                    meter.streamed_tokens = relay.output_tokens
+                    meter.relayed_output_tokens = relay.output_tokens
                     if out:
                         if "ttft_ms" not in request.log:
                             request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
                         await asgi.send_chunk(request.send, out)
+            if relay.overflowed:
+                raise UpstreamFailed(f"upstream wrote more output than the {relay.output_tokens_max} tokens it was allowed")
             if relay.truncated:
                 raise UpstreamFailed("upstream ended the stream without [DONE]")
+            meter.completed = True
         except (UpstreamFailed, SSEProtocolError) as exc:
             # Headers are gone already: the error travels as a final SSE event.
             err = errors.upstream_error(f"The upstream stream broke: {exc}")
@@ -197,12 +241,13 @@ class Proxy:
             await asgi.send_chunk(request.send, asgi.sse_data(err.openai_body()))
         finally:
             meter.usage = relay.usage
-            self._log_usage(request, relay.usage or {})
+            meter.relayed_output_tokens = relay.output_tokens
+            self._log_usage(request, relay.usage)
             request.log["data_events"] = relay.data_events
         watch.closing()
         await asgi.end_stream(request.send)
 
     @staticmethod
-    def _log_usage(request: asgi.Request, usage: dict[str, Any]) -> None:
-        request.log["prompt_tokens"] = usage.get("prompt_tokens")
-        request.log["completion_tokens"] = usage.get("completion_tokens")
+    def _log_usage(request: asgi.Request, usage: Any) -> None:
+        counts = usage_counts(usage)
+        request.log["prompt_tokens"], request.log["completion_tokens"] = counts if counts else (None, None)

@@ -52,25 +52,38 @@ def event_data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-def output_tokens(frame: dict[str, Any]) -> int:
-    """Output tokens in one chunk, counted as UTF-8 bytes of its text.
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def _text_bytes(value: Any) -> int:
+    return len(value.encode("utf-8", "replace")) if isinstance(value, str) else 0
+
+
+def _message_bytes(message: dict[str, Any]) -> int:
+    total = sum(_text_bytes(message.get(name)) for name in _TEXT_FIELDS)
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            total += _text_bytes(function.get("arguments")) + _text_bytes(function.get("name"))
+    return total
+
+
+def output_tokens(frame: Any) -> int:
+    """Output tokens in one chunk or whole response, counted as UTF-8 bytes of its text.
 
     Exact for neuron's byte-level tokenizer and an upper bound for any
-    tokenizer whose tokens cover at least a byte each, so a charge made
-    from this count never falls below what the client received.
+    tokenizer whose tokens cover at least a byte each. Text, reasoning and
+    tool-call arguments all count: the client received each of them.
+    Whatever shape the upstream sent, this returns a count, never raises.
     """
+    choices = frame.get("choices") if isinstance(frame, dict) else None
     total = 0
-    for choice in frame.get("choices") or ():
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if isinstance(text, str):
-            total += len(text.encode())
-        for call in (delta.get("tool_calls") if isinstance(delta, dict) else None) or ():
-            arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
-            if isinstance(arguments, str):
-                total += len(arguments.encode())
+        body = choice.get("delta", choice.get("message"))
+        total += _message_bytes(body) if isinstance(body, dict) else _text_bytes(choice.get("text"))
     return total
 
 
@@ -84,7 +97,7 @@ def chunk_output_tokens(data: bytes) -> int:
     counted by slicing; anything else takes the JSON path. Inside a JSON
     string a quote is always escaped, so the key pattern cannot be faked.
     """
-    if b"\\" not in data and b'"tool_calls"' not in data:
+    if b"\\" not in data and b'"tool_calls"' not in data and b'"reasoning' not in data and b'"refusal":"' not in data:
         for key in _TEXT_KEYS:
             start = data.find(key)
             if start >= 0:
@@ -97,9 +110,19 @@ def chunk_output_tokens(data: bytes) -> int:
 
 @dataclass
 class StreamRelay:
+    """Relays one upstream stream, counting its output and enforcing a bound.
+
+    `output_tokens_max` is the output the client's hold covers: an event
+    that would take the relayed output past it is not forwarded, and
+    `overflowed` tells the caller to end the stream. The upstream was sent
+    the same bound, so only a misbehaving one ever trips it.
+    """
+
     client_wants_usage: bool
-    usage: dict[str, Any] | None = None
+    output_tokens_max: int | None = None
+    usage: Any = None  # the upstream's usage value, as sent
     done: bool = False
+    overflowed: bool = False
     data_events: int = 0  # data events relayed, usage frame and [DONE] excluded
     output_tokens: int = 0  # counted from the relayed chunks
 
@@ -110,21 +133,30 @@ class StreamRelay:
         """Upstream bytes in; the bytes to write to the client out (maybe b"")."""
         out = []
         for event in self._decoder.feed(chunk):
+            if self.overflowed:
+                break
             data = event_data(event)
             if data == DONE:
                 self.done = True
             elif data:
-                if b'"usage":{' in data and self._is_usage_frame(_json_object(data)) and not self.client_wants_usage:
+                if self._is_usage_only(data) and not self.client_wants_usage:
                     continue
+                tokens = chunk_output_tokens(data)
+                if self.output_tokens_max is not None and self.output_tokens + tokens > self.output_tokens_max:
+                    self.overflowed = True
+                    break
                 self.data_events += 1
-                self.output_tokens += chunk_output_tokens(data)
+                self.output_tokens += tokens
             out.append(event)
         return b"".join(out)
 
-    def _is_usage_frame(self, frame: dict[str, Any]) -> bool:
-        """Record usage; True for a usage-only frame (no choices)."""
+    def _is_usage_only(self, data: bytes) -> bool:
+        """Record usage (any non-null value); True for a usage-only frame (no choices)."""
+        if b'"usage":' not in data or b'"usage":null' in data:
+            return False
+        frame = _json_object(data)
         usage = frame.get("usage")
-        if not isinstance(usage, dict):
+        if usage is None:
             return False
         self.usage = usage
         return not frame.get("choices")

@@ -101,8 +101,8 @@ def test_a_failed_open_reports_the_reason(tmp_path):
     [
         (Meter(False, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, dispatched=True), ("settle", 14)),
         (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 5}, dispatched=True), ("settle", 14)),
-        (Meter(True, 9, streamed_tokens=3, dispatched=True, client_gone=True), ("settle", 12)),
-        (Meter(True, 9, streamed_tokens=3, dispatched=True), ("settle", 12)),
+        (Meter(True, 9, relayed_output_tokens=3, dispatched=True, client_gone=True), ("settle", 12)),
+        (Meter(True, 9, relayed_output_tokens=3, dispatched=True), ("settle", 12)),
         (Meter(True, 9, dispatched=True, client_gone=True), ("settle", 9)),
         (Meter(True, 9, dispatched=True), ("release", 0)),
         (Meter(True, 9), ("release", 0)),
@@ -110,14 +110,45 @@ def test_a_failed_open_reports_the_reason(tmp_path):
         (Meter(False, 9, dispatched=True, client_gone=True), ("charge_hold", 0)),
         (Meter(False, 9, dispatched=True), ("release", 0)),
         (Meter(False, 9, usage={"prompt_tokens": "x"}, dispatched=True, client_gone=True), ("charge_hold", 0)),
+        # Upstream counts that are missing, malformed or below what was relayed (hardening #3).
+        (Meter(False, 9, usage=12.0, relayed_output_tokens=5, dispatched=True, responded=True), ("settle", 14)),
+        (Meter(False, 9, usage="lots", relayed_output_tokens=5, dispatched=True, responded=True), ("settle", 14)),
+        (Meter(False, 9, usage=[1, 2], relayed_output_tokens=0, dispatched=True, responded=True), ("settle", 9)),
+        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 0}, relayed_output_tokens=20, dispatched=True),
+         ("settle", 29)),
+        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 1.5}, relayed_output_tokens=4, dispatched=True),
+         ("settle", 13)),
+        (Meter(True, 9, usage={"prompt_tokens": True, "completion_tokens": 3}, relayed_output_tokens=4, dispatched=True),
+         ("settle", 13)),
+        (Meter(True, 9, usage={"prompt_tokens": 7, "completion_tokens": 30}, relayed_output_tokens=20, dispatched=True),
+         ("settle", 37)),
     ],
     ids=[
         "whole-usage", "stream-usage-frame", "stream-disconnect", "stream-broke-mid", "stream-disconnect-before-token",
-        "stream-broke-before-token", "never-dispatched", "left-before-dispatch", "whole-disconnect", "whole-upstream-failed", "malformed-usage",
+        "stream-broke-before-token", "never-dispatched", "left-before-dispatch", "whole-disconnect", "whole-upstream-failed",
+        "malformed-usage", "float-usage", "string-usage", "list-usage", "zero-usage-below-relayed", "float-count",
+        "bool-count", "upstream-above-relayed",
     ],
 )
 def test_meter_settlement_rules(meter, expected):
-    assert meter.settlement() == expected
+    decision = meter.settlement()
+    assert (decision.action, decision.tokens) == expected
+
+
+@pytest.mark.parametrize(
+    ("meter", "reason"),
+    [
+        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 0}, relayed_output_tokens=20, dispatched=True),
+         "below_relayed"),
+        (Meter(False, 9, usage=3.5, dispatched=True, responded=True), "malformed"),
+        (Meter(True, 9, relayed_output_tokens=3, dispatched=True, completed=True), "missing"),
+        (Meter(True, 9, relayed_output_tokens=3, dispatched=True), None),  # broke mid-stream: no usage expected
+        (Meter(True, 9, usage={"prompt_tokens": 9, "completion_tokens": 3}, relayed_output_tokens=3, dispatched=True), None),
+    ],
+    ids=["below-relayed", "malformed", "missing-on-complete", "missing-on-broken", "agrees"],
+)
+def test_meter_names_each_disagreement_with_the_upstream(meter, reason):
+    assert meter.settlement().disagreement == reason
 
 
 async def test_deferred_ops_land_before_later_durable_ones_and_on_close(tmp_path):

@@ -1,11 +1,19 @@
 """What a request actually used, and how its hold must be resolved. Pure.
 
 The rule: charge observed usage whenever it can be observed, capped at the
-hold by the ledger. Release when the neuron never produced anything for
-the client (it was never reached, refused, or failed before any token).
-Charge the whole hold only when usage happened but cannot be observed (a
-non-streamed request whose client left: the neuron was working and its
-count never reached us).
+hold by the ledger. Two counts are observed: the upstream's own `usage`
+(which may be missing, malformed, or simply wrong) and cortex's count of
+the output it relayed to the client (a lower bound on output tokens). The
+charge is the larger of the two, so a client is never charged less than
+what it received, whatever the upstream claims.
+
+Release when the upstream never produced anything for the client (it was
+never reached, refused, or failed before any token). Charge the whole hold
+only when usage happened but cannot be observed (a non-streamed request
+whose client left: the upstream was working and its count never reached us).
+
+`settlement()` never raises, whatever `usage` holds: it is called on the
+way out of every request, including the broken ones.
 """
 
 from __future__ import annotations
@@ -14,35 +22,63 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Action = Literal["settle", "release", "charge_hold"]
+# Why the upstream's count was not taken as it stood (cortex_usage_disagreements_total).
+Disagreement = Literal["missing", "malformed", "below_relayed"]
 
 
-def usage_total(usage: dict[str, Any]) -> int | None:
-    """prompt + completion tokens from an OpenAI usage object, if well-formed."""
+def usage_counts(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) from an OpenAI usage object, if well-formed.
+
+    Well-formed means a JSON object with non-negative integer counts; a
+    float, a string, a bool or a list is the upstream's bug, not a number.
+    """
+    if not isinstance(usage, dict):
+        return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if isinstance(prompt, int) and isinstance(completion, int) and prompt >= 0 and completion >= 0:
-        return prompt + completion
-    return None
+    for value in (prompt, completion):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+    return prompt, completion
+
+
+@dataclass(frozen=True)
+class Settlement:
+    action: Action
+    tokens: int
+    disagreement: Disagreement | None = None
 
 
 @dataclass
 class Meter:
     stream: bool
     prompt_tokens_estimate: int
-    usage: dict[str, Any] | None = None  # the neuron's own count, when it arrived
-    streamed_tokens: int = 0  # output tokens relayed to the client (stream)
-    dispatched: bool = False  # handed to a neuron, which may be working on it
+    usage: Any = None  # the upstream's own count, as it arrived (any JSON value)
+    relayed_output_tokens: int = 0  # a lower bound on the output tokens the client received
+    dispatched: bool = False  # handed to an upstream, which may be working on it
+    responded: bool = False  # the upstream answered 200 and its output reached us
+    completed: bool = False  # the upstream's response ended normally
     client_gone: bool = False
 
-    def settlement(self) -> tuple[Action, int]:
-        if self.usage is not None:
-            total = usage_total(self.usage)
-            if total is not None:
-                return "settle", total
+    def settlement(self) -> Settlement:
         if not self.dispatched:
-            return "release", 0
-        if self.stream:
-            if self.streamed_tokens or self.client_gone:
-                # The prompt was processed and these tokens were produced.
-                return "settle", self.prompt_tokens_estimate + self.streamed_tokens
-            return "release", 0  # the upstream failed before any token
-        return ("charge_hold", 0) if self.client_gone else ("release", 0)
+            return Settlement("release", 0)
+        counts = usage_counts(self.usage)
+        if counts is not None:
+            prompt, completion = counts
+            if completion < self.relayed_output_tokens:
+                return Settlement("settle", prompt + self.relayed_output_tokens, "below_relayed")
+            return Settlement("settle", prompt + completion)
+        disagreement: Disagreement | None = None
+        if self.usage is not None:
+            disagreement = "malformed"
+        elif self.completed:
+            disagreement = "missing"
+        own = self.prompt_tokens_estimate + self.relayed_output_tokens
+        if self.relayed_output_tokens or self.responded:
+            # The prompt was processed and this much output reached the client.
+            return Settlement("settle", own, disagreement)
+        if self.client_gone:
+            # Streams: the upstream saw the prompt before the client left.
+            # Non-streamed: it was generating and its count never reached us.
+            return Settlement("settle", own, disagreement) if self.stream else Settlement("charge_hold", 0, disagreement)
+        return Settlement("release", 0, disagreement)  # the upstream failed before any output

@@ -9,7 +9,7 @@ import trio
 from cortex import logs
 from cortex.config import FleetConfig
 from cortex.fleet.registry import Fleet, parse_models
-from cortex.fleet.upstream import Upstream
+from cortex.fleet.upstream import LocalResourceError, Upstream
 
 
 async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float) -> None:
@@ -19,6 +19,9 @@ async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float
     try:
         await upstream.get_json(url, "/health", timeout_s)
         models = parse_models(await upstream.get_json(url, "/v1/models", timeout_s))
+    except LocalResourceError as exc:  # cortex's own shortage says nothing about the neuron
+        logs.event("poll_skipped", logging.WARNING, neuron=url, error=str(exc))
+        return
     except Exception as exc:  # whatever a neuron sends, the poller lives on
         fleet.poll_failed(url, str(exc) or type(exc).__name__)
         if was_healthy and not node.healthy:

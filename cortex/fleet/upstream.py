@@ -12,6 +12,7 @@ connect (inside the transport), first byte (the response head), and idle
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +33,24 @@ TransportFactory = Callable[[str], httpx.AsyncBaseTransport]
 
 class UpstreamUnavailable(Exception):
     """The neuron could not be reached; it never saw the request, so another may."""
+
+
+class LocalResourceError(Exception):
+    """cortex itself ran out of something (file descriptors, buffers): no neuron is to blame."""
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _is_local(exc: BaseException | None, depth: int = 0) -> bool:
+    """An OSError that says this process, not the peer, failed; searched through causes and groups."""
+    if exc is None or depth > 8:
+        return False
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        return True
+    if isinstance(exc, BaseExceptionGroup) and any(_is_local(e, depth + 1) for e in exc.exceptions):
+        return True
+    return _is_local(exc.__cause__, depth + 1) or _is_local(exc.__context__, depth + 1)
 
 
 class UpstreamFailed(Exception):
@@ -164,6 +183,8 @@ class Upstream:
         except trio.TooSlowError:
             raise UpstreamFailed(f"GET {path} timed out after {timeout_s:g} s") from None
         except httpx.HTTPError as exc:
+            if _is_local(exc):
+                raise LocalResourceError(f"GET {path}: {exc}") from None
             raise UpstreamFailed(f"GET {path}: {exc}") from None
         if response.status_code != 200:
             raise UpstreamFailed(f"GET {path}: HTTP {response.status_code}")
@@ -185,6 +206,8 @@ class Upstream:
                 f"upstream sent no response within {self.config.first_byte_timeout_s:g} s"
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if _is_local(exc):
+                raise LocalResourceError(str(exc)) from None
             raise UpstreamUnavailable(str(exc)) from None
         except httpx.HTTPError as exc:
             raise UpstreamFailed(str(exc)) from None

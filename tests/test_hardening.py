@@ -1,0 +1,165 @@
+"""Regression tests for the hardening issue: each reproduces one defect an
+adversarial review found, against real cortex and neuron processes."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.budget_helpers import HI, HI_PROMPT_TOKENS, MODEL, budget_cortex, chat, create_key, usage
+from tests.conftest import Stack
+from tests.fake_upstream import FakeUpstream
+
+
+def _http_reply(body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+        % (content_type, len(body), body)
+    )
+
+
+def _completion(content: str, usage_value: object) -> bytes:
+    return json.dumps({
+        "id": "x", "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": usage_value,
+    }).encode()
+
+
+def _stream(pieces: list[str], usage_value: object) -> bytes:
+    events = [
+        b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}).encode() + b"\n\n" for p in pieces
+    ]
+    events.append(b"data: " + json.dumps({"choices": [], "usage": usage_value}).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return _http_reply(b"".join(events), b"text/event-stream")
+
+
+def _sse_text(body: str) -> tuple[str, list[dict]]:
+    text, frames = "", []
+    for line in body.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            frame = json.loads(line[6:])
+            frames.append(frame)
+            for choice in frame.get("choices") or ():
+                text += (choice.get("delta") or {}).get("content") or ""
+    return text, frames
+
+
+def _metric(cortex, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(cortex.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- 2. the output bound the hold covers is the bound the upstream gets ---------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_upstreams_with_different_output_limits_never_serve_past_the_hold(stack: Stack, stream):
+    tight = stack.neuron("--max-output-tokens", "100", "--reply-tokens", "600")
+    roomy = stack.neuron("--max-output-tokens", "4096", "--reply-tokens", "600")
+    cortex = budget_cortex(stack, tight, roomy)
+    hold = HI_PROMPT_TOKENS + 100  # the estimate takes the tightest limit.output in the fleet
+    key_id, key = create_key(cortex, balance_tokens=2 * hold + 30)
+    received = 0
+    for _ in range(2):
+        r = httpx.post(
+            cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "stream": stream},
+            headers={"authorization": f"Bearer {key}"}, timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        if stream:
+            text, frames = _sse_text(r.text)
+            assert "error" not in frames[-1]  # the upstream stopped by itself; the relay's guard did not cut it
+        else:
+            text = r.json()["choices"][0]["message"]["content"]
+        assert len(text.encode()) <= 100
+        received += HI_PROMPT_TOKENS + len(text.encode())
+    assert tight.get_json("/health")["requests_total"] == 1 and roomy.get_json("/health")["requests_total"] == 1
+    view = usage(cortex, key_id)["usage"]
+    assert received <= view["spent_tokens"] <= 2 * hold + 30
+    assert view["held_tokens"] == 0
+
+
+def test_a_stream_past_its_bound_is_cut_at_the_bound_and_charged_for_what_was_relayed(stack: Stack):
+    # An upstream that ignores max_tokens: 40 one-token events when 10 were allowed.
+    fake = FakeUpstream(_stream(["x"] * 40, {"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 40}))
+    try:
+        cortex = budget_cortex(stack, fake)
+        key_id, key = create_key(cortex, balance_tokens=1000)
+        r = chat(cortex, key, max_tokens=10, stream=True)
+        text, frames = _sse_text(r.text)
+        assert len(text) == 10
+        assert frames[-1]["error"]["code"] == "upstream_error" and "allowed" in frames[-1]["error"]["message"]
+        view = usage(cortex, key_id)["usage"]
+        assert view["spent_tokens"] == HI_PROMPT_TOKENS + 10 and view["held_tokens"] == 0
+    finally:
+        fake.close()
+
+
+def test_a_whole_response_past_its_bound_is_refused_and_costs_nothing(stack: Stack):
+    fake = FakeUpstream(_http_reply(_completion("y" * 50, {"prompt_tokens": 9, "completion_tokens": 50})))
+    try:
+        cortex = budget_cortex(stack, fake)
+        key_id, key = create_key(cortex, balance_tokens=1000)
+        r = chat(cortex, key, max_tokens=10)
+        assert r.status_code == 502 and "allowed" in r.json()["error"]["message"]
+        view = usage(cortex, key_id)["usage"]
+        assert view["spent_tokens"] == 0 and view["held_tokens"] == 0
+    finally:
+        fake.close()
+
+
+# --- 3. whatever usage an upstream sends, settlement resolves the hold ----------------
+
+
+@pytest.mark.parametrize(
+    ("usage_value", "expected_charge"),
+    [
+        ("lots", HI_PROMPT_TOKENS + 5),
+        ([1, 2], HI_PROMPT_TOKENS + 5),
+        (12.5, HI_PROMPT_TOKENS + 5),
+        ({"prompt_tokens": 9.0, "completion_tokens": 5.0}, HI_PROMPT_TOKENS + 5),
+        ({"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 0}, HI_PROMPT_TOKENS + 5),
+    ],
+    ids=["string", "list", "float", "float-fields", "zero-below-relayed"],
+)
+def test_malformed_whole_usage_is_charged_by_cortexs_own_count_and_never_locks_the_key(stack: Stack, usage_value, expected_charge):
+    fake = FakeUpstream(_http_reply(_completion("hello", usage_value)))
+    try:
+        cortex = budget_cortex(stack, fake)
+        key_id, key = create_key(cortex, balance_tokens=1000, max_concurrency=2)
+        for _ in range(3):  # a leaked hold would lock the key out by the third
+            r = chat(cortex, key, max_tokens=10)
+            assert r.status_code == 200, r.text
+        view = usage(cortex, key_id)["usage"]
+        assert view["spent_tokens"] == 3 * expected_charge
+        assert view["held_tokens"] == 0 and view["in_flight"] == 0
+        assert _metric(cortex, "cortex_usage_disagreements_total") == 3
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize(
+    "usage_value", [0, "x", {"prompt_tokens": 1, "completion_tokens": 0}], ids=["zero", "string", "below-relayed"]
+)
+def test_a_streamed_usage_below_what_was_relayed_is_charged_what_was_relayed(stack: Stack, usage_value):
+    fake = FakeUpstream(_stream(["ab"] * 10, usage_value))
+    try:
+        cortex = budget_cortex(stack, fake)
+        key_id, key = create_key(cortex, balance_tokens=1000, max_concurrency=1)
+        for _ in range(2):
+            r = chat(cortex, key, max_tokens=40, stream=True)
+            assert _sse_text(r.text)[0] == "ab" * 10
+        view = usage(cortex, key_id)["usage"]
+        prompt = 1 if isinstance(usage_value, dict) else HI_PROMPT_TOKENS
+        assert view["spent_tokens"] == 2 * (prompt + 20)
+        assert view["held_tokens"] == 0 and view["in_flight"] == 0
+        assert _metric(cortex, "cortex_usage_disagreements_total") == 2
+    finally:
+        fake.close()
