@@ -50,6 +50,7 @@ class Request:
     started: float = 0.0  # trio.current_time() when the request arrived
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response head
     log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
+    client_gone: bool = False  # a response write timed out: the client stopped reading
 
     @classmethod
     def from_scope(cls, scope: Scope, receive: Receive, send: Send) -> "Request":

@@ -18,6 +18,9 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 STOP_SEQUENCES_MAX = 4
 TOKENS_PER_REQUEST_MAX = 10**9
 LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+# Far deeper than any real request (tool schemas nest about 10 deep), far
+# below where re-encoding the body (Python's recursion limit) would fail.
+JSON_DEPTH_MAX = 64
 
 
 @dataclass
@@ -34,15 +37,40 @@ class GenerationRequest:
     max_tokens_defaulted: bool = False  # /v1/completions' default of 16, not asked for
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _deeper_than(value: Any, depth_max: int) -> bool:
+    """True when containers nest more than `depth_max` levels (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > depth_max:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body, bounded once here for every later use.
+
+    Refused: invalid JSON, NaN and Infinity (not JSON, and an upstream's
+    parser may choke on them), nesting past JSON_DEPTH_MAX (re-encoding it
+    later would exhaust the stack), lone surrogates (no UTF-8 carries them).
+    """
     try:
-        body = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and over-long integers
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, over-long integers
         raise invalid_json(str(exc)) from None
     except RecursionError:
         raise invalid_json("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
+    # Fewer brackets than the bound cannot nest past it: skip the walk for most bodies.
+    if raw.count(b"[") + raw.count(b"{") > JSON_DEPTH_MAX and _deeper_than(body, JSON_DEPTH_MAX):
+        raise invalid_json(f"the body nests deeper than {JSON_DEPTH_MAX} levels")
     if b"\\u" in raw:  # only escapes can smuggle in lone surrogates, which no UTF-8 can carry
         try:
             json.dumps(body, ensure_ascii=False).encode()

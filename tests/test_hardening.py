@@ -163,3 +163,42 @@ def test_a_streamed_usage_below_what_was_relayed_is_charged_what_was_relayed(sta
         assert _metric(cortex, "cortex_usage_disagreements_total") == 2
     finally:
         fake.close()
+
+
+# --- 8. nesting is bounded once, at parse time; non-standard numbers are refused -----
+
+
+def _chat_with_extra(extra: bytes) -> bytes:
+    return b'{"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "extra": ' + extra + b"}"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"[" * 980 + b"]" * 980, b'{"a":' * 500 + b"1" + b"}" * 500, b"[" * 65 + b"]" * 65, b"NaN", b"Infinity", b"-Infinity"],
+    ids=["lists-980-deep", "objects-500-deep", "just-past-the-bound", "nan", "infinity", "minus-infinity"],
+)
+def test_hostile_json_in_an_unknown_field_is_a_400_and_costs_no_hold(stack: Stack, extra):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", content=_chat_with_extra(extra),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"}, timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+    view = usage(cortex, key_id)
+    assert view["recent"] == [] and view["usage"]["spent_tokens"] == 0
+    assert neuron.get_json("/health")["requests_total"] == 0
+
+
+def test_nesting_at_the_bound_is_still_served(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=1000)
+    # The body itself is one level; the extra field may nest 63 more.
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", content=_chat_with_extra(b"[" * 63 + b"]" * 63),
+        headers={"authorization": f"Bearer {key}"}, timeout=30,
+    )
+    assert r.status_code == 200, r.text
