@@ -8,6 +8,7 @@ that cortex must not add (see docs/BENCHMARKS.md for the measurement).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,38 @@ class BodyTooLarge(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before the request body was complete."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within its deadline."""
+
+
+class BodyBufferFull(Exception):
+    """Buffering this body would pass the process-wide bound on buffered request bytes."""
+
+
+class BodyBudget:
+    """A process-wide bound on request-body bytes buffered at once.
+
+    Without it, clients that send most of a large body and then stall
+    each pin up to `max_body_bytes` of memory; with it, memory is bounded
+    and a body that does not fit is refused, never queued.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        assert max_bytes > 0
+        self.max_bytes = max_bytes
+        self.in_use_bytes = 0
+
+    def take(self, size: int) -> bool:
+        if self.in_use_bytes + size > self.max_bytes:
+            return False
+        self.in_use_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        assert 0 <= size <= self.in_use_bytes
+        self.in_use_bytes -= size
 
 
 @dataclass
@@ -72,24 +105,35 @@ class Request:
     def query(self) -> dict[str, str]:
         return dict(parse_qsl(self.scope.get("query_string", b"").decode("latin-1")))
 
-    async def body(self, limit_bytes: int) -> bytes:
-        """Read the whole body, refusing early once it passes `limit_bytes`."""
+    async def body(self, limit_bytes: int, timeout_s: float = math.inf, budget: BodyBudget | None = None) -> bytes:
+        """Read the whole body within `timeout_s`, refusing early once it passes
+        `limit_bytes` or would pass the shared `budget`."""
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
             raise BodyTooLarge(limit_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit_bytes:
-                raise BodyTooLarge(limit_bytes)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        buffer = bytearray()
+        taken = 0
+        try:
+            with trio.move_on_after(timeout_s) as scope:
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone()
+                    chunk = message.get("body", b"")
+                    if len(buffer) + len(chunk) > limit_bytes:
+                        raise BodyTooLarge(limit_bytes)
+                    if budget is not None:
+                        if not budget.take(len(chunk)):
+                            raise BodyBufferFull()
+                        taken += len(chunk)
+                    buffer += chunk
+                    if not message.get("more_body", False):
+                        return bytes(buffer)
+            assert scope.cancelled_caught
+            raise BodyTimeout()
+        finally:
+            if budget is not None:
+                budget.give(taken)
 
 
 def encode_json(obj: Any) -> bytes:

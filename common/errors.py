@@ -96,6 +96,20 @@ def payload_too_large(limit_bytes: int) -> ApiError:
     )
 
 
+def body_timeout(timeout_s: float) -> ApiError:
+    return ApiError(
+        408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout",
+        headers=[(b"connection", b"close")],
+    )
+
+
+def body_buffer_full() -> ApiError:
+    return ApiError(
+        503, "cortex is buffering too many request bodies at once; retry shortly.",
+        type="service_unavailable", code="service_unavailable", headers=retry_after_headers(1),
+    )
+
+
 def retry_after_headers(retry_after_s: float) -> list[tuple[bytes, bytes]]:
     """`retry-after` in whole seconds (rounded up) plus exact milliseconds."""
     return [

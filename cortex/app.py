@@ -68,6 +68,7 @@ class CortexApp:
         self._clock = clock
         self._ledger_factory = ledger_factory
         self._admin: AdminApi | None = None
+        self.body_budget = asgi.BodyBudget(config.server.body_buffer_max_bytes)
         self.startup_error: BaseException | None = None
         self.router = asgi.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
@@ -186,10 +187,15 @@ class CortexApp:
             return None
 
     async def _body(self, request: asgi.Request) -> dict[str, Any]:
+        server = self.config.server
         try:
-            raw = await request.body(self.config.server.max_body_bytes)
+            raw = await request.body(server.max_body_bytes, server.body_timeout_s, self.body_budget)
         except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
+        except asgi.BodyTimeout:
+            raise errors.body_timeout(server.body_timeout_s) from None
+        except asgi.BodyBufferFull:
+            raise errors.body_buffer_full() from None
         return parse_json_object(raw)
 
     async def _chat(self, request: asgi.Request) -> None:

@@ -54,6 +54,7 @@ class NeuronConfig:
     slots: int = 256
     queue_depth: int = 4096
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this (then 408)
     chunk_tokens: int = 1  # tokens per SSE event; >1 trades smoothness for fewer writes
 
 
@@ -116,9 +117,11 @@ class NeuronApp:
 
     async def _body(self, request: asgi.Request) -> dict[str, Any]:
         try:
-            return parse_json_object(await request.body(self.config.max_body_bytes))
+            return parse_json_object(await request.body(self.config.max_body_bytes, self.config.body_timeout_s))
         except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
+        except asgi.BodyTimeout:
+            raise errors.body_timeout(self.config.body_timeout_s) from None
 
     def _limit_tokens(self, gen: GenerationRequest, prompt_tokens: int) -> int:
         spec = self.models.get(gen.model)

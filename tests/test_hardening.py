@@ -202,3 +202,55 @@ def test_nesting_at_the_bound_is_still_served(stack: Stack):
         headers={"authorization": f"Bearer {key}"}, timeout=30,
     )
     assert r.status_code == 200, r.text
+
+
+# --- 6. stalled request bodies: a deadline, and a bound on bytes buffered at once ------
+
+
+def _stalled_body(url: str, key: str, declared: int, sent: int):
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + b" " * sent)
+    return sock
+
+
+def _read_status(sock, timeout_s: float = 20.0) -> int:
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def test_stalled_bodies_time_out_with_408_and_past_the_buffer_bound_get_503(stack: Stack):
+    neuron = stack.neuron()
+    config = "[server]\nbody_timeout_s = 2.0\nbody_buffer_max_bytes = 3200000\n"
+    cortex = budget_cortex(stack, neuron, config=config)
+    _, key = create_key(cortex, balance_tokens=10_000)
+    socks = []
+    try:
+        for _ in range(3):  # 3 x 1 MB fit under the 3.2 MB bound
+            socks.append(_stalled_body(cortex.url, key, 4_000_000, 1_000_000))
+        import time
+
+        time.sleep(0.5)  # let cortex take those bytes before the next body arrives
+        over = _stalled_body(cortex.url, key, 4_000_000, 1_000_000)
+        assert _read_status(over) == 503
+        over.close()
+        assert [_read_status(s) for s in socks] == [408, 408, 408]
+    finally:
+        for s in socks:
+            s.close()
+    # Every buffered byte was given back: a normal request is served.
+    assert chat(cortex, key, max_tokens=5).status_code == 200
+    outcomes = [e.get("outcome") for e in cortex.log_events() if e.get("event") == "request"]
+    assert outcomes.count("request_timeout") == 3 and outcomes.count("service_unavailable") == 1

@@ -29,6 +29,7 @@ from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetServic
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
+ADMIN_BODY_TIMEOUT_S = 30.0
 WINDOW_S_MAX = WINDOW_HORIZON_MAX_S  # windows longer than the usage replayed at start-up could not hold
 CONCURRENCY_MAX = 1_000_000
 RECENT_DEFAULT = 20
@@ -170,7 +171,9 @@ class AdminApi:
     @staticmethod
     async def _body(request: asgi.Request) -> dict[str, Any]:
         try:
-            return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES))
+            return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES, ADMIN_BODY_TIMEOUT_S))
         except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
+        except asgi.BodyTimeout:
+            raise errors.body_timeout(ADMIN_BODY_TIMEOUT_S) from None
 
