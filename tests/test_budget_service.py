@@ -135,3 +135,41 @@ def test_sync_store_errors_are_store_errors():
     with pytest.raises(StoreError):
         trio.run(SyncStore(conn).commit, [])
     assert isinstance(StoreError("x"), Exception) and not isinstance(StoreError("x"), sqlite3.Error)
+
+
+class GatedQueries:
+    """A real store whose query answers are held back until `gate` is set, so
+    other tasks can run between a query being asked and it returning."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.gate = trio.Event()
+        self.asked = trio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def query(self, fn):
+        result = await self._store.query(fn)
+        self.asked.set()
+        await self.gate.wait()
+        return result
+
+
+async def test_charges_settled_while_a_grown_window_is_rebuilt_are_not_lost(tmp_path):
+    clock = Clock()
+    async with ThreadedStore.open(tmp_path / "l.db") as real:
+        store = GatedQueries(real)
+        service = await _service(store, clock)
+        record, _ = await service.create_key("k", None, Caps(window_tokens=1000, window_s=10.0))
+        before = await service.reserve(record, Estimate(10, 10), "r0", "m")
+        await service.settle(before, 7)  # in the store before the rebuild's query
+        during = await service.reserve(record, Estimate(10, 10), "r1", "m")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.set_caps, "key", record.id, Caps(window_tokens=1000, window_s=60.0))
+            await store.asked.wait()
+            await service.settle(during, 11)  # lands after the query read the store
+            store.gate.set()
+        p = service.ledger.principal("key", record.id)
+        assert p.caps.window_s == 60.0
+        assert p.window_usage(clock()) == 7 + 11

@@ -23,6 +23,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.resolved: set[str] = set()
         self.counter = 0
         self.charged: dict[str, int] = {}
+        self.store_log: list[tuple[str, str, float, int]] = []  # (key, account, at, tokens): what the store has
+        self.rebuild: tuple[str, str, Caps, list[tuple[float, int]]] | None = None
 
     @initialize(
         caps=st.lists(
@@ -66,6 +68,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert resolution.charged_tokens == min(actual, hold.amount_tokens)
         assert resolution.overrun_tokens == max(0, actual - hold.amount_tokens)
         self._resolved(hold_id, resolution.charged_tokens)
+        self.store_log.append((hold.key_id, hold.account_id, self.now, resolution.charged_tokens))
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())
@@ -80,6 +83,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert resolution.hold.state is HoldState.EXPIRED
             assert resolution.charged_tokens == resolution.hold.amount_tokens
             self._resolved(resolution.hold.id, resolution.charged_tokens)
+            h = resolution.hold
+            self.store_log.append((h.key_id, h.account_id, self.now, resolution.charged_tokens))
 
     @precondition(lambda self: self.resolved)
     @rule(data=st.data(), how=st.sampled_from(["settle", "release", "orphan"]))
@@ -106,6 +111,39 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(dt=st.floats(0, 3))
     def advance(self, dt):
         self.now += dt
+
+    @precondition(lambda self: self.rebuild is None)
+    @rule(kind_id=st.sampled_from([("key", "k1"), ("account", "a1")]), grow_s=st.floats(0.5, 20))
+    def begin_window_growth(self, kind_id, grow_s):
+        """An admin grows a window: the history query is queued now and answers later."""
+        p = self.ledger.principal(*kind_id)
+        old_s = p.caps.window_s or 0.0
+        # A cap far above any usage: growth alone must not break the caps invariant.
+        caps = Caps(p.caps.balance_tokens, 10**9, old_s + grow_s, p.caps.max_concurrency)
+        column = 0 if kind_id[0] == "key" else 1
+        since = self.now - caps.window_s
+        history = [(at, t) for *ids, at, t in self.store_log if ids[column] == kind_id[1] and at > since and t]
+        self.ledger.begin_window_rebuild(*kind_id)
+        self.rebuild = (*kind_id, caps, history)
+
+    @precondition(lambda self: self.rebuild is not None)
+    @rule()
+    def finish_window_growth(self):
+        kind, pid, caps, history = self.rebuild
+        self.ledger.finish_window_rebuild(kind, pid, caps, history)
+        self.rebuild = None
+
+    @invariant()
+    def no_charge_drops_out_of_a_window(self):
+        if self.rebuild is not None:
+            return  # the old window stands until the rebuild finishes
+        for (kind, pid), p in self.ledger.principals.items():
+            if p.window is None:
+                continue
+            column = 0 if kind == "key" else 1
+            exact = sum(t for *ids, at, t in self.store_log if ids[column] == pid and at > self.now - p.window.window_s)
+            # Merging ages usage out late, never early: the window may hold more, never less.
+            assert p.window_usage(self.now) >= exact
 
     def _resolved(self, hold_id: str, charged: int) -> None:
         self.open.remove(hold_id)

@@ -142,6 +142,9 @@ class Principal:
     held_tokens: int = 0
     in_flight: int = 0
     window: SlidingWindow | None = None
+    # Charges made while a grown window's history is read from the store;
+    # they join the rebuilt window so none is lost to the race.
+    capture: list[tuple[float, int]] | None = None
 
     def __post_init__(self) -> None:
         self._sync_window()
@@ -248,6 +251,27 @@ class Ledger:
         self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int]] | None = None
     ) -> None:
         self.principal(kind, principal_id).set_caps(caps, history)
+
+    def begin_window_rebuild(self, kind: str, principal_id: str) -> None:
+        """Start recording charges, from the instant the history query is queued.
+
+        Charges before this instant are in the store's history; charges
+        after it are captured; `finish_window_rebuild` joins both.
+        """
+        p = self.principal(kind, principal_id)
+        assert p.capture is None, "one window rebuild at a time per principal"
+        p.capture = []
+
+    def finish_window_rebuild(
+        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int]]
+    ) -> None:
+        p = self.principal(kind, principal_id)
+        assert p.capture is not None
+        captured, p.capture = p.capture, None
+        p.set_caps(caps, sorted(history) + captured)
+
+    def abort_window_rebuild(self, kind: str, principal_id: str) -> None:
+        self.principal(kind, principal_id).capture = None
 
     def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
         """Raise a hard balance. A principal without one has nothing to top up."""
@@ -357,6 +381,8 @@ class Ledger:
             p.spent_tokens += charged * (2 if self.fault_double_charge else 1)
             if p.window is not None and not self.fault_window_amnesia:
                 p.window.add(now, charged)
+            if p.capture is not None and charged:
+                p.capture.append((now, charged))
         hold.state = state
         hold.charged_tokens = charged
         hold.resolved_at = now

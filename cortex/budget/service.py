@@ -312,13 +312,22 @@ class BudgetService:
         old = self.ledger.principal(kind, principal_id).caps
         await self.store.commit([SetCaps(kind, principal_id, caps)])
         grows = caps.window_s is not None and (old.window_s is None or caps.window_s > old.window_s)
-        history = None
-        if grows:
-            # Usage older than the old window was already dropped from memory;
-            # the store still has it, and the new window must see it.
-            since = self.clock() - caps.window_s
+        if not grows:
+            self.ledger.set_caps(kind, principal_id, caps)
+            return
+        # Usage older than the old window was already dropped from memory;
+        # the store still has it, and the new window must see it. Charges
+        # that land while the query runs are captured, not lost.
+        window_s = caps.window_s
+        assert window_s is not None
+        since = self.clock() - window_s
+        self.ledger.begin_window_rebuild(kind, principal_id)  # no checkpoint until the query is queued
+        try:
             history = await self.store.query(lambda conn: charges_since(conn, kind, principal_id, since))
-        self.ledger.set_caps(kind, principal_id, caps, history)
+        except BaseException:
+            self.ledger.abort_window_rebuild(kind, principal_id)
+            raise
+        self.ledger.finish_window_rebuild(kind, principal_id, caps, history)
 
     async def revoke(self, key_id: str) -> KeyRecord:
         async with self._admin_lock:

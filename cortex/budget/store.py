@@ -286,8 +286,11 @@ class SyncStore:
         await trio.lowlevel.checkpoint()
 
     async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        # Read first, then yield: like the writer thread, the query sees
+        # exactly the ops committed before it was asked for.
+        result = fn(self.conn)
         await trio.lowlevel.checkpoint()
-        return fn(self.conn)
+        return result
 
 
 class _Waiter:
