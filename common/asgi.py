@@ -83,7 +83,8 @@ class Request:
     started: float = 0.0  # trio.current_time() when the request arrived
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response head
     log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
-    client_gone: bool = False  # a response write timed out: the client stopped reading
+    cancel_scope: trio.CancelScope | None = None  # the whole request, for shutdown
+    shutting_down: bool = False  # cancelled because the server is draining
 
     @classmethod
     def from_scope(cls, scope: Scope, receive: Receive, send: Send) -> "Request":
@@ -164,6 +165,22 @@ async def send_chunk(send: Send, data: bytes) -> None:
 
 async def end_stream(send: Send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def is_event_stream(headers: Any) -> bool:
+    return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers)
+
+
+async def refuse_websocket(receive: Receive, send: Send, body: bytes) -> None:
+    """Answer a WebSocket upgrade with a plain 400 (ASGI's websocket.http.response), or a close (403)."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({
+        "type": "websocket.http.response.start", "status": 400,
+        "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def sse_data(obj: Any) -> bytes:

@@ -110,6 +110,13 @@ def body_buffer_full() -> ApiError:
     )
 
 
+def websocket_refused() -> ApiError:
+    return ApiError(
+        400, "This server does not serve WebSockets; stream with an HTTP POST and \"stream\": true.",
+        code="websocket_not_supported",
+    )
+
+
 def retry_after_headers(retry_after_s: float) -> list[tuple[bytes, bytes]]:
     """`retry-after` in whole seconds (rounded up) plus exact milliseconds."""
     return [

@@ -32,6 +32,7 @@ from cortex.metrics import GatewayMetrics
 from cortex.proxy import Proxy
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SHUTDOWN_WRITE_TIMEOUT_S = 1.0  # the last words to a client at shutdown may not block it
 
 # Opens the ledger store for the app's lifetime; the simulator passes an in-memory one.
 StoreFactory = Callable[[Config, GatewayMetrics], Any]
@@ -57,6 +58,7 @@ class CortexApp:
         store_factory: StoreFactory = durable_store,
         clock: Callable[[], float] = time.time,
         ledger_factory: Callable[[], Ledger] = Ledger,
+        request_ids: Callable[[str | None], str] = lambda offered: uuid.uuid4().hex,
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
@@ -67,8 +69,10 @@ class CortexApp:
         self._store_factory = store_factory
         self._clock = clock
         self._ledger_factory = ledger_factory
+        self._request_ids = request_ids  # cortex's own id per request; the simulator's is deterministic
         self._admin: AdminApi | None = None
         self.body_budget = asgi.BodyBudget(config.server.body_buffer_max_bytes)
+        self._in_flight: dict[str, asgi.Request] = {}
         self.startup_error: BaseException | None = None
         self.router = asgi.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
@@ -85,6 +89,8 @@ class CortexApp:
             await asgi.serve_lifespan(receive, send, self.run_background)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await asgi.refuse_websocket(receive, send, errors.websocket_refused().openai_bytes())
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Everything that outlives a request, owned by the lifespan."""
@@ -117,21 +123,40 @@ class CortexApp:
     async def _http(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         started = trio.current_time()
         response: dict[str, Any] = {}
-        offered = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
-        request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
-        id_header = (b"x-request-id", request_id.encode())
         request: asgi.Request
 
         async def send_with_id(message: dict[str, Any]) -> None:
+            # How long a write may block is bounded in the server layer
+            # (server.client_write_timeout_s): Hypercorn shields its socket writes.
             if message["type"] == "http.response.start":
-                extra = [*request.response_headers, id_header]
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                message = {**message, "headers": [*message.get("headers", ()), *request.response_headers, id_header]}
                 response["status"] = message["status"]
+                response["stream"] = asgi.is_event_stream(message["headers"])
             await send(message)
 
         request = asgi.Request.from_scope(scope, receive, send_with_id)
-        request.request_id = request_id
+        # The ledger and the upstream see cortex's own id; the client's (first
+        # header wins, as everywhere) is echoed back and logged beside it.
+        offered: str | None = request.headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(offered or ""):
+            offered = None
+        request.request_id = self._request_ids(offered)
+        if offered is not None:
+            request.log["client_request_id"] = offered
+        id_header = (b"x-request-id", (offered or request.request_id).encode())
         request.started = started
+        self._in_flight[request.request_id] = request
+        try:
+            with trio.CancelScope() as request.cancel_scope:
+                await self._dispatch(request, response)
+            if request.shutting_down:
+                await self._send_shutdown(request, response)
+        finally:
+            del self._in_flight[request.request_id]
+            if request.path.startswith(("/v1/", ADMIN_PREFIX)):
+                self._observe(request, response.get("status"), trio.current_time() - started)
+
+    async def _dispatch(self, request: asgi.Request, response: dict[str, Any]) -> None:
         try:
             await self.router.dispatch(request)
         except ApiError as err:
@@ -139,11 +164,31 @@ class CortexApp:
         except asgi.ClientGone:
             request.log["outcome"] = "client_disconnected"
         except Exception as exc:  # a bug must still answer in the API's shape
-            logs.event("unhandled_error", logging.ERROR, request_id=request_id, error=repr(exc))
+            logs.event("unhandled_error", logging.ERROR, request_id=request.request_id, error=repr(exc))
             await self._send_error(request, response, ApiError(500, "Internal error in cortex.", type="server_error", code="internal_error"))
-        finally:
-            if request.path.startswith(("/v1/", ADMIN_PREFIX)):
-                self._observe(request, response.get("status"), trio.current_time() - started)
+
+    async def drain(self, graceful_timeout_s: float) -> None:
+        """After SIGTERM: let requests finish for `graceful_timeout_s`, then end the rest cleanly.
+
+        Each one is cancelled in its own scope, settles as a cancelled
+        request does, and then answers: a stream gets a final error event
+        (the SDKs raise it) instead of a truncated body.
+        """
+        await trio.sleep(graceful_timeout_s)
+        for request in list(self._in_flight.values()):
+            if request.cancel_scope is not None:
+                request.shutting_down = True
+                request.cancel_scope.cancel()
+
+    async def _send_shutdown(self, request: asgi.Request, response: dict[str, Any]) -> None:
+        request.log["outcome"] = "shutdown"
+        err = errors.service_unavailable("cortex is shutting down; retry on another replica or shortly.", 1)
+        with trio.move_on_after(SHUTDOWN_WRITE_TIMEOUT_S):
+            if "status" not in response:
+                await asgi.send_bytes(request.send, err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
+            elif response.get("stream"):
+                await asgi.send_chunk(request.send, asgi.sse_data(err.openai_body()))
+                await asgi.end_stream(request.send)
 
     def _observe(self, request: asgi.Request, status: int | None, latency_s: float) -> None:
         model = request.log.get("model", "")

@@ -70,21 +70,32 @@ def _check_started(app: CortexApp) -> None:
         raise StartupFailed("the app did not start")
 
 
+DRAIN_MARGIN_S = 2.0  # after cortex ends its own requests, before Hypercorn cancels connections
+
+
 async def run_gateway(config: Config) -> None:
     app = CortexApp(config)
-    with shutdown_signals() as trigger:
+    graceful_s = config.server.graceful_timeout_s
+    with shutdown_signals() as signalled:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(
-                    serve,
+
+            async def trigger() -> None:
+                await signalled()
+                nursery.start_soon(app.drain, graceful_s)  # ends stragglers cleanly, before Hypercorn does
+
+            async def serve_until_done(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(
                     app,
                     config.server.listen,
                     shutdown_trigger=trigger,
-                    graceful_timeout_s=config.server.graceful_timeout_s,
+                    graceful_timeout_s=graceful_s + DRAIN_MARGIN_S,
                     backlog=config.server.backlog,
                     keep_alive_timeout_s=config.server.keep_alive_timeout_s,
+                    task_status=task_status,
                 )
-            )
+                nursery.cancel_scope.cancel()  # served out: the drain timer has nothing left to do
+
+            binds = await nursery.start(serve_until_done)
             _check_started(app)
             announce(
                 "listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons),

@@ -166,6 +166,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL with a host")
     if not config.admin.token.isascii():
         raise ConfigError("'admin.token' must be ASCII")
+    if any(c.isspace() or not c.isprintable() for c in config.admin.token):
+        raise ConfigError("'admin.token' must not contain whitespace or control characters")
     if config.budget.synchronous not in ("normal", "full", "extra"):
         raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
     if config.admin.token and len(config.admin.token) < 16:

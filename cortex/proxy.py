@@ -103,14 +103,16 @@ class Proxy:
                 await self._dispatch(request, gen, path, payload, watch, meter, output_max)
             else:
                 request.log["key_id"] = key.id
-                hold = await self.budget.reserve(key, est, request.request_id, gen.model)
+                hold = await self.budget.reserve(
+                    key, est, request.request_id, gen.model, request.log.get("client_request_id")
+                )
                 try:
                     request.response_headers = self.budget.ratelimit_headers(key)
                     await self._dispatch(request, gen, path, payload, watch, meter, output_max)
                 finally:
-                    meter.client_gone = watch.disconnected or request.client_gone
+                    meter.client_gone = watch.disconnected
                     await self._settle(request, hold, meter)
-        if watch.disconnected or request.client_gone:
+        if watch.disconnected:
             request.log["outcome"] = "client_disconnected"
         else:
             request.log.setdefault("outcome", "ok")

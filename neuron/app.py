@@ -89,6 +89,8 @@ class NeuronApp:
         if scope["type"] == "lifespan":
             await asgi.serve_lifespan(receive, send, _ready)
             return
+        if scope["type"] == "websocket":
+            await asgi.refuse_websocket(receive, send, errors.websocket_refused().openai_bytes())
         if scope["type"] != "http":
             return
         request = asgi.Request.from_scope(scope, receive, send)

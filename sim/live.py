@@ -80,7 +80,7 @@ async def _check(world: World, admin: httpx.AsyncClient) -> None:
             if window is not None and usage.get("window_used_tokens", 0) > window:
                 checker.fail(f"{who}: window usage {usage['window_used_tokens']} > {window}")
         for hold in detail["recent"]:
-            record = checker.requests.get(hold["request_id"] or "")
+            record = checker.requests.get(hold.get("client_request_id") or hold["request_id"] or "")
             if record is None:
                 continue
             record.hold_amount, record.charged, record.hold_state = hold["held_tokens"], hold["charged_tokens"], hold["state"]

@@ -140,6 +140,9 @@ class World:
             store_factory=self._store,
             clock=trio.current_time,
             ledger_factory=self._ledger,
+            # The simulated clients send unique ids; reusing them keeps runs reproducible
+            # and lets the checker follow each request to the neuron and the ledger.
+            request_ids=lambda offered: offered or self.next_request_id(),
         )
         await nursery.start(self._host, self.cortex_host, app, True)
         self.cortex = app

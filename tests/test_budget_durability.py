@@ -70,7 +70,7 @@ def test_kill_9_with_requests_in_flight_recovers_orphaned_holds_and_the_caps_hol
 
 
 def test_sigterm_drains_in_flight_requests_then_cancels_and_settles_the_rest(stack: Stack):
-    neuron = stack.neuron("--token-interval-ms", "10")
+    neuron = stack.neuron("--token-interval-ms", "10", "--reply-tokens", "5000")
     cortex = budget_cortex(stack, neuron, config="[server]\ngraceful_timeout_s = 3\n")
     key_id, key = create_key(cortex, balance_tokens=100_000)
     with httpx.Client(timeout=30) as http:
@@ -81,10 +81,9 @@ def test_sigterm_drains_in_flight_requests_then_cancels_and_settles_the_rest(sta
         wait_until(lambda: _refused(cortex.url))
         short_tail = [line for line in short_lines if line]
         assert short_tail[-1] == "data: [DONE]"  # finished inside the grace period
-        try:
-            list(long_lines)
-        except httpx.HTTPError:
-            pass  # cut off once the grace period ran out
+        # Cut off once the grace period ran out: with a final error event, not a truncated body.
+        long_tail = [line for line in long_lines if line]
+        assert json.loads(long_tail[-1].removeprefix("data: "))["error"]["code"] == "service_unavailable"
         for cm in (short_cm, long_cm):
             try:
                 cm.__exit__(None, None, None)
@@ -99,6 +98,8 @@ def test_sigterm_drains_in_flight_requests_then_cancels_and_settles_the_rest(sta
     assert [r["state"] for r in by_hold] == ["settled", "settled"]  # resolved before exit, not orphaned
     assert by_hold[0]["charged_tokens"] == HI_PROMPT_TOKENS + 40
     assert HI_PROMPT_TOKENS < by_hold[1]["charged_tokens"] < HI_PROMPT_TOKENS + 3000
+    outcomes = [e.get("outcome") for e in cortex.log_events() if e.get("path") == "/v1/chat/completions"]
+    assert sorted(outcomes) == ["ok", "shutdown"]
 
 
 def test_offline_cli_manages_keys_and_accounts(tmp_path):

@@ -254,3 +254,111 @@ def test_stalled_bodies_time_out_with_408_and_past_the_buffer_bound_get_503(stac
     assert chat(cortex, key, max_tokens=5).status_code == 200
     outcomes = [e.get("outcome") for e in cortex.log_events() if e.get("event") == "request"]
     assert outcomes.count("request_timeout") == 3 and outcomes.count("service_unavailable") == 1
+
+
+# --- also: request ids, WebSocket upgrades, the admin token, file modes ------------------
+
+
+def test_the_first_request_id_header_wins_and_ledger_rows_use_cortexs_own_ids(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 3}
+    headers = [("authorization", f"Bearer {key}"), ("x-request-id", "first-id"), ("x-request-id", "second-id")]
+    for _ in range(2):  # the same client id twice must not collide in the ledger
+        r = httpx.post(cortex.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "first-id"
+    recent = usage(cortex, key_id)["recent"]
+    ids = {row["request_id"] for row in recent}
+    assert len(ids) == 2 and "first-id" not in ids and "second-id" not in ids
+    logged = [e for e in cortex.log_events() if e.get("event") == "request" and e.get("path") == "/v1/chat/completions"]
+    assert [e["client_request_id"] for e in logged] == ["first-id", "first-id"]
+    assert {e["request_id"] for e in logged} == ids
+
+
+@pytest.mark.parametrize("target", ["cortex", "neuron"])
+def test_a_websocket_upgrade_is_a_clean_400(stack: Stack, target):
+    import socket
+
+    neuron = stack.neuron()
+    proc = budget_cortex(stack, neuron) if target == "cortex" else neuron
+    host, port = proc.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"}}" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["code"] == "websocket_not_supported"
+
+
+@pytest.mark.parametrize("token", ["                    ", "  padded-admin-token-0123  ", "tab\there-admin-token-0123"])
+def test_an_admin_token_with_whitespace_is_refused_at_start_up(tmp_path, token):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)],
+        env={**__import__("os").environ, "CORTEX_ADMIN_TOKEN": token}, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "admin.token" in r.stderr
+
+
+def test_the_ledger_database_and_its_data_dir_are_owner_only(stack: Stack):
+    import os
+    import stat
+
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=100)
+    assert chat(cortex, key, max_tokens=2).status_code == 200
+    data_dir = cortex.data_dir
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):
+        path = data_dir / name
+        if path.exists():
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, name
+
+
+# --- 1 (part). a client that stops reading cannot pin its hold -------------------------
+
+
+def test_a_client_that_stops_reading_is_cut_off_by_the_write_timeout_and_settled(stack: Stack):
+    import socket
+
+    from tests.conftest import wait_until
+
+    neuron = stack.neuron(
+        "--reply-tokens", "3000000", "--max-output-tokens", "3000000", "--context-length", "3100000",
+        "--chunk-tokens", "16",
+    )
+    cortex = budget_cortex(stack, neuron, config="[server]\nclient_write_timeout_s = 1.0\n")
+    key_id, key = create_key(cortex, balance_tokens=10_000_000, max_concurrency=1)
+    host, port = cortex.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        body = json.dumps({"model": MODEL, "messages": HI, "stream": True, "max_tokens": 3000000}).encode()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer " + key.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # then it never reads again
+        wait_until(lambda: neuron.get_json("/health")["cancelled_total"] == 1, timeout_s=60)
+        view = wait_until(lambda: (u := usage(cortex, key_id)["usage"])["in_flight"] == 0 and u, timeout_s=10)
+        assert view["held_tokens"] == 0
+        assert 0 < view["spent_tokens"] < 3000000  # what was relayed, not the hold
+        # The key is free again while the stuck connection is still open.
+        assert chat(cortex, key, max_tokens=3).status_code == 200
+    finally:
+        sock.close()
+    events = [e for e in cortex.log_events() if e.get("event") == "request" and e.get("stream")]
+    assert events[0]["outcome"] == "client_disconnected"

@@ -104,10 +104,12 @@ def test_every_response_carries_a_request_id_and_a_log_line(pair):
     assert hostile.headers["x-request-id"] != "a b\tc"
 
     def logged():
-        return {e.get("request_id"): e for e in cortex.log_events() if e.get("event") == "request"}
+        events = [e for e in cortex.log_events() if e.get("event") == "request"]
+        return {e.get("client_request_id", e.get("request_id")): e for e in events}
 
     lines = wait_until(lambda: "trace-abc.123" in logged() and generated in logged() and logged())
     ok = lines["trace-abc.123"]
+    assert len(ok["request_id"]) == 32 and ok["request_id"] != "trace-abc.123"  # cortex's own id beside the client's
     assert ok["status"] == 200 and ok["model"] == MODEL and ok["neuron"]
     assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] == 5 and ok["latency_ms"] > 0
     assert lines[generated]["status"] == 400

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import trio
 
@@ -167,3 +169,22 @@ async def test_deferred_ops_land_before_later_durable_ones_and_on_close(tmp_path
     conn = connect(path)
     assert conn.execute("SELECT state FROM holds WHERE id = 'h3'").fetchone()[0] == "settled"
     assert conn.execute("SELECT spent_tokens FROM keys").fetchone()[0] == 9
+
+
+def test_a_version_1_ledger_is_migrated_in_place_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE holds (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, account_id TEXT NOT NULL,"
+        " amount_tokens INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, state TEXT NOT NULL,"
+        " charged_tokens INTEGER NOT NULL DEFAULT 0, actual_tokens INTEGER, resolved_at REAL, request_id TEXT, model TEXT);"
+        "INSERT INTO holds (id, key_id, account_id, amount_tokens, created_at, expires_at, state, request_id)"
+        " VALUES ('h1', 'k', 'a', 5, 1, 2, 'settled', 'r1');"
+    )
+    old.commit()
+    old.close()
+    conn = connect(path)
+    assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT id, request_id, client_request_id FROM holds").fetchall() == [("h1", "r1", None)]

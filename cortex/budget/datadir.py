@@ -26,7 +26,7 @@ def lock(data_dir: str | Path) -> IO[str]:
     edits to its database must wait until it stops.
     """
     path = Path(data_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     handle = open(path / LOCK_FILE, "a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

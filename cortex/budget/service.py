@@ -160,7 +160,9 @@ class BudgetService:
             raise ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key")
         return record
 
-    async def reserve(self, key: KeyRecord, estimate: Estimate, request_id: str, model: str) -> Hold:
+    async def reserve(
+        self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None
+    ) -> Hold:
         """Hold the worst case on every cap that applies, durably, or raise the 429."""
         now = self.clock()
         hold_id = f"hold_{self._id_prefix}{next(self._hold_seq):x}"
@@ -169,7 +171,7 @@ class BudgetService:
             self.metrics.refusals.inc(reason=result.reason)
             raise refusal_error(result, self.config.retry_hint_s)
         hold = result
-        op = OpenHold.of(hold, model)
+        op = OpenHold.of(hold, model, client_request_id)
         try:
             with trio.fail_after(self.config.ledger_timeout_s):
                 await self.store.commit([op])
@@ -393,9 +395,10 @@ def charges_since(conn: sqlite3.Connection, kind: str, principal_id: str, since:
 
 def recent_requests(conn: sqlite3.Connection, key_id: str, limit: int) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT id, request_id, model, amount_tokens, charged_tokens, actual_tokens, state, created_at, resolved_at"
+        "SELECT id, request_id, client_request_id, model, amount_tokens, charged_tokens, actual_tokens, state,"
+        " created_at, resolved_at"
         " FROM holds WHERE key_id = ? ORDER BY created_at DESC LIMIT ?",
         (key_id, limit),
     ).fetchall()
-    names = ("hold_id", "request_id", "model", "held_tokens", "charged_tokens", "actual_tokens", "state", "created_at", "resolved_at")
+    names = ("hold_id", "request_id", "client_request_id", "model", "held_tokens", "charged_tokens", "actual_tokens", "state", "created_at", "resolved_at")
     return [dict(zip(names, row)) for row in rows]

@@ -13,6 +13,7 @@ for the simulator (no threads on the simulated path) and the offline CLI.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -27,7 +28,9 @@ import trio
 
 from cortex.budget.ledger import Caps, Hold
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Each step takes a ledger from the version before it to the next one.
+MIGRATIONS = {"1": ("ALTER TABLE holds ADD COLUMN client_request_id TEXT",)}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
@@ -58,8 +61,9 @@ CREATE TABLE IF NOT EXISTS holds (
     charged_tokens INTEGER NOT NULL DEFAULT 0,
     actual_tokens INTEGER,
     resolved_at REAL,
-    request_id TEXT,
-    model TEXT
+    request_id TEXT,  -- cortex's own id, unique per request
+    model TEXT,
+    client_request_id TEXT  -- the client's x-request-id, if it sent one; not unique
 );
 CREATE INDEX IF NOT EXISTS holds_open ON holds(state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS holds_resolved_at ON holds(resolved_at);
@@ -119,11 +123,12 @@ class OpenHold:
     expires_at: float
     request_id: str | None = None
     model: str | None = None
+    client_request_id: str | None = None
 
     @classmethod
-    def of(cls, hold: Hold, model: str | None = None) -> "OpenHold":
+    def of(cls, hold: Hold, model: str | None = None, client_request_id: str | None = None) -> "OpenHold":
         return cls(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at,
-                   hold.request_id, model)
+                   hold.request_id, model, client_request_id)
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,11 @@ def apply(conn: sqlite3.Connection, op: Op) -> None:
     """Apply one op inside the caller's transaction."""
     if isinstance(op, OpenHold):
         conn.execute(
-            "INSERT INTO holds (id, key_id, account_id, amount_tokens, created_at, expires_at, state, request_id, model)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
-            (op.id, op.key_id, op.account_id, op.amount_tokens, op.created_at, op.expires_at, op.request_id, op.model),
+            "INSERT INTO holds (id, key_id, account_id, amount_tokens, created_at, expires_at, state, request_id, model,"
+            " client_request_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+            (op.id, op.key_id, op.account_id, op.amount_tokens, op.created_at, op.expires_at, op.request_id, op.model,
+             op.client_request_id),
         )
     elif isinstance(op, ResolveHold):
         cursor = conn.execute(
@@ -203,6 +210,10 @@ def apply_all(conn: sqlite3.Connection, ops: Sequence[Op]) -> None:
 def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection:
     """Open (creating if needed) a ledger database in WAL mode."""
     assert synchronous in SYNCHRONOUS_MODES
+    if str(path) != ":memory:":
+        # Owner-only from the first byte: key hashes and usage are no one else's
+        # business. SQLite gives the -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     conn = sqlite3.connect(str(path))
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
@@ -213,8 +224,15 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
         row = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise StoreError(f"ledger schema version {row[0]} is not supported (expected {SCHEMA_VERSION})")
+            return conn
+        version = row[0]
+        while version in MIGRATIONS:
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            version = str(int(version) + 1)
+            conn.execute("UPDATE meta SET v = ? WHERE k = 'schema_version'", (version,))
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"ledger schema version {version} is not supported (expected {SCHEMA_VERSION})")
     return conn
 
 
