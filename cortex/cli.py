@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
+import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -103,17 +107,40 @@ async def run_gateway(config: Config) -> None:
             )
 
 
-async def run_up(listen: str, data_dir: str) -> None:
-    """cortex on `listen` in front of a mock neuron on an ephemeral port, one process."""
-    from neuron.app import NeuronApp, NeuronConfig
+NEURON_START_TIMEOUT_S = 30.0
 
+
+@asynccontextmanager
+async def mock_neuron() -> AsyncIterator[str]:
+    """A mock neuron as a child process (cortex never imports neuron); yields its URL."""
+    argv = [sys.executable, "-m", "neuron", "serve", "--listen", "127.0.0.1:0"]
+    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(NEURON_START_TIMEOUT_S):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise StartupFailed("the mock neuron exited before it was ready")
+                line += chunk
+        yield json.loads(line)["url"]
+    finally:
+        with trio.move_on_after(5, shield=True):
+            process.terminate()
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+
+
+async def run_up(listen: str, data_dir: str) -> None:
+    """cortex on `listen` in front of a mock neuron (a child process) on an ephemeral port."""
     admin_token = secrets.token_urlsafe(24)
     with shutdown_signals() as trigger:
-        async with trio.open_nursery() as nursery:
-            neuron_binds = await nursery.start(partial(serve, NeuronApp(NeuronConfig()), "127.0.0.1:0"))
+        async with mock_neuron() as neuron_url, trio.open_nursery() as nursery:
             config = config_mod.from_mapping({
                 "server": {"listen": listen},
-                "fleet": {"neurons": [neuron_binds[0]]},
+                "fleet": {"neurons": [neuron_url]},
                 "budget": {"data_dir": data_dir},
                 "admin": {"token": admin_token},
             })
@@ -122,7 +149,7 @@ async def run_up(listen: str, data_dir: str) -> None:
             _check_started(app)
             assert app.budget is not None
             _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))
-            print(_welcome(binds[0], neuron_binds[0], key, admin_token), flush=True)
+            print(_welcome(binds[0], neuron_url, key, admin_token), flush=True)
             await trigger()
             nursery.cancel_scope.cancel()
 

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -96,3 +97,21 @@ def test_neuron_flags_are_bounded():
     for argv in (["--seed", str(2**70)], ["--context-length", "0"], ["--ttft-ms", "inf"], ["--ttft-ms", "nan"]):
         result = subprocess.run([sys.executable, "-m", "neuron", "serve", *argv], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and ("must be from" in result.stderr or "not a number" in result.stderr)
+
+
+def test_neither_daemon_imports_the_other():
+    """cortex and neuron share only common/: checked on the source, not by convention."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    for package, other in (("cortex", "neuron"), ("neuron", "cortex")):
+        for path in (root / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    assert name.split(".")[0] != other, f"{path.relative_to(root)} imports {name}"
