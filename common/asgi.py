@@ -84,6 +84,7 @@ class Request:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response head
     log: dict[str, Any] = field(default_factory=dict)  # fields for the one request log line
     cancel_scope: trio.CancelScope | None = None  # the whole request, for shutdown
+    surface: Any = None  # the API surface answering it (its error envelope, its reply shapes)
     shutting_down: bool = False  # cancelled because the server is draining
 
     @classmethod
@@ -207,6 +208,25 @@ async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, state: Di
                 state.disconnected = True
                 scope.cancel()
             return
+
+
+@asynccontextmanager
+async def companion(task: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run `task` beside the body of the block, and cancel it when the body ends.
+
+    The body's own exception comes out as itself, not wrapped in a group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 @asynccontextmanager

@@ -1,17 +1,28 @@
-"""Serve an ASGI app with Hypercorn's Trio worker; shared by cortex and neuron."""
+"""Serve an ASGI app with Hypercorn's Trio worker; shared by cortex and neuron.
+
+Connections are HTTP/1.1 only and close as soon as the peer closes them
+(`common.server_fixes`). Accept errors, such as running out of file
+descriptors, are logged as at most one JSON line per interval. The CLIs
+raise the soft file-descriptor limit to the hard one at start-up.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import resource
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+
+from common import server_fixes
+from common.server_fixes import ServerConfig
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -22,8 +33,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-DEFAULT_BACKLOG = 4096
+DEFAULT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0
+ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 
 def hypercorn_config(
@@ -31,16 +43,95 @@ def hypercorn_config(
     graceful_timeout_s: float = 5.0,
     backlog: int = DEFAULT_BACKLOG,
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
-) -> HypercornConfig:
+    write_timeout_s: float | None = None,
+) -> ServerConfig:
     host, port = parse_listen(listen)
-    config = HypercornConfig()
+    config = ServerConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # cortex writes its own structured request log
+    config.alpn_protocols = ["http/1.1"]  # HTTP/1.1 only, should TLS ever be configured
     config.graceful_timeout = graceful_timeout_s
     config.backlog = backlog
     config.keep_alive_timeout = keep_alive_timeout_s
+    config.write_timeout_s = write_timeout_s
     config.h11_max_incomplete_size = 64 * 1024
     return config
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line, as cortex logs. Never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None) or {"message": record.getMessage()}
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), **fields}
+        return json.dumps(line, separators=(",", ":"), default=str)
+
+
+class AcceptErrorLog(logging.Filter):
+    """Pass at most one record per `interval_s`, as an `accept_failed` event.
+
+    trio.serve_listeners logs every failed accept (EMFILE, ENFILE, ENOMEM,
+    ENOBUFS) with a traceback and retries 0.1 s later: ten tracebacks a
+    second while the process is out of file descriptors. A passed record
+    counts the ones dropped since the previous record it passed.
+    """
+
+    def __init__(
+        self, interval_s: float = ACCEPT_ERROR_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        assert interval_s > 0
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self._dropped += 1
+            return False
+        self._last = now
+        args = record.args if isinstance(record.args, tuple) else ()
+        record.fields = {
+            "event": "accept_failed",
+            "error": args[0] if args else None,  # the errno name, e.g. EMFILE
+            "message": record.getMessage(),
+            "dropped": self._dropped,
+            "next_log_after_s": self.interval_s,
+        }
+        self._dropped = 0
+        return True
+
+
+_ACCEPT_LOGGER = "trio.serve_listeners"
+
+
+def install_accept_error_log(interval_s: float = ACCEPT_ERROR_LOG_INTERVAL_S) -> None:
+    """Send trio's accept errors to stderr as rate-limited JSON lines. Idempotent."""
+    logger = logging.getLogger(_ACCEPT_LOGGER)
+    if any(isinstance(f, AcceptErrorLog) for h in logger.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    handler.addFilter(AcceptErrorLog(interval_s))
+    logger.handlers[:] = [handler]
+    logger.propagate = False  # no second copy, with its traceback, from the root logger
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) after.
+
+    Each client connection holds a file descriptor, and the soft limit is
+    often 1024. A limit the system will not grant is left as it was.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. macOS, where the hard limit may be unlimited
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 @contextmanager
@@ -84,10 +175,19 @@ async def serve(
     graceful_timeout_s: float = 5.0,
     backlog: int = DEFAULT_BACKLOG,
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+    write_timeout_s: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until `shutdown_trigger` returns; `started()` reports the bound URLs."""
-    config = hypercorn_config(listen, graceful_timeout_s, backlog, keep_alive_timeout_s)
+    """Serve until `shutdown_trigger` returns; `started()` reports the bound URLs.
+
+    `write_timeout_s` limits how long one write to a client may block: one
+    ASGI body message, such as an SSE event or a whole non-streamed body.
+    When it runs out, the connection is dropped and the app receives
+    http.disconnect. None means no limit, as in Hypercorn.
+    """
+    server_fixes.install()
+    install_accept_error_log()
+    config = hypercorn_config(listen, graceful_timeout_s, backlog, keep_alive_timeout_s, write_timeout_s)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
@@ -101,7 +201,9 @@ def run_daemon(
     main: Callable[..., Awaitable[None]], *args: Any, prog: str, expected: tuple[type[BaseException], ...], prefix: str = ""
 ) -> int:
     """`trio.run(main, *args)` as a CLI: 0 on success or Ctrl+C; an expected
-    start-up failure (however trio grouped it) is one line on stderr and 1."""
+    start-up failure (however trio grouped it) is one line on stderr and 1.
+    The soft file-descriptor limit is raised to the hard one first."""
+    raise_fd_limit()
     try:
         trio.run(main, *args)
     except BaseException as exc:  # noqa: BLE001 - classified below, re-raised if unknown

@@ -16,10 +16,13 @@ from cortex import logs
 from common import asgi
 from common import errors
 from cortex.api.admin import PREFIX as ADMIN_PREFIX
+from cortex.api import anthropic
 from cortex.api.admin import AdminApi
+from cortex.api.surfaces import OPENAI, AnthropicSurface
 from common.errors import ApiError
 from common.openai_schema import chat_request, completion_request, parse_json_object
 from cortex.budget import datadir
+from cortex.budget.estimate import prompt_tokens_bound
 from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.budget.store import ThreadedStore
@@ -77,6 +80,8 @@ class CortexApp:
         self.router = asgi.Router(self._not_found, self._method_not_allowed)
         self.router.add("POST", "/v1/chat/completions", self._chat)
         self.router.add("POST", "/v1/completions", self._completion)
+        self.router.add("POST", "/v1/messages", self._messages)
+        self.router.add("POST", "/v1/messages/count_tokens", self._count_tokens)
         self.router.add("GET", "/v1/models", self._models)
         self.router.add("GET", "/health", self._health)
         self.router.add("GET", "/metrics", self._metrics)
@@ -145,6 +150,7 @@ class CortexApp:
             request.log["client_request_id"] = offered
         id_header = (b"x-request-id", (offered or request.request_id).encode())
         request.started = started
+        request.surface = OPENAI
         self._in_flight[request.request_id] = request
         try:
             with trio.CancelScope() as request.cancel_scope:
@@ -185,9 +191,9 @@ class CortexApp:
         err = errors.service_unavailable("cortex is shutting down; retry on another replica or shortly.", 1)
         with trio.move_on_after(SHUTDOWN_WRITE_TIMEOUT_S):
             if "status" not in response:
-                await asgi.send_bytes(request.send, err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
+                await self._send_error(request, response, err)
             elif response.get("stream"):
-                await asgi.send_chunk(request.send, asgi.sse_data(err.openai_body()))
+                await asgi.send_chunk(request.send, request.surface.stream().error(err))
                 await asgi.end_stream(request.send)
 
     def _observe(self, request: asgi.Request, status: int | None, latency_s: float) -> None:
@@ -216,7 +222,8 @@ class CortexApp:
         request.log.setdefault("outcome", err.code or err.type)
         if "status" in response:
             return  # headers already sent; the stream path reports its own errors
-        await asgi.send_bytes(request.send, err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
+        status, body, headers = request.surface.error_response(err, request.request_id)
+        await asgi.send_bytes(request.send, status, body, headers)
 
     # --- generation ---------------------------------------------------------------
 
@@ -253,10 +260,37 @@ class CortexApp:
         gen = completion_request(await self._body(request))
         await self.proxy.generate(request, gen, "/v1/completions", key)
 
+    def _anthropic(self, request: asgi.Request) -> AnthropicSurface:
+        """Everything on this route answers in Anthropic's shape, errors included."""
+        surface = AnthropicSurface(None, request.request_id, self.config.server.stream_ping_interval_s)
+        request.surface = surface
+        request.response_headers.append((b"request-id", request.request_id.encode()))
+        return surface
+
+    async def _messages(self, request: asgi.Request) -> None:
+        surface = self._anthropic(request)
+        key = self._authenticate(request)
+        surface.request = anthropic.to_openai(await self._body(request))
+        gen = surface.request.gen
+        surface.input_tokens = prompt_tokens_bound(gen)
+        await self.proxy.generate(request, gen, "/v1/chat/completions", key)
+
+    async def _count_tokens(self, request: asgi.Request) -> None:
+        self._anthropic(request)
+        self._authenticate(request)
+        counted = anthropic.count_tokens_request(await self._body(request))
+        if not self.fleet.knows(counted.gen.model):
+            raise errors.model_not_found(counted.gen.model)
+        await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted))
+
     # --- everything else -------------------------------------------------------------
 
     async def _models(self, request: asgi.Request) -> None:
-        await asgi.send_json(request.send, 200, {"object": "list", "data": self.fleet.catalogue()})
+        listing = {"object": "list", "data": self.fleet.catalogue()}
+        if "anthropic-version" in request.headers:  # the Anthropic SDKs always send it
+            self._anthropic(request)
+            listing = anthropic.models_list(listing)
+        await asgi.send_json(request.send, 200, listing)
 
     async def _health(self, request: asgi.Request) -> None:
         status = self.fleet.status()

@@ -95,6 +95,7 @@ async def run_gateway(config: Config) -> None:
                     graceful_timeout_s=graceful_s + DRAIN_MARGIN_S,
                     backlog=config.server.backlog,
                     keep_alive_timeout_s=config.server.keep_alive_timeout_s,
+                    write_timeout_s=config.server.client_write_timeout_s,
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # served out: the drain timer has nothing left to do
@@ -145,7 +146,8 @@ async def run_up(listen: str, data_dir: str) -> None:
                 "admin": {"token": admin_token},
             })
             app = CortexApp(config)
-            binds = await nursery.start(partial(serve, app, listen))
+            server = config.server
+            binds = await nursery.start(partial(serve, app, listen, write_timeout_s=server.client_write_timeout_s))
             _check_started(app)
             assert app.budget is not None
             _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))

@@ -34,6 +34,8 @@ class ServerConfig:
     body_timeout_s: float = 60.0  # the whole request body must arrive within this (then 408)
     body_buffer_max_bytes: int = 128 * 1024 * 1024  # request bodies buffered at once, all requests; past it, 503
     client_write_timeout_s: float = 30.0  # longest a response write may block on a client that does not read
+    # Anthropic streams: a ping after this much silence (Claude Code gives up after 300 s without a byte).
+    stream_ping_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)

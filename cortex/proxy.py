@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import trio
@@ -23,6 +25,7 @@ from common import asgi
 from common import errors
 from common.errors import ApiError
 from common.openai_schema import GenerationRequest
+from cortex.api.surfaces import StreamShape
 from cortex.budget.estimate import estimate
 from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
@@ -82,6 +85,30 @@ def _retry_after_s(value: str) -> float:
     return min(max(seconds, 1.0), 3600.0) if math.isfinite(seconds) else 1.0
 
 
+class _Writer:
+    """A stream's client writes, one at a time, with keep-alives while nothing else is written."""
+
+    def __init__(self, request: asgi.Request) -> None:
+        self._send = request.send
+        self._lock = trio.Lock()
+        self._last_write = trio.current_time()
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        async with self._lock:
+            await asgi.send_chunk(self._send, data)
+            self._last_write = trio.current_time()
+
+    async def ping_while_idle(self, shape: StreamShape) -> None:
+        interval_s = shape.ping_interval_s
+        assert interval_s is not None and interval_s > 0
+        while True:
+            await trio.sleep_until(self._last_write + interval_s)
+            if trio.current_time() >= self._last_write + interval_s:
+                await self.write(shape.ping())
+
+
 class Proxy:
     def __init__(self, config: Config, fleet: Fleet, upstream: Upstream, budget: BudgetService | None) -> None:
         self.config = config
@@ -107,7 +134,7 @@ class Proxy:
                     key, est, request.request_id, gen.model, request.log.get("client_request_id")
                 )
                 try:
-                    request.response_headers = self.budget.ratelimit_headers(key)
+                    request.response_headers += request.surface.ratelimit_headers(self.budget.headroom(key))
                     await self._dispatch(request, gen, path, payload, watch, meter, output_max)
                 finally:
                     meter.client_gone = watch.disconnected
@@ -215,32 +242,39 @@ class Proxy:
         meter.relayed_output_tokens = output
         meter.responded = meter.completed = True
         self._log_usage(request, meter.usage)
+        out = request.surface.whole(body, raw)
         watch.closing()
-        await asgi.send_bytes(request.send, 200, raw, list(asgi.JSON_HEADERS))
+        await asgi.send_bytes(request.send, 200, out, list(asgi.JSON_HEADERS))
 
     async def _relay_stream(
         self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter
     ) -> None:
+        shape = request.surface.stream()
+        out = _Writer(request)
         await asgi.start_stream(request.send, [])
+        await out.write(shape.start())
         try:
-            with response.idle_watch():
-                while chunk := await response.next_chunk():
-                    out = relay.feed(chunk)
-                    meter.relayed_output_tokens = relay.output_tokens
-                    if out:
-                        if "ttft_ms" not in request.log:
-                            request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
-                        await asgi.send_chunk(request.send, out)
+            pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s else nullcontext()
+            async with pinger:
+                with response.idle_watch():
+                    while chunk := await response.next_chunk():
+                        events = relay.feed(chunk)
+                        meter.relayed_output_tokens = relay.output_tokens
+                        if events:
+                            if "ttft_ms" not in request.log:
+                                request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
+                            await out.write(shape.relay(events))
             if relay.overflowed:
                 raise UpstreamFailed(f"upstream wrote more output than the {relay.output_tokens_max} tokens it was allowed")
             if relay.truncated:
                 raise UpstreamFailed("upstream ended the stream without [DONE]")
             meter.completed = True
+            await out.write(shape.end())
         except (UpstreamFailed, SSEProtocolError) as exc:
-            # Headers are gone already: the error travels as a final SSE event.
+            # Headers are gone already: the error travels as a final event.
             err = errors.upstream_error(f"The upstream stream broke: {exc}")
             request.log.update(outcome="upstream_broken", error=str(exc))
-            await asgi.send_chunk(request.send, asgi.sse_data(err.openai_body()))
+            await out.write(shape.error(err))
         finally:
             meter.usage = relay.usage
             meter.relayed_output_tokens = relay.output_tokens

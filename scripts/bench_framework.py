@@ -122,14 +122,15 @@ APP_FACTORIES = {"raw": make_raw_app, "starlette": make_starlette_app}
 def serve_main(name: str) -> int:
     from functools import partial
 
-    from common.serving import announce, serve, wait_for_signal
+    from common.serving import announce, serve, shutdown_signals
 
     app = APP_FACTORIES[name]()
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, app, "127.0.0.1:0", shutdown_trigger=wait_for_signal))
-            announce("listening", service=f"bench-{name}", url=binds[0])
+        with shutdown_signals() as trigger:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(partial(serve, app, "127.0.0.1:0", shutdown_trigger=trigger))
+                announce("listening", service=f"bench-{name}", url=binds[0])
 
     try:
         trio.run(run)

@@ -26,7 +26,7 @@ from common import errors
 from common.errors import ApiError
 from cortex.budget import keys as keys_mod
 from cortex.budget.estimate import Estimate
-from cortex.budget.ledger import Caps, Hold, Ledger, LedgerError, Refusal, Resolution
+from cortex.budget.ledger import Caps, Headroom, Hold, Ledger, LedgerError, Refusal, Resolution
 from cortex.budget.store import (
     OpenHold,
     PutAccount,
@@ -221,17 +221,9 @@ class BudgetService:
             self.metrics.overrun_tokens.inc(resolution.overrun_tokens)
             logs.event("settle_overrun", logging.WARNING, hold_id=resolution.hold.id, overrun_tokens=resolution.overrun_tokens)
 
-    def ratelimit_headers(self, key: KeyRecord) -> list[tuple[bytes, bytes]]:
-        room = self.ledger.headroom(key.id, self.clock())
-        if room is None:
-            return []
-        headers = [
-            (b"x-ratelimit-limit-tokens", str(room.limit_tokens).encode()),
-            (b"x-ratelimit-remaining-tokens", str(room.remaining_tokens).encode()),
-        ]
-        if room.reset_s is not None:
-            headers.append((b"x-ratelimit-reset-tokens", f"{math.ceil(room.reset_s * 1000) / 1000:g}s".encode()))
-        return headers
+    def headroom(self, key: KeyRecord) -> Headroom | None:
+        """The tightest token cap's room, for each surface's rate-limit headers."""
+        return self.ledger.headroom(key.id, self.clock())
 
     # --- background ------------------------------------------------------------------
 
