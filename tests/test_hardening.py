@@ -362,3 +362,58 @@ def test_a_client_that_stops_reading_is_cut_off_by_the_write_timeout_and_settled
         sock.close()
     events = [e for e in cortex.log_events() if e.get("event") == "request" and e.get("stream")]
     assert events[0]["outcome"] == "client_disconnected"
+
+
+# --- 4 (part). cortex's own fd shortage is never blamed on the neuron ------------------
+
+
+class _LocalShortage:
+    """A transport whose connects fail the way trio's do when this process is out of fds."""
+
+    def __init__(self, errno_value: int) -> None:
+        self.errno_value = errno_value
+
+    async def handle_async_request(self, request):
+        try:
+            try:
+                raise OSError(self.errno_value, "Too many open files")
+            except OSError as exc:
+                raise OSError("all attempts to connect failed") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot connect: {exc}", request=request) from None
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("errno_name", ["EMFILE", "ENFILE", "ENOBUFS"])
+async def test_a_local_fd_shortage_on_connect_is_cortexs_error_and_leaves_the_neuron_healthy(errno_name):
+    import errno
+
+    from cortex.config import FleetConfig, UpstreamConfig
+    from cortex.fleet.health import poll_node
+    from cortex.fleet.registry import Fleet, ModelInfo
+    from cortex.fleet.upstream import LocalResourceError, Upstream
+
+    upstream = Upstream(UpstreamConfig(), lambda url: _LocalShortage(getattr(errno, errno_name)))
+    with pytest.raises(LocalResourceError):
+        async with upstream.post("http://127.0.0.1:9", "/v1/chat/completions", b"{}", {}):
+            pass
+    fleet = Fleet(["http://127.0.0.1:9"], FleetConfig().unhealthy_after_failures)
+    fleet.poll_succeeded("http://127.0.0.1:9", {MODEL: ModelInfo(MODEL, 100, 10)})
+    for _ in range(3):
+        await poll_node(fleet, upstream, "http://127.0.0.1:9", 1.0)
+    node = fleet.node("http://127.0.0.1:9")
+    assert node.healthy and node.failures == 0
+
+
+async def test_a_refused_connect_is_still_the_neurons_fault():
+    import errno
+
+    from cortex.config import UpstreamConfig
+    from cortex.fleet.upstream import Upstream, UpstreamUnavailable
+
+    upstream = Upstream(UpstreamConfig(), lambda url: _LocalShortage(errno.ECONNREFUSED))
+    with pytest.raises(UpstreamUnavailable):
+        async with upstream.post("http://127.0.0.1:9", "/v1/chat/completions", b"{}", {}):
+            pass
