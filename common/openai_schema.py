@@ -21,6 +21,9 @@ LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/complet
 # Far deeper than any real request (tool schemas nest about 10 deep), far
 # below where re-encoding the body (Python's recursion limit) would fail.
 JSON_DEPTH_MAX = 64
+TOOLS_MAX = 128  # OpenAI's own bound on function tools per request
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 @dataclass
@@ -35,6 +38,9 @@ class GenerationRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
     max_tokens_defaulted: bool = False  # /v1/completions' default of 16, not asked for
+    tools: list[dict[str, Any]] = field(default_factory=list)  # chat: validated function tools
+    tool_choice: str | dict[str, Any] | None = None  # chat: "none", "auto", "required" or a named function
+    reasoning_effort: str | None = None  # chat: one of REASONING_EFFORTS
 
 
 def _refuse_constant(name: str) -> Any:
@@ -199,9 +205,70 @@ def chat_request(body: dict[str, Any]) -> GenerationRequest:
     max_tokens = _positive_int(body, "max_tokens")
     max_completion_tokens = _positive_int(body, "max_completion_tokens")
     limit = max_completion_tokens if max_completion_tokens is not None else max_tokens
+    tools = _tools(body.get("tools"))
     return GenerationRequest(
-        "chat", model, body, stream, include_usage, limit, stop, messages=checked
+        "chat", model, body, stream, include_usage, limit, stop, messages=checked,
+        tools=tools, tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        reasoning_effort=_reasoning_effort(body.get("reasoning_effort")),
     )
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """Function tools, each `{"type": "function", "function": {"name", "description"?, "parameters"?}}`."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > TOOLS_MAX:
+        raise invalid_request(f"'tools' must be a list of at most {TOOLS_MAX} function tools.", param="tools")
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise invalid_request(
+                f"'{where}' must be an object with 'type': 'function' (the only tool type supported).", param=where
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise invalid_request(f"'{where}.function' is required and must be an object.", param=f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise invalid_request(
+                f"'{where}.function.name' is required and must be a non-empty string.", param=f"{where}.function.name"
+            )
+        for key, kind, label in (("description", str, "a string"), ("parameters", dict, "a JSON schema object")):
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise invalid_request(f"'{where}.function.{key}' must be {label}.", param=f"{where}.function.{key}")
+    return value
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in TOOL_CHOICE_MODES:
+            raise invalid_request(
+                f"'tool_choice' must be one of {', '.join(TOOL_CHOICE_MODES)} or a named function; got {value!r}.",
+                param="tool_choice",
+            )
+        if value == "required" and not tools:
+            raise invalid_request("'tool_choice' is 'required' but 'tools' is empty.", param="tool_choice")
+        return value
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise invalid_request(
+            "'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+            param="tool_choice",
+        )
+    if all(tool["function"]["name"] != name for tool in tools):
+        raise invalid_request(f"'tool_choice' names function {name!r}, which is not in 'tools'.", param="tool_choice")
+    return value
+
+
+def _reasoning_effort(value: Any) -> str | None:
+    if value is not None and value not in REASONING_EFFORTS:
+        raise invalid_request(
+            f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}; got {value!r}.", param="reasoning_effort"
+        )
+    return value
 
 
 def completion_request(body: dict[str, Any]) -> GenerationRequest:

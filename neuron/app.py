@@ -26,7 +26,8 @@ from common import errors
 from common.errors import ApiError
 from common.openai_schema import GenerationRequest, chat_request, completion_request, parse_json_object
 from common import counting
-from neuron.engines.mock import MockEngine, Reply
+from neuron.deltas import deltas
+from neuron.engines.mock import MockEngine, Reply, choose_tool
 
 VERSION = "0.1.0"
 
@@ -149,7 +150,8 @@ class NeuronApp:
         limit = self._limit_tokens(gen, prompt_tokens)
         if self._slots.available_tokens == 0 and self.counters.queued >= self.config.queue_depth:
             raise errors.server_overloaded("neuron queue is full; retry shortly.", retry_after_s=1)
-        reply = self.config.engine.plan(gen.body.get("seed"), prompt, limit, gen.stop)
+        tool = choose_tool(gen.tools, gen.tool_choice, gen.messages)
+        reply = self.config.engine.plan(gen.body.get("seed"), prompt, limit, gen.stop, tool, gen.reasoning_effort)
         self.counters.requests_total += 1
         completion_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         async with asgi.disconnect_watch(request.receive) as watch:
@@ -200,15 +202,13 @@ class NeuronApp:
         await asgi.start_stream(request.send, [(b"x-request-id", completion_id.encode())])
         if gen.kind == "chat":
             await asgi.send_chunk(request.send, asgi.sse_data(shape.chunk({"role": "assistant", "content": ""}, None)))
-        step = self.config.chunk_tokens
-        for index in range(0, reply.tokens, step):
-            piece = reply.text[index : index + step]
-            await engine.wait_for_token(start, index + len(piece) - 1)
-            self.counters.tokens_generated_total += len(piece)
-            await asgi.send_chunk(request.send, asgi.sse_data(shape.token_chunk(piece)))
+        for delta in deltas(reply, self.config.chunk_tokens):
+            await engine.wait_for_token(start, delta.last_token)
+            self.counters.tokens_generated_total += delta.tokens
+            await asgi.send_chunk(request.send, asgi.sse_data(shape.delta_chunk(delta.fields)))
         await asgi.send_chunk(request.send, asgi.sse_data(shape.finish_chunk(reply.finish_reason)))
         if gen.include_usage:
-            await asgi.send_chunk(request.send, asgi.sse_data(shape.usage_chunk(prompt_tokens, reply.tokens)))
+            await asgi.send_chunk(request.send, asgi.sse_data(shape.usage_chunk(prompt_tokens, reply)))
         watch.closing()
         await asgi.send_chunk(request.send, asgi.SSE_DONE)
         await asgi.end_stream(request.send)
@@ -285,10 +285,11 @@ class _Shape:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self.base, "choices": [choice], **self.usage_field}
 
-    def token_chunk(self, token: str) -> dict[str, Any]:
+    def delta_chunk(self, delta: dict[str, Any]) -> dict[str, Any]:
         if self.chat:
-            return self.chunk({"content": token}, None)
-        choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": None}
+            return self.chunk(delta, None)
+        assert list(delta) == ["content"]  # completions stream text only
+        choice = {"index": 0, "text": delta["content"], "logprobs": None, "finish_reason": None}
         return {**self.base, "choices": [choice], **self.usage_field}
 
     def finish_chunk(self, finish_reason: str) -> dict[str, Any]:
@@ -297,14 +298,14 @@ class _Shape:
         choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
         return {**self.base, "choices": [choice], **self.usage_field}
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self.base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, reply: Reply) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": _usage(prompt_tokens, reply)}
 
     def whole(self, reply: Reply, prompt_tokens: int) -> dict[str, Any]:
         if self.chat:
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "message": _message(reply),
                 "logprobs": None,
                 "finish_reason": reply.finish_reason,
             }
@@ -312,15 +313,30 @@ class _Shape:
         else:
             choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}
             obj = "text_completion"
-        return {**self.base, "object": obj, "choices": [choice], "usage": _usage(prompt_tokens, reply.tokens)}
+        return {**self.base, "object": obj, "choices": [choice], "usage": _usage(prompt_tokens, reply)}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def _message(reply: Reply) -> dict[str, Any]:
+    """The assistant message: content null when it calls a tool; reasoning only when asked for."""
+    call = reply.tool_call
+    message: dict[str, Any] = {"role": "assistant", "content": None if call else reply.text, "refusal": None}
+    if call:
+        function = {"name": call.name, "arguments": call.arguments}
+        message["tool_calls"] = [{"id": call.id, "type": "function", "function": function}]
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    return message
+
+
+def _usage(prompt_tokens: int, reply: Reply) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": reply.tokens,
+        "total_tokens": prompt_tokens + reply.tokens,
     }
+    if reply.reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens}
+    return usage
 
 
 async def _ready(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
