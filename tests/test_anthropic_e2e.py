@@ -244,3 +244,67 @@ def test_a_silent_upstream_gets_ping_events_so_agents_do_not_time_out(stack: Sta
     assert events[0] == "message_start" and events[-1] == "message_stop"
     first_text = events.index("content_block_start")
     assert events[:first_text].count("ping") >= 2  # during the 1.5 s before the first token
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                     "required": ["city", "days"]},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_full_tool_round_trip(pair, stream):
+    _, cortex = pair
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    c = client(cortex, key)
+    ask = [{"role": "user", "content": "What is the weather? Use get_weather."}]
+
+    def call(messages):
+        if not stream:
+            return c.messages.create(model=MODEL, max_tokens=200, tools=[WEATHER], messages=messages)
+        with c.messages.stream(model=MODEL, max_tokens=200, tools=[WEATHER], messages=messages) as s:
+            for _ in s:
+                pass
+            return s.get_final_message()
+
+    first = call(ask)
+    assert first.stop_reason == "tool_use"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    assert isinstance(use.input["city"], str) and isinstance(use.input["days"], int)
+    answer = call([
+        *ask,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny, 21 C"}]},
+    ])
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    assert answer.content[0].type == "text" and answer.content[0].text
+    view = usage(cortex, key_id)["usage"]
+    charged = sum(r["charged_tokens"] for r in usage(cortex, key_id)["recent"])
+    assert view["held_tokens"] == 0 and view["spent_tokens"] == charged
+    assert charged >= first.usage.output_tokens + answer.usage.output_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_thinking_comes_back_as_thinking_blocks_and_counts_as_output(pair, stream):
+    _, cortex = pair
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    c = client(cortex, key)
+    kwargs = {"model": MODEL, "max_tokens": 300, "messages": USER_HI, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    if stream:
+        with c.messages.stream(**kwargs) as s:
+            for _ in s:
+                pass
+            message = s.get_final_message()
+    else:
+        message = c.messages.create(**kwargs)
+    kinds = [b.type for b in message.content]
+    assert kinds[0] == "thinking" and "text" in kinds
+    thinking = message.content[0].thinking
+    text = "".join(b.text for b in message.content if b.type == "text")
+    assert thinking and thinking not in text  # never replayed as visible text
+    assert message.usage.output_tokens == len(thinking.encode()) + len(text.encode())
+    recent = usage(cortex, key_id)["recent"][0]
+    assert recent["charged_tokens"] == message.usage.input_tokens + message.usage.output_tokens
