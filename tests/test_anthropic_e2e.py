@@ -147,9 +147,28 @@ def test_no_healthy_upstream_is_529_overloaded(stack: Stack):
     _, key = create_key(cortex, balance_tokens=1000)
     neuron.kill()
     wait_until(lambda: httpx.get(cortex.url + "/health", timeout=5).status_code == 503)
-    with pytest.raises(anthropic.InternalServerError) as info:
+    with pytest.raises(anthropic.OverloadedError) as info:
         client(cortex, key).messages.create(model=MODEL, max_tokens=5, messages=USER_HI)
     assert info.value.status_code == 529 and info.value.body["error"]["type"] == "overloaded_error"
+
+
+def test_a_body_over_the_limit_is_413_request_too_large(stack: Stack):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron, config="[server]\nmax_body_bytes = 2000\n")
+    _, key = create_key(cortex, balance_tokens=1000)
+    with pytest.raises(anthropic.ContentTooLargeError) as info:
+        client(cortex, key).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x" * 3000}])
+    assert info.value.body["error"]["type"] == "request_too_large"
+
+
+def test_an_upstream_past_its_first_byte_deadline_is_504_timeout_error(stack: Stack):
+    neuron = stack.neuron("--ttft-ms", "3000")
+    cortex = budget_cortex(stack, neuron, config="[upstream]\nfirst_byte_timeout_s = 0.5\n")
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    with pytest.raises(anthropic.GatewayTimeoutError) as info:
+        client(cortex, key).messages.create(model=MODEL, max_tokens=5, messages=USER_HI)
+    assert info.value.body["error"]["type"] == "timeout_error"
+    assert usage(cortex, key_id)["usage"]["held_tokens"] == 0
 
 
 def test_models_list_has_anthropics_shape_when_asked_by_the_sdk(pair):
