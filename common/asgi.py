@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -239,19 +240,9 @@ async def disconnect_watch(receive: Receive) -> AsyncIterator[Disconnect]:
     after the request body has been read.
     """
     state = Disconnect()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
-            try:
-                yield state
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The watcher never fails, so a group holds only the body's own
-        # error: unwrap it so callers can catch it by type.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+    with trio.CancelScope() as scope:
+        async with companion(partial(_watch_disconnect, receive, scope, state)):
+            yield state
 
 
 Handler = Callable[[Request], Awaitable[None]]

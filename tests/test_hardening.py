@@ -220,14 +220,19 @@ def _stalled_body(url: str, key: str, declared: int, sent: int):
     return sock
 
 
-def _read_status(sock, timeout_s: float = 20.0) -> int:
+def _recv_until(sock, marker: bytes, timeout_s: float = 20.0) -> bytes:
     sock.settimeout(timeout_s)
     data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
+    while marker not in data:
+        chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
+    return data
+
+
+def _read_status(sock) -> int:
+    data = _recv_until(sock, b"\r\n")
     return int(data.split(b" ", 2)[1]) if data else 0
 
 
@@ -288,12 +293,7 @@ def test_a_websocket_upgrade_is_a_clean_400(stack: Stack, target):
             b"GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
         )
-        data = b""
-        while b"}}" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _recv_until(sock, b"}}")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["code"] == "websocket_not_supported"
