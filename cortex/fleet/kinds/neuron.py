@@ -1,0 +1,52 @@
+"""neuron, cortex's own data-plane daemon.
+
+* Health: `GET /health`, 200 with a JSON status document.
+* Models: `GET /v1/models`, an OpenAI list whose entries carry
+  `limit: {"context": N, "output": M}` (neuron/app.py). Both limits are
+  required: neuron always knows them.
+* Errors: cortex's own envelope (common/errors.py); a context overflow has
+  code `context_length_exceeded`, an overload is 503 `overloaded` with
+  Retry-After.
+* Tokens: one per UTF-8 byte (common/counting.py), so `token_bytes_max` is 1
+  and the relay's byte count is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cortex.fleet.kinds import base
+from cortex.fleet.kinds.base import ErrorFields, Kind, ModelEntry
+
+MODELS_PATH = "/v1/models"
+
+
+def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
+    entries = []
+    for entry in base.model_list(base.body_at(bodies, MODELS_PATH), MODELS_PATH):
+        limit = entry.get("limit")
+        if not isinstance(limit, dict):
+            raise ValueError(f"malformed model entry {str(entry)[:200]}: no 'limit' object")
+        name = entry["id"]
+        context = base.required_limit(limit.get("context"), f"{name}: limit.context")
+        output = base.required_limit(limit.get("output"), f"{name}: limit.output")
+        entries.append(ModelEntry(name, context, output))
+    return base.entries_by_name(entries)
+
+
+def is_overflow(status: int, fields: ErrorFields) -> bool:
+    return 400 <= status < 500 and fields.code == base.CONTEXT_CODE
+
+
+KIND = Kind(
+    name="neuron",
+    label="neuron",
+    health_path="/health",
+    model_paths=(MODELS_PATH,),
+    token_bytes_max=1,
+    reports_context=True,
+    judge_health=base.judge_status_only,
+    parse_models=parse_models,
+    is_overflow=is_overflow,
+)
