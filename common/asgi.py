@@ -140,7 +140,11 @@ class Request:
 
 
 def encode_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (from an upstream) has no UTF-8; as a \u escape it is still JSON.
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 async def send_bytes(

@@ -9,6 +9,7 @@ passed through: the OpenAI API grows faster than any gateway.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +48,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no upstream can take it back
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
+
+
 def _deeper_than(value: Any, depth_max: int) -> bool:
     """True when containers nest more than `depth_max` levels (iterative: no recursion to exhaust)."""
     stack = [(value, 1)]
@@ -67,7 +75,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     later would exhaust the stack), lone surrogates (no UTF-8 carries them).
     """
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, over-long integers
         raise invalid_json(str(exc)) from None
     except RecursionError:

@@ -65,7 +65,7 @@ class CortexApp:
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.fleet = Fleet(config.fleet.neurons, config.fleet.unhealthy_after_failures)
+        self.fleet = Fleet(config.fleet.all_upstreams(), config.fleet.unhealthy_after_failures)
         self.upstream = Upstream(config.upstream, transport_factory)
         self.budget: BudgetService | None = None
         self.proxy = Proxy(config, self.fleet, self.upstream, None)
@@ -113,7 +113,7 @@ class CortexApp:
                 )
                 self.proxy.budget = self.budget
                 if self.config.admin.token:
-                    self._admin = AdminApi(self.budget, self.config.admin.token)
+                    self._admin = AdminApi(self.budget, self.config.admin.token, self.config.server.body_timeout_s)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
                     await nursery.start(self.budget.expire_forever)

@@ -23,6 +23,7 @@ from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
+from cortex.fleet.kinds import KINDS
 from common.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
 
 DEFAULT_UP_LISTEN = "127.0.0.1:8080"
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway in front of neurons")
     s.add_argument("--listen", help="HOST:PORT to listen on (server.listen; default 127.0.0.1:8080)")
     s.add_argument("--neuron", action="append", dest="neurons", metavar="URL", help="neuron base URL (repeatable; fleet.neurons)")
+    s.add_argument(
+        "--upstream", action="append", dest="upstreams", metavar="KIND=URL", type=_upstream_flag,
+        help=f"an upstream server of a kind ({', '.join(KINDS)}); repeatable; replaces fleet.upstreams",
+    )
     s.add_argument("--config", type=Path, help="TOML config file; flags override it")
     s.add_argument("--data-dir", help="where the ledger lives (budget.data_dir; default .cortex)")
     s.add_argument("--admin-token", help="enables /admin/v1/ (admin.token; or CORTEX_ADMIN_TOKEN)")
@@ -51,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _upstream_flag(value: str) -> dict[str, str]:
+    kind, sep, url = value.partition("=")
+    if not sep or kind not in KINDS or not url:
+        raise argparse.ArgumentTypeError(f"expected KIND=URL with KIND one of {', '.join(KINDS)}, got {value!r}")
+    return {"kind": kind, "url": url}
+
+
 def serve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"listen": args.listen},
-        "fleet": {"neurons": args.neurons},
+        "fleet": {"neurons": args.neurons, "upstreams": args.upstreams},
         "budget": {"data_dir": args.data_dir, "auth_required": False if args.no_auth else None},
         "admin": {"token": args.admin_token or os.environ.get("CORTEX_ADMIN_TOKEN") or None},
         "log": {"level": args.log_level},
@@ -103,7 +115,7 @@ async def run_gateway(config: Config) -> None:
             binds = await nursery.start(serve_until_done)
             _check_started(app)
             announce(
-                "listening", service="cortex", url=binds[0], neurons=list(config.fleet.neurons),
+                "listening", service="cortex", url=binds[0], neurons=[u.url for u in config.fleet.all_upstreams()],
                 data_dir=config.budget.data_dir, admin=bool(config.admin.token),
             )
 

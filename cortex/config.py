@@ -7,6 +7,7 @@ Every value is validated at start-up; an error names the bad key
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from common.serving import parse_listen
+from cortex.fleet.kinds import KINDS
 
 
 class ConfigError(ValueError):
@@ -52,11 +54,28 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamSpec:
+    """One upstream server: where, what kind, its own key (by env var name) and its models."""
+
+    url: str
+    kind: str = "neuron"
+    api_key_env: str | None = None  # the variable holding the upstream's key; the key itself is never in config
+    models: tuple[str, ...] | None = None  # serve only these of what it lists; None: all
+
+
+@dataclass(frozen=True)
 class FleetConfig:
-    neurons: tuple[str, ...] = ()
+    neurons: tuple[str, ...] = ()  # shorthand for upstreams of kind "neuron"
+    upstreams: tuple[UpstreamSpec, ...] = ()
     poll_interval_s: float = 2.0
     poll_timeout_s: float = 2.0
     unhealthy_after_failures: int = 2
+    # Limits for models whose server reports none (Ollama, plain OpenAI-compatible ones).
+    default_context_tokens: int = 8192
+    default_output_tokens: int = 4096
+
+    def all_upstreams(self) -> tuple[UpstreamSpec, ...]:
+        return tuple(UpstreamSpec(url) for url in self.neurons) + self.upstreams
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,37 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _upstreams(key: str, value: Any) -> tuple[UpstreamSpec, ...]:
+    """`[[fleet.upstreams]]`: tables of url, kind, api_key_env, models."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"'{key}' must be a list of tables ([[{key}]]), got {value!r}")
+    specs = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(entry, UpstreamSpec):
+            specs.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"'{where}' must be a table, got {entry!r}")
+        known = {f.name for f in dataclasses.fields(UpstreamSpec)}
+        for name in entry:
+            if name not in known:
+                raise ConfigError(f"unknown key '{where}.{name}' (known: {', '.join(sorted(known))})")
+        url, kind = entry.get("url"), entry.get("kind", "neuron")
+        if not isinstance(url, str):
+            raise ConfigError(f"'{where}.url' is required and must be a string")
+        if kind not in KINDS:
+            raise ConfigError(f"'{where}.kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+        env = entry.get("api_key_env")
+        if env is not None and (not isinstance(env, str) or not env.isidentifier()):
+            raise ConfigError(f"'{where}.api_key_env' must be an environment variable name, got {env!r}")
+        models = entry.get("models")
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
+            raise ConfigError(f"'{where}.models' must be a list of model names, got {models!r}")
+        specs.append(UpstreamSpec(url, kind, env, tuple(models) if models is not None else None))
+    return tuple(specs)
+
+
 def _section(name: str, cls: type, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"'{name}' must be a table, got {values!r}")
@@ -130,7 +180,10 @@ def _section(name: str, cls: type, values: Any) -> Any:
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown key '{name}.{key}' (known: {', '.join(sorted(known))})")
-        checked[key] = _check_value(f"{name}.{key}", value, getattr(defaults, key))
+        if (name, key) == ("fleet", "upstreams"):
+            checked[key] = _upstreams(f"{name}.{key}", value)
+        else:
+            checked[key] = _check_value(f"{name}.{key}", value, getattr(defaults, key))
     return dataclasses.replace(defaults, **checked)
 
 
@@ -159,13 +212,22 @@ def validate(config: Config) -> None:
         parse_listen(config.server.listen)
     except ValueError as exc:
         raise ConfigError(f"'server.listen': {exc}") from None
-    for url in config.fleet.neurons:
+    seen: set[str] = set()
+    where = [("fleet.neurons", UpstreamSpec(url)) for url in config.fleet.neurons]
+    where += [(f"fleet.upstreams[{i}].url", spec) for i, spec in enumerate(config.fleet.upstreams)]
+    for key, spec in where:
+        url = spec.url
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError):
             parsed = None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or any(c.isspace() for c in url):
-            raise ConfigError(f"'fleet.neurons': {url!r} must be an http:// or https:// URL with a host")
+            raise ConfigError(f"'{key}': {url!r} must be an http:// or https:// URL with a host")
+        if spec.api_key_env is not None and not os.environ.get(spec.api_key_env):
+            raise ConfigError(f"'{key}': the key for {url} is read from ${spec.api_key_env}, which is not set")
+        if url.rstrip("/") in seen:
+            raise ConfigError(f"'{key}': {url!r} is listed twice")
+        seen.add(url.rstrip("/"))
     if not config.admin.token.isascii():
         raise ConfigError("'admin.token' must be ASCII")
     if any(c.isspace() or not c.isprintable() for c in config.admin.token):

@@ -26,7 +26,7 @@ from common import errors
 from common.errors import ApiError
 from common.openai_schema import GenerationRequest
 from cortex.api.surfaces import StreamShape
-from cortex.budget.estimate import estimate
+from cortex.budget.estimate import Estimate, estimate, prompt_tokens_floor
 from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.service import BudgetService, KeyRecord
@@ -45,44 +45,11 @@ from cortex.relay import SSEProtocolError, StreamRelay, output_tokens
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
 
-# neuron's tokens are UTF-8 bytes, so relayed bytes bound relayed tokens from below.
-OUTPUT_BYTES_PER_TOKEN_MAX = 1
-
-
-def upstream_payload(gen: GenerationRequest, output_tokens_max: int) -> bytes:
-    """The body sent upstream: the client's, with the output bound its hold covers
-    (so no upstream may write more than the client is charged for), asking for
-    a usage frame when streaming."""
-    body = {**gen.body, "max_tokens": output_tokens_max}
-    if "max_completion_tokens" in body:
-        body["max_completion_tokens"] = output_tokens_max
-    if gen.stream and not gen.include_usage:
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    return asgi.encode_json(body)
-
-
 def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiError:
-    """Map a neuron's error response to the client's error."""
-    try:
-        err = json.loads(raw)["error"]
-        message, type_, code, param = err["message"], err.get("type"), err.get("code"), err.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, type_, code, param = raw[:200].decode("utf-8", "replace") or f"HTTP {status}", None, None, None
-    if 400 <= status < 500 and status != 429:
-        return ApiError(status, message, type=type_ or "invalid_request_error", code=code, param=param)
-    if status in (429, 503):
-        retry_after_s = _retry_after_s(headers.get("retry-after", ""))
-        return errors.server_overloaded(f"The neuron serving this model is overloaded: {message}", retry_after_s)
-    return errors.upstream_error(f"The neuron at {node.url} failed with HTTP {status}: {message}")
-
-
-def _retry_after_s(value: str) -> float:
-    """A neuron's Retry-After in seconds, within [1, 3600]; 1 when unreadable."""
-    try:
-        seconds = float(value) if value.isascii() else 1.0
-    except ValueError:
-        return 1.0
-    return min(max(seconds, 1.0), 3600.0) if math.isfinite(seconds) else 1.0
+    """An upstream's error response, in its kind's own words, as the client's error."""
+    err = node.kind.normalise_error(status, raw, headers.get("retry-after"))
+    extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
+    return ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
 
 
 class _Writer:
@@ -122,12 +89,10 @@ class Proxy:
             raise errors.model_not_found(gen.model)
         est = estimate(gen, self.fleet.model_info(gen.model), self.config.budget.fallback_output_tokens)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
-        meter = Meter(gen.stream, est.prompt_tokens)
-        payload = upstream_payload(gen, est.output_tokens)
-        output_max = est.output_tokens * OUTPUT_BYTES_PER_TOKEN_MAX
+        meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen))
         async with asgi.disconnect_watch(request.receive) as watch:
             if key is None or self.budget is None:
-                await self._dispatch(request, gen, path, payload, watch, meter, output_max)
+                await self._dispatch(request, gen, path, est, watch, meter)
             else:
                 request.log["key_id"] = key.id
                 hold = await self.budget.reserve(
@@ -135,7 +100,7 @@ class Proxy:
                 )
                 try:
                     request.response_headers += request.surface.ratelimit_headers(self.budget.headroom(key))
-                    await self._dispatch(request, gen, path, payload, watch, meter, output_max)
+                    await self._dispatch(request, gen, path, est, watch, meter)
                 finally:
                     meter.client_gone = watch.disconnected
                     await self._settle(request, hold, meter)
@@ -170,12 +135,10 @@ class Proxy:
         request: asgi.Request,
         gen: GenerationRequest,
         path: str,
-        payload: bytes,
+        est: Estimate,
         watch: asgi.Disconnect,
         meter: Meter,
-        output_max: int,
     ) -> None:
-        headers = {"content-type": "application/json", "x-request-id": request.request_id}
         tried: set[str] = set()
         while True:
             node = self.fleet.route(gen.model, exclude=frozenset(tried))
@@ -185,10 +148,18 @@ class Proxy:
                     retry_after_s=math.ceil(self.config.fleet.poll_interval_s),
                 )
             request.log["neuron"] = node.url
+            # The output bound the hold covers goes upstream, in this kind's own fields, so no
+            # upstream may write more than the client is charged for; its key, never the client's.
+            body = node.kind.prepare_body(gen.body, output_tokens_max=est.output_tokens, stream=gen.stream, chat=gen.kind == "chat")
+            headers = {"content-type": "application/json", "x-request-id": request.request_id}
+            if node.api_key:
+                headers["authorization"] = f"Bearer {node.api_key}"
+            output_max = node.kind.output_bytes_max(est.output_tokens)
+            meter.token_bytes_max = node.kind.token_bytes_max
             self.fleet.acquire(node)
             meter.dispatched = True
             try:
-                async with self.upstream.post(node.url, path, payload, headers) as response:
+                async with self.upstream.post(node.url, path, asgi.encode_json(body), headers) as response:
                     await self._relay(request, gen, node, response, watch, meter, output_max)
                 return
             except LocalResourceError as exc:
@@ -232,6 +203,9 @@ class Proxy:
             body = None
         if not isinstance(body, dict):
             raise errors.upstream_error(f"The neuron at {node.url} sent a malformed response.")
+        if "choices" not in body and body.get("error") is not None:
+            # A 200 that says it failed: the upstream's error, nothing delivered, nothing charged.
+            raise upstream_error(node, 500, raw, response.headers)
         output = output_tokens(body)
         if output > output_max:
             # Never deliver more than the hold covers; the client gets nothing, so it pays nothing.
@@ -264,6 +238,8 @@ class Proxy:
                             if "ttft_ms" not in request.log:
                                 request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
                             await out.write(shape.relay(events))
+                        if relay.done or relay.overflowed:
+                            break  # nothing after [DONE] is ours; past the bound, stop the upstream now
             if relay.overflowed:
                 raise UpstreamFailed(f"upstream wrote more output than the {relay.output_tokens_max} tokens it was allowed")
             if relay.truncated:

@@ -30,7 +30,9 @@ class SSEDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer + data
         if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
+            # SSE ends lines with CRLF, LF or a lone CR; a CR at the very end may be half a CRLF.
+            tail = b"\r" if buffer.endswith(b"\r") else b""
+            buffer = buffer[: len(buffer) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         events = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
@@ -56,7 +58,17 @@ _TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
 
 def _text_bytes(value: Any) -> int:
-    return len(value.encode("utf-8", "replace")) if isinstance(value, str) else 0
+    """UTF-8 bytes of a text field; any other value counts at its JSON size, so
+    output in an unexpected shape (content parts, arguments as an object) is
+    never under-counted."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if value is None:
+        return 0
+    try:
+        return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError, RecursionError):
+        return len(repr(value).encode("utf-8", "surrogatepass"))
 
 
 def _message_bytes(message: dict[str, Any]) -> int:
@@ -82,29 +94,35 @@ def output_tokens(frame: Any) -> int:
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
-        body = choice.get("delta", choice.get("message"))
-        total += _message_bytes(body) if isinstance(body, dict) else _text_bytes(choice.get("text"))
+        # Both shapes are counted whatever the endpoint: an upstream may send either.
+        for name in ("delta", "message"):
+            body = choice.get(name)
+            total += _message_bytes(body) if isinstance(body, dict) else _text_bytes(body)
+        total += _text_bytes(choice.get("text"))
     return total
 
 
-_TEXT_KEYS = (b'"content":"', b'"text":"')
+_TEXT_KEYS = (b'"content":', b'"text":')
+_SLOW_MARKERS = (b"\\", b'"tool_calls"', b'"reasoning', b'"refusal"', b'"arguments"')
 
 
 def chunk_output_tokens(data: bytes) -> int:
     """`output_tokens` of one chunk's JSON, without parsing it in the common case.
 
-    A chunk with one plain text field (no escapes, no tool calls) is
-    counted by slicing; anything else takes the JSON path. Inside a JSON
-    string a quote is always escaped, so the key pattern cannot be faked.
+    A chunk with exactly one text field, a plain string (no escapes, no tool
+    calls, no reasoning), is counted by slicing; anything else takes the
+    JSON path. Inside a JSON string a quote is always escaped, so the key
+    pattern cannot be faked.
     """
-    if b"\\" not in data and b'"tool_calls"' not in data and b'"reasoning' not in data and b'"refusal":"' not in data:
-        for key in _TEXT_KEYS:
-            start = data.find(key)
-            if start >= 0:
-                start += len(key)
-                end = data.find(b'"', start)
-                if end >= 0 and data.find(key, end) < 0:
-                    return end - start
+    if not any(marker in data for marker in _SLOW_MARKERS):
+        if data.count(_TEXT_KEYS[0]) + data.count(_TEXT_KEYS[1]) == 1:
+            for key in _TEXT_KEYS:
+                start = data.find(key)
+                if start >= 0 and data[start + len(key) : start + len(key) + 1] == b'"':
+                    start += len(key) + 1
+                    end = data.find(b'"', start)
+                    if end >= 0:
+                        return end - start
     return output_tokens(_json_object(data))
 
 
@@ -132,8 +150,10 @@ class StreamRelay:
     def feed(self, chunk: bytes) -> bytes:
         """Upstream bytes in; the bytes to write to the client out (maybe b"")."""
         out = []
+        if self.done or self.overflowed:
+            return b""  # nothing after [DONE] or past the bound is the client's
         for event in self._decoder.feed(chunk):
-            if self.overflowed:
+            if self.overflowed or self.done:
                 break
             data = event_data(event)
             if data == DONE:

@@ -283,7 +283,7 @@ def test_a_revoked_key_is_refused_and_secrets_never_reach_logs_or_listings(stack
         ("POST", "keys", {"name": "x", "window_tokens": 5}, 400, "window_tokens"),
         ("POST", "keys", {"name": "x", "balance_tokens": -1}, 400, "balance_tokens"),
         ("POST", "keys", {"name": "x", "balance_tokens": 10**20}, 400, "balance_tokens"),
-        ("POST", "keys", b'{"name": "x", "window_tokens": 5, "window_seconds": 1e999}', 400, "window_seconds"),
+        ("POST", "keys", b'{"name": "x", "window_tokens": 5, "window_seconds": 1e999}', 400, None),  # overflows: not a number
         ("POST", "keys", b'{"name": "x", "window_tokens": 5, "window_seconds": NaN}', 400, None),  # not JSON
         ("POST", "keys", {"name": "x", "window_tokens": 5, "window_seconds": 10**9}, 400, "window_seconds"),
         ("POST", "keys", {"name": "x", "max_concurrency": 2**70}, 400, "max_concurrency"),

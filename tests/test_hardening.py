@@ -157,8 +157,7 @@ def test_a_streamed_usage_below_what_was_relayed_is_charged_what_was_relayed(sta
             r = chat(cortex, key, max_tokens=40, stream=True)
             assert _sse_text(r.text)[0] == "ab" * 10
         view = usage(cortex, key_id)["usage"]
-        prompt = 1 if isinstance(usage_value, dict) else HI_PROMPT_TOKENS
-        assert view["spent_tokens"] == 2 * (prompt + 20)
+        assert view["spent_tokens"] == 2 * (HI_PROMPT_TOKENS + 20)  # an under-counted prompt is raised to its floor too
         assert view["held_tokens"] == 0 and view["in_flight"] == 0
         assert _metric(cortex, "cortex_usage_disagreements_total") == 2
     finally:
@@ -417,3 +416,136 @@ async def test_a_refused_connect_is_still_the_neurons_fault():
     with pytest.raises(UpstreamUnavailable):
         async with upstream.post("http://127.0.0.1:9", "/v1/chat/completions", b"{}", {}):
             pass
+
+
+# --- found by the adversarial review of these fixes ------------------------------------
+
+
+def _hostile(reply: bytes, stack: Stack, balance: int = 1000):
+    fake = FakeUpstream(reply)
+    cortex = budget_cortex(stack, fake)
+    key_id, key = create_key(cortex, balance_tokens=balance)
+    return fake, cortex, key_id, key
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": [{"type": "text", "text": "z" * 5000}]}}]},
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": "z" * 5000}}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "text": "z" * 5000}]},
+    ],
+    ids=["content-parts", "arguments-object", "text-beside-delta"],
+)
+def test_output_in_an_unexpected_shape_is_counted_and_bounded(stack: Stack, body):
+    fake, cortex, key_id, key = _hostile(_http_reply(json.dumps({**body, "usage": {"prompt_tokens": 9, "completion_tokens": 10}}).encode()), stack)
+    try:
+        r = chat(cortex, key, max_tokens=10)
+        assert r.status_code == 502 and "allowed" in r.json()["error"]["message"]
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
+    finally:
+        fake.close()
+
+
+def test_sse_events_ended_by_a_lone_cr_are_counted_and_cut_at_the_bound(stack: Stack):
+    events = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\r\r' for _ in range(40))
+    fake, cortex, key_id, key = _hostile(_http_reply(events + b"data: [DONE]\r\r", b"text/event-stream"), stack)
+    try:
+        text, frames = _sse_text(chat(cortex, key, max_tokens=10, stream=True).text.replace("\r", "\n"))
+        assert len(text) <= 10 and frames[-1]["error"]["code"] == "upstream_error"
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + len(text)
+    finally:
+        fake.close()
+
+
+def test_nothing_after_done_is_relayed_or_charged(stack: Stack):
+    tail = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"late"}}]}\n\n' for _ in range(100))
+    head = _stream(["x"] * 5, {"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 5})
+    fake, cortex, key_id, key = _hostile(head.replace(b"content-length: %d" % (len(head.split(b"\r\n\r\n", 1)[1])),
+                                                      b"content-length: %d" % (len(head.split(b"\r\n\r\n", 1)[1]) + len(tail))) + tail, stack)
+    try:
+        r = chat(cortex, key, max_tokens=40, stream=True)
+        assert _sse_text(r.text)[0] == "xxxxx" and "late" not in r.text
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + 5
+    finally:
+        fake.close()
+
+
+def test_an_absurd_usage_count_is_malformed_and_never_breaks_the_ledger(stack: Stack):
+    fake, cortex, key_id, key = _hostile(_http_reply(_completion("hello", {"prompt_tokens": 9, "completion_tokens": 2**64})), stack)
+    try:
+        assert chat(cortex, key, max_tokens=10).status_code == 200
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + 5
+        data_dir = cortex.data_dir
+        cortex.stop()
+        restarted = budget_cortex(stack, fake, data_dir=data_dir)
+        view = usage(restarted, key_id)
+        assert view["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + 5  # durable, not orphaned
+        assert [r["state"] for r in view["recent"]] == ["settled"]
+    finally:
+        fake.close()
+
+
+def test_a_usage_that_zeroes_the_prompt_is_charged_the_prompt_anyway(stack: Stack):
+    fake, cortex, key_id, key = _hostile(_stream(["ab"] * 10, {"prompt_tokens": 0, "completion_tokens": 0}), stack)
+    try:
+        chat(cortex, key, max_tokens=40, stream=True)
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + 20
+    finally:
+        fake.close()
+
+
+def test_a_200_that_carries_an_error_is_an_error_and_costs_nothing(stack: Stack):
+    body = json.dumps({"error": {"message": "engine died", "type": "server_error"}}).encode()
+    fake, cortex, key_id, key = _hostile(_http_reply(body), stack)
+    try:
+        r = chat(cortex, key, max_tokens=10)
+        assert r.status_code == 502 and "engine died" in r.json()["error"]["message"]
+        assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
+    finally:
+        fake.close()
+
+
+def test_an_upstream_error_with_a_lone_surrogate_is_still_a_clean_json_error(stack: Stack):
+    raw = b'{"error": {"message": "bad \\udc80 byte", "type": "invalid_request_error"}}'
+    reply = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(raw), raw)
+    fake, cortex, key_id, key = _hostile(reply, stack)
+    try:
+        r = chat(cortex, key, max_tokens=10)
+        assert r.status_code == 400 and "bad" in r.json()["error"]["message"]
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400"])
+def test_a_float_that_overflows_to_infinity_is_a_400(stack: Stack, number):
+    neuron = stack.neuron()
+    cortex = budget_cortex(stack, neuron)
+    _, key = create_key(cortex, balance_tokens=1000)
+    r = httpx.post(cortex.url + "/v1/chat/completions", content=_chat_with_extra(number),
+                   headers={"authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert neuron.get_json("/health")["requests_total"] == 0
+
+
+def test_max_tokens_above_the_advertised_limit_is_refused_whichever_neuron_would_serve(stack: Stack):
+    tight = stack.neuron("--max-output-tokens", "100")
+    roomy = stack.neuron("--max-output-tokens", "4096")
+    cortex = budget_cortex(stack, tight, roomy)
+    _, key = create_key(cortex, balance_tokens=100_000)
+    for _ in range(4):
+        r = chat(cortex, key, max_tokens=200)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert tight.get_json("/health")["requests_total"] + roomy.get_json("/health")["requests_total"] == 0
+
+
+def test_the_admin_body_deadline_follows_the_configuration(stack: Stack):
+    import socket
+
+    cortex = budget_cortex(stack, config="[server]\nbody_timeout_s = 1.0\n")
+    host, port = cortex.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /admin/v1/keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-admin-token-0123456789\r\n"
+                     b"content-length: 100\r\n\r\n{")
+        assert _read_status(sock) == 408

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from common.errors import ApiError
 from common.openai_schema import chat_request, completion_request, parse_json_object
-from cortex.fleet.registry import Fleet, ModelInfo, parse_models
+from cortex.fleet.kinds import KINDS
+from cortex.fleet.registry import Fleet, ModelInfo, model_info
 from cortex.relay import SSEDecoder, SSEProtocolError, StreamRelay, event_data
 from common import counting
 from neuron.engines.mock import Pacing, plan_reply
@@ -189,6 +190,11 @@ def test_dispatch_failure_takes_a_node_out_at_once():
     assert fleet.route("m").url == "http://b"
     assert fleet.status()["status"] == "degraded"
     assert fleet.route("m", exclude=frozenset({"http://b"})) is None
+
+
+def parse_models(payload):
+    entries = KINDS["neuron"].parse_models({"/v1/models": payload})
+    return {name: model_info(e, 8192, 4096) for name, e in entries.items()}
 
 
 def test_parse_models_rejects_malformed_catalogues():

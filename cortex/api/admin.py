@@ -29,7 +29,6 @@ from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetServic
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
-ADMIN_BODY_TIMEOUT_S = 30.0
 WINDOW_S_MAX = WINDOW_HORIZON_MAX_S  # windows longer than the usage replayed at start-up could not hold
 CONCURRENCY_MAX = 1_000_000
 RECENT_DEFAULT = 20
@@ -74,10 +73,11 @@ def _tokens(body: dict[str, Any]) -> int:
 
 
 class AdminApi:
-    def __init__(self, budget: BudgetService, token: str) -> None:
+    def __init__(self, budget: BudgetService, token: str, body_timeout_s: float = 60.0) -> None:
         assert token
         self.budget = budget
         self._token = token.encode()
+        self.body_timeout_s = body_timeout_s
 
     def _authorize(self, request: asgi.Request) -> None:
         auth = request.headers.get("authorization", "")
@@ -168,12 +168,11 @@ class AdminApi:
             "recent": await self.budget.recent(key_id, recent),
         }
 
-    @staticmethod
-    async def _body(request: asgi.Request) -> dict[str, Any]:
+    async def _body(self, request: asgi.Request) -> dict[str, Any]:
         try:
-            return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES, ADMIN_BODY_TIMEOUT_S))
+            return parse_json_object(await request.body(ADMIN_BODY_MAX_BYTES, self.body_timeout_s))
         except asgi.BodyTooLarge as exc:
             raise errors.payload_too_large(exc.limit_bytes) from None
         except asgi.BodyTimeout:
-            raise errors.body_timeout(ADMIN_BODY_TIMEOUT_S) from None
+            raise errors.body_timeout(self.body_timeout_s) from None
 

@@ -57,6 +57,12 @@ def prompt_tokens_bound(gen: GenerationRequest) -> int:
     return total + sum(_json_bytes(gen.body[f]) for f in PROMPT_SIDE_FIELDS if gen.body.get(f) is not None)
 
 
+def prompt_tokens_floor(gen: GenerationRequest) -> int:
+    """UTF-8 bytes of the prompt's own text and template: neuron's exact count,
+    and for any tokenizer at most `token_bytes_max` times the tokens it costs."""
+    return counting.count_text(gen.prompt) if gen.kind == "completion" else counting.count_chat(gen.messages)
+
+
 def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_tokens: int = FALLBACK_OUTPUT_TOKENS) -> Estimate:
     """The worst-case cost of `gen`, or 400 context_length_exceeded."""
     prompt = prompt_tokens_bound(gen)
@@ -65,6 +71,12 @@ def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_to
         return Estimate(prompt, asked if asked is not None else fallback_output_tokens)
     if asked is not None and gen.max_tokens_defaulted:
         asked = min(asked, model.output_tokens)  # the neuron clamps a default it was not asked for
+    elif asked is not None and model.limits_reported and asked > model.output_tokens:
+        # The same answer whichever upstream the request would be routed to.
+        raise errors.invalid_request(
+            f"'max_tokens' is too large: {asked}. This model supports at most {model.output_tokens} completion tokens.",
+            param="max_completion_tokens" if gen.body.get("max_completion_tokens") is not None else "max_tokens",
+        )
     if asked is not None:
         if prompt + asked > model.context_tokens:
             raise errors.context_length_exceeded(prompt, asked, model.context_tokens)

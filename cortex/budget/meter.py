@@ -26,17 +26,21 @@ Action = Literal["settle", "release", "charge_hold"]
 Disagreement = Literal["missing", "malformed", "below_relayed"]
 
 
+COUNT_MAX = 10**12  # a larger count is the upstream's bug: no request is that big, and SQLite stops at 2**63
+
+
 def usage_counts(usage: Any) -> tuple[int, int] | None:
     """(prompt, completion) from an OpenAI usage object, if well-formed.
 
-    Well-formed means a JSON object with non-negative integer counts; a
-    float, a string, a bool or a list is the upstream's bug, not a number.
+    Well-formed means a JSON object with integer counts in [0, COUNT_MAX];
+    a float, a string, a bool, a list or an absurd number is the upstream's
+    bug, not a count.
     """
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     for value in (prompt, completion):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= COUNT_MAX:
             return None
     return prompt, completion
 
@@ -51,9 +55,15 @@ class Settlement:
 @dataclass
 class Meter:
     stream: bool
-    prompt_tokens_estimate: int
+    prompt_tokens_estimate: int  # the hold's prompt part: an upper bound
     usage: Any = None  # the upstream's own count, as it arrived (any JSON value)
-    relayed_output_tokens: int = 0  # a lower bound on the output tokens the client received
+    # UTF-8 bytes of the output the client received: an upper bound on its
+    # tokens (each covers at least a byte), and divided by `token_bytes_max`
+    # (the most bytes one token of this upstream's tokenizer covers) a lower one.
+    relayed_output_tokens: int = 0
+    token_bytes_max: int = 1
+    # UTF-8 bytes of the prompt's text: the prompt has at least this / token_bytes_max tokens.
+    prompt_tokens_floor: int = 0
     dispatched: bool = False  # handed to an upstream, which may be working on it
     responded: bool = False  # the upstream answered 200 and its output reached us
     completed: bool = False  # the upstream's response ended normally
@@ -65,15 +75,17 @@ class Meter:
         counts = usage_counts(self.usage)
         if counts is not None:
             prompt, completion = counts
-            if completion < self.relayed_output_tokens:
-                return Settlement("settle", prompt + self.relayed_output_tokens, "below_relayed")
+            prompt_floor = -(-self.prompt_tokens_floor // self.token_bytes_max)
+            output_floor = -(-self.relayed_output_tokens // self.token_bytes_max)
+            if completion < output_floor or prompt < prompt_floor:
+                return Settlement("settle", max(prompt, prompt_floor) + max(completion, output_floor), "below_relayed")
             return Settlement("settle", prompt + completion)
         disagreement: Disagreement | None = None
         if self.usage is not None:
             disagreement = "malformed"
         elif self.completed:
             disagreement = "missing"
-        own = self.prompt_tokens_estimate + self.relayed_output_tokens
+        own = self.prompt_tokens_estimate + self.relayed_output_tokens  # upper bounds both: never undercharged
         if self.relayed_output_tokens or self.responded:
             # The prompt was processed and this much output reached the client.
             return Settlement("settle", own, disagreement)

@@ -43,6 +43,7 @@ from cortex.metrics import GatewayMetrics
 
 DEFAULT_ACCOUNT = "default"
 TOKENS_MAX = 10**15  # far above any real balance, far below SQLite's 2**63
+ACTUAL_TOKENS_STORED_MAX = 2**62  # what an upstream claimed is recorded, but never past what SQLite can store
 WINDOW_HORIZON_MAX_S = 31 * 24 * 3600.0  # usage older than any sane window is not replayed
 
 
@@ -350,7 +351,8 @@ def _check_name(value: str, field: str) -> None:
 
 def _resolve_op(r: Resolution) -> ResolveHold:
     h = r.hold
-    return ResolveHold(h.id, h.key_id, h.account_id, h.state.value, r.charged_tokens, h.actual_tokens, h.resolved_at or 0.0)
+    actual = min(h.actual_tokens, ACTUAL_TOKENS_STORED_MAX) if h.actual_tokens is not None else None
+    return ResolveHold(h.id, h.key_id, h.account_id, h.state.value, r.charged_tokens, actual, h.resolved_at or 0.0)
 
 
 def principal_usage(ledger: Ledger, kind: str, principal_id: str, now: float) -> dict[str, Any]:

@@ -8,34 +8,47 @@ import trio
 
 from cortex import logs
 from cortex.config import FleetConfig
-from cortex.fleet.registry import Fleet, parse_models
-from cortex.fleet.upstream import LocalResourceError, Upstream
+from cortex.fleet.registry import Fleet, Node, model_info
+from cortex.fleet.upstream import LocalResourceError, Upstream, UpstreamFailed
 
 
-async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float) -> None:
-    """One health check: the node must answer /health and a valid /v1/models."""
+def auth_headers(node: Node) -> dict[str, str]:
+    return {"authorization": f"Bearer {node.api_key}"} if node.api_key else {}
+
+
+async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float, config: FleetConfig = FleetConfig()) -> None:
+    """One health check, in the node's kind's own terms: healthy, and a model list that parses."""
     node = fleet.node(url)
+    kind = node.kind
     was_healthy = node.healthy
+    headers = auth_headers(node)
     try:
-        await upstream.get_json(url, "/health", timeout_s)
-        models = parse_models(await upstream.get_json(url, "/v1/models", timeout_s))
-    except LocalResourceError as exc:  # cortex's own shortage says nothing about the neuron
+        status, raw = await upstream.get(url, kind.health_path, timeout_s, headers)
+        health = kind.judge_health(status, raw)
+        if not health.healthy:
+            raise UpstreamFailed(f"{kind.label} {health.state.replace('_', ' ')}: {health.reason or f'HTTP {status}'}")
+        bodies = {path: await upstream.get_json(url, path, timeout_s, headers) for path in kind.model_paths}
+        entries = kind.parse_models(bodies)
+        models = {
+            name: model_info(e, config.default_context_tokens, config.default_output_tokens) for name, e in entries.items()
+        }
+    except LocalResourceError as exc:  # cortex's own shortage says nothing about the upstream
         logs.event("poll_skipped", logging.WARNING, neuron=url, error=str(exc))
         return
-    except Exception as exc:  # whatever a neuron sends, the poller lives on
+    except Exception as exc:  # whatever an upstream sends, the poller lives on
         fleet.poll_failed(url, str(exc) or type(exc).__name__)
         if was_healthy and not node.healthy:
-            logs.event("neuron_unhealthy", logging.WARNING, neuron=url, error=str(exc))
+            logs.event("neuron_unhealthy", logging.WARNING, neuron=url, kind=kind.name, error=str(exc))
         return
     fleet.poll_succeeded(url, models)
     if not was_healthy:
-        logs.event("neuron_healthy", neuron=url, models=sorted(models))
+        logs.event("neuron_healthy", neuron=url, kind=kind.name, models=sorted(models))
 
 
-async def poll_once(fleet: Fleet, upstream: Upstream, timeout_s: float) -> None:
+async def poll_once(fleet: Fleet, upstream: Upstream, config: FleetConfig) -> None:
     async with trio.open_nursery() as nursery:
         for node in fleet.nodes:
-            nursery.start_soon(poll_node, fleet, upstream, node.url, timeout_s)
+            nursery.start_soon(poll_node, fleet, upstream, node.url, config.poll_timeout_s, config)
 
 
 async def poll_forever(
@@ -45,8 +58,8 @@ async def poll_forever(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Poll every node now (so cortex starts with a real picture), then forever."""
-    await poll_once(fleet, upstream, config.poll_timeout_s)
+    await poll_once(fleet, upstream, config)
     task_status.started()
     while True:
         await trio.sleep(config.poll_interval_s)
-        await poll_once(fleet, upstream, config.poll_timeout_s)
+        await poll_once(fleet, upstream, config)

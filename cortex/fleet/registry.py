@@ -7,8 +7,12 @@ I/O and no clock, so the simulator and tests drive it directly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from cortex.config import UpstreamSpec
+from cortex.fleet.kinds import KINDS, Kind, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -16,12 +20,23 @@ class ModelInfo:
     name: str
     context_tokens: int
     output_tokens: int
+    limits_reported: bool = True  # False: the server reports none; these are configured defaults
+
+
+def model_info(entry: ModelEntry, default_context_tokens: int, default_output_tokens: int) -> ModelInfo:
+    """A kind's model entry with every limit filled: what it reported, else the configured defaults."""
+    context = entry.context_tokens or default_context_tokens
+    output = entry.output_tokens or (context if entry.context_tokens else default_output_tokens)
+    return ModelInfo(entry.name, context, min(output, context), entry.context_tokens is not None)
 
 
 @dataclass
 class Node:
     url: str
     index: int
+    kind: Kind = KINDS["neuron"]
+    api_key: str | None = field(default=None, repr=False)  # sent upstream as Bearer; never logged
+    allowed_models: frozenset[str] | None = None
     healthy: bool = False
     ever_polled: bool = False
     models: dict[str, ModelInfo] = field(default_factory=dict)
@@ -33,38 +48,31 @@ class Node:
     def view(self) -> dict[str, Any]:
         return {
             "url": self.url,
+            "kind": self.kind.name,
             "healthy": self.healthy,
             "models": sorted(self.models),
             "in_flight": self.in_flight,
             "dispatched_total": self.dispatched_total,
             "consecutive_failures": self.failures,
             "last_error": self.last_error,
+            "limits": {
+                name: "reported" if m.limits_reported else "default" for name, m in sorted(self.models.items())
+            },
         }
 
 
-def parse_models(payload: Any) -> dict[str, ModelInfo]:
-    """A neuron's /v1/models body -> models; raises ValueError when malformed."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise ValueError("/v1/models body has no 'data' list")
-    models = {}
-    for entry in payload["data"]:
-        try:
-            name, limit = entry["id"], entry["limit"]
-            context, output = limit["context"], limit["output"]
-        except (KeyError, TypeError):
-            raise ValueError(f"malformed model entry {str(entry)[:200]}") from None
-        if not isinstance(name, str) or not name or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**40 for v in (context, output)
-        ):
-            raise ValueError(f"malformed model entry {str(entry)[:200]}")
-        models[name] = ModelInfo(name, context, output)
-    return models
+def _node(index: int, spec: str | UpstreamSpec) -> Node:
+    if isinstance(spec, str):
+        return Node(spec.rstrip("/"), index)
+    key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+    allowed = frozenset(spec.models) if spec.models is not None else None
+    return Node(spec.url.rstrip("/"), index, KINDS[spec.kind], key, allowed)
 
 
 class Fleet:
-    def __init__(self, urls: list[str] | tuple[str, ...], unhealthy_after_failures: int = 2) -> None:
+    def __init__(self, upstreams: list[str | UpstreamSpec] | tuple[str | UpstreamSpec, ...], unhealthy_after_failures: int = 2) -> None:
         assert unhealthy_after_failures >= 1
-        self.nodes = [Node(url.rstrip("/"), i) for i, url in enumerate(urls)]
+        self.nodes = [_node(i, spec) for i, spec in enumerate(upstreams)]
         self._by_url = {n.url: n for n in self.nodes}
         self.unhealthy_after_failures = unhealthy_after_failures
 
@@ -75,6 +83,8 @@ class Fleet:
 
     def poll_succeeded(self, url: str, models: dict[str, ModelInfo]) -> None:
         node = self._by_url[url]
+        if node.allowed_models is not None:
+            models = {name: m for name, m in models.items() if name in node.allowed_models}
         node.models = models
         node.healthy = True
         node.ever_polled = True

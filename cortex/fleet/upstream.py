@@ -170,11 +170,11 @@ class Upstream:
         )
         return await self._transport(base_url).handle_async_request(request)
 
-    async def get_json(self, url: str, path: str, timeout_s: float) -> Any:
-        """GET a small JSON document (health, catalogue); any failure raises UpstreamFailed."""
+    async def get(self, url: str, path: str, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """GET a small document (health, catalogue): its status and body; a failure to get one raises."""
         try:
             with trio.fail_after(timeout_s):
-                response = await self._send(url, "GET", path, b"", {})
+                response = await self._send(url, "GET", path, b"", headers or {})
                 reader = UpstreamResponse(response, timeout_s)
                 try:
                     raw = await reader.read_all(POLL_BODY_MAX_BYTES)
@@ -186,11 +186,16 @@ class Upstream:
             if _is_local(exc):
                 raise LocalResourceError(f"GET {path}: {exc}") from None
             raise UpstreamFailed(f"GET {path}: {exc}") from None
-        if response.status_code != 200:
-            raise UpstreamFailed(f"GET {path}: HTTP {response.status_code}")
+        return response.status_code, raw
+
+    async def get_json(self, url: str, path: str, timeout_s: float, headers: dict[str, str] | None = None) -> Any:
+        """GET a small JSON document; anything but a 200 with JSON raises UpstreamFailed."""
+        status, raw = await self.get(url, path, timeout_s, headers)
+        if status != 200:
+            raise UpstreamFailed(f"GET {path}: HTTP {status}")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UpstreamFailed(f"GET {path}: body is not JSON") from None
 
     @asynccontextmanager

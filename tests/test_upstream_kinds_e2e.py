@@ -1,0 +1,145 @@
+"""cortex in front of real-server stand-ins of every kind (`tests/standins.py`):
+the kind's own health, limits and errors, budgets, and the upstream's key."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import openai
+import pytest
+
+from tests.budget_helpers import budget_cortex, create_key, usage
+from tests.conftest import Proc, Stack
+
+MODEL = "served-model"
+KINDS = ("vllm", "sglang", "llamacpp", "tgi", "ollama", "openai")
+UPSTREAM_KEY = "upstream-secret-0123456789"
+
+
+def standin(stack: Stack, kind: str, *args: str) -> Proc:
+    proc = Proc(
+        [sys.executable, "-m", "tests.standins", kind, "--model", MODEL, *args],
+        stack.tmp_path / f"standin-{kind}-{len(stack.procs)}.log",
+    )
+    stack.procs.append(proc)
+    return proc.wait_ready()
+
+
+def fronted(stack: Stack, kind: str, *args: str, config: str = "") -> tuple[Proc, Proc]:
+    upstream = standin(stack, kind, "--context", "2048", *args)
+    path = stack.tmp_path / f"up-{len(stack.procs)}.toml"
+    path.write_text(config + f'[[fleet.upstreams]]\nurl = "{upstream.url}"\nkind = "{kind}"\n')
+    cortex = budget_cortex(stack, config=path.read_text())
+    return upstream, cortex
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_openai_sdk_through_each_kind_streamed_and_not_within_the_hold(stack: Stack, kind):
+    upstream, cortex = fronted(stack, kind)
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    client = openai.OpenAI(base_url=cortex.url + "/v1", api_key=key, max_retries=0)
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12)
+    assert whole.choices[0].message.content and whole.usage.completion_tokens <= 12
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12, stream=True
+        )
+        if c.choices
+    )
+    assert text
+    view = usage(cortex, key_id)["usage"]
+    assert view["held_tokens"] == 0 and view["in_flight"] == 0
+    recent = usage(cortex, key_id)["recent"]
+    assert all(r["charged_tokens"] <= r["held_tokens"] for r in recent) and len(recent) == 2
+
+
+@pytest.mark.parametrize("kind", ("vllm", "sglang", "llamacpp", "tgi"))
+def test_models_carry_the_context_limit_the_kind_reports(stack: Stack, kind):
+    _, cortex = fronted(stack, kind)
+    (entry,) = httpx.get(cortex.url + "/v1/models", timeout=10).json()["data"]
+    assert entry["id"] == MODEL and entry["limit"]["context"] == 2048
+    node = httpx.get(cortex.url + "/health", timeout=10).json()["nodes"][0]
+    assert node["kind"] == kind and node["limits"] == {MODEL: "reported"}
+
+
+@pytest.mark.parametrize("kind", ("ollama", "openai"))
+def test_a_kind_that_reports_no_limits_uses_the_configured_defaults_and_says_so(stack: Stack, kind):
+    _, cortex = fronted(stack, kind, config="[fleet]\ndefault_context_tokens = 3000\ndefault_output_tokens = 700\n")
+    (entry,) = httpx.get(cortex.url + "/v1/models", timeout=10).json()["data"]
+    assert entry["limit"] == {"context": 3000, "output": 700}
+    assert httpx.get(cortex.url + "/health", timeout=10).json()["nodes"][0]["limits"] == {MODEL: "default"}
+
+
+@pytest.mark.parametrize("kind", ("vllm", "sglang", "llamacpp", "tgi"))
+def test_a_prompt_past_the_reported_context_is_refused_before_the_upstream_sees_it(stack: Stack, kind):
+    upstream, cortex = fronted(stack, kind, "--context", "300")
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 5},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert not [q for q in httpx.get(upstream.url + "/_standin/requests", timeout=10).json() if q["method"] == "POST"]
+    assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
+
+
+def test_an_overflow_only_the_upstream_knows_of_is_mapped_to_context_length_exceeded(stack: Stack):
+    # A plain OpenAI-compatible server reports no context, so cortex holds under its default
+    # (8192) and the server, with 300, refuses in its own words.
+    upstream, cortex = fronted(stack, "openai", "--context", "300")
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 5},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert [q for q in httpx.get(upstream.url + "/_standin/requests", timeout=10).json() if q["method"] == "POST"]
+    view = usage(cortex, key_id)["usage"]
+    assert view["spent_tokens"] == 0 and view["held_tokens"] == 0
+
+
+def test_the_clients_key_never_reaches_the_upstream_and_the_configured_one_does(stack: Stack, monkeypatch):
+    monkeypatch.setenv("VLLM_KEY", UPSTREAM_KEY)
+    upstream = standin(stack, "vllm", "--api-key", UPSTREAM_KEY)
+    config = f'[[fleet.upstreams]]\nurl = "{upstream.url}"\nkind = "vllm"\napi_key_env = "VLLM_KEY"\n'
+    cortex = budget_cortex(stack, config=config)
+    _, key = create_key(cortex, balance_tokens=10_000)
+    for headers in ({"authorization": f"Bearer {key}"}, {"x-api-key": key}):
+        r = httpx.post(
+            cortex.url + "/v1/chat/completions", headers=headers, timeout=30,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        )
+        assert r.status_code == 200, r.text
+    seen = httpx.get(upstream.url + "/_standin/requests", timeout=10).json()
+    posts = [req for req in seen if req["method"] == "POST"]
+    assert len(posts) == 2
+    for req in posts:
+        headers = {k.lower(): v for k, v in req["headers"].items()} if isinstance(req["headers"], dict) else {
+            k.lower(): v for k, v in req["headers"]}
+        assert headers.get("authorization") == f"Bearer {UPSTREAM_KEY}"
+        assert key not in repr(req)
+    assert UPSTREAM_KEY not in cortex.logs()
+
+
+def test_an_unset_upstream_key_variable_fails_start_up_naming_it(tmp_path):
+    import subprocess
+
+    config = tmp_path / "c.toml"
+    config.write_text('[[fleet.upstreams]]\nurl = "http://127.0.0.1:9"\nkind = "vllm"\napi_key_env = "NO_SUCH_KEY_VAR"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+         "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "NO_SUCH_KEY_VAR" in r.stderr
+
+
+def test_upstream_flags_name_their_kind(tmp_path):
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--upstream", "nonsense=http://x", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "KIND=URL" in r.stderr
