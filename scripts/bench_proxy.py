@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark what cortex costs in front of a neuron: direct, budgets off, budgets on.
+"""Benchmark what cortex costs in front of a neuron: direct, budgets off, budgets on, Anthropic.
 
 What it does
 ------------
@@ -15,22 +15,32 @@ What it does
    --data-dir TMP/on``; every request (on all three paths, so the bytes sent
    are identical) carries ``authorization: Bearer KEY``.  "off" has auth off,
    so its requests run unbudgeted; "on" authenticates, reserves a durable hold
-   (SQLite, group commit) and settles it, on every request.
+   (SQLite, group commit) and settles it, on every request.  A fourth path,
+   "msgs", is the budgets-off cortex again, at ``POST /v1/messages`` (the
+   Anthropic Messages API: the same proxy block, with the request translated
+   to OpenAI chat and the reply or stream translated back); it sends the
+   equivalent Anthropic body (same prompt, same ``max_tokens``), the same key
+   header and ``anthropic-version: 2023-06-01``.  "msgs" against "off" is the
+   cost of the translation.
 
    The mock neuron has zero latency (no TTFT, no inter-token delay), so every
    millisecond measured is HTTP/JSON/event-loop/ledger work.  The daemons'
    stderr (cortex's per-request log) goes to a temporary directory that is
    deleted afterwards, together with both data dirs.
-2. Drives ``POST /v1/chat/completions`` (``max_tokens`` 100) with the lean
-   trio + h11 load generator in ``scripts/_loadgen.py``: ``concurrency`` tasks,
-   one persistent keep-alive connection each, sequential requests, latency =
-   full response time (for ``stream: true``: until the end of the chunked SSE
-   body, after ``data: [DONE]``), for every mode and concurrency level.
+2. Drives ``POST /v1/chat/completions`` (``max_tokens`` 100; ``/v1/messages``
+   on "msgs") with the lean trio + h11 load generator in
+   ``scripts/_loadgen.py``: ``concurrency`` tasks, one persistent keep-alive
+   connection each, sequential requests, latency = full response time (for
+   ``stream: true``: until the end of the chunked SSE body, after
+   ``data: [DONE]``, or on "msgs" after ``event: message_stop``), for every
+   mode and concurrency level.  The first response of every point is checked
+   in full (token count; on "msgs" the ``message`` shape, or the event
+   sequence from ``message_start`` to ``message_stop``).
 3. Warms every path up, then runs every point for a fixed request count or a
-   time cap (whichever comes first), ``--repeats`` times.  The three paths are
+   time cap (whichever comes first), ``--repeats`` times.  The paths are
    measured back to back within each repeat, the order rotating per repeat
-   (direct, off, on / off, on, direct / on, direct, off), so machine drift hits
-   them equally.  The table reports medians over the repeats; ratios, added
+   (direct, off, msgs, on / off, msgs, on, direct / msgs, on, direct, off / ...),
+   so machine drift hits them equally.  The table reports medians over the repeats; ratios, added
    p50s and p99/p50 are medians of per-repeat paired values.
 4. Prints one Markdown table, CPU notes (load generator CPU %, daemon CPU ms
    per request, read from /proc) and a check section with PASS/MISS for the
@@ -39,7 +49,9 @@ What it does
    * cortex (budgets off) adds <= 2 ms at p50 at concurrency 1 (non-stream);
    * throughput through cortex (budgets off) at c=64 >= 50% of direct;
    * p99 through cortex at c=64 < 4x its p50 (budgets off and on);
-   * budgets add <= 0.5 ms at p50 at concurrency 1 (non-stream; on vs off).
+   * budgets add <= 0.5 ms at p50 at concurrency 1 (non-stream; on vs off);
+   * the Anthropic translation costs <= 10% of throughput against the OpenAI
+     path at concurrency 1 and 64 (msgs vs off, streamed and not).
 
 The load generator runs in this process; the daemons are separate processes.
 On a small machine they all share the CPUs: through cortex there is one more
@@ -49,17 +61,20 @@ next to nothing while the other one is measured.
 
 Usage
 -----
-    python scripts/bench_proxy.py                      # full run (~2.5 min)
+    python scripts/bench_proxy.py                      # full run (~4 min)
     python scripts/bench_proxy.py --quick              # fewer requests, 1 repeat
     python scripts/bench_proxy.py --modes non-stream --concurrency 1,64
     python scripts/bench_proxy.py --paths direct,off   # skip the budget-on cortex
+    python scripts/bench_proxy.py --paths off,msgs --concurrency 1,64   # the translation only
     python scripts/bench_proxy.py --cortex-args "--config my.toml" --label my-config
     python scripts/bench_proxy.py --api-key KEY --cortex-args "--data-dir DIR"  # "on" uses DIR and KEY
     python scripts/bench_proxy.py --profile-cortex /tmp/cortex-prof.txt  # pyinstrument, "on" instance
+    python scripts/bench_proxy.py --paths msgs --profile-cortex /tmp/msgs-prof.txt  # the "off" one, msgs only
 
 ``--cortex-args`` go to both cortex instances, except ``--data-dir``, which
 only the "on" instance gets (the "off" one always uses a temporary dir); with
-``--api-key`` no key is created and that key is sent instead.
+``--api-key`` no key is created and that key is sent instead.  "msgs" needs no
+instance of its own: the "off" one is started for it even without "off".
 
 For a profile without in-process overhead, attach a sampling profiler to a
 cortex pid printed at start-up while one of its points runs, e.g.
@@ -79,6 +94,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,9 +102,14 @@ import _loadgen as lg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("non-stream", "stream")
-PATHS = ("direct", "off", "on")  # client -> neuron; -> cortex --no-auth -> neuron; -> cortex with budgets -> neuron
+# client -> neuron; -> cortex --no-auth -> neuron; the same cortex at /v1/messages; -> cortex with budgets -> neuron
+PATHS = ("direct", "off", "msgs", "on")
+CORTEX_OF = {"off": "off", "msgs": "off", "on": "on"}  # path -> the cortex instance that serves it
 DEFAULT_CONCURRENCY = (1, 16, 64)
 PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_STREAM_END = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 KEY_BALANCE = 1_000_000_000_000
 
 # Targets
@@ -96,6 +117,8 @@ ADDED_P50_MAX_MS = 2.0  # off - direct, non-stream, c=1
 THROUGHPUT_RATIO_MIN = 0.50  # off/direct at c=64
 TAIL_RATIO_MAX = 4.0  # cortex p99/p50 at c=64
 BUDGET_P50_MAX_MS = 0.5  # on - off, non-stream, c=1
+TRANSLATION_RATIO_MIN = 0.90  # msgs/off throughput, both modes
+TRANSLATION_CONCURRENCY = (1, 64)
 TARGET_C_HIGH = 64
 
 
@@ -132,6 +155,91 @@ def make_validator(stream: bool, tokens: int):
     return check_stream if stream else check_plain
 
 
+def anthropic_body(tokens: int, stream: bool) -> bytes:
+    """The Messages request equivalent to `request_body`: same model, prompt and max_tokens."""
+    body: dict = {
+        "model": "cortex-mock",
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "bench"}],
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def make_anthropic_validator(stream: bool, tokens: int):
+    """The mock's tokens are one ASCII byte each, so the text is exactly `tokens` long."""
+
+    def check_plain(body: bytes) -> None:
+        obj = json.loads(body)
+        if obj.get("type") != "message":
+            raise lg.BadResponse(f"expected a message, got type {obj.get('type')!r}: {body[:200]!r}")
+        text = "".join(b.get("text", "") for b in obj.get("content", ()) if b.get("type") == "text")
+        if len(text) != tokens or obj["usage"]["output_tokens"] != tokens:
+            raise lg.BadResponse(f"expected {tokens} tokens of text, got {len(text)} "
+                                 f"(usage.output_tokens {obj['usage']['output_tokens']})")
+
+    def check_stream(body: bytes) -> None:
+        if not body.endswith(ANTHROPIC_STREAM_END):
+            raise lg.BadResponse(f"stream did not end with event: message_stop: ...{body[-80:]!r}")
+        kinds: list[bytes] = []
+        text = deltas = 0
+        for event in body.split(b"\n\n"):
+            if not event:
+                continue
+            name, _, data = event.partition(b"\n")
+            kind = name.removeprefix(b"event: ")
+            kinds.append(kind)
+            if kind == b"content_block_delta":
+                delta = json.loads(data.removeprefix(b"data: "))["delta"]
+                if delta.get("type") == "text_delta":
+                    deltas += 1
+                    text += len(delta["text"])
+        if kinds[0] != b"message_start" or b"error" in kinds:
+            raise lg.BadResponse(f"unexpected event sequence: {b', '.join(kinds[:8])!r}...")
+        if deltas != tokens or text != tokens:
+            raise lg.BadResponse(f"expected {tokens} text deltas of one token, got {deltas} ({text} bytes)")
+
+    return check_stream if stream else check_plain
+
+
+@dataclass(frozen=True)
+class AnthropicStreamReq(lg.Req):
+    """A streamed Messages request.
+
+    `_loadgen.Conn` checks that every `stream=True` response ends with
+    `data: [DONE]`, which an Anthropic stream never sends (it ends with
+    `event: message_stop`).  So this request goes out with `stream=False`
+    (no [DONE] check) but the same `accept: text/event-stream` header an
+    OpenAI stream sends.  What is timed is unchanged: until h11's
+    EndOfMessage, the end of the chunked body, after `message_stop`; the
+    status is still checked on every response, and the validator checks
+    the first one of every point in full (ending with `message_stop`
+    included).
+    """
+
+    def h11_request(self) -> h11.Request:
+        headers = [
+            ("host", f"{self.host}:{self.port}"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(self.body))),
+            ("accept", "text/event-stream"),
+            *self.headers,
+        ]
+        return h11.Request(method=self.method, target=self.target, headers=headers)
+
+
+def make_req(path: str, host: str, port: int, stream: bool, tokens: int, headers: tuple) -> lg.Req:
+    """The request for one path and mode: OpenAI chat, or Anthropic Messages on "msgs"."""
+    if path != "msgs":
+        return lg.Req(host, port, PATH, request_body(tokens, stream), stream=stream,
+                      validate=make_validator(stream, tokens), headers=headers)
+    cls = AnthropicStreamReq if stream else lg.Req
+    return cls(host, port, MESSAGES_PATH, anthropic_body(tokens, stream), stream=False,
+               validate=make_anthropic_validator(stream, tokens),
+               headers=(*headers, ("anthropic-version", ANTHROPIC_VERSION)))
+
+
 # --------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------
@@ -148,6 +256,12 @@ class Sample:
     def per_req_ms(self, cpu_s: float) -> float:
         n = self.result.completed
         return 1000.0 * cpu_s / n if n else float("nan")
+
+    @property
+    def total_cpu_ms(self) -> float:
+        """CPU per request of every process on the path: neuron, cortex (if any), load generator."""
+        cortex = 0.0 if self.cortex_cpu_s != self.cortex_cpu_s else self.cortex_cpu_s
+        return self.per_req_ms(self.neuron_cpu_s + cortex + self.result.loadgen_cpu_s)
 
 
 NAN = float("nan")
@@ -182,6 +296,12 @@ class Cell:
     def added_p50(self, path: str, base: str) -> float:
         return self._paired(path, base, lambda x, y: x.result.pct_ms(0.5) - y.result.pct_ms(0.5))
 
+    def cpu_ratio(self, path: str, base: str) -> float:
+        """base/path total CPU per request: the throughput ratio where the CPUs are the bottleneck.
+        Steadier than the req/s ratio on a shared machine (other load lowers both rates, not the CPU
+        a request costs)."""
+        return self._paired(path, base, lambda x, y: y.total_cpu_ms / x.total_cpu_ms if x.total_cpu_ms else NAN)
+
     @property
     def errors(self) -> int:
         return sum(s.result.errors for ss in self.samples.values() for s in ss)
@@ -209,12 +329,9 @@ async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon]) -> list
     reqs: dict[tuple[str, str], lg.Req] = {}
     for mode in args.modes:
         stream = mode == "stream"
-        body = request_body(args.tokens, stream)
-        validate = make_validator(stream, args.tokens)
         for path in args.paths:
             host, port = targets[path].host_port
-            reqs[(mode, path)] = lg.Req(host, port, PATH, body, stream=stream, validate=validate,
-                                        headers=args.headers)
+            reqs[(mode, path)] = make_req(path, host, port, stream, args.tokens, args.headers)
 
     # Warm-up: every path, every mode (imports, caches, cortex's upstream pool, the ledger's pages).
     for (mode, path), req in reqs.items():
@@ -268,6 +385,29 @@ def format_table(cells: list[Cell]) -> str:
             f"| {lg.fmt(cell.p('on', 0.5), '.2f')} "
             f"| {lg.fmt(cell.added_p50('off', 'direct'), '+.2f')} | {lg.fmt(cell.added_p50('on', 'off'), '+.2f')} "
             f"| {lg.fmt(cell.tail_ratio('on'), '.1f')} |"
+        )
+    return "\n".join(rows)
+
+
+def format_translation_table(cells: list[Cell]) -> str:
+    rows = [
+        "| mode | concurrency | off req/s | msgs req/s | msgs/off | off p50 ms | msgs p50 ms "
+        "| added p50 ms (msgs - off) | msgs p99/p50 | cortex CPU ms/req off | cortex CPU ms/req msgs "
+        "| CPU-bound ratio (off/msgs total CPU per req) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        if not cell.samples["msgs"]:
+            continue
+        cpu = {p: cell.med(p, lambda s: s.per_req_ms(s.cortex_cpu_s)) for p in ("off", "msgs")}
+        rows.append(
+            f"| {cell.mode} | {cell.concurrency} "
+            f"| {lg.fmt(cell.rps('off'), ',.0f')} | {lg.fmt(cell.rps('msgs'), ',.0f')} "
+            f"| {lg.fmt(cell.ratio('msgs', 'off'), '.2f')} "
+            f"| {lg.fmt(cell.p('off', 0.5), '.2f')} | {lg.fmt(cell.p('msgs', 0.5), '.2f')} "
+            f"| {lg.fmt(cell.added_p50('msgs', 'off'), '+.2f')} | {lg.fmt(cell.tail_ratio('msgs'), '.1f')} "
+            f"| {lg.fmt(cpu['off'], '.2f')} | {lg.fmt(cpu['msgs'], '.2f')} "
+            f"| {lg.fmt(cell.cpu_ratio('msgs', 'off'), '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -351,6 +491,28 @@ def format_checks(cells: list[Cell]) -> tuple[str, bool]:
              f"(off {cell.p('off', 0.5):.2f} ms, on {cell.p('on', 0.5):.2f} ms)")
     else:
         line(None, "budget overhead p50 at c=1 (non-stream): not measured (needs non-stream, c=1, paths off and on)")
+
+    levels = " and ".join(f"c={c}" for c in TRANSLATION_CONCURRENCY)
+    target = (f"Anthropic translation costs <= {1 - TRANSLATION_RATIO_MIN:.0%} throughput vs the OpenAI path "
+              f"at {levels}")
+    for mode in MODES:
+        if not any(m == mode for m, _ in by):
+            continue
+        measured = {c: by[(mode, c)] for c in TRANSLATION_CONCURRENCY if have(by.get((mode, c)), "off", "msgs")}
+        missing = [f"c={c}" for c in TRANSLATION_CONCURRENCY if c not in measured]
+        if not measured:
+            line(None, f"{target} ({mode}): not measured (needs {levels}, paths off and msgs)")
+            continue
+        ratios = {c: cell.ratio("msgs", "off") for c, cell in measured.items()}
+        detail = "; ".join(
+            f"c={c} msgs/off {r:.2f} ({measured[c].rps('msgs'):,.0f} vs {measured[c].rps('off'):,.0f} req/s, "
+            f"added p50 {measured[c].added_p50('msgs', 'off'):+.2f} ms, CPU-bound ratio "
+            f"{measured[c].cpu_ratio('msgs', 'off'):.2f})"
+            for c, r in ratios.items()
+        )
+        ok = all(r >= TRANSLATION_RATIO_MIN for r in ratios.values())
+        line(None if missing and ok else ok,
+             f"{target} ({mode}): {detail}" + (f"; {', '.join(missing)} not measured" if missing else ""))
     return "\n".join(lines), all_ok
 
 
@@ -361,7 +523,8 @@ def format_checks(cells: list[Cell]) -> tuple[str, bool]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Benchmark cortex's overhead: client -> neuron vs client -> cortex (budgets off / on) -> neuron.",
+        description="Benchmark cortex's overhead: client -> neuron vs client -> cortex (budgets off / on; "
+                    "Anthropic /v1/messages on the budgets-off one) -> neuron.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="fewer requests per point, 1 repeat")
@@ -387,8 +550,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra request header (repeatable)")
     ap.add_argument("--label", default="", help="free text printed with the results")
     ap.add_argument("--profile-cortex", metavar="OUT",
-                    help="run the budget-on cortex (else the budget-off one) under pyinstrument, "
-                         "text report to OUT (adds profiler overhead)")
+                    help="run the budget-on cortex (else the budget-off one, which serves msgs) under "
+                         "pyinstrument, text report to OUT (adds profiler overhead)")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep the daemons' stderr logs in DIR")
     args = ap.parse_args(argv)
 
@@ -456,17 +619,17 @@ def main(argv: list[str] | None = None) -> int:
     if "on" in args.paths and not api_key:
         api_key = create_key(on_data_dir, env)
     args.headers = tuple(args.extra_headers + ([("authorization", f"Bearer {api_key}")] if api_key else []))
-    profiled = "on" if "on" in args.paths else "off"
+    instances = [i for i in ("off", "on") if any(CORTEX_OF.get(p) == i for p in args.paths)]
+    profiled = "on" if "on" in instances else "off"
 
     daemons: list[lg.Daemon] = []
-    cortexes: dict[str, lg.Daemon] = {}
+    cortexes: dict[str, lg.Daemon] = {}  # measured path -> the cortex instance serving it
     try:
         neuron = lg.Daemon("neuron", neuron_cmd, os.path.join(logdir, "neuron.log"), env=env, cwd=str(REPO_ROOT))
         daemons.append(neuron)
         neuron.wait_listening()
-        for path in ("off", "on"):
-            if path not in args.paths:
-                continue
+        started: dict[str, lg.Daemon] = {}
+        for path in instances:
             cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url, *extra,
                    "--data-dir", data_dirs[path], *(["--no-auth"] if path == "off" else [])]
             if args.profile_cortex and path == profiled:
@@ -475,9 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                           cwd=str(REPO_ROOT))
             daemons.append(d)
             d.wait_listening()
-            cortexes[path] = d
+            started[path] = d
+        cortexes = {p: started[CORTEX_OF[p]] for p in args.paths if p in CORTEX_OF}
         lg.progress(f"neuron {neuron.url} (pid {neuron.proc.pid}); "
-                    + "; ".join(f"cortex-{p} {d.url} (pid {d.proc.pid})" for p, d in cortexes.items()))
+                    + "; ".join(f"cortex-{p} {d.url} (pid {d.proc.pid})" for p, d in started.items()))
         cells = trio.run(bench, args, neuron, cortexes)
     finally:
         for d in reversed(daemons):
@@ -494,11 +658,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{f'; cortex-{profiled} under pyinstrument' if args.profile_cortex else ''}"
     )
     print("direct = client -> neuron; off = via cortex --no-auth; on = via cortex with budgets "
-          "(auth + durable reserve/settle per request).")
+          "(auth + durable reserve/settle per request); msgs = the off cortex at /v1/messages "
+          "(Anthropic in and out, translated to and from OpenAI chat).")
     print()
     print(format_table(cells))
+    if any(c.samples["msgs"] for c in cells):
+        print()
+        print("Anthropic Messages (msgs) against the OpenAI path (off), same cortex instance:")
+        print()
+        print(format_translation_table(cells))
     print()
     print("Ratios, added p50s and p99/p50 are medians of per-repeat paired values.")
+    if any(c.samples["msgs"] for c in cells):
+        print("CPU-bound ratio: off's CPU per request (neuron + cortex + load generator) over msgs'; "
+              "what msgs/off throughput would be if the CPUs alone set the pace.")
     errors = sum(c.errors for c in cells)
     if errors:
         print(f"WARNING: {errors} failed requests in total (see progress on stderr).")
