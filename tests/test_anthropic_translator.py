@@ -853,6 +853,156 @@ def test_sequential_tool_arguments_are_never_lost(calls):
         assert partial_json(parsed, index) == "".join(pieces)
 
 
+# --- whatever the upstream sends: lone surrogates, odd shapes -------------------------------
+
+SURROGATE = "\udc80"  # what JSON "\udc80" parses to: a str with no UTF-8 encoding
+# Text with lone surrogates among quotes, escapes, controls and non-ASCII (st.text never yields surrogates).
+WILD = st.lists(st.sampled_from([SURROGATE, "\ud83d", "a", "é", '"', "\\", "\n", "\x01"]) | st.characters(), max_size=6).map("".join)
+
+
+def json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def test_a_reply_holding_lone_surrogates_translates_and_counts_their_bytes():
+    reply = completion({"content": "a" + SURROGATE, "reasoning_content": SURROGATE, "tool_calls": [call('{"q":"' + SURROGATE + '"}')]}, "tool_calls")
+    message = an.from_openai(reply, THINKING)
+    assert message["content"][:2] == [{"type": "thinking", "thinking": SURROGATE, "signature": ""}, {"type": "text", "text": "a" + SURROGATE}]
+    assert message["content"][2]["input"] == {"q": SURROGATE}
+    assert message["usage"]["output_tokens"] == 3 + 4 + len('{"q":""}') + 3
+
+
+def test_a_stream_holding_lone_surrogates_is_never_cut_short():
+    raw = sse(  # json.dumps escapes the surrogates as "\udc80", as an upstream would send them
+        delta(reasoning_content=SURROGATE), delta(content="a" + SURROGATE),
+        tool_delta(0, '{"q":"' + SURROGATE, "call_" + SURROGATE, "f" + SURROGATE), tool_delta(0, '"}'), delta("tool_calls"),
+    )
+    translator = an.StreamTranslator(THINKING, "msg_s")
+    parsed = events(translator.start() + translator.feed(raw) + translator.finish())  # events() decodes strict UTF-8
+    check_well_formed(parsed)
+    assert names(parsed)[-1] == "message_stop"
+    assert deltas(parsed, 0)[0] == {"type": "thinking_delta", "thinking": SURROGATE}
+    assert deltas(parsed, 1) == [{"type": "text_delta", "text": "a" + SURROGATE}]
+    tool_start = next(p["content_block"] for n, p in parsed if n == "content_block_start" and p["index"] == 2)
+    assert tool_start["name"] == "f" + SURROGATE and partial_json(parsed, 2) == '{"q":"' + SURROGATE + '"}'
+    assert translator.output_tokens == 3 + 4 + len('{"q":"') + 3 + 2
+
+
+def test_a_raw_utf8_encoded_surrogate_is_read_as_json_loads_reads_it():
+    payload = NEURON_HEAD + b',"choices":[{"index":0,"delta":{"content":"\xed\xb2\x80"},"finish_reason":null}]}'
+    parsed = run(PLAIN, b"data: " + payload + b"\n\n" + sse(delta("stop")))
+    assert deltas(parsed, 0) == [{"type": "text_delta", "text": SURROGATE}] and names(parsed)[-1] == "message_stop"
+
+
+def test_an_upstream_error_holding_a_lone_surrogate_is_still_an_error_event():
+    parsed = run(PLAIN, sse({"error": {"message": "bad " + SURROGATE}}))
+    assert parsed[-1][0] == "error" and parsed[-1][1]["error"]["message"].endswith("bad " + SURROGATE)
+    assert json.loads(an.error_bytes(ApiError(502, SURROGATE)).decode())["error"]["message"] == SURROGATE
+
+
+def test_content_parts_and_object_arguments_count_at_their_json_size():
+    parts = [{"type": "text", "text": "héllo"}, {"type": "text", "text": " you"}]
+    arguments = {"city": "Paris"}
+    object_call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    message = an.from_openai(completion({"content": parts, "tool_calls": [object_call]}, "tool_calls"), PLAIN)
+    assert message["content"][0] == {"type": "text", "text": "héllo you"} and message["content"][1]["input"] == arguments
+    assert message["usage"]["output_tokens"] == json_size(parts) + json_size(arguments)
+
+
+def test_streamed_content_parts_and_object_arguments_are_counted():
+    parts = [{"type": "text", "text": "hé"}]
+    translator = an.StreamTranslator(PLAIN, "msg_s")
+    translator.feed(sse(delta(content=parts), delta(tool_calls=[{"index": 0, "id": "c", "function": {"name": "f", "arguments": {"x": 1}}}]), done=False))
+    assert translator.output_tokens == json_size(parts) + json_size({"x": 1})
+
+
+_wild_tool = st.fixed_dictionaries({"index": st.integers(0, 1), "id": WILD, "function": st.fixed_dictionaries({}, optional={"name": WILD, "arguments": WILD | JUNK})})
+_wild_delta = st.fixed_dictionaries({}, optional={"content": WILD | JUNK, "reasoning_content": WILD, "tool_calls": st.lists(_wild_tool, max_size=2)})
+WILD_CHUNK = st.one_of(
+    st.builds(lambda d, f: delta(f, **d), _wild_delta, st.sampled_from([None, "stop", "tool_calls"])),
+    st.builds(lambda m: {"error": {"message": m}}, WILD),
+)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([PLAIN, THINKING]), st.lists(WILD_CHUNK, max_size=8), st.booleans())
+def test_any_upstream_strings_stream_out_whole_and_are_never_under_counted(request, chunks, done):
+    translator = an.StreamTranslator(request, "msg_w")
+    parsed = events(translator.start() + translator.feed(sse(*chunks, done=done)) + translator.finish())
+    check_well_formed(parsed)
+    assert translator.done and names(parsed)[-1] in ("message_stop", "error")
+    shown = [d.get("text") or d.get("thinking") or d.get("partial_json") or "" for n, p in parsed if n == "content_block_delta" for d in [p["delta"]]]
+    assert translator.output_tokens >= sum(utf8_size(s) for s in shown)
+
+
+@given(WILD | JUNK, WILD, WILD | JUNK)
+def test_any_reply_strings_translate_and_are_never_under_counted(content, reasoning, arguments):
+    reply = completion({"content": content, "reasoning_content": reasoning, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": arguments}}]})
+    message = an.from_openai(reply, THINKING)
+    shown = [b.get("text") or b.get("thinking") or "" for b in message["content"]]
+    assert message["usage"]["output_tokens"] >= sum(utf8_size(s) for s in shown)
+
+
+# --- the plain-text fast path: read without parsing, the same as parsed ----------------------
+
+NEURON_HEAD = b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1754000000,"model":"m","system_fingerprint":"neuron-mock"'
+NEURON_TAIL = b'"},"logprobs":null,"finish_reason":null}],"usage":null}'
+
+
+def neuron_chunk(text: str) -> bytes:
+    return b"data: " + NEURON_HEAD + b',"choices":[{"index":0,"delta":{"content":' + json.dumps(text, ensure_ascii=False).encode() + NEURON_TAIL[1:] + b"\n\n"
+
+
+def test_a_neuron_text_stream_is_not_parsed_chunk_by_chunk(monkeypatch):
+    parsed_payloads: list[bytes] = []
+    parse = an._json_value
+    monkeypatch.setattr(an, "_json_value", lambda data: parsed_payloads.append(data) or parse(data))
+    translator = an.StreamTranslator(PLAIN, "msg_f")
+    words = ["Hel", "lo", " wörld", "!"] * 10
+    out = translator.start() + b"".join(translator.feed(neuron_chunk(w)) for w in words) + translator.finish()
+    assert len(parsed_payloads) <= 1  # the head, once: every chunk after it is sliced, not parsed
+    assert "".join(d["text"] for d in deltas(events(out), 0)) == "".join(words)
+    assert translator.output_tokens == len("".join(words).encode())
+
+
+_HEADS = [NEURON_HEAD, b'{"id":"x"', b" {\"id\": 1 ", b"\xef\xbb\xbf{\"id\":\"x\"", b'{"model":"q\\"\\u00e9"', b'{"model":"\xc3\xa9"',
+          b"{", b"{,", b'{"id":"x",', b'{"id":"x"}', b'{"a":[1', b'{"model":"\xff"', b'{"id":"\x01"', b"",
+          b'{"usage":{"prompt_tokens":1}', b'{"error":{"message":"e"}', b'{"choices":[]']
+_MARKS = [b',"choices":[{"index":0,"delta":{"content":"', b',"choices":[{"index":1,"delta":{"content":"', b',"choices":[{"index":0,"delta":{"role":"assistant","content":"']
+_TAILS = [NEURON_TAIL, b'"},"finish_reason":null}]}', b'"},"logprobs":null,"finish_reason":null}]}', b'"},"finish_reason":null}],"usage":null}',
+          b'"},"finish_reason":"stop"}]}', b'"},"finish_reason":null,"stop_reason":"END"}]}', b'"},"finish_reason":null}],"usage":{"prompt_tokens":2}}',
+          b'"}}]}', b'"},"finish_reason":null}]}x', b'"}']
+_texts = st.one_of(
+    WILD.map(lambda t: t.encode("utf-8", "surrogatepass")),  # raw: maybe quotes, backslashes, controls, encoded surrogates
+    WILD.map(lambda t: json.dumps(t, ensure_ascii=False).encode("utf-8", "surrogatepass")[1:-1]),
+    WILD.map(lambda t: json.dumps(t).encode()[1:-1]),
+    st.binary(max_size=6),
+).map(lambda raw: raw.replace(b"\r", b" ").replace(b"\n", b" "))  # one payload, one data line
+_shaped = st.builds(lambda *parts: b"".join(parts), st.sampled_from(_HEADS), st.sampled_from(_MARKS), _texts, st.sampled_from(_TAILS))
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=500)
+@given(REQUESTS, st.lists(_shaped, max_size=6), st.booleans())
+def test_chunks_read_without_parsing_translate_as_parsed_ones(request, payloads, done):
+    sliced = an.StreamTranslator(request, "msg_p")
+    got = b"".join(sliced.feed(b"data: " + p + b"\n\n") for p in payloads) + sliced.feed(b"data: [DONE]\n\n" if done else b"") + sliced.finish()
+    parsed = an.StreamTranslator(request, "msg_p")
+    expected = b"".join(parsed.feed_chunk(_loads(p)) for p in payloads) + (parsed.feed(b"data: [DONE]\n\n") if done else b"") + parsed.finish()
+    assert got == expected and sliced.output_tokens == parsed.output_tokens
+    check_well_formed(events(got))
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 

@@ -31,6 +31,11 @@ Documented choices:
   the open one. An upstream that interleaves the arguments of parallel
   tool calls (none known does) loses the late ones; they are counted in
   `StreamTranslator.lost_tool_deltas`.
+* Whatever the upstream sends, the translator never raises: a string
+  holding a lone surrogate (JSON `"\\udc80"`) counts its 3 bytes and goes
+  out JSON-escaped, and output in an unexpected shape (content as a list
+  of parts, tool arguments as an object) counts at its JSON size, so
+  `output_tokens` is always an upper bound of what the client received.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 from common.asgi import encode_json
@@ -557,7 +563,8 @@ def from_openai(completion: Any, request: AnthropicRequest, message_id: str | No
     reasoning = _reasoning(message)
     if reasoning and request.thinking:
         blocks.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = _message_text(message.get("content"))
+    content = message.get("content")
+    text = _message_text(content)
     if text:
         blocks.append({"type": "text", "text": text})
     calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
@@ -566,7 +573,7 @@ def from_openai(completion: Any, request: AnthropicRequest, message_id: str | No
     used_tool = any(b["type"] == "tool_use" for b in blocks)
     finish, matched = choice.get("finish_reason"), choice.get("stop_reason")
     stop_reason, stop_sequence = _stop_reason(finish, matched, request, used_tool)
-    counted = len(reasoning.encode()) + len(text.encode()) + sum(len(_arguments_text(c).encode()) for c in calls)
+    counted = _size(reasoning) + _size(content) + sum(_size(_arguments(c)) for c in calls)
     return {
         "id": mid,
         "type": "message",
@@ -604,10 +611,36 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def _arguments_text(call: Any) -> str:
+def _arguments(call: Any) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
-    arguments = function.get("arguments") if isinstance(function, dict) else None
-    return arguments if isinstance(arguments, str) else ""
+    return function.get("arguments") if isinstance(function, dict) else None
+
+
+def _size(value: Any) -> int:
+    """UTF-8 bytes of an upstream value, never raising: a string as itself (a lone surrogate
+    counts 3 bytes), None as nothing, anything else at its compact JSON size, which is at
+    least the text a client can get out of it (content parts, arguments as an object)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if value is None:
+        return 0
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):  # not JSON (feed_chunk takes any object)
+        try:
+            text = repr(value)
+        except RecursionError:
+            return 0
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _json_str(text: str) -> bytes:
+    """One string as JSON, as `encode_json` writes it inside a value whose other strings
+    are ASCII: raw UTF-8, or \\u-escaped where a lone surrogate has no UTF-8."""
+    try:
+        return encode_basestring(text).encode()
+    except UnicodeEncodeError:
+        return encode_basestring_ascii(text).encode()
 
 
 def _tool_use(call: dict[str, Any], mid: str, i: int) -> dict[str, Any]:
@@ -697,6 +730,30 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 PING = sse_event({"type": "ping"})
 
+# Each block kind's one delta (thinking's closing signature_delta aside) as a bytes template,
+# `sse_event` of it byte for byte: only the string is JSON-encoded per delta.
+_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
+_DELTA_FIELDS = {  # block kind -> (delta type, its string field)
+    "text": (b"text_delta", b"text"),
+    "thinking": (b"thinking_delta", b"thinking"),
+    "tool": (b"input_json_delta", b"partial_json"),
+}
+_DELTA_END = b"}}\n\n"
+_TEXT_START = {"type": "text", "text": ""}
+_THINKING_START = {"type": "thinking", "thinking": "", "signature": ""}
+
+# The common chunk, a lone text delta (neuron's and vLLM's shape), read without parsing:
+# `<head>,"choices":[{"index":0,"delta":{"content":"<text>"}<tail>` where the head holds none
+# of the keys the translator reads and the text needs no escapes. Anything else is parsed.
+_TEXT_MARK = b',"choices":[{"index":0,"delta":{"content":"'
+_TEXT_TAILS = frozenset(
+    b'"}' + logprobs + b',"finish_reason":null}]' + usage + b"}"
+    for logprobs in (b"", b',"logprobs":null')
+    for usage in (b"", b',"usage":null')
+)
+_TEXT_UNSAFE = re.compile(rb"[\x00-\x1f\\]")  # bytes a JSON string never holds raw, or that start an escape
+_CHUNK_KEYS = frozenset({"choices", "usage", "error"})
+
 
 @dataclass
 class _ToolCall:
@@ -730,6 +787,8 @@ class StreamTranslator:
         self._tools: dict[int, _ToolCall] = {}  # in the order the upstream began them
         self._slots: dict[int | None, int] = {}  # the upstream's tool-call index -> the call now on it
         self._matched: str | None = None
+        self._delta_head = b""  # _DELTA_HEAD for the open block
+        self._head: bytes | None = None  # the last chunk head _plain_head accepted (constant in a stream)
         self.done = False  # message_stop or error sent: the stream is over
         self.upstream_done = False  # [DONE] seen
         self.finish_reason: str | None = None
@@ -765,15 +824,18 @@ class StreamTranslator:
             events = self._decoder.feed(data)
         except SSEProtocolError as exc:
             return self._fail(f"The upstream stream broke: {exc}")
-        out = []
+        out: list[bytes] = []
         for event in events:
             if self.done:  # an error event or message_stop ended it mid-read: the rest is not ours to send
                 break
-            payload = event_data(event)
+            if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:  # one data line
+                payload = event[5:-2].lstrip(b" ")
+            else:
+                payload = event_data(event)
             if payload == DONE:
                 self.upstream_done = True
                 out.append(self._close())
-            elif payload:
+            elif payload and not self._plain_text(payload, out):
                 out.append(self.feed_chunk(_json_value(payload)))
         return b"".join(out)
 
@@ -813,22 +875,62 @@ class StreamTranslator:
 
     # -- deltas -----------------------------------------------------------------------
 
+    def _plain_text(self, payload: bytes, out: list[bytes]) -> bool:
+        """The common text-only chunk, without parsing it; False: not one, parse it.
+
+        True only where parsing would give a chunk whose one effect is that text delta:
+        the head before `"choices"` is checked to be an object's start with no key
+        feed_chunk reads (once a stream: heads repeat), the tail is one of the known
+        ones, and the text holds no quote, escape or control byte and is valid UTF-8.
+        """
+        mark = payload.find(_TEXT_MARK)
+        if mark < 0:
+            return False
+        start = mark + len(_TEXT_MARK)
+        end = payload.find(b'"', start)
+        if end < 0 or payload[end:] not in _TEXT_TAILS:
+            return False
+        text = payload[start:end]
+        if _TEXT_UNSAFE.search(text) is not None:
+            return False
+        if not text.isascii():
+            try:
+                text.decode()  # strict: invalid UTF-8 and encoded surrogates take the parser's path
+            except UnicodeDecodeError:
+                return False
+        head = self._head
+        if head is None or mark != len(head) or not payload.startswith(head):
+            if not _plain_head(payload[:mark]):
+                return False
+            self._head = payload[:mark]
+        if text:
+            self._text(b'"' + text + b'"', len(text), out)
+        return True
+
     def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
         reasoning = _reasoning(delta)
         if reasoning:
-            self.output_tokens += len(reasoning.encode())
+            self.output_tokens += _size(reasoning)
             if self._request.thinking:  # otherwise dropped: reasoning is never shown as text
-                self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
-                self._emit_delta({"type": "thinking_delta", "thinking": reasoning}, out)
+                self._block("thinking", _THINKING_START, out)
+                out.append(self._delta_head + _json_str(reasoning) + _DELTA_END)
         text = delta.get("content")
-        if isinstance(text, str) and text:
-            self.output_tokens += len(text.encode())
-            self._block("text", {"type": "text", "text": ""}, out)
-            self._emit_delta({"type": "text_delta", "text": text}, out)
+        if isinstance(text, str):
+            if text:
+                self._text(_json_str(text), _size(text), out)
+        elif text is not None:  # parts or any other shape: not streamed as text, still counted
+            self.output_tokens += _size(text)
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 self._tool_delta(call, out)
+
+    def _text(self, encoded: bytes, size: int, out: list[bytes]) -> None:
+        """One text delta: `encoded` is the text as a JSON string, `size` its UTF-8 bytes."""
+        self.output_tokens += size
+        if self._open is None or self._open[0] != "text":
+            self._block("text", _TEXT_START, out)
+        out.append(self._delta_head + encoded + _DELTA_END)
 
     def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
         tool = self._tools.setdefault(self._tool_key(call), _ToolCall())
@@ -840,8 +942,10 @@ class StreamTranslator:
             tool.name += name
         arguments = function.get("arguments")
         if isinstance(arguments, str):
-            self.output_tokens += len(arguments.encode())
+            self.output_tokens += _size(arguments)
             tool.pending += arguments
+        elif arguments is not None:  # an object, say: not streamed as partial_json, still counted
+            self.output_tokens += _size(arguments)
         if tool.closed:
             self.lost_tool_deltas += bool(tool.pending)
             tool.pending = ""
@@ -868,7 +972,7 @@ class StreamTranslator:
             tool.index = self._open_block("tool", self._tool_start(tool), out)
             self._open_tool = tool
         if tool.pending:  # never an empty partial_json: clients choke on it
-            self._emit_delta({"type": "input_json_delta", "partial_json": tool.pending}, out)
+            out.append(self._delta_head + _json_str(tool.pending) + _DELTA_END)
             tool.pending = ""
 
     def _tool_start(self, tool: _ToolCall) -> dict[str, Any]:
@@ -890,6 +994,7 @@ class StreamTranslator:
         index = self._blocks
         self._blocks += 1
         self._open = (kind, index)
+        self._delta_head = _DELTA_HEAD % (index, *_DELTA_FIELDS[kind])
         out.append(sse_event({"type": "content_block_start", "index": index, "content_block": start}))
         return index
 
@@ -930,11 +1035,24 @@ class StreamTranslator:
         return self.error_event(ApiError(502, message, type="upstream_error", code="upstream_error"))
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _json_value(data: bytes) -> Any:
+    """`json.loads(data)`, or None where that raises; a chunk (`{` then a non-NUL byte,
+    which json.loads reads as UTF-8) skips its encoding sniffing."""
     try:
+        if data[:1] == b"{" and data[1:2] != b"\x00":
+            return _DECODER.decode(data.decode("utf-8", "surrogatepass"))
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+def _plain_head(head: bytes) -> bool:
+    """`head + b',"choices":...'` starts a valid object whose other keys feed_chunk never reads."""
+    value = _json_value(head + b"}")
+    return isinstance(value, dict) and bool(value) and value.keys().isdisjoint(_CHUNK_KEYS)
 
 
 def _upstream_message(error: Any) -> str:
