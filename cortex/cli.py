@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-auth", action="store_true", help="serve requests without a key, unbudgeted (development only)")
     s.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="log.level")
 
-    u = sub.add_parser("up", help="run the embedded default: cortex plus an in-process mock neuron")
+    u = sub.add_parser("up", help="run the embedded default: cortex plus a mock neuron (a child process)")
     u.add_argument("--listen", default=DEFAULT_UP_LISTEN, help=f"HOST:PORT (default {DEFAULT_UP_LISTEN})")
     u.add_argument("--data-dir", default=".cortex", help="where the ledger lives (default .cortex)")
     u.add_argument("--log-level", choices=config_mod.LOG_LEVELS, default="info")
