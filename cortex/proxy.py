@@ -36,6 +36,7 @@ from cortex.fleet.upstream import (
     LocalResourceError,
     Upstream,
     UpstreamFailed,
+    UpstreamReset,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -45,11 +46,26 @@ from cortex.relay import SSEProtocolError, StreamRelay, output_tokens
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
 
+FAILOVERS_MAX = 1  # an overload or a reset before the head is retried once, on another replica
+
+
+class _Overloaded(Exception):
+    """An upstream refused the request as overloaded, before any byte reached the client."""
+
+    def __init__(self, error: ApiError, retry_after_s: float) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after_s = retry_after_s
+
+
 def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiError:
     """An upstream's error response, in its kind's own words, as the client's error."""
     err = node.kind.normalise_error(status, raw, headers.get("retry-after"))
     extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
-    return ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
+    api_error = ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
+    if err.overloaded and err.retry_after_s is not None:
+        raise _Overloaded(api_error, err.retry_after_s)
+    return api_error
 
 
 class _Writer:
@@ -140,9 +156,13 @@ class Proxy:
         meter: Meter,
     ) -> None:
         tried: set[str] = set()
+        failovers = 0
+        refused: ApiError | None = None  # the last failure we failed over from, answered if no replica is left
         while True:
-            node = self.fleet.route(gen.model, exclude=frozenset(tried))
+            node = self.fleet.route(gen.model, exclude=frozenset(tried), now=trio.current_time())
             if node is None:
+                if refused is not None:
+                    raise refused
                 raise errors.service_unavailable(
                     f"No healthy neuron is serving `{gen.model}` right now.",
                     retry_after_s=math.ceil(self.config.fleet.poll_interval_s),
@@ -171,8 +191,29 @@ class Proxy:
                 self.fleet.dispatch_failed(node.url, str(exc))
                 logs.event("neuron_unreachable", logging.WARNING, neuron=node.url, request_id=request.request_id, error=str(exc))
                 tried.add(node.url)
+            except _Overloaded as exc:
+                # Nothing was generated or sent: another replica may take it, within the same hold.
+                meter.dispatched = False
+                self.fleet.cool_down(node.url, trio.current_time() + exc.retry_after_s)
+                logs.event("upstream_overloaded", logging.WARNING, neuron=node.url, request_id=request.request_id,
+                           retry_after_s=exc.retry_after_s)
+                if failovers >= FAILOVERS_MAX:
+                    raise exc.error from None
+                failovers += 1
+                refused = exc.error
+                tried.add(node.url)
             except UpstreamTimeout as exc:
                 raise errors.upstream_timeout(f"The neuron at {node.url} timed out: {exc}") from None
+            except UpstreamReset as exc:
+                # Broken before the head. The upstream may have begun, but no byte reached the
+                # client, and the client will be charged for one answer only.
+                broke = errors.upstream_error(f"The neuron at {node.url} failed: {exc}")
+                if failovers >= FAILOVERS_MAX:
+                    raise broke from None
+                failovers += 1
+                refused = broke
+                logs.event("upstream_reset", logging.WARNING, neuron=node.url, request_id=request.request_id, error=str(exc))
+                tried.add(node.url)
             except UpstreamFailed as exc:
                 raise errors.upstream_error(f"The neuron at {node.url} failed: {exc}") from None
             finally:

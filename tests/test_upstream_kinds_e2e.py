@@ -143,3 +143,75 @@ def test_upstream_flags_name_their_kind(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 2 and "KIND=URL" in r.stderr
+
+
+# --- failover before the first byte ------------------------------------------------------
+
+
+def _two_replicas(stack: Stack, kind: str = "vllm") -> tuple[Proc, Proc, Proc]:
+    a, b = standin(stack, kind, "--context", "2048"), standin(stack, kind, "--context", "2048")
+    config = "".join(f'[[fleet.upstreams]]\nurl = "{u.url}"\nkind = "{kind}"\n' for u in (a, b))
+    return a, b, budget_cortex(stack, config=config)
+
+
+def _posts(upstream: Proc) -> int:
+    return sum(q["method"] == "POST" for q in httpx.get(upstream.url + "/_standin/requests", timeout=10).json())
+
+
+def _chat(cortex: Proc, key: str, stream: bool = False) -> httpx.Response:
+    return httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream},
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_replica_that_is_overloaded_before_the_first_byte_fails_over_with_one_charge(stack: Stack, stream):
+    a, b, cortex = _two_replicas(stack)
+    key_id, key = create_key(cortex, balance_tokens=10_000)
+    # Routing ties go to the first configured replica: it refuses once, and says when to come back.
+    httpx.post(a.url + "/_standin/faults", json={"overload_next": 1, "retry_after": "30"}, timeout=10)
+    r = _chat(cortex, key, stream)
+    assert r.status_code == 200 and "error" not in r.text
+    assert (_posts(a), _posts(b)) == (1, 1)  # one refusal, one answer
+    recent = usage(cortex, key_id)["recent"]
+    assert len(recent) == 1 and recent[0]["state"] == "settled" and recent[0]["charged_tokens"] > 0
+    # The refusing replica cools down for its Retry-After: the next requests all go to the other.
+    before = (_posts(a), _posts(b))
+    for _ in range(3):
+        assert _chat(cortex, key).status_code == 200
+    assert (_posts(a) - before[0], _posts(b) - before[1]) == (0, 3)
+
+
+def test_when_every_replica_is_overloaded_the_client_gets_503_with_retry_after_and_pays_nothing(stack: Stack):
+    a, b, cortex = _two_replicas(stack)
+    key_id, key = create_key(cortex, balance_tokens=10_000)
+    for replica in (a, b):
+        httpx.post(replica.url + "/_standin/faults", json={"overload_next": 5, "retry_after": "7"}, timeout=10)
+    r = _chat(cortex, key)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+    assert r.headers["retry-after"] == "7"
+    assert _posts(a) + _posts(b) == 2  # tried once each, no more
+    view = usage(cortex, key_id)["usage"]
+    assert view["spent_tokens"] == 0 and view["held_tokens"] == 0
+
+
+def test_a_reset_before_the_response_head_fails_over_to_another_replica(stack: Stack):
+    from tests.fake_upstream import FakeUpstream
+
+    neuron = stack.neuron()
+    dead = FakeUpstream(b"", models_body=b'{"data":[{"id":"cortex-mock","limit":{"context":32768,"output":4096}}]}')
+    try:
+        cortex = budget_cortex(stack, dead, neuron)
+        key_id, key = create_key(cortex, balance_tokens=10_000)
+        for _ in range(2):  # least-dispatched routing sends one of these to the dead replica first
+            r = httpx.post(
+                cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                json={"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+            )
+            assert r.status_code == 200, r.text
+        assert neuron.get_json("/health")["requests_total"] == 2
+        assert [row["state"] for row in usage(cortex, key_id)["recent"]] == ["settled", "settled"]
+        assert any(e.get("event") == "upstream_reset" for e in cortex.log_events())
+    finally:
+        dead.close()

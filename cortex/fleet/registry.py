@@ -41,6 +41,7 @@ class Node:
     ever_polled: bool = False
     models: dict[str, ModelInfo] = field(default_factory=dict)
     failures: int = 0  # consecutive failed polls
+    cool_until: float = 0.0  # said it was overloaded: out of rotation until then (the caller's clock)
     last_error: str | None = None
     in_flight: int = 0
     dispatched_total: int = 0
@@ -120,19 +121,25 @@ class Fleet:
             model, min(i.context_tokens for i in infos), min(i.output_tokens for i in infos)
         )
 
-    def route(self, model: str, exclude: frozenset[str] = frozenset()) -> Node | None:
+    def route(self, model: str, exclude: frozenset[str] = frozenset(), now: float = 0.0) -> Node | None:
         """The healthy node serving `model` with the fewest requests in flight.
 
         Ties go to the node dispatched least, then the first configured,
-        which spreads sequential traffic evenly and deterministically.
+        which spreads sequential traffic evenly and deterministically. A node
+        cooling down after an overload is skipped until `now` passes it.
         """
         best: Node | None = None
         for node in self.nodes:
-            if not node.healthy or model not in node.models or node.url in exclude:
+            if not node.healthy or model not in node.models or node.url in exclude or node.cool_until > now:
                 continue
             if best is None or (node.in_flight, node.dispatched_total) < (best.in_flight, best.dispatched_total):
                 best = node
         return best
+
+    def cool_down(self, url: str, until: float) -> None:
+        """The node answered overloaded with a Retry-After: skip it until `until`."""
+        node = self._by_url[url]
+        node.cool_until = max(node.cool_until, until)
 
     def acquire(self, node: Node) -> None:
         node.in_flight += 1

@@ -61,6 +61,10 @@ class UpstreamTimeout(UpstreamFailed):
     pass
 
 
+class UpstreamReset(UpstreamFailed):
+    """The exchange broke before the response head: nothing reached the client yet."""
+
+
 def default_transport(config: UpstreamConfig, url: str) -> httpx.AsyncBaseTransport:
     idle_max = config.max_idle_connections_per_neuron
     if url.startswith("https://"):
@@ -215,7 +219,7 @@ class Upstream:
                 raise LocalResourceError(str(exc)) from None
             raise UpstreamUnavailable(str(exc)) from None
         except httpx.HTTPError as exc:
-            raise UpstreamFailed(str(exc)) from None
+            raise UpstreamReset(str(exc)) from None
         reader = UpstreamResponse(response, self.config.idle_timeout_s)
         try:
             yield reader
