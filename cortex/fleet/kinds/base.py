@@ -365,6 +365,15 @@ def message_says(fields: ErrorFields, *phrases: str) -> bool:
     return any(p in text for p in phrases)
 
 
+def overflow_by(phrases: tuple[str, ...]) -> OverflowPredicate:
+    """The usual overflow test: a client error whose code, or whose message, says so."""
+
+    def is_overflow(status: int, fields: ErrorFields) -> bool:
+        return 400 <= status < 500 and (code_says_overflow(fields) or message_says(fields, *phrases))
+
+    return is_overflow
+
+
 def code_says_overflow(fields: ErrorFields) -> bool:
     """The error's own code or type names a context overflow."""
     return any(isinstance(v, str) and v.lower() in OVERFLOW_CODES for v in (fields.code, fields.type))

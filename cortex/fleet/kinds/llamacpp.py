@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cortex.fleet.kinds import base
-from cortex.fleet.kinds.base import ErrorFields, Health, Kind, ModelEntry
+from cortex.fleet.kinds.base import Health, Kind, ModelEntry
 
 MODELS_PATH = "/v1/models"
 PROPS_PATH = "/props"
@@ -60,8 +60,7 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
     return {name: ModelEntry(name, context, output)}
 
 
-def is_overflow(status: int, fields: ErrorFields) -> bool:
-    return 400 <= status < 500 and (base.code_says_overflow(fields) or base.message_says(fields, *OVERFLOW_PHRASES))
+is_overflow = base.overflow_by(OVERFLOW_PHRASES)
 
 
 KIND = Kind(

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cortex.fleet.kinds import base
-from cortex.fleet.kinds.base import ErrorFields, Kind, ModelEntry
+from cortex.fleet.kinds.base import Kind, ModelEntry
 
 TAGS_PATH = "/api/tags"
 OVERFLOW_PHRASES = ("context length", "exceeds the context")
@@ -55,8 +55,7 @@ def _parse_tags(payload: Any) -> dict[str, ModelEntry]:
     return base.entries_by_name(entries)
 
 
-def is_overflow(status: int, fields: ErrorFields) -> bool:
-    return 400 <= status < 500 and (base.code_says_overflow(fields) or base.message_says(fields, *OVERFLOW_PHRASES))
+is_overflow = base.overflow_by(OVERFLOW_PHRASES)
 
 
 KIND = Kind(

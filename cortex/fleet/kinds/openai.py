@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cortex.fleet.kinds import base
-from cortex.fleet.kinds.base import ErrorFields, Health, Kind, ModelEntry
+from cortex.fleet.kinds.base import Health, Kind, ModelEntry
 
 MODELS_PATH = "/v1/models"
 OVERFLOW_PHRASES = ("maximum context length", "context length exceeded", "context window")
@@ -41,8 +41,7 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
     return base.entries_by_name([ModelEntry(e["id"], None, None) for e in entries])
 
 
-def is_overflow(status: int, fields: ErrorFields) -> bool:
-    return 400 <= status < 500 and (base.code_says_overflow(fields) or base.message_says(fields, *OVERFLOW_PHRASES))
+is_overflow = base.overflow_by(OVERFLOW_PHRASES)
 
 
 KIND = Kind(

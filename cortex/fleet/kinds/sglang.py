@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cortex.fleet.kinds import base
-from cortex.fleet.kinds.base import ErrorFields, Kind, ModelEntry
+from cortex.fleet.kinds.base import Kind, ModelEntry
 
 MODELS_PATH = "/v1/models"
 OVERFLOW_PHRASES = ("context length", "maximum context length")
@@ -31,8 +31,7 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
     return base.models_with_context_field(bodies, MODELS_PATH, "max_model_len")
 
 
-def is_overflow(status: int, fields: ErrorFields) -> bool:
-    return 400 <= status < 500 and (base.code_says_overflow(fields) or base.message_says(fields, *OVERFLOW_PHRASES))
+is_overflow = base.overflow_by(OVERFLOW_PHRASES)
 
 
 KIND = Kind(

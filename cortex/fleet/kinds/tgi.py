@@ -69,8 +69,7 @@ def refine_status(status: int, fields: ErrorFields) -> int:
     return status
 
 
-def is_overflow(status: int, fields: ErrorFields) -> bool:
-    return 400 <= status < 500 and (base.code_says_overflow(fields) or base.message_says(fields, *OVERFLOW_PHRASES))
+is_overflow = base.overflow_by(OVERFLOW_PHRASES)
 
 
 KIND = Kind(
