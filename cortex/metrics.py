@@ -342,6 +342,11 @@ class GatewayMetrics:
             "Settlements where the upstream's usage was missing, malformed or below what cortex relayed, by reason.",
             ("reason",),
         )
+        self.upstream_truncations = r.counter(
+            "cortex_upstream_truncations_total",
+            "Requests whose upstream reported far fewer prompt tokens than were sent: it cut the prompt.",
+            ("upstream",),
+        )
         self.overrun_tokens = r.counter("cortex_settle_overrun_tokens_total", "Tokens above the hold (not charged).")
         self.commit_batch = r.histogram(
             "cortex_ledger_commit_batch_size", "Jobs per ledger group commit.", BATCH_SIZE_BUCKETS

@@ -31,6 +31,7 @@ from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
+from cortex.fleet.kinds.base import prompt_truncation_suspected
 from cortex.fleet.registry import Fleet, Node
 from cortex.fleet.upstream import (
     LocalResourceError,
@@ -125,6 +126,18 @@ class Proxy:
         else:
             request.log.setdefault("outcome", "ok")
 
+    def _check_truncation(self, request: asgi.Request, node: Node, meter: Meter) -> None:
+        """A server that cuts oversized prompts silently (Ollama) is seen, and counted."""
+        counts = usage_counts(meter.usage)
+        if not node.kind.truncates_prompts or counts is None:
+            return
+        if prompt_truncation_suspected(counts[0], meter.prompt_tokens_estimate):
+            request.log["prompt_truncated"] = True
+            if self.budget is not None:
+                self.budget.metrics.upstream_truncations.inc(upstream=node.url)
+            logs.event("upstream_truncated_prompt", logging.WARNING, neuron=node.url, request_id=request.request_id,
+                       prompt_tokens_reported=counts[0], prompt_tokens_bound=meter.prompt_tokens_estimate)
+
     async def _settle(self, request: asgi.Request, hold: Hold, meter: Meter) -> None:
         """Resolve the hold exactly once; nothing an upstream sent can make this raise."""
         assert self.budget is not None
@@ -179,8 +192,11 @@ class Proxy:
             self.fleet.acquire(node)
             meter.dispatched = True
             try:
-                async with self.upstream.post(node.url, path, asgi.encode_json(body), headers) as response:
-                    await self._relay(request, gen, node, response, watch, meter, output_max)
+                try:
+                    async with self.upstream.post(node.url, path, asgi.encode_json(body), headers) as response:
+                        await self._relay(request, gen, node, response, watch, meter, output_max)
+                finally:
+                    self._check_truncation(request, node, meter)
                 return
             except LocalResourceError as exc:
                 meter.dispatched = False  # the request never left cortex

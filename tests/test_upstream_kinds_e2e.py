@@ -215,3 +215,24 @@ def test_a_reset_before_the_response_head_fails_over_to_another_replica(stack: S
         assert any(e.get("event") == "upstream_reset" for e in cortex.log_events())
     finally:
         dead.close()
+
+
+def test_ollama_cutting_a_prompt_silently_is_seen_and_counted(stack: Stack):
+    _, cortex = fronted(stack, "ollama", config="[fleet]\ndefault_context_tokens = 200000\n")
+    _, key = create_key(cortex, balance_tokens=1_000_000)
+    # 100 kB, far past the stand-in's 2,048-token context: it keeps what fits and says nothing.
+    long_prompt = [{"role": "user", "content": "word " * 20000}]
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": long_prompt, "max_tokens": 5},
+    )
+    assert r.status_code == 200, r.text
+    metrics = httpx.get(cortex.url + "/metrics", timeout=10).text
+    assert any(line.startswith("cortex_upstream_truncations_total{") and line.endswith(" 1") for line in metrics.splitlines())
+    assert any(e.get("event") == "upstream_truncated_prompt" for e in cortex.log_events())
+    short = httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+    )
+    assert short.status_code == 200
+    assert sum(e.get("event") == "upstream_truncated_prompt" for e in cortex.log_events()) == 1
