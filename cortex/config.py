@@ -73,6 +73,9 @@ class FleetConfig:
     # Limits for models whose server reports none (Ollama, plain OpenAI-compatible ones).
     default_context_tokens: int = 8192
     default_output_tokens: int = 4096
+    # Requests one key may have in flight on one model at once, so one agent's
+    # fan-out cannot take every slot of a replica; 0: no limit.
+    max_in_flight_per_key: int = 0
 
     def all_upstreams(self) -> tuple[UpstreamSpec, ...]:
         return tuple(UpstreamSpec(url) for url in self.neurons) + self.upstreams

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -99,6 +100,30 @@ class Proxy:
         self.fleet = fleet
         self.upstream = upstream
         self.budget = budget
+        self._in_flight_by_key: dict[tuple[str, str], int] = {}  # (key id, model) -> requests
+
+    @contextmanager
+    def _fair_share(self, key: KeyRecord | None, model: str) -> Iterator[None]:
+        """At most `fleet.max_in_flight_per_key` requests of one key on one model at once."""
+        limit = self.config.fleet.max_in_flight_per_key
+        if key is None or not limit:
+            yield
+            return
+        slot = (key.id, model)
+        if self._in_flight_by_key.get(slot, 0) >= limit:
+            if self.budget is not None:
+                self.budget.metrics.refusals.inc(reason="fair_share")
+            raise ApiError(
+                429, f"Key {key.id} already has {limit} requests in flight on `{model}`, the most one key may have.",
+                type="requests", code="rate_limit_exceeded", headers=errors.retry_after_headers(self.config.budget.retry_hint_s),
+            )
+        self._in_flight_by_key[slot] = self._in_flight_by_key.get(slot, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_flight_by_key[slot] -= 1
+            if not self._in_flight_by_key[slot]:
+                del self._in_flight_by_key[slot]
 
     async def generate(self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None) -> None:
         """Estimate, reserve, dispatch, settle: one block, one owner."""
@@ -107,6 +132,12 @@ class Proxy:
         est = estimate(gen, self.fleet.model_info(gen.model), self.config.budget.fallback_output_tokens)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
         meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen))
+        with self._fair_share(key, gen.model):
+            await self._generate(request, gen, path, key, est, meter)
+
+    async def _generate(
+        self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None, est: Estimate, meter: Meter
+    ) -> None:
         async with asgi.disconnect_watch(request.receive) as watch:
             if key is None or self.budget is None:
                 await self._dispatch(request, gen, path, est, watch, meter)

@@ -236,3 +236,32 @@ def test_ollama_cutting_a_prompt_silently_is_seen_and_counted(stack: Stack):
     )
     assert short.status_code == 200
     assert sum(e.get("event") == "upstream_truncated_prompt" for e in cortex.log_events()) == 1
+
+
+async def test_one_key_cannot_take_more_than_its_fair_share_of_a_model(stack: Stack):
+    import trio
+
+    from tests.budget_helpers import HI, MODEL as MOCK
+
+    neuron = stack.neuron("--token-interval-ms", "20", "--reply-tokens", "40")
+    cortex = budget_cortex(stack, neuron, config="[fleet]\nmax_in_flight_per_key = 2\n")
+    _, greedy = create_key(cortex, name="greedy", balance_tokens=1_000_000)
+    _, other = create_key(cortex, name="other", balance_tokens=1_000_000)
+    results: list[tuple[str, int, dict]] = []
+
+    async def one(http: httpx.AsyncClient, who: str, key: str) -> None:
+        r = await http.post(cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                            json={"model": MOCK, "messages": HI, "max_tokens": 40})
+        results.append((who, r.status_code, dict(r.headers)))
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(one, http, "greedy", greedy)
+            await trio.sleep(0.3)
+            nursery.start_soon(one, http, "other", other)
+    greedy_ok = [s for who, s, _ in results if who == "greedy" and s == 200]
+    refused = [h for who, s, h in results if who == "greedy" and s == 429]
+    assert len(greedy_ok) == 2 and len(refused) == 4
+    assert all(h["retry-after"] for h in refused)
+    assert [s for who, s, _ in results if who == "other"] == [200]
