@@ -28,6 +28,7 @@ from cortex.budget.service import BudgetService, KeyRecord
 from cortex.budget.store import ThreadedStore
 from cortex.config import Config
 from cortex.fleet.health import poll_forever
+from cortex.fleet import catalogue
 from cortex.fleet.registry import Fleet
 from cortex.fleet.upstream import TransportFactory, Upstream
 from cortex.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -68,7 +69,8 @@ class CortexApp:
         self.fleet = Fleet(config.fleet.all_upstreams(), config.fleet.unhealthy_after_failures)
         self.upstream = Upstream(config.upstream, transport_factory)
         self.budget: BudgetService | None = None
-        self.proxy = Proxy(config, self.fleet, self.upstream, None)
+        self.catalogue = catalogue.load(config.fleet.models_file) if config.fleet.models_file else catalogue.Catalogue()
+        self.proxy = Proxy(config, self.fleet, self.upstream, None, self.catalogue)
         self._store_factory = store_factory
         self._clock = clock
         self._ledger_factory = ledger_factory
@@ -279,14 +281,14 @@ class CortexApp:
         self._anthropic(request)
         self._authenticate(request)
         counted = anthropic.count_tokens_request(await self._body(request))
-        if not self.fleet.knows(counted.gen.model):
+        if not self.fleet.knows(self.catalogue.resolve(counted.gen.model)):
             raise errors.model_not_found(counted.gen.model)
         await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted))
 
     # --- everything else -------------------------------------------------------------
 
     async def _models(self, request: asgi.Request) -> None:
-        listing = {"object": "list", "data": self.fleet.catalogue()}
+        listing = {"object": "list", "data": catalogue.listing(self.fleet.catalogue(), self.catalogue)}
         if "anthropic-version" in request.headers:  # the Anthropic SDKs always send it
             self._anthropic(request)
             listing = anthropic.models_list(listing)

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"an upstream server of a kind ({', '.join(KINDS)}); repeatable; replaces fleet.upstreams",
     )
     s.add_argument("--config", type=Path, help="TOML config file; flags override it")
+    s.add_argument("--models", metavar="FILE", help="the model catalogue, models.toml (fleet.models_file)")
     s.add_argument("--data-dir", help="where the ledger lives (budget.data_dir; default .cortex)")
     s.add_argument("--admin-token", help="enables /admin/v1/ (admin.token; or CORTEX_ADMIN_TOKEN)")
     s.add_argument("--no-auth", action="store_true", help="serve requests without a key, unbudgeted (development only)")
@@ -66,7 +67,7 @@ def _upstream_flag(value: str) -> dict[str, str]:
 def serve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"listen": args.listen},
-        "fleet": {"neurons": args.neurons, "upstreams": args.upstreams},
+        "fleet": {"neurons": args.neurons, "upstreams": args.upstreams, "models_file": args.models},
         "budget": {"data_dir": args.data_dir, "auth_required": False if args.no_auth else None},
         "admin": {"token": args.admin_token or os.environ.get("CORTEX_ADMIN_TOKEN") or None},
         "log": {"level": args.log_level},

@@ -76,6 +76,7 @@ class FleetConfig:
     # Requests one key may have in flight on one model at once, so one agent's
     # fan-out cannot take every slot of a replica; 0: no limit.
     max_in_flight_per_key: int = 0
+    models_file: str = ""  # the model catalogue (models.toml): limits, prices, aliases; empty: none
 
     def all_upstreams(self) -> tuple[UpstreamSpec, ...]:
         return tuple(UpstreamSpec(url) for url in self.neurons) + self.upstreams
@@ -231,6 +232,13 @@ def validate(config: Config) -> None:
         if url.rstrip("/") in seen:
             raise ConfigError(f"'{key}': {url!r} is listed twice")
         seen.add(url.rstrip("/"))
+    if config.fleet.models_file:
+        from cortex.fleet.catalogue import CatalogueError, load
+
+        try:
+            load(config.fleet.models_file)
+        except CatalogueError as exc:
+            raise ConfigError(f"'fleet.models_file': {exc}") from None
     if not config.admin.token.isascii():
         raise ConfigError("'admin.token' must be ASCII")
     if any(c.isspace() or not c.isprintable() for c in config.admin.token):

@@ -11,6 +11,7 @@ retried, since the neuron may already have generated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,8 @@ from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
 from cortex.fleet.kinds.base import prompt_truncation_suspected
-from cortex.fleet.registry import Fleet, Node
+from cortex.fleet.catalogue import Catalogue, apply_limits
+from cortex.fleet.registry import Fleet, ModelInfo, Node
 from cortex.fleet.upstream import (
     LocalResourceError,
     Upstream,
@@ -95,12 +97,24 @@ class _Writer:
 
 
 class Proxy:
-    def __init__(self, config: Config, fleet: Fleet, upstream: Upstream, budget: BudgetService | None) -> None:
+    def __init__(
+        self, config: Config, fleet: Fleet, upstream: Upstream, budget: BudgetService | None,
+        catalogue: Catalogue | None = None,
+    ) -> None:
         self.config = config
+        self.catalogue = catalogue or Catalogue()
         self.fleet = fleet
         self.upstream = upstream
         self.budget = budget
         self._in_flight_by_key: dict[tuple[str, str], int] = {}  # (key id, model) -> requests
+
+    def _model_info(self, model: str) -> ModelInfo | None:
+        info = self.fleet.model_info(model)
+        defined = self.catalogue.model(model)
+        if info is None or defined is None:
+            return info
+        limit = apply_limits({"context": info.context_tokens, "output": info.output_tokens}, defined)
+        return dataclasses.replace(info, context_tokens=limit["context"], output_tokens=limit["output"], limits_reported=True)
 
     @contextmanager
     def _fair_share(self, key: KeyRecord | None, model: str) -> Iterator[None]:
@@ -127,9 +141,13 @@ class Proxy:
 
     async def generate(self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None) -> None:
         """Estimate, reserve, dispatch, settle: one block, one owner."""
+        served = self.catalogue.resolve(gen.model)
+        if served != gen.model:  # an alias: everything from here on is about the model that serves it
+            request.log["model_requested"] = gen.model
+            gen = dataclasses.replace(gen, model=served, body={**gen.body, "model": served})
         if not self.fleet.knows(gen.model):
-            raise errors.model_not_found(gen.model)
-        est = estimate(gen, self.fleet.model_info(gen.model), self.config.budget.fallback_output_tokens)
+            raise errors.model_not_found(request.log.get("model_requested", gen.model))
+        est = estimate(gen, self._model_info(gen.model), self.config.budget.fallback_output_tokens)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
         meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen))
         with self._fair_share(key, gen.model):
