@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from common import tomlfile
 from common.serving import parse_listen
 from cortex.fleet.kinds import KINDS
 
@@ -255,13 +255,7 @@ def load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) 
     """Read `path` (if any), then apply flag overrides, then validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = tomlfile.read(path, "config file", ConfigError)
     for section, values in (overrides or {}).items():
         current = data.get(section, {})
         if not isinstance(current, dict):

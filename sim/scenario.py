@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import random
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import tomlfile
 from cortex.budget.ledger import Caps
 
 REQUESTS_MAX = 200_000  # a bound on scenario size: the workloads' expected request count
@@ -469,11 +469,4 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
 
 def load(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ScenarioError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path} is not valid TOML: {exc}") from None
-    return parse(data, str(path))
+    return parse(tomlfile.read(path, "scenario", ScenarioError), str(path))

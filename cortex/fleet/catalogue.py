@@ -14,10 +14,11 @@ to an unknown model, an alias cycle, a duplicate id, a bad number.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import tomlfile
 
 LIMIT_MAX = 2**40
 COST_MAX_USD_PER_M = 1e6
@@ -163,14 +164,7 @@ def _final(aliases: dict[str, str], name: str) -> str:
 
 
 def load(path: str | Path) -> Catalogue:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise CatalogueError(f"cannot read the model catalogue {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogueError(f"the model catalogue {path} is not valid TOML: {exc}") from None
-    return parse(data)
+    return parse(tomlfile.read(path, "the model catalogue", CatalogueError))
 
 
 def listing(served: list[dict[str, Any]], catalogue: Catalogue) -> list[dict[str, Any]]:
