@@ -73,15 +73,21 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
 
 
 class _Writer:
-    """A stream's client writes, one at a time, with keep-alives while nothing else is written."""
+    """A stream's client writes, one at a time, with keep-alives while nothing else is written.
 
-    def __init__(self, request: asgi.Request) -> None:
+    Only a stream that pings has a second writer, so only it pays for the lock and the clock.
+    """
+
+    def __init__(self, request: asgi.Request, pings: bool) -> None:
         self._send = request.send
-        self._lock = trio.Lock()
+        self._lock = trio.Lock() if pings else None
         self._last_write = trio.current_time()
 
     async def write(self, data: bytes) -> None:
         if not data:
+            return
+        if self._lock is None:
+            await asgi.send_chunk(self._send, data)
             return
         async with self._lock:
             await asgi.send_chunk(self._send, data)
@@ -177,8 +183,10 @@ class Proxy:
 
     def _check_truncation(self, request: asgi.Request, node: Node, meter: Meter) -> None:
         """A server that cuts oversized prompts silently (Ollama) is seen, and counted."""
+        if not node.kind.truncates_prompts:
+            return
         counts = usage_counts(meter.usage)
-        if not node.kind.truncates_prompts or counts is None:
+        if counts is None:
             return
         if prompt_truncation_suspected(counts[0], meter.prompt_tokens_estimate):
             request.log["prompt_truncated"] = True
@@ -330,11 +338,11 @@ class Proxy:
         self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter
     ) -> None:
         shape = request.surface.stream()
-        out = _Writer(request)
+        out = _Writer(request, pings=shape.ping_interval_s is not None)
         await asgi.start_stream(request.send, [])
         await out.write(shape.start())
         try:
-            pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s else nullcontext()
+            pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s is not None else nullcontext()
             async with pinger:
                 with response.idle_watch():
                     while chunk := await response.next_chunk():
