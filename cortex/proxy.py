@@ -73,33 +73,55 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
 
 
 class _Writer:
-    """A stream's client writes, one at a time, with keep-alives while nothing else is written.
+    """A stream's client writes, with keep-alives while nothing else is written.
 
-    Only a stream that pings has a second writer, so only it pays for the lock and the clock.
+    Two tasks may write (the relay and the pinger), and an ASGI send must not
+    interleave with another: the pinger skips while a write is under way, and
+    the relay waits only for a ping already on the wire. No lock, so a stream
+    pays no scheduler trip per write for its pings.
     """
 
     def __init__(self, request: asgi.Request, pings: bool) -> None:
         self._send = request.send
-        self._lock = trio.Lock() if pings else None
+        self._pings = pings
         self._last_write = trio.current_time()
+        self._writing = False
+        self._ping_sent: trio.Event | None = None  # set while a ping is on the wire
 
     async def write(self, data: bytes) -> None:
         if not data:
             return
-        if self._lock is None:
+        if self._ping_sent is not None:
+            await self._ping_sent.wait()
+        if not self._pings:
             await asgi.send_chunk(self._send, data)
             return
-        async with self._lock:
+        self._writing = True
+        try:
             await asgi.send_chunk(self._send, data)
+        finally:
+            self._writing = False
             self._last_write = trio.current_time()
 
     async def ping_while_idle(self, shape: StreamShape) -> None:
         interval_s = shape.ping_interval_s
-        assert interval_s is not None and interval_s > 0
+        assert self._pings and interval_s is not None and interval_s > 0
         while True:
             await trio.sleep_until(self._last_write + interval_s)
-            if trio.current_time() >= self._last_write + interval_s:
-                await self.write(shape.ping())
+            if self._writing:  # a slow client, not an idle stream: look again later
+                await trio.sleep(interval_s)
+                continue
+            if trio.current_time() < self._last_write + interval_s:
+                continue
+            data = shape.ping()
+            self._ping_sent = done = trio.Event()
+            try:
+                if data:
+                    await asgi.send_chunk(self._send, data)
+            finally:
+                self._ping_sent = None
+                self._last_write = trio.current_time()
+                done.set()
 
 
 class Proxy:
@@ -351,7 +373,7 @@ class Proxy:
                         if events:
                             if "ttft_ms" not in request.log:
                                 request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
-                            await out.write(shape.relay(events))
+                            await out.write(shape.relay(events, relay.payloads))
                         if relay.done or relay.overflowed:
                             break  # nothing after [DONE] is ours; past the bound, stop the upstream now
             if relay.overflowed:

@@ -50,6 +50,8 @@ class SSEDecoder:
 
 def event_data(event: bytes) -> bytes:
     """The joined `data:` lines of one event (comments and other fields dropped)."""
+    if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:  # the usual one-line event
+        return event[5:-2].lstrip(b" ")
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
 
@@ -146,10 +148,16 @@ class StreamRelay:
 
     def __post_init__(self) -> None:
         self._decoder = SSEDecoder()
+        self.payloads: list[bytes] = []  # the `data:` of each event the last feed forwarded
 
     def feed(self, chunk: bytes) -> bytes:
-        """Upstream bytes in; the bytes to write to the client out (maybe b"")."""
-        out = []
+        """Upstream bytes in; the bytes to write to the client out (maybe b"").
+
+        `payloads` then holds the data of each forwarded event, so a surface
+        that translates need not split the stream again.
+        """
+        out: list[bytes] = []
+        self.payloads = payloads = []
         if self.done or self.overflowed:
             return b""  # nothing after [DONE] or past the bound is the client's
         for event in self._decoder.feed(chunk):
@@ -168,6 +176,7 @@ class StreamRelay:
                 self.data_events += 1
                 self.output_tokens += tokens
             out.append(event)
+            payloads.append(data)
         return b"".join(out)
 
     def _is_usage_only(self, data: bytes) -> bool:

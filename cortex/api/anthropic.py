@@ -824,14 +824,14 @@ class StreamTranslator:
             events = self._decoder.feed(data)
         except SSEProtocolError as exc:
             return self._fail(f"The upstream stream broke: {exc}")
+        return self.feed_payloads([event_data(event) for event in events])
+
+    def feed_payloads(self, payloads: list[bytes]) -> bytes:
+        """The `data:` payloads of whole events in (as the relay split them), client bytes out."""
         out: list[bytes] = []
-        for event in events:
+        for payload in payloads:
             if self.done:  # an error event or message_stop ended it mid-read: the rest is not ours to send
                 break
-            if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:  # one data line
-                payload = event[5:-2].lstrip(b" ")
-            else:
-                payload = event_data(event)
             if payload == DONE:
                 self.upstream_done = True
                 out.append(self._close())

@@ -27,7 +27,7 @@ class StreamShape(Protocol):
     ping_interval_s: float | None  # keep-alives while the upstream is silent; None: none
 
     def start(self) -> bytes: ...
-    def relay(self, data: bytes) -> bytes: ...
+    def relay(self, data: bytes, payloads: list[bytes]) -> bytes: ...  # the relay's bytes and their events' data
     def end(self) -> bytes: ...
     def error(self, err: ApiError) -> bytes: ...
     def ping(self) -> bytes: ...
@@ -51,7 +51,7 @@ class _OpenAIStream:
     def start(self) -> bytes:
         return b""
 
-    def relay(self, data: bytes) -> bytes:
+    def relay(self, data: bytes, payloads: list[bytes]) -> bytes:
         return data
 
     def end(self) -> bytes:
@@ -102,8 +102,8 @@ class _AnthropicStream:
     def start(self) -> bytes:
         return self._translator.start()
 
-    def relay(self, data: bytes) -> bytes:
-        return self._translator.feed(data)
+    def relay(self, data: bytes, payloads: list[bytes]) -> bytes:
+        return self._translator.feed_payloads(payloads)
 
     def end(self) -> bytes:
         return self._translator.finish()
