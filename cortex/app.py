@@ -115,7 +115,9 @@ class CortexApp:
                 )
                 self.proxy.budget = self.budget
                 if self.config.admin.token:
-                    self._admin = AdminApi(self.budget, self.config.admin.token, self.config.server.body_timeout_s)
+                    self._admin = AdminApi(
+                        self.budget, self.config.admin.token, self.config.server.body_timeout_s, self.reload_catalogue
+                    )
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
                     await nursery.start(self.budget.expire_forever)
@@ -126,6 +128,23 @@ class CortexApp:
             raise
         finally:
             await self.upstream.aclose()
+
+    def reload_catalogue(self) -> catalogue.Catalogue:
+        """Read the catalogue file again and put it in force; a bad one raises CatalogueError
+        and the one in force stays. Requests already admitted keep the model they resolved."""
+        path = self.config.fleet.models_file
+        try:
+            if not path:
+                raise catalogue.CatalogueError("no catalogue file is configured (fleet.models_file or --models)")
+            fresh = catalogue.load(path)
+        except catalogue.CatalogueError as exc:
+            self.metrics.catalogue_reloads.inc(result="refused")
+            logs.event("catalogue_reload_refused", logging.WARNING, path=path, error=str(exc))
+            raise
+        self.catalogue = self.proxy.catalogue = fresh
+        self.metrics.catalogue_reloads.inc(result="ok")
+        logs.event("catalogue_reloaded", path=path, models=len(fresh.models), aliases=len(fresh.aliases))
+        return fresh
 
     async def _http(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         started = trio.current_time()

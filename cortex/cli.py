@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,13 +17,14 @@ from typing import Any
 
 import trio
 
-from cortex import admin_cli, logs
+from cortex import admin_cli, fleet_cli, logs
 from cortex import config as config_mod
 from cortex.app import CortexApp
 from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.config import Config, ConfigError
+from cortex.fleet.catalogue import CatalogueError
 from cortex.fleet.kinds import KINDS
 from common.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
 
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--log-level", choices=config_mod.LOG_LEVELS, default="info")
 
     admin_cli.add_commands(sub)
+    fleet_cli.add_commands(sub)
     return parser
 
 
@@ -115,10 +118,22 @@ async def run_gateway(config: Config) -> None:
 
             binds = await nursery.start(serve_until_done)
             _check_started(app)
+            await nursery.start(reload_on_sighup, app)
             announce(
                 "listening", service="cortex", url=binds[0], neurons=[u.url for u in config.fleet.all_upstreams()],
                 data_dir=config.budget.data_dir, admin=bool(config.admin.token),
             )
+
+
+async def reload_on_sighup(app: CortexApp, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGHUP reloads the model catalogue; a bad file is logged and the old one stays."""
+    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+        task_status.started()
+        async for _ in hangups:
+            try:
+                app.reload_catalogue()
+            except CatalogueError:
+                pass  # logged (catalogue_reload_refused) and counted by the app
 
 
 NEURON_START_TIMEOUT_S = 30.0
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("keys", "accounts", "usage"):
         return admin_cli.run(args)
+    if args.command == "fleet":
+        return fleet_cli.run(args)
     expected = (StartupFailed, OSError, DataDirBusy, StoreError)
     try:
         if args.command == "serve":

@@ -347,6 +347,9 @@ class GatewayMetrics:
             "Requests whose upstream reported far fewer prompt tokens than were sent: it cut the prompt.",
             ("upstream",),
         )
+        self.catalogue_reloads = r.counter(
+            "cortex_catalogue_reloads_total", "Model catalogue reloads (SIGHUP or the admin API), by result.", ("result",)
+        )
         self.overrun_tokens = r.counter("cortex_settle_overrun_tokens_total", "Tokens above the hold (not charged).")
         self.commit_batch = r.histogram(
             "cortex_ledger_commit_batch_size", "Jobs per ledger group commit.", BATCH_SIZE_BUCKETS

@@ -146,8 +146,11 @@ class Proxy:
 
     @contextmanager
     def _fair_share(self, key: KeyRecord | None, model: str) -> Iterator[None]:
-        """At most `fleet.max_in_flight_per_key` requests of one key on one model at once."""
-        limit = self.config.fleet.max_in_flight_per_key
+        """At most `max_in_flight_per_key` requests of one key on one model at once: the
+        catalogue's value for the model, else `fleet.max_in_flight_per_key`."""
+        defined = self.catalogue.model(model)
+        limit = defined.max_in_flight_per_key if defined and defined.max_in_flight_per_key else None
+        limit = limit or self.config.fleet.max_in_flight_per_key
         if key is None or not limit:
             yield
             return

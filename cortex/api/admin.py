@@ -11,6 +11,7 @@
     GET  /admin/v1/accounts/{id}
     POST /admin/v1/accounts/{id}/topup | /limits
     GET  /admin/v1/usage[/{key id}]        usage of every key, or of one
+    POST /admin/v1/fleet/reload            read the model catalogue again (400, old one kept, if invalid)
 
 Limits are given whole: a field left out or null means no such cap.
 """
@@ -18,6 +19,7 @@ Limits are given whole: a field left out or null means no such cap.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from common import asgi
@@ -26,6 +28,7 @@ from common.errors import ApiError
 from common.openai_schema import parse_json_object
 from cortex.budget.ledger import Caps
 from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetService
+from cortex.fleet.catalogue import Catalogue, CatalogueError
 
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
@@ -73,9 +76,13 @@ def _tokens(body: dict[str, Any]) -> int:
 
 
 class AdminApi:
-    def __init__(self, budget: BudgetService, token: str, body_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, budget: BudgetService, token: str, body_timeout_s: float = 60.0,
+        reload_catalogue: Callable[[], Catalogue] | None = None,
+    ) -> None:
         assert token
         self.budget = budget
+        self._reload_catalogue = reload_catalogue
         self._token = token.encode()
         self.body_timeout_s = body_timeout_s
 
@@ -112,6 +119,10 @@ class AdminApi:
                 return 201, self.budget.usage("account", account_id)
         elif head in ("keys", "accounts") and rest:
             return await self._principal(request, "key" if head == "keys" else "account", rest)
+        elif head == "fleet" and rest == ["reload"]:
+            if method == "POST":
+                return self._reload()
+            raise errors.method_not_allowed(method, request.path, ["POST"])
         elif head == "usage" and len(parts) <= 2:
             if method == "GET":
                 if rest:
@@ -120,6 +131,18 @@ class AdminApi:
         else:
             raise errors.not_found(request.path)
         raise errors.method_not_allowed(method, request.path, ["GET", "POST"])
+
+    def _reload(self) -> tuple[int, Any]:
+        if self._reload_catalogue is None:
+            raise errors.not_found("/admin/v1/fleet/reload")
+        try:
+            fresh = self._reload_catalogue()
+        except CatalogueError as exc:
+            raise ApiError(
+                400, f"The catalogue was not reloaded: {exc}. The one in force stays.",
+                code="invalid_catalogue",
+            ) from None
+        return 200, {"reloaded": True, "models": sorted(fresh.models), "aliases": dict(sorted(fresh.aliases.items()))}
 
     async def _principal(self, request: asgi.Request, kind: str, rest: list[str]) -> tuple[int, Any]:
         principal_id, action = rest[0], (rest[1] if len(rest) > 1 else None)

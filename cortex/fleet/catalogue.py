@@ -51,6 +51,7 @@ class ModelDef:
     memory_mb: int | None = None
     residency_priority: int = 100
     pinned_on: tuple[str, ...] = ()
+    max_in_flight_per_key: int | None = None  # None: fleet.max_in_flight_per_key
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,10 @@ class Catalogue:
         return self.models.get(model_id)
 
 
-MODEL_KEYS = frozenset({"id", "display_name", "limit", "cost", "memory_mb", "residency_priority", "pinned_on"})
+MODEL_KEYS = frozenset({
+    "id", "display_name", "limit", "cost", "memory_mb", "residency_priority", "pinned_on", "max_in_flight_per_key",
+})
+IN_FLIGHT_PER_KEY_MAX = 1_000_000
 
 
 def _positive_int(where: str, value: Any, maximum: int = LIMIT_MAX) -> int:
@@ -118,7 +122,9 @@ def _model(where: str, raw: Any) -> ModelDef:
     pinned = entry.get("pinned_on", [])
     if not isinstance(pinned, list) or not all(isinstance(p, str) and p for p in pinned):
         raise CatalogueError(f"'{where}.pinned_on' must be a list of upstream URLs")
-    return ModelDef(model_id, name, context, output, cost, memory, priority, tuple(p.rstrip("/") for p in pinned))
+    fair = entry.get("max_in_flight_per_key")
+    fair = _positive_int(f"{where}.max_in_flight_per_key", fair, IN_FLIGHT_PER_KEY_MAX) if fair is not None else None
+    return ModelDef(model_id, name, context, output, cost, memory, priority, tuple(p.rstrip("/") for p in pinned), fair)
 
 
 def parse(data: Any) -> Catalogue:
