@@ -41,10 +41,17 @@ def count_text(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def count_chat(messages: list[dict[str, Any]]) -> int:
-    total = REPLY_PRIMER_TOKENS
+def count_chat(
+    messages: list[dict[str, Any]],
+    message_overhead_tokens: int = MESSAGE_OVERHEAD_TOKENS,
+    reply_primer_tokens: int = REPLY_PRIMER_TOKENS,
+) -> int:
+    """The rendered prompt's tokens for a byte-level tokenizer whose template costs
+    `message_overhead_tokens` per message and `reply_primer_tokens` for the reply primer
+    (by default this module's own template; an engine with another one advertises its costs)."""
+    total = reply_primer_tokens
     for message in messages:
-        total += MESSAGE_OVERHEAD_TOKENS + count_text(message_text(message))
+        total += message_overhead_tokens + count_text(message_text(message))
         name = message.get("name")
         if isinstance(name, str):
             total += count_text(name)

@@ -293,7 +293,7 @@ class CortexApp:
         key = self._authenticate(request)
         surface.request = anthropic.to_openai(await self._body(request))
         gen = surface.request.gen
-        surface.input_tokens = prompt_tokens_bound(gen)
+        surface.input_tokens = prompt_tokens_bound(gen, self.proxy.model_info(gen.model))
         await self.proxy.generate(request, gen, "/v1/chat/completions", key)
 
     async def _count_tokens(self, request: asgi.Request) -> None:
@@ -302,7 +302,8 @@ class CortexApp:
         counted = anthropic.count_tokens_request(await self._body(request))
         if not self.fleet.knows(self.catalogue.resolve(counted.gen.model)):
             raise errors.model_not_found(counted.gen.model)
-        await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted))
+        model = self.proxy.model_info(counted.gen.model)
+        await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted, model))
 
     # --- everything else -------------------------------------------------------------
 

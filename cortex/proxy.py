@@ -136,6 +136,10 @@ class Proxy:
         self.budget = budget
         self._in_flight_by_key: dict[tuple[str, str], int] = {}  # (key id, model) -> requests
 
+    def model_info(self, name: str) -> ModelInfo | None:
+        """What the fleet and the catalogue say of the model `name` (an alias resolved)."""
+        return self._model_info(self.catalogue.resolve(name))
+
     def _model_info(self, model: str) -> ModelInfo | None:
         info = self.fleet.model_info(model)
         defined = self.catalogue.model(model)
@@ -178,9 +182,10 @@ class Proxy:
             gen = dataclasses.replace(gen, model=served, body={**gen.body, "model": served})
         if not self.fleet.knows(gen.model):
             raise errors.model_not_found(request.log.get("model_requested", gen.model))
-        est = estimate(gen, self._model_info(gen.model), self.config.budget.fallback_output_tokens)
+        info = self._model_info(gen.model)
+        est = estimate(gen, info, self.config.budget.fallback_output_tokens)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
-        meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen))
+        meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen, info))
         with self._fair_share(key, gen.model):
             await self._generate(request, gen, path, key, est, meter)
 
@@ -269,8 +274,8 @@ class Proxy:
             headers = {"content-type": "application/json", "x-request-id": request.request_id}
             if node.api_key:
                 headers["authorization"] = f"Bearer {node.api_key}"
-            output_max = node.kind.output_bytes_max(est.output_tokens)
-            meter.token_bytes_max = node.kind.token_bytes_max
+            meter.token_bytes_max = self.fleet.token_bytes_max(node, gen.model)
+            output_max = est.output_tokens * meter.token_bytes_max  # the relay's guard, in bytes
             self.fleet.acquire(node)
             meter.dispatched = True
             try:

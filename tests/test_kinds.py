@@ -110,11 +110,47 @@ def test_neuron_models_carry_both_limits():
         {"id": "m", "limit": {"context": True, "output": 10}},
         {"id": "", "limit": {"context": 10, "output": 10}},
         {"id": "m", "limit": {"context": 2**41, "output": 10}},
+        {"id": "m", "limit": {"context": 10, "output": 10}, "tokenizer": "byte-level"},
+        {"id": "m", "limit": {"context": 10, "output": 10}, "tokenizer": {"message_overhead_tokens": -1}},
+        {"id": "m", "limit": {"context": 10, "output": 10}, "tokenizer": {"reply_primer_tokens": 1.5}},
+        {"id": "m", "limit": {"context": 10, "output": 10}, "tokenizer": {"reply_primer_tokens": 10**6}},
     ],
 )
 def test_neuron_malformed_entry_is_a_value_error(entry):
     with pytest.raises(ValueError):
         KINDS["neuron"].parse_models({"/v1/models": {"data": [entry]}})
+
+
+def test_a_neuron_advertises_its_chat_templates_cost_and_tokenizer():
+    body = {"data": [
+        {"id": "byte", "limit": {"context": 1000, "output": 100},
+         "tokenizer": {"kind": "byte-level", "message_overhead_tokens": 14, "reply_primer_tokens": 6}},
+        {"id": "bpe", "limit": {"context": 1000, "output": 100}, "tokenizer": {"kind": "bpe"}},
+    ]}
+    models = KINDS["neuron"].parse_models({"/v1/models": body})
+    assert models["byte"] == ModelEntry("byte", 1000, 100, message_overhead_tokens=14, reply_primer_tokens=6)
+    assert models["bpe"].token_bytes_max == base.REAL_TOKENIZER_TOKEN_BYTES_MAX  # floors divide by a real token's bytes
+    assert models["bpe"].message_overhead_tokens is None
+
+
+def test_the_prompt_bound_uses_the_dearest_advertised_template_and_the_floor_only_exact_costs():
+    from common import counting
+    from common.openai_schema import chat_request
+    from cortex.budget.estimate import estimate, prompt_tokens_floor
+    from cortex.fleet.registry import Fleet, model_info
+
+    gen = chat_request({"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                                    {"role": "user", "content": "héllo"}], "max_tokens": 5})
+    text = len("be brief".encode()) + len("héllo".encode())
+    fleet = Fleet(["http://a", "http://b"])
+    fleet.poll_succeeded("http://a", {"m": model_info(ModelEntry("m", 1000, 100, None, 14, 6), 0, 0)})
+    fleet.poll_succeeded("http://b", {"m": model_info(ModelEntry("m", 1000, 100, None, 9, 8), 0, 0)})
+    merged = fleet.model_info("m")
+    assert (merged.message_overhead_tokens, merged.reply_primer_tokens) == (14, 8)
+    assert estimate(gen, merged).prompt_tokens == text + 2 * 14 + 8
+    assert prompt_tokens_floor(gen, merged) == text  # advertised costs bound from above only
+    plain = model_info(ModelEntry("m", 1000, 100), 0, 0)  # the mock's template: exact, so a floor too
+    assert estimate(gen, plain).prompt_tokens == prompt_tokens_floor(gen, plain) == counting.count_chat(gen.messages)
 
 
 @pytest.mark.parametrize("name", ["vllm", "sglang"])

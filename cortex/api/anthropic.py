@@ -53,6 +53,7 @@ from common.asgi import encode_json
 from common.errors import ApiError
 from common.openai_schema import STOP_SEQUENCES_MAX, TOKENS_PER_REQUEST_MAX, GenerationRequest, chat_request
 from cortex.budget.estimate import prompt_tokens_bound
+from cortex.fleet.registry import ModelInfo
 from cortex.relay import DONE, SSEDecoder, SSEProtocolError, event_data
 
 ROLES = ("user", "assistant")
@@ -118,9 +119,9 @@ def count_tokens_request(body: dict[str, Any]) -> AnthropicRequest:
     return _translate(body, count_only=True)
 
 
-def count_tokens_body(request: AnthropicRequest) -> dict[str, int]:
+def count_tokens_body(request: AnthropicRequest, model: ModelInfo | None = None) -> dict[str, int]:
     """`{"input_tokens": N}`: the prompt bound the budget reserves for the same request."""
-    return {"input_tokens": prompt_tokens_bound(request.gen)}
+    return {"input_tokens": prompt_tokens_bound(request.gen, model)}
 
 
 def _translate(body: dict[str, Any], count_only: bool) -> AnthropicRequest:

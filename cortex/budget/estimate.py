@@ -6,7 +6,10 @@ cover at least one byte (byte-level BPE as in GPT-2, Llama 3 and tiktoken;
 SentencePiece with byte fallback), the same count is still an upper bound,
 provided the template overhead per message is no larger than ours. Fields
 an engine may render into the prompt (tools, response formats) and
-non-text content parts are added at their JSON byte size.
+non-text content parts are added at their JSON byte size. A neuron whose
+engine renders another template (the kernel engine renders the
+checkpoint's) advertises its per-message and reply-primer costs, and the
+bound uses those.
 
 Output: `max_completion_tokens`, else `max_tokens`, else what the model
 could still write (its `limit.output`, but no more than the context left
@@ -44,10 +47,14 @@ def _json_bytes(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def prompt_tokens_bound(gen: GenerationRequest) -> int:
+def prompt_tokens_bound(gen: GenerationRequest, model: ModelInfo | None = None) -> int:
+    """The prompt's tokens at most, on `model`'s chat template where its upstream advertised one."""
     if gen.kind == "completion":
         return counting.count_text(gen.prompt)
-    total = counting.count_chat(gen.messages)
+    if model is None:
+        total = counting.count_chat(gen.messages)
+    else:
+        total = counting.count_chat(gen.messages, model.message_overhead_tokens, model.reply_primer_tokens)
     for message in gen.messages:
         content = message.get("content")
         if isinstance(content, list):
@@ -57,15 +64,21 @@ def prompt_tokens_bound(gen: GenerationRequest) -> int:
     return total + sum(_json_bytes(gen.body[f]) for f in PROMPT_SIDE_FIELDS if gen.body.get(f) is not None)
 
 
-def prompt_tokens_floor(gen: GenerationRequest) -> int:
-    """UTF-8 bytes of the prompt's own text and template: neuron's exact count,
-    and for any tokenizer at most `token_bytes_max` times the tokens it costs."""
-    return counting.count_text(gen.prompt) if gen.kind == "completion" else counting.count_chat(gen.messages)
+def prompt_tokens_floor(gen: GenerationRequest, model: ModelInfo | None = None) -> int:
+    """UTF-8 bytes of the prompt's text and template: for any tokenizer at most
+    `token_bytes_max` times the tokens the prompt costs. The template counts only where its
+    costs are exact (common/counting's own); an advertised one's are upper bounds, so then
+    only the text, which every template carries verbatim, does."""
+    if gen.kind == "completion":
+        return counting.count_text(gen.prompt)
+    if model is not None and not model.template_exact:
+        return counting.count_chat(gen.messages, 0, 0)
+    return counting.count_chat(gen.messages)
 
 
 def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_tokens: int = FALLBACK_OUTPUT_TOKENS) -> Estimate:
     """The worst-case cost of `gen`, or 400 context_length_exceeded."""
-    prompt = prompt_tokens_bound(gen)
+    prompt = prompt_tokens_bound(gen, model)
     asked = gen.max_output_tokens
     if model is None:
         return Estimate(prompt, asked if asked is not None else fallback_output_tokens)

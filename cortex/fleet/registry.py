@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import counting
 from cortex.config import UpstreamSpec
 from cortex.fleet.kinds import KINDS, Kind, ModelEntry
 
@@ -21,13 +22,28 @@ class ModelInfo:
     context_tokens: int
     output_tokens: int
     limits_reported: bool = True  # False: the server reports none; these are configured defaults
+    # The chat template's cost, for the prompt bound (common/counting's own unless the server says).
+    message_overhead_tokens: int = counting.MESSAGE_OVERHEAD_TOKENS
+    reply_primer_tokens: int = counting.REPLY_PRIMER_TOKENS
+    token_bytes_max: int | None = None  # None: the upstream kind's
+    # True: the template is common/counting's own, whose costs are exact and so a floor too;
+    # False: the server advertised its own costs, which are only upper bounds.
+    template_exact: bool = True
 
 
 def model_info(entry: ModelEntry, default_context_tokens: int, default_output_tokens: int) -> ModelInfo:
     """A kind's model entry with every limit filled: what it reported, else the configured defaults."""
     context = entry.context_tokens or default_context_tokens
     output = entry.output_tokens or (context if entry.context_tokens else default_output_tokens)
-    return ModelInfo(entry.name, context, min(output, context), entry.context_tokens is not None)
+    overhead = entry.message_overhead_tokens
+    primer = entry.reply_primer_tokens
+    return ModelInfo(
+        entry.name, context, min(output, context), entry.context_tokens is not None,
+        counting.MESSAGE_OVERHEAD_TOKENS if overhead is None else overhead,
+        counting.REPLY_PRIMER_TOKENS if primer is None else primer,
+        entry.token_bytes_max,
+        overhead is None and primer is None,
+    )
 
 
 @dataclass
@@ -117,9 +133,19 @@ class Fleet:
         infos = infos or [n.models[model] for n in self.nodes if model in n.models]
         if not infos:
             return None
+        # Limits: the tightest, so any replica can take it. Template costs: the dearest, so the
+        # prompt bound holds on whichever replica it is routed to.
         return ModelInfo(
-            model, min(i.context_tokens for i in infos), min(i.output_tokens for i in infos)
+            model, min(i.context_tokens for i in infos), min(i.output_tokens for i in infos),
+            message_overhead_tokens=max(i.message_overhead_tokens for i in infos),
+            reply_primer_tokens=max(i.reply_primer_tokens for i in infos),
+            template_exact=all(i.template_exact for i in infos),
         )
+
+    def token_bytes_max(self, node: Node, model: str) -> int:
+        """The most bytes one token of `model` on `node` covers: its tokenizer's, else its kind's."""
+        info = node.models.get(model)
+        return info.token_bytes_max if info is not None and info.token_bytes_max else node.kind.token_bytes_max
 
     def route(self, model: str, exclude: frozenset[str] = frozenset(), now: float = 0.0) -> Node | None:
         """The healthy node serving `model` with the fewest requests in flight.

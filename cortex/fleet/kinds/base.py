@@ -47,6 +47,7 @@ from typing import Any, Literal
 HealthState = Literal["healthy", "not_ready", "unhealthy"]
 
 LIMIT_TOKENS_MAX = 2**40  # a larger "limit" is a bug in the server, not a model
+TEMPLATE_TOKENS_MAX = 4096  # a chat template's tokens per message, or for the reply primer
 MESSAGE_MAX_CHARS = 500
 ERROR_BODY_PEEK_BYTES = 200  # of a body that is not JSON, the part quoted in the message
 RETRY_AFTER_MIN_S = 1.0
@@ -93,11 +94,17 @@ class ModelEntry:
     context_tokens: int | None
     output_tokens: int | None
     input_tokens: int | None = None  # a prompt bound below the context (TGI's max_input_tokens)
+    # What its chat template costs in tokens, where the server says (neuron's `tokenizer`); None: unknown.
+    message_overhead_tokens: int | None = None
+    reply_primer_tokens: int | None = None
+    token_bytes_max: int | None = None  # this model's tokenizer, where it differs from the kind's
 
     def __post_init__(self) -> None:
         assert isinstance(self.name, str) and self.name
         for value in (self.context_tokens, self.output_tokens, self.input_tokens):
             assert value is None or _is_limit(value)
+        for value in (self.message_overhead_tokens, self.reply_primer_tokens):
+            assert value is None or (_is_int(value) and 0 <= value <= TEMPLATE_TOKENS_MAX)
 
 
 @dataclass(frozen=True)
@@ -452,6 +459,15 @@ def models_with_context_field(bodies: Mapping[str, Any], path: str, context_fiel
         context = limit_or_none(entry.get(context_field), f"{entry['id']}: {context_field}")
         entries.append(ModelEntry(entry["id"], context, None))
     return entries_by_name(entries)
+
+
+def template_tokens(value: Any, what: str) -> int | None:
+    """A template cost a server advertises (None when it does not); ValueError when malformed."""
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value <= TEMPLATE_TOKENS_MAX:
+        raise ValueError(f"{what} must be an integer from 0 to {TEMPLATE_TOKENS_MAX}, got {str(value)[:50]}")
+    return value
 
 
 def _is_int(value: Any) -> bool:

@@ -8,7 +8,10 @@
   code `context_length_exceeded`, an overload is 503 `overloaded` with
   Retry-After.
 * Tokens: one per UTF-8 byte (common/counting.py), so `token_bytes_max` is 1
-  and the relay's byte count is exact.
+  and the relay's byte count is exact. An entry may carry `tokenizer:
+  {"kind", "message_overhead_tokens", "reply_primer_tokens"}`: what its chat
+  template costs (the kernel engine renders the checkpoint's own), which the
+  estimate then uses in place of common/counting's template.
 """
 
 from __future__ import annotations
@@ -31,7 +34,19 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
         name = entry["id"]
         context = base.required_limit(limit.get("context"), f"{name}: limit.context")
         output = base.required_limit(limit.get("output"), f"{name}: limit.output")
-        entries.append(ModelEntry(name, context, output))
+        tokenizer = entry.get("tokenizer")
+        if tokenizer is not None and not isinstance(tokenizer, dict):
+            raise ValueError(f"malformed model entry {str(entry)[:200]}: 'tokenizer' is not an object")
+        tokenizer = tokenizer or {}
+        # A checkpoint's own tokenizer (BPE, SentencePiece) covers several bytes a token: the
+        # byte count stays an upper bound, and the floors divide by what a real token can cover.
+        byte_level = tokenizer.get("kind") in (None, "byte-level")
+        overhead = base.template_tokens(tokenizer.get("message_overhead_tokens"), f"{name}: tokenizer.message_overhead_tokens")
+        primer = base.template_tokens(tokenizer.get("reply_primer_tokens"), f"{name}: tokenizer.reply_primer_tokens")
+        entries.append(ModelEntry(
+            name, context, output, message_overhead_tokens=overhead, reply_primer_tokens=primer,
+            token_bytes_max=None if byte_level else base.REAL_TOKENIZER_TOKEN_BYTES_MAX,
+        ))
     return base.entries_by_name(entries)
 
 
