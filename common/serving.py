@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import signal
+import socket
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,6 +36,8 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+UNIX_PREFIX = "unix:"  # `listen` as "unix:PATH": a Unix socket instead of HOST:PORT
+UNIX_SOCKET_MODE = 0o600
 DEFAULT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0
 ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
@@ -45,9 +50,12 @@ def hypercorn_config(
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
     write_timeout_s: float | None = None,
 ) -> ServerConfig:
-    host, port = parse_listen(listen)
     config = ServerConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if listen.startswith("fd://"):  # a socket bound by `bind_unix`
+        config.bind = [listen]
+    else:
+        host, port = parse_listen(listen)
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # cortex writes its own structured request log
     config.alpn_protocols = ["http/1.1"]  # HTTP/1.1 only, should TLS ever be configured
     config.graceful_timeout = graceful_timeout_s
@@ -56,6 +64,30 @@ def hypercorn_config(
     config.write_timeout_s = write_timeout_s
     config.h11_max_incomplete_size = 64 * 1024
     return config
+
+
+def bind_unix(path: str) -> socket.socket:
+    """An AF_UNIX stream socket bound at `path`, mode 0600, not yet listening.
+
+    A stale socket file at `path` is replaced, so the caller must know that
+    no live server listens there. The mode is set before listen(), and a
+    connect() to a socket that does not listen is refused: there is no
+    moment when anyone but the owner could connect. (Hypercorn's own unix
+    bind sets the process-wide umask instead, and leaves it set if bind fails.)
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        os.chmod(path, UNIX_SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class JsonLines(logging.Formatter):
@@ -180,6 +212,10 @@ async def serve(
 ) -> None:
     """Serve until `shutdown_trigger` returns; `started()` reports the bound URLs.
 
+    `listen` is HOST:PORT, or "unix:PATH" for a Unix socket (`bind_unix`:
+    mode 0600, a stale one replaced). Every connection gets the fixes in
+    `common.server_fixes`, whichever the listener.
+
     `write_timeout_s` limits how long one write to a client may block: one
     ASGI body message, such as an SSE event or a whole non-streamed body.
     When it runs out, the connection is dropped and the app receives
@@ -187,6 +223,9 @@ async def serve(
     """
     server_fixes.install()
     install_accept_error_log()
+    if listen.startswith(UNIX_PREFIX):
+        # Hypercorn wraps the descriptor in a socket of its own, so ours lets go of it.
+        listen = f"fd://{bind_unix(listen[len(UNIX_PREFIX):]).detach()}"
     config = hypercorn_config(listen, graceful_timeout_s, backlog, keep_alive_timeout_s, write_timeout_s)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 

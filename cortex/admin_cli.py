@@ -1,9 +1,12 @@
-"""`cortex keys`, `cortex accounts`, `cortex usage`: administration on the data dir.
+"""`cortex keys`, `cortex accounts`, `cortex usage`: administration of the data dir.
 
-These work offline, straight on the ledger database, through the same
-`BudgetService` the server uses. While a cortex server owns the data dir
-(it holds the lock) its in-memory ledger is authoritative: reading is
-still fine, but changes must go through the admin API.
+Each command is one admin API call (`call_for`, pure). While a cortex server
+owns the data dir (it holds the lock), its in-memory ledger is
+authoritative: the call goes to it over the data dir's admin socket
+(cortex/admin_socket.py). With no server, the CLI takes the lock and runs
+the same admin handlers in-process on the ledger files, through the same
+`BudgetService`. Either way the answer, and so the output and the exit
+code, is the same.
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ from typing import Any
 
 import trio
 
-from cortex.api.admin import caps_from
 from common.errors import ApiError
+from cortex import admin_socket
+from cortex.admin_socket import Call, Reply
+from cortex.api.admin import LIMIT_FIELDS, RECENT_DEFAULT, AdminApi, caps_from, data_dir_owner
 from cortex.budget import datadir
+from cortex.budget.keys import NAME_RE
 from cortex.budget.service import BudgetService
 from cortex.budget.store import SyncStore, connect
 from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
 
-MUTATING = {("keys", "create"), ("keys", "topup"), ("keys", "set-limits"), ("keys", "revoke"),
-            ("accounts", "create"), ("accounts", "topup"), ("accounts", "set-limits")}
+# A change that finds the data dir locked with no socket answering (a server
+# starting or stopping, another offline CLI) tries again for this long.
+BUSY_WAIT_S = 5.0
+BUSY_POLL_S = 0.05
 
 
 class CliError(Exception):
@@ -33,6 +41,7 @@ class CliError(Exception):
 
 
 def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    # Each dest is a field of LIMIT_FIELDS: a new cap is a flag here and a field there.
     p.add_argument("--balance", type=int, dest="balance_tokens", metavar="TOKENS", help="hard lifetime balance")
     p.add_argument("--window-tokens", type=int, metavar="N", help="at most N tokens in any trailing window")
     p.add_argument("--window-seconds", type=float, metavar="S", help="the window's length")
@@ -76,84 +85,114 @@ def add_commands(sub: Any) -> None:
     usage.add_argument("id", nargs="?", help="a key id (default: every key)")
 
 
-def _caps(args: argparse.Namespace) -> Any:
-    return caps_from({
-        "balance_tokens": args.balance_tokens,
-        "window_tokens": args.window_tokens,
-        "window_seconds": args.window_seconds,
-        "max_concurrency": args.max_concurrency,
-    })
+def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit flags as admin API fields, checked here with the server's own rules and messages."""
+    fields = {name: getattr(args, name, None) for name in LIMIT_FIELDS}
+    caps_from(fields)  # raises the ApiError the server would answer; NaN never reaches the JSON
+    return fields
 
 
-async def _open_service(data_dir: str, writable: bool) -> tuple[BudgetService, Any]:
-    conn = connect(datadir.ledger_path(data_dir))
-    store = SyncStore(conn, recover=writable)
-    return await BudgetService.load(store, time.time, BudgetConfig(data_dir=data_dir), GatewayMetrics()), conn
+def _path_id(kind: str, value: str) -> str:
+    # Every key id and account name matches NAME_RE, so nothing else exists to find,
+    # and nothing that needs quoting goes into the URL.
+    if not NAME_RE.fullmatch(value):
+        raise ApiError(404, f"No {kind} {value!r}.", code="not_found")
+    return value
 
 
-async def _key_detail(service: BudgetService, key_id: str) -> dict[str, Any]:
-    if key_id not in service.keys:
-        raise CliError(f"no key {key_id!r}")
-    record = service.keys[key_id]
-    return {
-        **record.view(),
-        "usage": service.usage("key", key_id),
-        "account_usage": service.usage("account", record.account_id),
-        "recent": await service.recent(key_id),
-    }
-
-
-async def _execute(args: argparse.Namespace, service: BudgetService) -> Any:
+def call_for(args: argparse.Namespace) -> Call:
+    """The admin API request that does this command."""
     group, action = args.command, getattr(args, "action", None)
-    kind = "key" if group == "keys" else "account"
     if group == "usage":
-        ids = [args.id] if args.id else list(service.keys)
-        return {"data": [await _key_detail(service, i) for i in ids]}
-    if action == "create" and group == "keys":
-        record, plaintext = await service.create_key(args.name, args.account, _caps(args))
-        return {"id": record.id, "key": plaintext, "name": record.name, "account": record.account_id}
-    if action == "create":
-        await service.create_account(args.id, _caps(args))
-        return service.usage("account", args.id)
+        if args.id is None:
+            return Call("GET", f"usage?recent={RECENT_DEFAULT}")
+        return Call("GET", f"usage/{_path_id('key', args.id)}")
+    kind, base = ("key", "keys") if group == "keys" else ("account", "accounts")
     if action == "list":
+        return Call("GET", base)
+    if action == "create":
         if group == "keys":
-            return {"data": [{**k.view(), "usage": service.usage("key", k.id)} for k in service.keys.values()]}
-        ids = sorted(pid for k, pid in service.ledger.principals if k == "account")
-        return {"data": [service.usage("account", i) for i in ids]}
+            return Call("POST", "keys", {"name": args.name, "account": args.account, **limit_fields(args)})
+        return Call("POST", "accounts", {"id": args.id, **limit_fields(args)})
+    path = f"{base}/{_path_id(kind, args.id)}"
+    if action == "show":
+        return Call("GET", path)
     if action == "topup":
-        await service.top_up(kind, args.id, args.tokens)
-    elif action == "set-limits":
-        await service.set_caps(kind, args.id, _caps(args))
-    elif action == "revoke":
-        await service.revoke(args.id)
-    return await _key_detail(service, args.id) if kind == "key" else service.usage("account", args.id)
+        return Call("POST", f"{path}/topup", {"tokens": args.tokens})
+    if action == "set-limits":
+        return Call("POST", f"{path}/limits", limit_fields(args))
+    assert action == "revoke" and kind == "key", (group, action)
+    return Call("POST", f"{path}/revoke")
+
+
+def result_of(args: argparse.Namespace, body: Any) -> Any:
+    """What the CLI prints, from the API's answer: `usage ID` is a list of one, as `usage` is."""
+    if args.command == "usage" and args.id is not None:
+        return {"data": [body]}
+    return body
 
 
 def run(args: argparse.Namespace) -> int:
-    writable = (args.command, getattr(args, "action", None)) in MUTATING
     try:
-        lock = datadir.lock(args.data_dir)
-    except datadir.DataDirBusy as exc:
-        if writable:
-            print(f"cortex: {exc}; change it through the admin API (/admin/v1/) or stop cortex first", file=sys.stderr)
-            return 1
-        lock = None
-    try:
-        result = trio.run(_run_async, args, writable or lock is not None)
-    except (CliError, ApiError) as exc:
-        print(f"cortex: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 1
-    finally:
-        if lock is not None:
-            lock.close()
+        request = call_for(args)
+        reply = trio.run(perform, args.data_dir, request)
+    except ApiError as exc:  # refused before any I/O: the arguments themselves
+        return _fail(exc.message)
+    except CliError as exc:
+        return _fail(str(exc))
+    if not reply.ok:
+        return _fail(reply.error_message())
+    result = result_of(args, reply.body)
     print(json.dumps(result, indent=2) if args.json else render(args, result))
     return 0
 
 
-async def _run_async(args: argparse.Namespace, writable: bool) -> Any:
-    service, conn = await _open_service(args.data_dir, writable)
+def _fail(message: str) -> int:
+    # "cortex: no key 'x'.": a CLI message goes on in lower case, as the API's sentence would not.
+    if len(message) > 1 and message[0].isupper() and message[1].islower():
+        message = message[0].lower() + message[1:]
+    print(f"cortex: {message}", file=sys.stderr)
+    return 1
+
+
+async def perform(data_dir: str, request: Call) -> Reply:
+    """Ask the server that owns the data dir, or, with none, the ledger files."""
+    change = request.method != "GET"
+    socket = datadir.socket_path(data_dir)
+    deadline = trio.current_time() + BUSY_WAIT_S
+    while True:
+        try:
+            lock = datadir.lock(data_dir)
+        except datadir.DataDirBusy as busy:
+            try:
+                return await admin_socket.call(admin_socket.socket_transport(socket), request)
+            except admin_socket.NoServer:
+                pass  # none yet or none any more, or a server without the socket (an older cortex)
+            except admin_socket.NoAnswer as exc:
+                raise CliError(
+                    f"the cortex serving {data_dir} did not answer on {socket} ({exc})"
+                    + ("; the change may or may not have been made" if change else "")
+                ) from None
+            if not change:
+                return await offline(data_dir, request, writable=False)  # what the files say, as of now
+            if trio.current_time() >= deadline:
+                raise CliError(f"{busy}, and it does not answer on {socket}; stop it, or use the admin API (/admin/v1/)") from None
+            await trio.sleep(BUSY_POLL_S)
+            continue
+        try:
+            return await offline(data_dir, request, writable=True)
+        finally:
+            lock.close()
+
+
+async def offline(data_dir: str, request: Call, writable: bool) -> Reply:
+    """The admin handlers in this process, on the ledger files; `writable` only under the lock."""
+    conn = connect(datadir.ledger_path(data_dir))
     try:
-        return await _execute(args, service)
+        store = SyncStore(conn, recover=writable)
+        service = await BudgetService.load(store, time.time, BudgetConfig(data_dir=data_dir), GatewayMetrics())
+        admin = AdminApi(service, None, authorize=data_dir_owner)
+        return await admin_socket.call(admin_socket.local_transport(admin), request)
     finally:
         conn.close()
 

@@ -29,6 +29,7 @@ from cortex.budget.store import ThreadedStore
 from cortex.config import Config
 from cortex.fleet.health import poll_forever
 from cortex.fleet import catalogue
+from cortex.fleet.lifecycle import Lifecycle
 from cortex.fleet.registry import Fleet
 from cortex.fleet.upstream import TransportFactory, Upstream
 from cortex.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -71,6 +72,10 @@ class CortexApp:
         self.budget: BudgetService | None = None
         self.catalogue = catalogue.load(config.fleet.models_file) if config.fleet.models_file else catalogue.Catalogue()
         self.proxy = Proxy(config, self.fleet, self.upstream, None, self.catalogue)
+        durable = store_factory is durable_store  # the simulator's store has no data dir to write
+        self.lifecycle = Lifecycle(self.fleet, self.upstream, config.fleet, lambda: self.catalogue, self.metrics,
+                                   config.budget.data_dir if durable else None, clock)
+        self.proxy.lifecycle = self.lifecycle
         self._store_factory = store_factory
         self._clock = clock
         self._ledger_factory = ledger_factory
@@ -120,6 +125,7 @@ class CortexApp:
                     )
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
+                    await nursery.start(self.lifecycle.run)
                     await nursery.start(self.budget.expire_forever)
                     ready()
         except BaseException as exc:
@@ -308,14 +314,40 @@ class CortexApp:
     # --- everything else -------------------------------------------------------------
 
     async def _models(self, request: asgi.Request) -> None:
-        listing = {"object": "list", "data": catalogue.listing(self.fleet.catalogue(), self.catalogue)}
+        listing = {"object": "list", "data": self._listing()}
         if "anthropic-version" in request.headers:  # the Anthropic SDKs always send it
             self._anthropic(request)
             listing = anthropic.models_list(listing)
         await asgi.send_json(request.send, 200, listing)
 
+    def _listing(self) -> list[dict[str, Any]]:
+        """Served models and aliases; with neurons that load on demand, every loadable catalogue
+        model too, each with where it is (`loaded`, `locations`) and could be (`feasible_on`)."""
+        entries = catalogue.listing(self.fleet.catalogue(), self.catalogue)
+        loadable = [m for m in self.catalogue.models.values() if m.memory_mb is not None and self.lifecycle.loadable(m.id)]
+        if not loadable:
+            return entries
+        listed = {e["id"] for e in entries}
+        for entry in entries:
+            if "alias_of" not in entry and self.lifecycle.loadable(entry["id"]):
+                entry.update(self.lifecycle.state(entry["id"]))
+        for model in loadable:
+            if model.id not in listed:
+                info = self.proxy.model_info(model.id)
+                limit = {"context": info.context_tokens, "output": info.output_tokens} if info else None
+                entry = {"id": model.id, "object": "model", "created": 0, "owned_by": "cortex", "limit": limit}
+                if model.display_name:
+                    entry["display_name"] = model.display_name
+                if model.cost is not None:
+                    entry["cost"] = model.cost.view()
+                entries.append({**entry, **self.lifecycle.state(model.id)})
+        return entries
+
     async def _health(self, request: asgi.Request) -> None:
         status = self.fleet.status()
+        unservable = self.lifecycle.unservable()
+        if unservable:
+            status["unservable_models"] = unservable
         await asgi.send_json(request.send, 503 if status["status"] == "down" else 200, status)
 
     async def _metrics(self, request: asgi.Request) -> None:

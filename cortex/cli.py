@@ -1,4 +1,9 @@
-"""The `cortex` command: `serve` the gateway, bring `up` the embedded default, administer keys."""
+"""The `cortex` command: `serve` the gateway, bring `up` the embedded default, administer keys.
+
+`serve` and `up` also serve the admin API on the data dir's Unix socket
+(cortex/admin_socket.py), which `cortex keys|accounts|usage|fleet` use
+while a server runs.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import trio
 
 from cortex import admin_cli, fleet_cli, logs
 from cortex import config as config_mod
+from cortex.admin_socket import AdminSocket
+from cortex.api.admin import AdminApi, data_dir_owner
 from cortex.app import CortexApp
 from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
@@ -90,18 +97,29 @@ def _check_started(app: CortexApp) -> None:
         raise StartupFailed("the app did not start")
 
 
+def socket_admin(app: CortexApp) -> AdminApi:
+    """The admin handlers for the data dir's socket: the app's ledger, no token (the file's mode is the check)."""
+    assert app.budget is not None
+    return AdminApi(
+        app.budget, None, app.config.server.body_timeout_s, app.reload_catalogue, authorize=data_dir_owner
+    )
+
+
 DRAIN_MARGIN_S = 2.0  # after cortex ends its own requests, before Hypercorn cancels connections
 
 
 async def run_gateway(config: Config) -> None:
     app = CortexApp(config)
     graceful_s = config.server.graceful_timeout_s
+    admin_socket = AdminSocket(config.budget.data_dir)
     with shutdown_signals() as signalled:
         async with trio.open_nursery() as nursery:
 
             async def trigger() -> None:
                 await signalled()
                 nursery.start_soon(app.drain, graceful_s)  # ends stragglers cleanly, before Hypercorn does
+                # The socket's handlers use the ledger, which the lifespan closes once the TCP side is done.
+                await admin_socket.close()
 
             async def serve_until_done(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 await serve(
@@ -118,10 +136,14 @@ async def run_gateway(config: Config) -> None:
 
             binds = await nursery.start(serve_until_done)
             _check_started(app)
+            # Only now: the app holds the data dir's lock, so a socket file there is stale.
+            socket_path = await nursery.start(
+                partial(admin_socket.serve, socket_admin(app), config.server.client_write_timeout_s)
+            )
             await nursery.start(reload_on_sighup, app)
             announce(
                 "listening", service="cortex", url=binds[0], neurons=[u.url for u in config.fleet.all_upstreams()],
-                data_dir=config.budget.data_dir, admin=bool(config.admin.token),
+                data_dir=config.budget.data_dir, admin=bool(config.admin.token), admin_socket=socket_path,
             )
 
 
@@ -175,12 +197,15 @@ async def run_up(listen: str, data_dir: str) -> None:
             })
             app = CortexApp(config)
             server = config.server
+            admin_socket = AdminSocket(data_dir)
             binds = await nursery.start(partial(serve, app, listen, write_timeout_s=server.client_write_timeout_s))
             _check_started(app)
             assert app.budget is not None
+            await nursery.start(partial(admin_socket.serve, socket_admin(app), server.client_write_timeout_s))
             _, key = await app.budget.create_key("demo", "demo", Caps(balance_tokens=DEMO_BALANCE_TOKENS))
             print(_welcome(binds[0], neuron_url, key, admin_token), flush=True)
             await trigger()
+            await admin_socket.close()  # before the ledger it serves closes
             nursery.cancel_scope.cancel()
 
 

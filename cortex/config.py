@@ -77,6 +77,10 @@ class FleetConfig:
     # fan-out cannot take every slot of a replica; 0: no limit.
     max_in_flight_per_key: int = 0
     models_file: str = ""  # the model catalogue (models.toml): limits, prices, aliases; empty: none
+    # Cold loads (catalogue models with memory_mb, on neurons): a load's deadline, and how long an
+    # eviction lets the victim's in-flight requests (other replicas') drain before it cuts them.
+    load_timeout_s: float = 600.0
+    unload_drain_s: float = 30.0
 
     def all_upstreams(self) -> tuple[UpstreamSpec, ...]:
         return tuple(UpstreamSpec(url) for url in self.neurons) + self.upstreams

@@ -350,6 +350,18 @@ class GatewayMetrics:
         self.catalogue_reloads = r.counter(
             "cortex_catalogue_reloads_total", "Model catalogue reloads (SIGHUP or the admin API), by result.", ("result",)
         )
+        self.model_loads = r.counter(
+            "cortex_model_loads_total", "Cold loads cortex asked a neuron for, by model and outcome.", ("model", "outcome")
+        )
+        self.model_load_s = r.histogram(
+            "cortex_model_load_seconds", "Cold load time: the plan, evictions, the load, the refresh.",
+            (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.evictions = r.counter("cortex_evictions_total", "Models cortex unloaded, by model and reason.", ("model", "reason"))
+        self.cold_start_wait_s = r.histogram(
+            "cortex_cold_start_wait_seconds", "How long requests waited for a cold load.",
+            (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
         self.overrun_tokens = r.counter("cortex_settle_overrun_tokens_total", "Tokens above the hold (not charged).")
         self.commit_batch = r.histogram(
             "cortex_ledger_commit_batch_size", "Jobs per ledger group commit.", BATCH_SIZE_BUCKETS

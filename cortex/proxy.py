@@ -35,6 +35,7 @@ from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
 from cortex.fleet.kinds.base import prompt_truncation_suspected
 from cortex.fleet.catalogue import Catalogue, apply_limits
+from cortex.fleet.lifecycle import Lifecycle
 from cortex.fleet.registry import Fleet, ModelInfo, Node
 from cortex.fleet.upstream import (
     LocalResourceError,
@@ -45,7 +46,7 @@ from cortex.fleet.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from cortex.relay import SSEProtocolError, StreamRelay, output_tokens
+from cortex.relay import SSEProtocolError, StreamRelay, event_data, output_tokens
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
@@ -70,6 +71,19 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
     if err.overloaded and err.retry_after_s is not None:
         raise _Overloaded(api_error, err.retry_after_s)
     return api_error
+
+
+def _first_frame(chunk: bytes) -> Any:
+    """The JSON of a chunk's first complete SSE event, if it has one."""
+    if b"\r" in chunk:
+        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    end = chunk.find(b"\n\n")
+    if end < 0 or b'"error"' not in chunk[:end]:  # the common case, decided without parsing
+        return None
+    try:
+        return json.loads(event_data(chunk[: end + 2]))
+    except (ValueError, RecursionError):
+        return None
 
 
 class _Writer:
@@ -135,6 +149,7 @@ class Proxy:
         self.upstream = upstream
         self.budget = budget
         self._in_flight_by_key: dict[tuple[str, str], int] = {}  # (key id, model) -> requests
+        self.lifecycle: Lifecycle | None = None  # cold loads on demand; set by the app
 
     def model_info(self, name: str) -> ModelInfo | None:
         """What the fleet and the catalogue say of the model `name` (an alias resolved)."""
@@ -143,6 +158,10 @@ class Proxy:
     def _model_info(self, model: str) -> ModelInfo | None:
         info = self.fleet.model_info(model)
         defined = self.catalogue.model(model)
+        if info is None and defined is not None and defined.context_tokens is not None:
+            # Loaded nowhere yet (a cold load will place it): the catalogue's limits bound the hold.
+            output = defined.output_tokens or defined.context_tokens
+            return ModelInfo(model, defined.context_tokens, min(output, defined.context_tokens))
         if info is None or defined is None:
             return info
         limit = apply_limits({"context": info.context_tokens, "output": info.output_tokens}, defined)
@@ -180,7 +199,7 @@ class Proxy:
         if served != gen.model:  # an alias: everything from here on is about the model that serves it
             request.log["model_requested"] = gen.model
             gen = dataclasses.replace(gen, model=served, body={**gen.body, "model": served})
-        if not self.fleet.knows(gen.model):
+        if not self.fleet.knows(gen.model) and not (self.lifecycle is not None and self.lifecycle.loadable(gen.model)):
             raise errors.model_not_found(request.log.get("model_requested", gen.model))
         info = self._model_info(gen.model)
         est = estimate(gen, info, self.config.budget.fallback_output_tokens)
@@ -258,8 +277,15 @@ class Proxy:
         tried: set[str] = set()
         failovers = 0
         refused: ApiError | None = None  # the last failure we failed over from, answered if no replica is left
+        cold = self.lifecycle is not None and self.lifecycle.loadable(gen.model)
         while True:
             node = self.fleet.route(gen.model, exclude=frozenset(tried), now=trio.current_time())
+            if node is None and cold and not tried and self.lifecycle is not None:
+                # Loaded nowhere: wait, inside the hold, for the one load of it (single flight).
+                cold = False
+                request.log["cold_load"] = True
+                await self.lifecycle.ensure(gen.model)
+                continue
             if node is None:
                 if refused is not None:
                     raise refused
@@ -276,7 +302,9 @@ class Proxy:
                 headers["authorization"] = f"Bearer {node.api_key}"
             meter.token_bytes_max = self.fleet.token_bytes_max(node, gen.model)
             output_max = est.output_tokens * meter.token_bytes_max  # the relay's guard, in bytes
-            self.fleet.acquire(node)
+            self.fleet.acquire(node, gen.model)
+            if self.lifecycle is not None:
+                self.lifecycle.used(node.url, gen.model)
             meter.dispatched = True
             try:
                 try:
@@ -320,7 +348,7 @@ class Proxy:
             except UpstreamFailed as exc:
                 raise errors.upstream_error(f"The neuron at {node.url} failed: {exc}") from None
             finally:
-                self.fleet.release(node)
+                self.fleet.release(node, gen.model)
 
     async def _relay(
         self,
@@ -338,7 +366,9 @@ class Proxy:
             raise upstream_error(node, response.status, raw, response.headers)
         if gen.stream:
             relay = StreamRelay(gen.include_usage, output_max)
-            await self._relay_stream(request, response, relay, watch, meter)
+            shape = request.surface.stream()
+            first = await self._peek(node, response, shape.ping_interval_s, meter)
+            await self._relay_stream(request, response, relay, watch, meter, shape, first)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
@@ -364,10 +394,30 @@ class Proxy:
         watch.closing()
         await asgi.send_bytes(request.send, 200, out, list(asgi.JSON_HEADERS))
 
+    async def _peek(self, node: Node, response: UpstreamResponse, wait_s: float | None, meter: Meter) -> bytes:
+        """The stream's first chunk, read before the client's headers go, so an upstream that
+        answers 200 and then an error event (TGI, even for an overload) can still be failed over
+        or answered with a real status. A stream that pings waits at most one ping interval for
+        it (a long prefill must not keep a client without a byte); the chunk is relayed after."""
+        chunk = b""
+        with trio.move_on_after(math.inf if wait_s is None else wait_s):
+            with response.idle_watch():
+                chunk = await response.next_chunk()
+        frame = _first_frame(chunk)
+        err = node.kind.stream_error(frame) if frame is not None else None
+        if err is None:
+            return chunk
+        meter.dispatched = False  # refused in band, before any output: nothing generated
+        extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
+        api_error = ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
+        if err.overloaded and err.retry_after_s is not None:
+            raise _Overloaded(api_error, err.retry_after_s)
+        raise api_error
+
     async def _relay_stream(
-        self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter
+        self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter,
+        shape: StreamShape, first: bytes,
     ) -> None:
-        shape = request.surface.stream()
         out = _Writer(request, pings=shape.ping_interval_s is not None)
         await asgi.start_stream(request.send, [])
         await out.write(shape.start())
@@ -375,7 +425,11 @@ class Proxy:
             pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s is not None else nullcontext()
             async with pinger:
                 with response.idle_watch():
-                    while chunk := await response.next_chunk():
+                    pending = first
+                    while True:
+                        chunk, pending = pending or await response.next_chunk(), b""
+                        if not chunk:
+                            break
                         events = relay.feed(chunk)
                         meter.relayed_output_tokens = relay.output_tokens
                         if events:

@@ -2,11 +2,18 @@
 
 The ledger calls `on_ledger` after every reserve and every resolution, so
 the caps are checked at every instant their numbers change; the network
-calls `on_deliver` whenever a request reaches a neuron. A violation is
-recorded with the virtual time and stops the run.
+reports every attempt to reach an upstream (`on_attempt`, `on_deliver`),
+every response head (`on_head`) and every body chunk of a 200 an upstream
+sends cortex (`on_body`), so failover is checked at every step too: one
+upstream's body per request, no dispatch after the client's response began,
+at most 1 + FAILOVERS_MAX deliveries, no upstream tried twice, one hold
+reserved and resolved once. A violation is recorded with the virtual time
+and stops the run.
 """
 
 from __future__ import annotations
+
+import json
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -15,14 +22,17 @@ from typing import Any
 import trio
 
 from cortex.budget.ledger import Hold, HoldState, Ledger, Principal
+from cortex.proxy import FAILOVERS_MAX
 from sim.trace import Trace
+
+DELIVERIES_MAX = 1 + FAILOVERS_MAX  # upstreams one request may reach: the first, then the failovers
 
 
 @dataclass
 class RequestRecord:
     id: str
     key: str
-    received_tokens: int = 0
+    received_bytes: int = 0  # output text the client received (neuron's tokens; see Checker.received_tokens)
     outcome: str = ""  # served, refused, failed, cancelled
     status: int | None = None
     code: str | None = None
@@ -30,6 +40,10 @@ class RequestRecord:
     charged: int | None = None
     hold_state: str | None = None
     latency_s: float = 0.0
+    tried: list[str] = field(default_factory=list)  # the upstreams cortex tried, in order, whatever came of it
+    deliveries: int = 0  # of those, the ones the request reached
+    served_by: str | None = None  # the upstream whose 200 body reached cortex
+    committed: bool = False  # cortex's 200 head reached the client: no upstream may be tried after it
 
 
 @dataclass
@@ -71,6 +85,9 @@ class Checker:
     samples: list[tuple[float, str, str, int, int, int]] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # key id -> scenario name
     tallies: dict[tuple[str, str], Tally] = field(default_factory=dict)
+    reservations: Counter[str] = field(default_factory=Counter)
+    token_bytes: dict[str, int] = field(default_factory=dict)  # upstream -> bytes per token of its tokenizer
+    client_keys: set[str] = field(default_factory=set)  # `Bearer <key>` of every simulated client
 
     def fail(self, message: str) -> None:
         if self.violation is None:
@@ -87,6 +104,9 @@ class Checker:
         chain = (("key", hold.key_id), ("account", hold.account_id))
         tallies = [self.tallies.setdefault(who, Tally()) for who in chain]
         if event == "reserve":
+            self.reservations[rid] += 1
+            if self.reservations[rid] > 1:
+                self.fail(f"{rid} reserved a hold {self.reservations[rid]} times; a failover must reuse the first")
             for tally in tallies:
                 tally.held += hold.amount_tokens
                 tally.in_flight += 1
@@ -159,26 +179,77 @@ class Checker:
         if caps.max_concurrency is not None and p.in_flight > caps.max_concurrency:
             self.fail(f"{who}: {p.in_flight} in flight > {caps.max_concurrency}")
 
-    def on_deliver(self, host: str, request_id: str) -> None:
-        """A generation request reached a neuron: it must hold an open hold."""
+    def on_attempt(self, host: str, request_id: str, result: str) -> None:
+        """An attempt that never reached the upstream (refused, unreachable) or broke before its head (reset)."""
+        self.trace.event("attempt", req=request_id, host=host, result=result)
+        if result != "reset":  # a reset is the fate of a delivered attempt, already counted
+            self._tried(host, request_id)
+
+    def on_deliver(self, host: str, request_id: str, authorization: str | None = None) -> None:
+        """A generation request reached an upstream: it must hold an open hold, and be allowed this dispatch."""
         self.deliveries += 1
         self.trace.event("deliver", req=request_id, host=host)
-        base = request_id
-        if base not in self.open_by_request:
+        if request_id not in self.open_by_request:
             self.fail(f"{request_id} reached {host} without an open hold")
+        if authorization is not None and authorization in self.client_keys:
+            self.fail(f"{request_id}: the client's own key reached {host}")
+        record = self._tried(host, request_id)
+        if record is None:
+            return
+        record.deliveries += 1
+        if record.deliveries > DELIVERIES_MAX:
+            self.fail(f"{request_id} reached {record.deliveries} upstreams ({', '.join(record.tried)}); "
+                      f"failover allows {DELIVERIES_MAX}")
+        if record.committed:
+            self.fail(f"{request_id} was dispatched to {host} after its response to the client had begun")
+
+    def on_head(self, host: str, request_id: str, status: int, client: bool) -> None:
+        """A response head: from an upstream to cortex, or (`client`) from cortex to its client."""
+        record = self.requests.get(request_id)
+        if client:
+            if record is not None and status == 200:
+                record.committed = True
+        elif status != 200:
+            self.trace.event("answer", req=request_id, host=host, status=status)
+
+    def on_body(self, host: str, request_id: str, chunk: bytes = b"") -> None:
+        """Body bytes of an upstream's 200 reached cortex: only one upstream may ever send them.
+        A body that is only error events (TGI refuses in band, even an overload) generated nothing."""
+        record = self.requests.get(request_id)
+        if record is None or _only_error_events(chunk):
+            return
+        if record.served_by is None:
+            record.served_by = host
+        elif record.served_by != host:
+            self.fail(f"{request_id}: both {record.served_by} and {host} sent body bytes: a second generation")
+
+    def _tried(self, host: str, request_id: str) -> RequestRecord | None:
+        record = self.requests.get(request_id)
+        if record is None:
+            self.fail(f"{request_id} reached {host}, but no client sent it")
+            return None
+        if host in record.tried:
+            self.fail(f"{request_id} was sent to {host} twice ({', '.join(record.tried)}, {host})")
+        record.tried.append(host)
+        return record
+
+    def received_tokens(self, record: RequestRecord) -> int:
+        """What the client received, in the serving upstream's tokens (its tokens are whole multiples of bytes)."""
+        token_bytes = self.token_bytes.get(record.served_by or "", 1)
+        return -(-record.received_bytes // token_bytes)
 
     # --- at the end ---------------------------------------------------------------------
 
-    def check_end(self, open_in_store: int, store_states: dict[str, str], neuron_admitted: int, neuron_refused: int, leaked: list[str]) -> None:
+    def check_end(self, open_in_store: int, store_states: dict[str, str], admitted: int, refused: int, leaked: list[str]) -> None:
         if leaked:
             self.fail(f"tasks still running after the scenario: {', '.join(leaked)}")
         if open_in_store:
             self.fail(f"{open_in_store} holds still open in the ledger store at the end")
-        if neuron_admitted + neuron_refused != self.deliveries:
-            self.fail(
-                f"neurons admitted {neuron_admitted} and refused {neuron_refused}, but cortex dispatched {self.deliveries}"
-            )
+        if admitted + refused != self.deliveries:
+            self.fail(f"upstreams admitted {admitted} and refused {refused}, but cortex dispatched {self.deliveries}")
         for rid, record in self.requests.items():
+            if record.outcome == "served" and record.served_by is None:
+                self.fail(f"{rid} was served, but no upstream sent its body")
             state = store_states.get(rid)
             if record.hold_amount is None:
                 continue
@@ -187,12 +258,29 @@ class Checker:
                 continue
             if record.charged is None and state == HoldState.ORPHANED.value:
                 record.charged, record.hold_state = record.hold_amount, state  # resolved by recovery
-            if record.charged is not None and not record.received_tokens <= record.charged <= record.hold_amount:
-                self.fail(
-                    f"{rid}: charged {record.charged} outside [received {record.received_tokens}, hold {record.hold_amount}]"
-                )
+            received = self.received_tokens(record)
+            if record.charged is not None and not received <= record.charged <= record.hold_amount:
+                self.fail(f"{rid}: charged {record.charged} outside [received {received}, hold {record.hold_amount}]")
 
     def summary_counts(self) -> dict[str, Any]:
         outcomes = Counter(r.outcome for r in self.requests.values())
         refused = Counter(r.code for r in self.requests.values() if r.outcome == "refused")
         return {"outcomes": dict(sorted(outcomes.items())), "refused": dict(sorted(refused.items()))}
+
+
+def _only_error_events(chunk: bytes) -> bool:
+    """Every SSE event in `chunk` is an `{"error": ...}` frame without choices (or the [DONE] after one)."""
+    events = [e for e in chunk.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
+    if not events:
+        return False
+    for event in events:
+        data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if data == b"[DONE]":
+            continue  # the end of a refused stream carries no output either
+        try:
+            frame = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(frame, dict) or frame.get("error") is None or frame.get("choices"):
+            return False
+    return True

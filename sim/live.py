@@ -86,9 +86,9 @@ async def _check(world: World, admin: httpx.AsyncClient) -> None:
             record.hold_amount, record.charged, record.hold_state = hold["held_tokens"], hold["charged_tokens"], hold["state"]
             if hold["state"] == "open":
                 checker.fail(f"{record.id}: hold still open")
-            elif not record.received_tokens <= hold["charged_tokens"] <= hold["held_tokens"]:
+            elif not record.received_bytes <= hold["charged_tokens"] <= hold["held_tokens"]:
                 checker.fail(
-                    f"{record.id}: charged {hold['charged_tokens']} outside [received {record.received_tokens}, hold {hold['held_tokens']}]"
+                    f"{record.id}: charged {hold['charged_tokens']} outside [received {record.received_bytes}, hold {hold['held_tokens']}]"
                 )
     for record in checker.requests.values():
         if record.outcome == "refused" and record.hold_amount is not None:

@@ -12,6 +12,11 @@ request travels and once when the response head comes back; body chunks
 then flow without per-chunk delay. A streamed chunk therefore costs one
 wake-up at each hop, not four, and chunk timing comes from the engine's
 pacing, which is what budgets and cancellation depend on.
+
+The checker watches every generation request (a POST) on its way: each
+attempt to reach a host (refused, unreachable, reset before its head, or
+delivered), each response head, and each body chunk of a 200 that its
+reader takes, through the `on_*` hooks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -35,6 +41,8 @@ class LinkFaults:
     partitioned_until: float = -1.0
     drop_at_chunk: int | None = None  # break responses after this many body chunks
     drop_share: float = 0.0  # the share of responses the drop applies to
+    reset_until: float = -1.0  # until then, break a share of generation responses just before their head
+    reset_share: float = 0.0
 
 
 @dataclass
@@ -46,10 +54,23 @@ class Host:
     nursery: trio.Nursery | None = None
     faults: LinkFaults = field(default_factory=LinkFaults)
     delivered: int = 0  # requests that reached the app
+    serving: int = 0  # generation requests (POSTs) it is serving now, of any incarnation
+    _idle: trio.Event | None = None
 
     @property
     def up(self) -> bool:
         return self.app is not None and self.nursery is not None
+
+    async def wait_idle(self) -> None:
+        """Until it serves no generation request; returns without a checkpoint when it serves none."""
+        while self.serving:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def _served_one(self) -> None:
+        self.serving -= 1
+        if not self.serving and self._idle is not None:
+            self._idle.set()
 
 
 class _Exchange:
@@ -127,8 +148,9 @@ class _Exchange:
 
 
 class _SimStream(httpx.AsyncByteStream):
-    def __init__(self, exchange: _Exchange) -> None:
+    def __init__(self, exchange: _Exchange, on_chunk: Callable[[bytes], None] | None) -> None:
         self._exchange = exchange
+        self._on_chunk = on_chunk
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         ex = self._exchange
@@ -140,7 +162,10 @@ class _SimStream(httpx.AsyncByteStream):
                     parts.append(ex.recv_chunks.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            yield b"".join(parts)
+            data = b"".join(parts)
+            if self._on_chunk is not None:
+                self._on_chunk(data)
+            yield data
         if ex.broken or not ex.complete:
             raise httpx.ReadError("simulated connection lost mid-response")
 
@@ -157,7 +182,11 @@ class SimNetwork:
         self.latency_s = latency_s
         self.jitter_s = jitter_s
         self.hosts: dict[str, Host] = {}
+        # Hooks for the checker, on generation requests (POSTs) only.
         self.on_deliver: Callable[[Host, httpx.Request], None] | None = None
+        self.on_attempt: Callable[[Host, httpx.Request, str], None] | None = None  # refused, unreachable, reset
+        self.on_head: Callable[[Host, httpx.Request, int], None] | None = None
+        self.on_body: Callable[[Host, httpx.Request, bytes], None] | None = None  # a 200's body chunk, as its reader takes it
 
     def add_host(self, name: str) -> Host:
         host = Host(name)
@@ -166,6 +195,10 @@ class SimNetwork:
 
     def transport(self) -> "SimTransport":
         return SimTransport(self)
+
+    def attempted(self, host: Host, request: httpx.Request, result: str) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(host, request, result)
 
     def one_way_s(self, host: Host) -> float:
         jitter = self.rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0
@@ -181,38 +214,65 @@ class SimTransport(httpx.AsyncBaseTransport):
         host = net.hosts.get(f"{request.url.scheme}://{request.url.host}")
         if host is None:
             raise httpx.ConnectError(f"no such host {request.url.host}", request=request)
+        post = request.method == "POST"
         body = request.content  # cortex and the simulated clients always send bytes
         await trio.sleep(net.one_way_s(host))
         now = trio.current_time()
         if host.faults.partitioned_until > now:
+            if post:
+                net.attempted(host, request, "unreachable")
             timeout_s = request.extensions.get("timeout", {}).get("connect") or 5.0
             await trio.sleep(timeout_s)
             raise httpx.ConnectTimeout(f"{host.name} is partitioned away", request=request)
         if not host.up:
+            if post:
+                net.attempted(host, request, "refused")
             raise httpx.ConnectError(f"{host.name} refused the connection (down)", request=request)
         faults = host.faults
         drop = faults.drop_at_chunk
         if drop is not None and faults.drop_share < 1.0 and net.rng.random() >= faults.drop_share:
             drop = None
+        # Resets hit generation requests only, so the health poller's picture stays the link's.
+        reset = post and faults.reset_until > now and (faults.reset_share >= 1.0 or net.rng.random() < faults.reset_share)
         exchange = _Exchange(request, body, drop)
         assert host.nursery is not None
         host.delivered += 1
-        if self.network.on_deliver is not None:
-            self.network.on_deliver(host, request)
-        host.nursery.start_soon(exchange.serve, host.app)
+        if post:
+            host.serving += 1
+            if net.on_deliver is not None:
+                net.on_deliver(host, request)
+        host.nursery.start_soon(self._serve, host, host.app, exchange, post)
         try:
             await exchange.head_ready.wait()
             if exchange.head is None:
                 raise httpx.RemoteProtocolError(f"{host.name} closed the connection before responding", request=request)
+            if reset:
+                exchange._break()
+                net.attempted(host, request, "reset")
+                raise httpx.RemoteProtocolError(f"{host.name} reset the connection before the response head", request=request)
             await trio.sleep(net.one_way_s(host))
         except BaseException:
             exchange.client_gone.set()  # the client hung up before the head: the server must hear it
             exchange.recv_chunks.close()
             raise
+        status = exchange.head["status"]
+        on_chunk = None
+        if post:
+            if net.on_head is not None:
+                net.on_head(host, request, status)
+            if status == 200 and net.on_body is not None:
+                on_chunk = partial(net.on_body, host, request)
         return httpx.Response(
-            exchange.head["status"],
+            status,
             headers=[(k, v) for k, v in exchange.head.get("headers", [])],
-            stream=_SimStream(exchange),
+            stream=_SimStream(exchange, on_chunk),
             request=request,
         )
 
+    @staticmethod
+    async def _serve(host: Host, app: Any, exchange: _Exchange, post: bool) -> None:
+        try:
+            await exchange.serve(app)
+        finally:
+            if post:
+                host._served_one()

@@ -34,6 +34,17 @@ def summary_table(summary: dict[str, Any]) -> str:
         + (f"; admitted on retry {summary['admitted_on_retry']}" if summary["admitted_on_retry"] else ""),
         "",
     ]
+    if summary.get("failovers") or summary.get("stream_errors"):
+        lines += [
+            f"failover: {summary['failovers']:,} requests tried more than one upstream; "
+            f"{summary['failed_before_first_byte']:,} failed before their first byte; "
+            f"{summary['stream_errors']:,} streams cut after it ({summary['partial_charges']:,} charged part of their hold)",
+            "",
+        ]
+    if len(summary.get("upstreams", ())) > 1 or any(u["kind"] != "neuron" for u in summary.get("upstreams", ())):
+        lines += ["| upstream | kind | requests received | served |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {u['name']} | {u['kind']} | {u['delivered']:,} | {u['served']:,} |" for u in summary["upstreams"]]
+        lines.append("")
     if summary["caps"]:
         lines += ["| principal | caps | charged | peak held |", "| --- | --- | ---: | ---: |"]
         lines += [

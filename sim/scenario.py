@@ -16,13 +16,23 @@ from typing import Any
 
 from common import tomlfile
 from cortex.budget.ledger import Caps
+from cortex.fleet.kinds import KINDS
 
 REQUESTS_MAX = 200_000  # a bound on scenario size: the workloads' expected request count
 PROMPT_BYTES_MAX = 1_000_000
 TOKENS_MAX = 1_000_000
 HORIZON_MAX_S = 7 * 24 * 3600.0
 WORKLOAD_KINDS = ("burst", "open", "closed")
-FAULT_KINDS = ("delay", "drop", "partition", "crash", "cortex_restart")
+FAULT_KINDS = ("delay", "drop", "partition", "crash", "cortex_restart", "overload", "reset")
+# What each upstream kind reports or does, as far as a scenario may configure it (sim/upstream_kinds.py).
+UPSTREAM_KINDS = tuple(KINDS)
+ONE_MODEL_KINDS = ("llamacpp", "tgi")  # each server serves exactly one model
+OUTPUT_LIMIT_KINDS = ("neuron", "llamacpp")  # report an output limit (limit.output, n_predict); the rest write to the context
+LOADING_KINDS = ("vllm", "sglang", "llamacpp", "tgi")  # their health probe says "not ready" while the model loads
+TOKEN_BYTES_MAX = 16  # a modelled tokenizer's bytes per token (cortex's bound for real tokenizers is 256)
+DEFAULT_TOKEN_BYTES = 4  # non-neuron kinds; neuron's tokenizer is byte-level
+OVERLOAD_STATUSES = (429, 503, 529)
+NEURON_OUTPUT_TOKENS = 1024  # a neuron's limit.output when the scenario names none
 REFUSAL_REASONS = ("insufficient_quota", "rate_limit_exceeded", "invalid_api_key", "context_length_exceeded")
 
 
@@ -63,17 +73,22 @@ class KeySpec:
 
 
 @dataclass(frozen=True)
-class NeuronSpec:
+class UpstreamSpec:
+    """One upstream server: the real NeuronApp (kind neuron) or a modelled server of another kind."""
+
     name: str
+    kind: str = "neuron"
     models: tuple[str, ...] = ("cortex-mock",)
     ttft_s: float = 0.05
     tokens_per_s: float = 100.0
     slots: int = 64
     queue_depth: int = 1024
     context_tokens: int = 8192
-    output_tokens: int = 1024
+    output_tokens: int | None = None  # limit.output (neuron: NEURON_OUTPUT_TOKENS when None), n_predict (llama.cpp)
     reply_tokens: int = 256
     chunk_tokens: int = 8
+    token_bytes: int = 1  # bytes per token of its tokenizer: 1 for neuron, DEFAULT_TOKEN_BYTES for the others
+    load_s: float = 0.0  # after every start the model loads this long: health not ready, generation refused
 
 
 @dataclass(frozen=True)
@@ -108,12 +123,15 @@ class WorkloadSpec:
 @dataclass(frozen=True)
 class FaultSpec:
     kind: str
-    target: str = ""  # a neuron name; empty for cortex_restart
+    target: str = ""  # an upstream's name; empty for cortex_restart
     at_s: float = 0.0
-    for_s: float = 0.0  # partition and delay length; down time for crash and cortex_restart
+    for_s: float = 0.0  # window length (0 for drop and reset: to the end); down time for crash and cortex_restart
     delay_ms: float = 0.0
     at_chunk: int = 0
     share: float = 1.0
+    between_requests: bool = False  # crash: wait until the target serves no generation, then kill it
+    retry_after_s: float | None = None  # overload: the Retry-After sent (None: the kind's own habit)
+    status: int | None = None  # overload: 429, 503 or 529 (None: the kind's own)
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,8 @@ class CortexSpec:
     connect_timeout_s: float = 2.0
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 30.0
+    default_context_tokens: int = 8192  # for kinds that report no limits (ollama, openai)
+    default_output_tokens: int = 4096
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,10 @@ class Expectations:
     cancelled: Range | None = None
     charged_tokens: Range | None = None
     admitted_on_retry: Range | None = None  # rolling-window retries admitted at the predicted instant
+    failovers: Range | None = None  # requests cortex sent to more than one upstream
+    failed_before_first_byte: Range | None = None  # answered with an HTTP error (5xx), not a refusal
+    stream_errors: Range | None = None  # streams that ended in an SSE error event after the 200
+    partial_charges: Range | None = None  # those cut streams charged more than nothing and less than their hold
 
 
 @dataclass(frozen=True)
@@ -146,7 +170,7 @@ class Scenario:
     jitter_ms: float
     accounts: tuple[AccountSpec, ...]
     keys: tuple[KeySpec, ...]
-    neurons: tuple[NeuronSpec, ...]
+    upstreams: tuple[UpstreamSpec, ...]
     workloads: tuple[WorkloadSpec, ...]
     faults: tuple[FaultSpec, ...]
     cortex: CortexSpec
@@ -297,8 +321,9 @@ def _keys(data: Any, accounts: tuple[AccountSpec, ...]) -> tuple[KeySpec, ...]:
     return tuple(out)
 
 
-NEURON_FIELDS = {
+UPSTREAM_FIELDS = {
     "name": _string,
+    "kind": _string,
     "models": _strings,
     "ttft_ms": _number(),
     "tokens_per_s": _number(strict=True),
@@ -308,23 +333,44 @@ NEURON_FIELDS = {
     "output_tokens": _integer(1),
     "reply_tokens": _integer(),
     "chunk_tokens": _integer(1),
+    "token_bytes": _integer(1, TOKEN_BYTES_MAX),
+    "load_s": _number(),
 }
 
 
-def _neurons(data: Any) -> tuple[NeuronSpec, ...]:
-    out = []
-    for i, raw in enumerate(_array("neurons", data)):
-        key = f"neurons[{i}]"
-        values = _table(key, raw, NEURON_FIELDS)
-        if "name" not in values:
-            raise ScenarioError(f"'{key}.name' is required")
-        if "ttft_ms" in values:
-            values["ttft_s"] = values.pop("ttft_ms") / 1000
-        out.append(NeuronSpec(**values))
+def _upstream(key: str, raw: Any) -> UpstreamSpec:
+    values = _table(key, raw, UPSTREAM_FIELDS)
+    if "name" not in values:
+        raise ScenarioError(f"'{key}.name' is required")
+    kind = values.setdefault("kind", "neuron")
+    if kind not in UPSTREAM_KINDS:
+        raise ScenarioError(f"'{key}.kind' must be one of {', '.join(UPSTREAM_KINDS)}, got {kind!r}")
+    if kind == "neuron" and values.get("token_bytes", 1) != 1:
+        raise ScenarioError(f"'{key}.token_bytes': neuron's tokenizer is byte-level (1)")
+    values.setdefault("token_bytes", 1 if kind == "neuron" else DEFAULT_TOKEN_BYTES)
+    if "output_tokens" in values and kind not in OUTPUT_LIMIT_KINDS:
+        raise ScenarioError(f"'{key}.output_tokens': a {kind} server reports no output limit (it writes to the context)")
+    if values.get("load_s") and kind not in LOADING_KINDS:
+        raise ScenarioError(f"'{key}.load_s': a {kind} server has no loading state (kinds with one: {', '.join(LOADING_KINDS)})")
+    if kind in ONE_MODEL_KINDS and len(values.get("models", UpstreamSpec.models)) != 1:
+        raise ScenarioError(f"'{key}.models': a {kind} server serves exactly one model")
+    if "ttft_ms" in values:
+        values["ttft_s"] = values.pop("ttft_ms") / 1000
+    return UpstreamSpec(**values)
+
+
+def _upstreams(top: dict[str, Any]) -> tuple[UpstreamSpec, ...]:
+    """`[[upstreams]]`, or `[[neurons]]` (the older name, same fields)."""
+    if "upstreams" in top and "neurons" in top:
+        raise ScenarioError("'upstreams' and 'neurons' are the same list: use one of them")
+    section = "neurons" if "neurons" in top else "upstreams"
+    out = [_upstream(f"{section}[{i}]", raw) for i, raw in enumerate(_array(section, top.get(section)))]
     if not out:
-        raise ScenarioError("'neurons': a scenario needs at least one [[neurons]]")
+        raise ScenarioError(f"'{section}': a scenario needs at least one [[upstreams]] (or [[neurons]])")
     if len({n.name for n in out}) != len(out):
-        raise ScenarioError("'neurons': names must be unique")
+        raise ScenarioError(f"'{section}': names must be unique")
+    if "cortex" in {n.name for n in out}:
+        raise ScenarioError(f"'{section}': the name 'cortex' is taken by cortex itself")
     return tuple(out)
 
 
@@ -384,12 +430,20 @@ FAULT_FIELDS = {
     "delay_ms": _number(),
     "at_chunk": _integer(),
     "share": _share,
+    "between_requests": _bool,
+    "retry_after_s": _number(),
+    "status": _integer(400, 599),
+}
+# Fields that mean something only for some kinds of fault.
+FAULT_ONLY = {
+    "delay_ms": ("delay",), "at_chunk": ("drop",), "share": ("drop", "overload", "reset"),
+    "between_requests": ("crash",), "retry_after_s": ("overload",), "status": ("overload",),
 }
 
 
-def _faults(data: Any, neurons: tuple[NeuronSpec, ...]) -> tuple[FaultSpec, ...]:
+def _faults(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[FaultSpec, ...]:
     out = []
-    names = {n.name for n in neurons}
+    names = {n.name for n in upstreams}
     for i, raw in enumerate(_array("faults", data)):
         key = f"faults[{i}]"
         values = _table(key, raw, FAULT_FIELDS)
@@ -397,9 +451,14 @@ def _faults(data: Any, neurons: tuple[NeuronSpec, ...]) -> tuple[FaultSpec, ...]
         if kind not in FAULT_KINDS:
             raise ScenarioError(f"'{key}.kind' must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
         if kind != "cortex_restart" and values.get("target") not in names:
-            raise ScenarioError(f"'{key}.target' must name a neuron ({', '.join(sorted(names))})")
-        if kind in ("partition", "delay") and not values.get("for_s"):
+            raise ScenarioError(f"'{key}.target' must name an upstream ({', '.join(sorted(names))})")
+        if kind in ("partition", "delay", "overload") and not values.get("for_s"):
             raise ScenarioError(f"'{key}.for_s' is required for a {kind} fault")
+        for name, kinds in FAULT_ONLY.items():
+            if name in values and kind not in kinds:
+                raise ScenarioError(f"'{key}.{name}' applies only to {' and '.join(kinds)} faults")
+        if values.get("status") is not None and values["status"] not in OVERLOAD_STATUSES:
+            raise ScenarioError(f"'{key}.status' must be one of {', '.join(map(str, OVERLOAD_STATUSES))}")
         out.append(FaultSpec(**values))
     return tuple(out)
 
@@ -412,6 +471,8 @@ CORTEX_FIELDS = {
     "connect_timeout_s": _number(strict=True),
     "first_byte_timeout_s": _number(strict=True),
     "idle_timeout_s": _number(strict=True),
+    "default_context_tokens": _integer(1),
+    "default_output_tokens": _integer(1),
 }
 
 
@@ -423,7 +484,9 @@ def _expect(data: Any) -> Expectations:
         {
             "served": _range(open_ended=True), "failed": _range(open_ended=True),
             "cancelled": _range(open_ended=True), "charged_tokens": _range(high=1e18, open_ended=True),
-            "admitted_on_retry": _range(open_ended=True),
+            "admitted_on_retry": _range(open_ended=True), "failovers": _range(open_ended=True),
+            "failed_before_first_byte": _range(open_ended=True), "stream_errors": _range(open_ended=True),
+            "partial_charges": _range(open_ended=True),
             "refused": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in REFUSAL_REASONS}),
         },
     )
@@ -433,7 +496,7 @@ def _expect(data: Any) -> Expectations:
 def parse(data: dict[str, Any], source: str = "") -> Scenario:
     top = _table("scenario", data, {
         "name": _string, "description": _string, "horizon_s": _number(strict=True),
-        "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "workload": lambda k, v: v,
+        "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "upstreams": lambda k, v: v, "workload": lambda k, v: v,
         "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
     })
     for required in ("name", "description"):
@@ -442,7 +505,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
     network = _table("network", top.get("network", {}), {"latency_ms": _number(), "jitter_ms": _number()})
     accounts = _accounts(top.get("accounts"))
     keys = _keys(top.get("keys"), accounts)
-    neurons = _neurons(top.get("neurons"))
+    upstreams = _upstreams(top)
     workloads = _workloads(top.get("workload"), keys)
     scenario = Scenario(
         name=top["name"],
@@ -452,9 +515,9 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         jitter_ms=network.get("jitter_ms", 0.5),
         accounts=accounts,
         keys=keys,
-        neurons=neurons,
+        upstreams=upstreams,
         workloads=workloads,
-        faults=_faults(top.get("faults"), neurons),
+        faults=_faults(top.get("faults"), upstreams),
         cortex=CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS)),
         expect=_expect(top.get("expect")),
         source=source,

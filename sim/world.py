@@ -1,10 +1,13 @@
 """The simulated world: the real cortex and neuron apps on a simulated network.
 
 Everything here runs inside one `trio.run` on a `MockClock`: no sockets, no
-threads, no real sleeps. cortex is the real `CortexApp` (routing, the ledger
-and its SQLite store, the request lifetime, streaming), its store a
-`SyncStore` on an in-memory database that outlives cortex restarts like a
-disk; each neuron is the real `NeuronApp` with the mock engine.
+threads, no real sleeps. cortex is the real `CortexApp` (routing with the
+real kind adapters, the ledger and its SQLite store, the request lifetime,
+failover, streaming), its store a `SyncStore` on an in-memory database that
+outlives cortex restarts like a disk. Each upstream of kind neuron is the
+real `NeuronApp` with the mock engine; one of any other kind is modelled in
+sim/upstream_kinds.py. cortex reaches all of them as `[[fleet.upstreams]]`
+through the same transport seam.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,8 +33,9 @@ from neuron.app import ModelSpec, NeuronApp, NeuronConfig
 from neuron.engines.mock import MockEngine, Pacing
 from sim.invariants import Checker, RequestRecord
 from sim.network import Host, SimNetwork
-from sim.scenario import FaultSpec, NeuronSpec, Scenario, WorkloadSpec
+from sim.scenario import NEURON_OUTPUT_TOKENS, FaultSpec, Scenario, UpstreamSpec, WorkloadSpec
 from sim.trace import Trace
+from sim.upstream_kinds import KindApp, NeuronGate, ServerFaults
 
 PROMPT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 SETTLE_GRACE_S = 5.0  # virtual time for in-flight settlements after the workload ends
@@ -81,11 +86,17 @@ class World:
         self.checker = Checker(self.trace)
         self.network = SimNetwork(self._rng("network"), scenario.latency_ms / 1000, scenario.jitter_ms / 1000)
         self.network.on_deliver = self._on_deliver
+        self.network.on_attempt = self._on_attempt
+        self.network.on_head = self._on_head
+        self.network.on_body = self._on_body
         self.db = connect(":memory:")
         self.cortex_host = self.network.add_host("cortex")
-        self.neuron_hosts = {n.name: self.network.add_host(n.name) for n in scenario.neurons}
-        self.neuron_specs = {n.name: n for n in scenario.neurons}
-        self.neuron_apps: list[NeuronApp] = []  # every incarnation, for the admitted counts
+        self.upstream_hosts = {u.name: self.network.add_host(u.name) for u in scenario.upstreams}
+        self.upstream_specs = {u.name: u for u in scenario.upstreams}
+        self.server_faults = {u.name: ServerFaults(self._rng(f"server:{u.name}")) for u in scenario.upstreams}
+        self.upstream_apps: list[NeuronApp | KindApp] = []  # every incarnation, for the admitted counts
+        self.deliveries: Counter[str] = Counter()  # generation requests each upstream received
+        self.checker.token_bytes = {u.name: u.token_bytes for u in scenario.upstreams}
         self.cortex: CortexApp | None = None
         self.keys: dict[str, str] = {}  # name -> plaintext
         self.key_ids: dict[str, str] = {}
@@ -127,11 +138,16 @@ class World:
         """Kill a host at once: no shutdown, no settlement, connections broken."""
         self._scopes[name].cancel()
 
-    async def start_neuron(self, nursery: trio.Nursery, name: str) -> None:
-        spec = self.neuron_specs[name]
-        app = NeuronApp(_neuron_config(spec, self.seed), wall_clock=trio.current_time)
-        self.neuron_apps.append(app)
-        await nursery.start(self._host, self.neuron_hosts[name], app, False)
+    async def start_upstream(self, nursery: trio.Nursery, name: str) -> None:
+        spec, faults = self.upstream_specs[name], self.server_faults[name]
+        app: NeuronApp | KindApp
+        if spec.kind == "neuron":
+            app = NeuronApp(_neuron_config(spec, self.seed), wall_clock=trio.current_time)
+            served: Any = NeuronGate(app, faults)
+        else:
+            app = served = KindApp(spec, self.seed, faults, ready_at=trio.current_time() + spec.load_s)
+        self.upstream_apps.append(app)
+        await nursery.start(self._host, self.upstream_hosts[name], served, False)
 
     async def start_cortex(self, nursery: trio.Nursery) -> None:
         app = CortexApp(
@@ -183,7 +199,9 @@ class World:
         c = self.scenario.cortex
         return config_mod.from_mapping({
             "fleet": {
-                "neurons": [f"http://{n}" for n in self.neuron_hosts],
+                "upstreams": [{"url": f"http://{u.name}", "kind": u.kind} for u in self.scenario.upstreams],
+                "default_context_tokens": c.default_context_tokens,
+                "default_output_tokens": c.default_output_tokens,
                 "poll_interval_s": c.poll_interval_s,
                 "poll_timeout_s": c.connect_timeout_s,
                 "unhealthy_after_failures": c.unhealthy_after_failures,
@@ -196,9 +214,24 @@ class World:
             "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s},
         })
 
+    # --- what the network reports (generation requests only) ------------------------------
+
     def _on_deliver(self, host: Host, request: httpx.Request) -> None:
-        if request.method == "POST" and host.name != "cortex":
-            self.checker.on_deliver(host.name, request.headers.get("x-request-id", "?"))
+        if host is not self.cortex_host:
+            headers = request.headers
+            self.deliveries[host.name] += 1
+            self.checker.on_deliver(host.name, headers.get("x-request-id", "?"), headers.get("authorization"))
+
+    def _on_attempt(self, host: Host, request: httpx.Request, result: str) -> None:
+        if host is not self.cortex_host:
+            self.checker.on_attempt(host.name, request.headers.get("x-request-id", "?"), result)
+
+    def _on_head(self, host: Host, request: httpx.Request, status: int) -> None:
+        self.checker.on_head(host.name, request.headers.get("x-request-id", "?"), status, host is self.cortex_host)
+
+    def _on_body(self, host: Host, request: httpx.Request, chunk: bytes) -> None:
+        if host is not self.cortex_host:
+            self.checker.on_body(host.name, request.headers.get("x-request-id", "?"), chunk)
 
     # --- principals -------------------------------------------------------------------
 
@@ -210,6 +243,7 @@ class World:
         for key in self.scenario.keys:
             record, plaintext = await budget.create_key(key.name, key.account, key.caps)
             self.keys[key.name] = plaintext
+            self.checker.client_keys.add(f"Bearer {plaintext}")
             self.key_ids[key.name] = record.id
             self.checker.names[record.id] = key.name
 
@@ -230,12 +264,16 @@ class World:
             ).fetchall())
             self.trace.event("recovered", target="cortex")
             return
-        host = self.neuron_hosts[fault.target]
+        host = self.upstream_hosts[fault.target]
+        end = fault.at_s + fault.for_s if fault.for_s else float("inf")
         if fault.kind == "crash":
+            if fault.between_requests:
+                await host.wait_idle()  # and no checkpoint until the kill, so none can slip in
+                self.trace.event("killed", target=fault.target)
             self.crash(fault.target)
             if fault.for_s:
                 await trio.sleep(fault.for_s)
-                await self.start_neuron(nursery, fault.target)
+                await self.start_upstream(nursery, fault.target)
                 self.trace.event("recovered", target=fault.target)
         elif fault.kind == "partition":
             host.faults.partitioned_until = fault.at_s + fault.for_s
@@ -248,6 +286,12 @@ class World:
             if fault.for_s:
                 await trio.sleep(fault.for_s)
                 host.faults.drop_at_chunk = None
+        elif fault.kind == "reset":
+            host.faults.reset_until, host.faults.reset_share = end, fault.share
+        elif fault.kind == "overload":
+            server = self.server_faults[fault.target]
+            server.overload_until, server.overload_share = end, fault.share
+            server.overload_status, server.retry_after_s = fault.status, fault.retry_after_s
 
     # --- clients ------------------------------------------------------------------------
 
@@ -326,7 +370,7 @@ class World:
         if attempt and record.outcome == "served":
             self.checker.admitted_on_retry += 1
         record.latency_s = trio.current_time() - started
-        self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code, tokens=record.received_tokens)
+        self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code, bytes=record.received_bytes)
         return retry_after
 
     async def _exchange(self, request: httpx.Request, record: RequestRecord, stream: bool, cancel_tokens: int | None) -> float | None:
@@ -344,13 +388,13 @@ class World:
             if not stream:
                 raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]
                 content = json.loads(raw)["choices"][0]["message"]["content"] or ""
-                record.received_tokens = len(content.encode())
+                record.received_bytes = len(content.encode())
                 record.outcome = "served"
                 return None
             relay = StreamRelay(client_wants_usage=True)
             async for chunk in response.stream:  # type: ignore[union-attr]
                 relay.feed(chunk)
-                record.received_tokens = relay.output_tokens
+                record.received_bytes = relay.output_tokens
                 if b'"error"' in chunk:
                     record.outcome = "failed"
                     record.code = "stream_error"
@@ -370,7 +414,7 @@ class World:
         """Tasks still alive on any host once every client is done (the lifespan aside)."""
         return [
             f"{host.name}:{task.name}"
-            for host in [self.cortex_host, *self.neuron_hosts.values()]
+            for host in [self.cortex_host, *self.upstream_hosts.values()]
             if host.nursery is not None
             for task in host.nursery.child_tasks
             if task.name != "lifespan"
@@ -380,10 +424,11 @@ class World:
         rows = self.db.execute("SELECT request_id, state FROM holds").fetchall()
         return sum(1 for _, s in rows if s == "open"), {rid: state for rid, state in rows}
 
-    def neuron_counts(self) -> tuple[int, int]:
+    def upstream_counts(self) -> tuple[int, int]:
+        """Generation requests the upstreams admitted, and those they (or their overload faults) refused."""
         return (
-            sum(a.counters.requests_total for a in self.neuron_apps),
-            sum(a.counters.rejected_total for a in self.neuron_apps),
+            sum(a.counters.requests_total for a in self.upstream_apps),
+            sum(a.counters.rejected_total for a in self.upstream_apps) + sum(f.refused_total for f in self.server_faults.values()),
         )
 
 
@@ -401,9 +446,9 @@ class _MortalStore(SyncStore):
         await super().commit(ops, durable)
 
 
-def _neuron_config(spec: NeuronSpec, seed: int) -> NeuronConfig:
+def _neuron_config(spec: UpstreamSpec, seed: int) -> NeuronConfig:
     engine = MockEngine(seed=seed, reply_tokens=spec.reply_tokens, pacing=Pacing(spec.ttft_s, 1 / spec.tokens_per_s))
-    models = [ModelSpec(m, spec.context_tokens, spec.output_tokens) for m in spec.models]
+    models = [ModelSpec(m, spec.context_tokens, spec.output_tokens or NEURON_OUTPUT_TOKENS) for m in spec.models]
     return NeuronConfig(models=models, engine=engine, slots=spec.slots, queue_depth=spec.queue_depth, chunk_tokens=spec.chunk_tokens)
 
 

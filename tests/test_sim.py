@@ -1,4 +1,7 @@
-"""The simulator: bundled scenarios, determinism, planted bugs, the CLI, live mode."""
+"""The simulator: bundled scenarios, determinism, planted bugs, the CLI, live mode.
+
+The upstream kinds and the failover invariants in isolation are in test_sim_kinds.py.
+"""
 
 from __future__ import annotations
 
@@ -41,15 +44,87 @@ def test_the_scenarios_prove_what_they_claim():
     """Spot checks that each scenario exercises its fault, not just passes."""
     storm = runner.run(load("sim/scenarios/disconnect_storm.toml"), 1)
     cancelled = [r for r in storm.world.checker.requests.values() if r.outcome == "cancelled"]
-    assert cancelled and any(0 < r.received_tokens < r.charged < r.hold_amount for r in cancelled)
-    assert any(r.received_tokens == 0 and r.charged == r.hold_amount for r in cancelled)  # non-streamed: the hold
-    assert sum(app.counters.cancelled_total for app in storm.world.neuron_apps) >= len(cancelled) // 2
+    assert cancelled and any(0 < r.received_bytes < r.charged < r.hold_amount for r in cancelled)
+    assert any(r.received_bytes == 0 and r.charged == r.hold_amount for r in cancelled)  # non-streamed: the hold
+    assert sum(app.counters.cancelled_total for app in storm.world.upstream_apps) >= len(cancelled) // 2
     crash = runner.run(load("sim/scenarios/cortex_restart_recovery.toml"), 1)
     orphaned = [r for r in crash.world.checker.requests.values() if r.hold_state == "orphaned"]
     assert orphaned and all(r.charged == r.hold_amount for r in orphaned)
     partition = runner.run(load("sim/scenarios/network_partition.toml"), 1)
     assert partition.summary["outcomes"].get("failed", 0) == 0
-    assert partition.world.neuron_hosts["n2"].delivered > partition.world.neuron_hosts["n1"].delivered
+    assert partition.world.deliveries["n2"] > partition.world.deliveries["n1"]
+
+
+def trace_events(run: runner.Result, ev: str, /, **match: object) -> list[dict]:
+    events = (json.loads(line) for line in run.world.trace.lines)
+    return [e for e in events if e["ev"] == ev and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_replica_failover_proves_what_it_claims():
+    scenario = load("sim/scenarios/replica_failover.toml")
+    result = runner.run(scenario, 1)
+    assert result.ok, result.violation or result.expectation_failures
+    records = result.world.checker.requests
+    deliveries = trace_events(result, "deliver")
+    # v1's 503s: each takes v1 out of rotation for its Retry-After (1 s when it sends none).
+    bursts = [f for f in scenario.faults if f.kind == "overload"]
+    answers = trace_events(result, "answer", host="v1", status=503)
+    assert {next(f for f in bursts if f.at_s <= a["t"] < f.at_s + f.for_s).at_s for a in answers} == {f.at_s for f in bursts}
+    for a in answers:
+        burst = next(f for f in bursts if f.at_s <= a["t"] < f.at_s + f.for_s)
+        cooled = [d for d in deliveries if d["host"] == "v1" and a["t"] + 0.01 < d["t"] < a["t"] + (burst.retry_after_s or 1) - 0.01]
+        assert cooled == []
+    # Every request that met a fault before its first byte was served by another replica, charged once.
+    met = {a["req"]: a["host"] for a in answers + trace_events(result, "attempt")}
+    assert {h for h in met.values()} == {"v1", "v2", "n1", "l1"}
+    for rid, host in met.items():
+        record = records[rid]
+        assert record.outcome == "served" and record.served_by not in (None, host) and len(record.tried) == 2
+        assert result.world.checker.resolutions[rid] == 1 and record.charged <= record.hold_amount
+    assert trace_events(result, "attempt", host="v2", result="reset")
+    # l1 was killed between requests, refused connections, and took no traffic until it had loaded again.
+    killed, back = trace_events(result, "killed", target="l1")[0]["t"], trace_events(result, "recovered", target="l1")[0]["t"]
+    assert trace_events(result, "attempt", host="l1", result="refused")
+    assert not [d for d in deliveries if d["host"] == "l1" and killed <= d["t"] < back + 2.0]  # load_s = 2
+    assert [d for d in deliveries if d["host"] == "l1" and d["t"] > back + 2.0]
+    # n1's deaths after the first byte: an SSE error event, charged what was produced, never re-dispatched.
+    cut = [r for r in records.values() if r.code == "stream_error"]
+    assert cut and all(r.served_by == "n1" and r.tried == ["n1"] for r in cut)
+    assert all(r.received_bytes <= r.charged < r.hold_amount for r in cut)
+
+
+def test_a_mixed_kind_fleet_holds_the_a0_fanout_cap_exactly():
+    import tomllib
+
+    data = tomllib.loads(Path("sim/scenarios/a0_fanout.toml").read_text())
+    template = data.pop("neurons")[0]
+    data["upstreams"] = [{**template, "name": kind, "kind": kind} for kind in ("neuron", "vllm", "sglang", "llamacpp", "ollama", "tgi", "openai")]
+    data["expect"] = {"served": 8, "refused": {"insufficient_quota": 12}}
+    result = runner.run(parse(data), 1)
+    assert result.ok, result.violation or result.expectation_failures
+    spent = next(c for c in result.summary["caps"] if c["principal"] == "key agent")
+    assert spent["spent_tokens"] + spent["held_tokens_peak"] > 0 and spent["held_tokens_peak"] <= 1000
+    served_by = {u["kind"] for u in result.summary["upstreams"] if u["served"]}
+    assert len(served_by) >= 4 and sum(u["delivered"] for u in result.summary["upstreams"]) == 8
+
+
+def test_a_planted_failover_after_the_first_byte_is_caught(monkeypatch):
+    """A proxy that, once a stream is relayed, pretends the upstream reset before its head: the
+    simulator must see the second dispatch (and the second upstream's body)."""
+    from cortex.fleet.upstream import UpstreamReset
+    from cortex.proxy import Proxy
+
+    relay = Proxy._relay
+
+    async def relay_then_fail_over(self, request, gen, node, response, *rest):
+        await relay(self, request, gen, node, response, *rest)
+        if gen.stream:
+            raise UpstreamReset("planted: a reset after the first byte")
+
+    monkeypatch.setattr(Proxy, "_relay", relay_then_fail_over)
+    result = runner.run(load("sim/scenarios/replica_failover.toml"), 1)
+    assert result.violation is not None
+    assert "after its response to the client had begun" in result.violation or "a second generation" in result.violation
 
 
 def test_same_scenario_and_seed_give_a_byte_identical_trace_in_separate_processes(tmp_path):
@@ -114,7 +189,7 @@ def test_cli_list_names_every_bundled_scenario():
     assert result.returncode == 0
     for path in bundled():
         assert path.stem in result.stdout
-    assert len(bundled()) == 8
+    assert len(bundled()) == 9
 
 
 def test_fuzz_runs_many_seeds_of_fanout_2000():
@@ -152,6 +227,18 @@ def test_fuzz_reports_failing_seeds_with_reproduce_commands(tmp_path):
         (lambda d: d["workload"][0].update(kind="closed", clients=10**8, duration_s=0.0001, think_s=10), "limit"),
         (lambda d: d["workload"][0].update(think_s=float("nan")), "workload[0].think_s"),
         (lambda d: d["neurons"][0].update(tokens_per_s=float("inf")), "neurons[0].tokens_per_s"),
+        (lambda d: d["neurons"][0].update(kind="triton"), "neurons[0].kind"),
+        (lambda d: d["neurons"][0].update(token_bytes=4), "neurons[0].token_bytes"),
+        (lambda d: d["neurons"][0].update(kind="vllm", output_tokens=100), "neurons[0].output_tokens"),
+        (lambda d: d["neurons"][0].update(kind="ollama", load_s=3), "neurons[0].load_s"),
+        (lambda d: d["neurons"][0].update(kind="llamacpp", models=["a", "b"]), "neurons[0].models"),
+        (lambda d: d["neurons"][0].update(kind="vllm", token_bytes=99), "neurons[0].token_bytes"),
+        (lambda d: d.update(upstreams=[{"name": "u"}]), "'upstreams' and 'neurons'"),
+        (lambda d: d.update(faults=[{"kind": "overload", "target": "n1", "for_s": 1, "status": 500}]), "faults[0].status"),
+        (lambda d: d.update(faults=[{"kind": "overload", "target": "n1"}]), "faults[0].for_s"),
+        (lambda d: d.update(faults=[{"kind": "drop", "target": "n1", "retry_after_s": 1}]), "faults[0].retry_after_s"),
+        (lambda d: d.update(faults=[{"kind": "reset", "target": "n1", "between_requests": True}]), "faults[0].between_requests"),
+        (lambda d: d.update(expect={"failovers": "some"}), "expect.failovers"),
     ],
 )
 def test_scenario_errors_name_the_bad_key(mutate, key):

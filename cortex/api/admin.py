@@ -1,4 +1,10 @@
-"""The admin HTTP API under /admin/v1/, behind its own bearer token.
+"""The admin HTTP API under /admin/v1/.
+
+Who may call it is a strategy given per listener (`Authorize`): on TCP a
+bearer admin token (`bearer_token`); on the data dir's Unix socket the
+file's mode already let only the owner connect (`data_dir_owner`, see
+cortex/admin_socket.py). The CLI runs these same handlers on the ledger
+files when no server is running, so its output is the same either way.
 
     GET  /admin/v1/keys                    list keys
     POST /admin/v1/keys                    create one: {"name", "account"?, limits...}; the key is shown once
@@ -10,7 +16,8 @@
     POST /admin/v1/accounts                {"id", limits...}
     GET  /admin/v1/accounts/{id}
     POST /admin/v1/accounts/{id}/topup | /limits
-    GET  /admin/v1/usage[/{key id}]        usage of every key, or of one
+    GET  /admin/v1/usage[?recent=N]        usage of every key; with `recent`, each in full, as GET keys/{id}
+    GET  /admin/v1/usage/{key id}          usage of one key (as GET keys/{id})
     POST /admin/v1/fleet/reload            read the model catalogue again (400, old one kept, if invalid)
 
 Limits are given whole: a field left out or null means no such cap.
@@ -75,22 +82,38 @@ def _tokens(body: dict[str, Any]) -> int:
     return tokens
 
 
-class AdminApi:
-    def __init__(
-        self, budget: BudgetService, token: str, body_timeout_s: float = 60.0,
-        reload_catalogue: Callable[[], Catalogue] | None = None,
-    ) -> None:
-        assert token
-        self.budget = budget
-        self._reload_catalogue = reload_catalogue
-        self._token = token.encode()
-        self.body_timeout_s = body_timeout_s
+# Admits a request or raises the ApiError that refuses it.
+Authorize = Callable[[asgi.Request], None]
 
-    def _authorize(self, request: asgi.Request) -> None:
+
+def bearer_token(token: str) -> Authorize:
+    assert token
+    expected = token.encode()
+
+    def authorize(request: asgi.Request) -> None:
         auth = request.headers.get("authorization", "")
         scheme, _, presented = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
             raise ApiError(401, "Missing or incorrect admin token.", code="invalid_admin_token")
+
+    return authorize
+
+
+def data_dir_owner(request: asgi.Request) -> None:
+    """Admit all: the caller already proved it owns the data dir. It connected to
+    the 0600 admin socket in it, or (the offline CLI) opened the ledger itself."""
+
+
+class AdminApi:
+    def __init__(
+        self, budget: BudgetService, token: str | None, body_timeout_s: float = 60.0,
+        reload_catalogue: Callable[[], Catalogue] | None = None, authorize: Authorize | None = None,
+    ) -> None:
+        assert (token is None) != (authorize is None), "either an admin token or another way to authorize"
+        self.budget = budget
+        self._reload_catalogue = reload_catalogue
+        self._authorize = authorize or bearer_token(token or "")
+        self.body_timeout_s = body_timeout_s
 
     async def handle(self, request: asgi.Request) -> None:
         self._authorize(request)
@@ -126,7 +149,11 @@ class AdminApi:
         elif head == "usage" and len(parts) <= 2:
             if method == "GET":
                 if rest:
-                    return 200, await self._key_detail(rest[0])
+                    return 200, await self._key_detail(rest[0], _recent_limit(request))
+                if "recent" in request.query:
+                    recent = _recent_limit(request)
+                    ids = list(self.budget.keys)  # a snapshot: keys created while this awaits come next time
+                    return 200, {"data": [await self._key_detail(i, recent) for i in ids]}
                 return 200, {"data": [self._key_view(k) for k in self.budget.keys.values()]}
         else:
             raise errors.not_found(request.path)

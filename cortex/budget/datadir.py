@@ -1,4 +1,4 @@
-"""The data dir: the ledger database and the lock that says a server owns it."""
+"""The data dir: the ledger database, the lock that says a server owns it, and its admin socket."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import IO
 
 LEDGER_FILE = "ledger.db"
 LOCK_FILE = "cortex.lock"
+SOCKET_FILE = "admin.sock"
 
 
 class DataDirBusy(Exception):
@@ -17,6 +18,11 @@ class DataDirBusy(Exception):
 
 def ledger_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / LEDGER_FILE
+
+
+def socket_path(data_dir: str | Path) -> Path:
+    """Where a running server serves its admin API to the CLI (cortex/admin_socket.py)."""
+    return Path(data_dir) / SOCKET_FILE
 
 
 def lock(data_dir: str | Path) -> IO[str]:

@@ -8,6 +8,7 @@ import trio
 
 from cortex import logs
 from cortex.config import FleetConfig
+from cortex.fleet.kinds import Residency
 from cortex.fleet.registry import Fleet, Node, model_info
 from cortex.fleet.upstream import LocalResourceError, Upstream, UpstreamFailed
 
@@ -22,6 +23,7 @@ async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float
     kind = node.kind
     was_healthy = node.healthy
     headers = auth_headers(node)
+    epoch = fleet.poll_epoch(url)
     try:
         status, raw = await upstream.get(url, kind.health_path, timeout_s, headers)
         health = kind.judge_health(status, raw)
@@ -32,6 +34,7 @@ async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float
         models = {
             name: model_info(e, config.default_context_tokens, config.default_output_tokens) for name, e in entries.items()
         }
+        residency = await read_residency(upstream, node, timeout_s)
     except LocalResourceError as exc:  # cortex's own shortage says nothing about the upstream
         logs.event("poll_skipped", logging.WARNING, neuron=url, error=str(exc))
         return
@@ -40,9 +43,24 @@ async def poll_node(fleet: Fleet, upstream: Upstream, url: str, timeout_s: float
         if was_healthy and not node.healthy:
             logs.event("neuron_unhealthy", logging.WARNING, neuron=url, kind=kind.name, error=str(exc))
         return
-    fleet.poll_succeeded(url, models)
+    fleet.poll_succeeded(url, models, residency, epoch)
     if not was_healthy:
         logs.event("neuron_healthy", neuron=url, kind=kind.name, models=sorted(models))
+
+
+async def read_residency(upstream: Upstream, node: Node, timeout_s: float) -> Residency | None:
+    """A lifecycle kind's residency report; None when it has none, or sends none cortex can read
+    (an older neuron): it is then routed to for what it serves, never asked to load."""
+    kind = node.kind
+    if kind.lifecycle_path is None or kind.parse_residency is None:
+        return None
+    try:
+        return kind.parse_residency(await upstream.get_json(node.url, kind.lifecycle_path, timeout_s, auth_headers(node)))
+    except LocalResourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - without a residency report the node still serves
+        logs.event("residency_unreadable", logging.DEBUG, neuron=node.url, error=str(exc))
+        return None
 
 
 async def poll_once(fleet: Fleet, upstream: Upstream, config: FleetConfig) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from common import counting
 from cortex.config import UpstreamSpec
-from cortex.fleet.kinds import KINDS, Kind, ModelEntry
+from cortex.fleet.kinds import KINDS, Kind, ModelEntry, Residency
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,15 @@ class Node:
     last_error: str | None = None
     in_flight: int = 0
     dispatched_total: int = 0
+    in_flight_by_model: dict[str, int] = field(default_factory=dict)
+    residency: Residency | None = None  # a lifecycle kind's last report; None: no lifecycle
+    # Bumped whenever cortex itself changes which models the node serves (an eviction, a load):
+    # a poll that began before cannot put back what it saw then.
+    models_epoch: int = 0
+
+    @property
+    def has_lifecycle(self) -> bool:
+        return self.kind.lifecycle_path is not None and self.residency is not None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -98,11 +107,21 @@ class Fleet:
 
     # --- observations ----------------------------------------------------
 
-    def poll_succeeded(self, url: str, models: dict[str, ModelInfo]) -> None:
+    def poll_epoch(self, url: str) -> int:
+        """Take before a poll's requests; hand back to `poll_succeeded`."""
+        return self._by_url[url].models_epoch
+
+    def poll_succeeded(
+        self, url: str, models: dict[str, ModelInfo], residency: Residency | None = None, epoch: int | None = None
+    ) -> None:
         node = self._by_url[url]
         if node.allowed_models is not None:
             models = {name: m for name, m in models.items() if name in node.allowed_models}
+        if epoch is not None and epoch != node.models_epoch:
+            # cortex loaded or evicted on this node while the poll was out: what it saw is stale.
+            models, residency = node.models, node.residency
         node.models = models
+        node.residency = residency
         node.healthy = True
         node.ever_polled = True
         node.failures = 0
@@ -167,13 +186,36 @@ class Fleet:
         node = self._by_url[url]
         node.cool_until = max(node.cool_until, until)
 
-    def acquire(self, node: Node) -> None:
+    def acquire(self, node: Node, model: str | None = None) -> None:
         node.in_flight += 1
         node.dispatched_total += 1
+        if model is not None:
+            node.in_flight_by_model[model] = node.in_flight_by_model.get(model, 0) + 1
 
-    def release(self, node: Node) -> None:
+    def release(self, node: Node, model: str | None = None) -> None:
         assert node.in_flight > 0
         node.in_flight -= 1
+        if model is not None:
+            left = node.in_flight_by_model[model] - 1
+            assert left >= 0
+            if left:
+                node.in_flight_by_model[model] = left
+            else:
+                del node.in_flight_by_model[model]
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def withdraw(self, url: str, model: str) -> None:
+        """Stop routing `model` to the node at once (it is about to be unloaded)."""
+        node = self._by_url[url]
+        node.models.pop(model, None)
+        node.models_epoch += 1
+
+    def loaded(self, url: str, models: dict[str, ModelInfo], residency: Residency | None) -> None:
+        """A load finished: the node's fresh model list, read after it, is in force now."""
+        node = self._by_url[url]
+        node.models_epoch += 1
+        self.poll_succeeded(url, models, residency)
 
     # --- views --------------------------------------------------------------
 

@@ -10,7 +10,7 @@ appears on the request path.
 from __future__ import annotations
 
 from cortex.fleet.kinds import llamacpp, neuron, ollama, openai, sglang, tgi, vllm
-from cortex.fleet.kinds.base import Health, Kind, ModelEntry, NormalisedError
+from cortex.fleet.kinds.base import Health, Kind, ModelEntry, NormalisedError, Residency
 
 KINDS: dict[str, Kind] = {
     m.KIND.name: m.KIND for m in (neuron, openai, vllm, llamacpp, ollama, sglang, tgi)
@@ -25,4 +25,4 @@ def kind(name: str) -> Kind:
         raise ValueError(f"unknown upstream kind {name!r}; known kinds: {', '.join(KINDS)}") from None
 
 
-__all__ = ["KINDS", "Health", "Kind", "ModelEntry", "NormalisedError", "kind"]
+__all__ = ["KINDS", "Health", "Kind", "ModelEntry", "NormalisedError", "Residency", "kind"]

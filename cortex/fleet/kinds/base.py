@@ -108,6 +108,22 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class Residency:
+    """What a server with a model lifecycle (neuron) holds: its memory and each model's state."""
+
+    memory_total_bytes: int  # what its models may use together
+    memory_free_bytes: int
+    models: dict[str, tuple[str, int]]  # model -> (status: loading | ready | unloading, memory bytes)
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.memory_free_bytes <= self.memory_total_bytes
+        assert all(s in ("loading", "ready", "unloading") and b >= 0 for s, b in self.models.values())
+
+
+ResidencyParser = Callable[[Any], Residency]
+
+
+@dataclass(frozen=True)
 class NormalisedError:
     """An upstream's error as the client will see it (surface-neutral, like common.errors.ApiError)."""
 
@@ -178,8 +194,13 @@ class Kind:
     truncates_prompts: bool = False  # cuts an oversized prompt silently instead of refusing it
     # The status an error really has, when the server's own is misleading (TGI's stream errors are all "422").
     refine_status: StatusRefiner | None = None
+    # A model lifecycle (load, unload, residency), where the server has one: neuron's. Others
+    # are routed to for what they serve, and never asked to load or unload.
+    lifecycle_path: str | None = None
+    parse_residency: ResidencyParser | None = None
 
     def __post_init__(self) -> None:
+        assert (self.lifecycle_path is None) == (self.parse_residency is None)
         assert self.name and self.health_path.startswith("/") and self.model_paths
         assert all(p.startswith("/") for p in self.model_paths)
         assert 1 <= self.token_bytes_max <= 4096

@@ -7,6 +7,9 @@
 * Errors: cortex's own envelope (common/errors.py); a context overflow has
   code `context_length_exceeded`, an overload is 503 `overloaded` with
   Retry-After.
+* Lifecycle: `GET /models` (each model's status and memory, and the
+  memory budget), `POST /models/load`, `POST /models/unload` (drains, then
+  frees): cortex loads cold models on demand and evicts to make room.
 * Tokens: one per UTF-8 byte (common/counting.py), so `token_bytes_max` is 1
   and the relay's byte count is exact. An entry may carry `tokenizer:
   {"kind", "message_overhead_tokens", "reply_primer_tokens"}`: what its chat
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cortex.fleet.kinds import base
-from cortex.fleet.kinds.base import ErrorFields, Kind, ModelEntry
+from cortex.fleet.kinds.base import ErrorFields, Kind, ModelEntry, Residency
 
 MODELS_PATH = "/v1/models"
 
@@ -50,6 +53,33 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
     return base.entries_by_name(entries)
 
 
+LIFECYCLE_PATH = "/models"
+UNBOUNDED_MEMORY_BYTES = 2**62  # a neuron with no memory budget: anything fits
+
+
+def parse_residency(body: Any) -> Residency:
+    """`GET /models`: `data[]` of `{id, status, memory_bytes}`, `memory_budget_bytes` (null: no
+    bound) and `memory_reserved_bytes` (loaded and loading models together)."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise ValueError(f"GET {LIFECYCLE_PATH}: not a model list")
+    models: dict[str, tuple[str, int]] = {}
+    for entry in body["data"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise ValueError(f"GET {LIFECYCLE_PATH}: malformed entry {str(entry)[:200]}")
+        status, memory = entry.get("status"), entry.get("memory_bytes")
+        if status not in ("loading", "ready", "unloading"):
+            raise ValueError(f"GET {LIFECYCLE_PATH}: {entry['id']}: unknown status {str(status)[:50]!r}")
+        if not isinstance(memory, int) or isinstance(memory, bool) or not 0 <= memory < UNBOUNDED_MEMORY_BYTES:
+            raise ValueError(f"GET {LIFECYCLE_PATH}: {entry['id']}: memory_bytes must be a byte count")
+        models[entry["id"]] = (status, memory)
+    budget, reserved = body.get("memory_budget_bytes"), body.get("memory_reserved_bytes", 0)
+    for name, value in (("memory_budget_bytes", budget), ("memory_reserved_bytes", reserved)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < UNBOUNDED_MEMORY_BYTES):
+            raise ValueError(f"GET {LIFECYCLE_PATH}: {name} must be a byte count")
+    total = UNBOUNDED_MEMORY_BYTES if budget is None else budget
+    return Residency(total, max(0, total - (reserved or 0)), models)
+
+
 def is_overflow(status: int, fields: ErrorFields) -> bool:
     return 400 <= status < 500 and fields.code == base.CONTEXT_CODE
 
@@ -64,4 +94,6 @@ KIND = Kind(
     judge_health=base.judge_status_only,
     parse_models=parse_models,
     is_overflow=is_overflow,
+    lifecycle_path=LIFECYCLE_PATH,
+    parse_residency=parse_residency,
 )

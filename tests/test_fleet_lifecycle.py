@@ -1,0 +1,123 @@
+"""Cold loads on demand, single flight, eviction by priority and LRU, pins, busy models kept: real processes."""
+
+from __future__ import annotations
+
+import re
+
+import anthropic
+import httpx
+import pytest
+import trio
+
+from tests.budget_helpers import HI, MODEL, admin, budget_cortex, create_key, usage
+from tests.conftest import Proc, Stack
+
+GIB_MB = 1024
+
+
+def _catalogue(stack: Stack, models: list[dict], pinned: str | None = None) -> str:
+    lines = []
+    for m in models:
+        lines += ["[[models]]", f'id = "{m["id"]}"', f"memory_mb = {m.get('memory_mb', GIB_MB)}",
+                  f"residency_priority = {m.get('priority', 100)}"]
+        if m.get("pinned"):
+            lines.append(f'pinned_on = ["{pinned}"]')
+    path = stack.tmp_path / "models.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return f'[fleet]\nmodels_file = "{path}"\npoll_interval_s = 0.5\n'
+
+
+def _ask(cortex: Proc, key: str, model: str, **extra) -> httpx.Response:
+    return httpx.post(cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": model, "messages": HI, "max_tokens": 5, **extra})
+
+
+def _resident(neuron: Proc) -> dict[str, str]:
+    return {m["id"]: m["status"] for m in httpx.get(neuron.url + "/models", timeout=10).json()["data"]}
+
+
+def _metric(proc: Proc, name: str, **labels: str) -> float:
+    text = httpx.get(proc.url + "/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if re.fullmatch(rf"{name}\{{{re.escape(want)}\}} \S+", line) or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_burst_on_a_cold_model_waits_on_one_load_and_is_all_served(stack: Stack):
+    neuron = stack.neuron("--memory-mb", "4096", "--model-memory-mb", "1024")
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "cold-a"}]))
+    key_id, key = create_key(cortex, balance_tokens=1_000_000)
+    statuses: list[int] = []
+
+    async def one(http: httpx.AsyncClient) -> None:
+        r = await http.post(cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                            json={"model": "cold-a", "messages": HI, "max_tokens": 5})
+        statuses.append(r.status_code)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(one, http)
+    assert statuses == [200] * 50
+    assert _metric(neuron, "neuron_model_loads_total", model="cold-a") == 1  # the neuron's own count: one load
+    assert _metric(cortex, "cortex_model_loads_total", model="cold-a", outcome="loaded") == 1
+    assert _resident(neuron)["cold-a"] == "ready"
+    recent = admin(cortex, "GET", f"keys/{key_id}?recent=100").json()["recent"]
+    assert len(recent) == 50 and {r["state"] for r in recent} == {"settled"}  # each held across the load, then settled
+
+
+def test_eviction_takes_the_lowest_priority_then_the_least_recently_used_and_never_a_pin(stack: Stack):
+    neuron = stack.neuron("--memory-mb", "2048", "--model-memory-mb", "1024")  # two models fit
+    models = [{"id": MODEL, "priority": 1, "pinned": True}, {"id": "low", "priority": 10},
+              {"id": "mid", "priority": 50}, {"id": "high", "priority": 200}]
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, models, pinned=neuron.url))
+    _, key = create_key(cortex, balance_tokens=1_000_000)
+    assert _ask(cortex, key, "low").status_code == 200
+    assert set(_resident(neuron)) == {MODEL, "low"}
+    assert _ask(cortex, key, "mid").status_code == 200  # low (10) goes; the pinned mock (priority 1) stays
+    assert set(_resident(neuron)) == {MODEL, "mid"}
+    assert _ask(cortex, key, "high").status_code == 200
+    assert set(_resident(neuron)) == {MODEL, "high"}
+    # Nothing of lower or equal priority than `low` is left to evict: the pin and `high` stay.
+    r = _ask(cortex, key, "low")
+    assert r.status_code == 503 and r.headers.get("retry-after")
+    assert _metric(cortex, "cortex_evictions_total", model="low", reason="make_room") == 1
+    assert _metric(cortex, "cortex_evictions_total", model="mid", reason="make_room") == 1
+    listing = {e["id"]: e for e in httpx.get(cortex.url + "/v1/models", timeout=10).json()["data"]}
+    assert listing["low"]["loaded"] is False and listing["low"]["feasible_on"] == [neuron.url]
+    assert listing["high"]["loaded"] is True and listing["high"]["locations"] == [{"url": neuron.url, "status": "ready"}]
+
+
+def test_a_model_with_streams_in_flight_is_not_evicted_while_they_run(stack: Stack):
+    neuron = stack.neuron("--memory-mb", "2048", "--model-memory-mb", "1024", "--token-interval-ms", "20")
+    models = [{"id": MODEL, "pinned": True}, {"id": "busy", "priority": 10}, {"id": "next", "priority": 10}]
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, models, pinned=neuron.url))
+    _, key = create_key(cortex, balance_tokens=1_000_000)
+    assert _ask(cortex, key, "busy").status_code == 200
+    with httpx.stream("POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                      timeout=60, json={"model": "busy", "messages": HI, "max_tokens": 40, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        next(lines)  # under way
+        r = _ask(cortex, key, "next")
+        assert r.status_code == 503  # `busy` would make room, but it is streaming
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"  # the stream was not cut
+    assert "busy" in _resident(neuron)
+    assert _ask(cortex, key, "next").status_code == 200  # idle now: it goes
+    assert set(_resident(neuron)) == {MODEL, "next"}
+
+
+def test_a_model_that_fits_nowhere_is_a_404_on_both_surfaces_and_costs_nothing(stack: Stack):
+    neuron = stack.neuron("--memory-mb", "2048", "--model-memory-mb", "1024")
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "huge", "memory_mb": 8192}]))
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    r = _ask(cortex, key, "huge")
+    assert r.status_code == 404 and "fits on no neuron" in r.json()["error"]["message"]
+    client = anthropic.Anthropic(base_url=cortex.url, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError, match="fits on no neuron"):
+        client.messages.create(model="huge", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
+    health = httpx.get(cortex.url + "/health", timeout=10).json()
+    assert [u["model"] for u in health["unservable_models"]] == ["huge"]
