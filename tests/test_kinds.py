@@ -133,6 +133,17 @@ def test_a_neuron_advertises_its_chat_templates_cost_and_tokenizer():
     assert models["bpe"].message_overhead_tokens is None
 
 
+def test_a_completion_prompts_bos_is_in_the_bound():
+    from common.openai_schema import completion_request
+    from cortex.budget.estimate import prompt_tokens_bound
+    from cortex.fleet.registry import model_info
+
+    gen = completion_request({"model": "m", "prompt": "héllo", "max_tokens": 3})
+    with_bos = model_info(ModelEntry("m", 100, 10, completion_prefix_tokens=1), 0, 0)
+    assert prompt_tokens_bound(gen, with_bos) == len("héllo".encode()) + 1
+    assert prompt_tokens_bound(gen, model_info(ModelEntry("m", 100, 10), 0, 0)) == len("héllo".encode())
+
+
 def test_the_prompt_bound_uses_the_dearest_advertised_template_and_the_floor_only_exact_costs():
     from common import counting
     from common.openai_schema import chat_request

@@ -26,6 +26,10 @@ def test_models_advertise_context_and_output_limits(neuron):
     data = neuron.get_json("/v1/models")["data"]
     assert [m["id"] for m in data] == [MODEL, "other"]
     assert all(m["limit"] == {"context": 2000, "output": 300} for m in data)
+    # What cortex needs to bound a prompt: common/counting's byte-level rules.
+    tokenizer = {"kind": "byte-level", "message_overhead_tokens": counting.MESSAGE_OVERHEAD_TOKENS,
+                 "reply_primer_tokens": counting.REPLY_PRIMER_TOKENS, "completion_prefix_tokens": 0}
+    assert all(m["tokenizer"] == tokenizer for m in data)
 
 
 def test_usage_is_exact_byte_level_accounting(neuron):
@@ -89,6 +93,8 @@ def test_health_and_discovery_describe_the_host(neuron):
     discovery = neuron.get_json("/discovery")
     assert discovery["engine"] == "mock"
     assert discovery["devices"][0]["kind"] == "cpu" and discovery["devices"][0]["cores"] >= 1
+    cpu = discovery["devices"][0]
+    assert cpu["memory_total_bytes"] >= cpu["memory_available_bytes"] > 0
     assert [m["id"] for m in discovery["models"]] == [MODEL, "other"]
 
 
@@ -148,3 +154,25 @@ def test_completions_default_max_tokens_fits_a_small_output_limit(stack: Stack):
         r = httpx.post(proc.url + "/v1/completions", json={"model": MODEL, "prompt": "hello"})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 10
+
+
+def test_metrics_count_generations_and_refusals_per_model(stack: Stack):
+    neuron = stack.neuron("--slots", "1", "--queue-depth", "0", "--token-interval-ms", "20", "--log-level", "info")
+    httpx.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 3})
+    with httpx.Client(timeout=30) as http:
+        with http.stream(
+            "POST", neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
+        ) as response:
+            raw = response.iter_raw()
+            next(raw)
+            assert http.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO}).status_code == 503
+    text = wait_until(lambda: 'outcome="cancelled"' in (t := httpx.get(neuron.url + "/metrics").text) and t)
+    assert f'neuron_generation_tokens_total{{model="{MODEL}"}} 3' in text
+    assert f'neuron_prompt_tokens_total{{model="{MODEL}"}} {counting.count_chat(HELLO)}' in text
+    assert f'neuron_admission_rejections_total{{model="{MODEL}",reason="queue_full"}} 1' in text
+    assert f'neuron_requests_total{{model="{MODEL}",outcome="completed"}} 1' in text
+    assert "# TYPE neuron_admission_rejections_total counter" in text
+    health = neuron.get_json("/health")
+    assert health["per_model"][MODEL]["rejections"]["queue_full"] == 1
+    lines = [e for e in neuron.log_events() if e.get("event") == "generation"]
+    assert [(e["outcome"], e["completion_tokens"]) for e in lines] == [("completed", 3), ("cancelled", None)]

@@ -50,7 +50,7 @@ def _json_bytes(value: Any) -> int:
 def prompt_tokens_bound(gen: GenerationRequest, model: ModelInfo | None = None) -> int:
     """The prompt's tokens at most, on `model`'s chat template where its upstream advertised one."""
     if gen.kind == "completion":
-        return counting.count_text(gen.prompt)
+        return counting.count_text(gen.prompt) + (model.completion_prefix_tokens if model is not None else 0)
     if model is None:
         total = counting.count_chat(gen.messages)
     else:

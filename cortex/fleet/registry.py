@@ -29,6 +29,7 @@ class ModelInfo:
     # True: the template is common/counting's own, whose costs are exact and so a floor too;
     # False: the server advertised its own costs, which are only upper bounds.
     template_exact: bool = True
+    completion_prefix_tokens: int = 0  # special tokens a completion prompt gains (a BOS)
 
 
 def model_info(entry: ModelEntry, default_context_tokens: int, default_output_tokens: int) -> ModelInfo:
@@ -43,6 +44,7 @@ def model_info(entry: ModelEntry, default_context_tokens: int, default_output_to
         counting.REPLY_PRIMER_TOKENS if primer is None else primer,
         entry.token_bytes_max,
         overhead is None and primer is None,
+        entry.completion_prefix_tokens or 0,
     )
 
 
@@ -159,6 +161,7 @@ class Fleet:
             message_overhead_tokens=max(i.message_overhead_tokens for i in infos),
             reply_primer_tokens=max(i.reply_primer_tokens for i in infos),
             template_exact=all(i.template_exact for i in infos),
+            completion_prefix_tokens=max(i.completion_prefix_tokens for i in infos),
         )
 
     def token_bytes_max(self, node: Node, model: str) -> int:

@@ -98,12 +98,13 @@ class ModelEntry:
     message_overhead_tokens: int | None = None
     reply_primer_tokens: int | None = None
     token_bytes_max: int | None = None  # this model's tokenizer, where it differs from the kind's
+    completion_prefix_tokens: int | None = None  # special tokens a completion prompt gains (a BOS)
 
     def __post_init__(self) -> None:
         assert isinstance(self.name, str) and self.name
         for value in (self.context_tokens, self.output_tokens, self.input_tokens):
             assert value is None or _is_limit(value)
-        for value in (self.message_overhead_tokens, self.reply_primer_tokens):
+        for value in (self.message_overhead_tokens, self.reply_primer_tokens, self.completion_prefix_tokens):
             assert value is None or (_is_int(value) and 0 <= value <= TEMPLATE_TOKENS_MAX)
 
 

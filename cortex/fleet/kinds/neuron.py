@@ -12,8 +12,9 @@
   frees): cortex loads cold models on demand and evicts to make room.
 * Tokens: one per UTF-8 byte (common/counting.py), so `token_bytes_max` is 1
   and the relay's byte count is exact. An entry may carry `tokenizer:
-  {"kind", "message_overhead_tokens", "reply_primer_tokens"}`: what its chat
-  template costs (the kernel engine renders the checkpoint's own), which the
+  {"kind", "message_overhead_tokens", "reply_primer_tokens",
+  "completion_prefix_tokens"}`: what its chat template (and a completion
+  prompt's BOS) costs (the kernel engine renders the checkpoint's own), which the
   estimate then uses in place of common/counting's template.
 """
 
@@ -46,9 +47,11 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
         byte_level = tokenizer.get("kind") in (None, "byte-level")
         overhead = base.template_tokens(tokenizer.get("message_overhead_tokens"), f"{name}: tokenizer.message_overhead_tokens")
         primer = base.template_tokens(tokenizer.get("reply_primer_tokens"), f"{name}: tokenizer.reply_primer_tokens")
+        prefix = base.template_tokens(tokenizer.get("completion_prefix_tokens"), f"{name}: tokenizer.completion_prefix_tokens")
         entries.append(ModelEntry(
             name, context, output, message_overhead_tokens=overhead, reply_primer_tokens=primer,
             token_bytes_max=None if byte_level else base.REAL_TOKENIZER_TOKEN_BYTES_MAX,
+            completion_prefix_tokens=prefix,
         ))
     return base.entries_by_name(entries)
 
