@@ -12,6 +12,7 @@ retried, since the neuron may already have generated.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import logging
 import math
@@ -71,6 +72,15 @@ def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiErro
     if err.overloaded and err.retry_after_s is not None:
         raise _Overloaded(api_error, err.retry_after_s)
     return api_error
+
+
+@dataclass
+class _ClientStream:
+    """A streamed request's client side: its shape, and whether its head went out (it may go
+    early, to ping through a cold load)."""
+
+    shape: StreamShape
+    started: bool = False
 
 
 def _first_frame(chunk: bytes) -> Any:
@@ -274,17 +284,33 @@ class Proxy:
         watch: asgi.Disconnect,
         meter: Meter,
     ) -> None:
+        cold = self.lifecycle is not None and self.lifecycle.loadable(gen.model)
+        client = _ClientStream(request.surface.stream()) if gen.stream else None
+        try:
+            await self._dispatch_to_a_replica(request, gen, path, est, watch, meter, client, cold)
+        except ApiError as err:
+            if client is None or not client.started:
+                raise
+            # The stream began early (pings through a cold load): the error is its last event.
+            request.log.update(outcome=err.code or err.type, error=err.message)
+            await asgi.send_chunk(request.send, client.shape.error(err))
+            watch.closing()
+            await asgi.end_stream(request.send)
+
+    async def _dispatch_to_a_replica(
+        self, request: asgi.Request, gen: GenerationRequest, path: str, est: Estimate, watch: asgi.Disconnect,
+        meter: Meter, client: "_ClientStream | None", cold: bool,
+    ) -> None:
         tried: set[str] = set()
         failovers = 0
         refused: ApiError | None = None  # the last failure we failed over from, answered if no replica is left
-        cold = self.lifecycle is not None and self.lifecycle.loadable(gen.model)
         while True:
             node = self.fleet.route(gen.model, exclude=frozenset(tried), now=trio.current_time())
             if node is None and cold and not tried and self.lifecycle is not None:
                 # Loaded nowhere: wait, inside the hold, for the one load of it (single flight).
                 cold = False
                 request.log["cold_load"] = True
-                await self.lifecycle.ensure(gen.model)
+                await self._wait_for_load(request, gen.model, client)
                 continue
             if node is None:
                 if refused is not None:
@@ -309,7 +335,7 @@ class Proxy:
             try:
                 try:
                     async with self.upstream.post(node.url, path, asgi.encode_json(body), headers) as response:
-                        await self._relay(request, gen, node, response, watch, meter, output_max)
+                        await self._relay(request, gen, node, response, watch, meter, output_max, client)
                 finally:
                     self._check_truncation(request, node, meter)
                 return
@@ -359,6 +385,7 @@ class Proxy:
         watch: asgi.Disconnect,
         meter: Meter,
         output_max: int,
+        client: "_ClientStream | None" = None,
     ) -> None:
         if response.status != 200:
             raw = await response.read_all(ERROR_BODY_MAX_BYTES)
@@ -366,9 +393,10 @@ class Proxy:
             raise upstream_error(node, response.status, raw, response.headers)
         if gen.stream:
             relay = StreamRelay(gen.include_usage, output_max)
-            shape = request.surface.stream()
-            first = await self._peek(node, response, shape.ping_interval_s, meter)
-            await self._relay_stream(request, response, relay, watch, meter, shape, first)
+            client = client or _ClientStream(request.surface.stream())
+            wait_s = None if client.started else client.shape.ping_interval_s  # begun: a late head costs nothing
+            first = await self._peek(node, response, wait_s, meter)
+            await self._relay_stream(request, response, relay, watch, meter, client, first)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
@@ -416,11 +444,14 @@ class Proxy:
 
     async def _relay_stream(
         self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter,
-        shape: StreamShape, first: bytes,
+        client: "_ClientStream", first: bytes,
     ) -> None:
+        shape = client.shape
         out = _Writer(request, pings=shape.ping_interval_s is not None)
-        await asgi.start_stream(request.send, [])
-        await out.write(shape.start())
+        if not client.started:
+            client.started = True
+            await asgi.start_stream(request.send, [])
+            await out.write(shape.start())
         try:
             pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s is not None else nullcontext()
             async with pinger:
@@ -456,6 +487,20 @@ class Proxy:
             request.log["data_events"] = relay.data_events
         watch.closing()
         await asgi.end_stream(request.send)
+
+    async def _wait_for_load(self, request: asgi.Request, model: str, client: "_ClientStream | None") -> None:
+        """Wait for a cold load; a stream that pings begins now and pings while it waits, so a
+        client (Claude Code gives up after 300 s without a byte) stays through a long load."""
+        assert self.lifecycle is not None
+        if client is None or client.shape.ping_interval_s is None:
+            await self.lifecycle.ensure(model)
+            return
+        client.started = True
+        await asgi.start_stream(request.send, [])
+        out = _Writer(request, pings=True)
+        await out.write(client.shape.start())
+        async with asgi.companion(partial(out.ping_while_idle, client.shape)):
+            await self.lifecycle.ensure(model)
 
     @staticmethod
     def _log_usage(request: asgi.Request, usage: Any) -> None:

@@ -116,6 +116,7 @@ class NeuronConfig:
     context_tokens: int = 32768  # mock: limits of models loaded through the API
     output_tokens: int = 4096
     drain_timeout_s: float = 30.0  # an unload waits this long for in-flight work, then cancels it
+    load_s: float = 0.0  # mock: how long a load through the API takes (on the app's clock: virtual in the simulator)
     preloaded: list[KernelModel] = field(default_factory=list)  # kernel: loaded before serving (by the CLI)
 
 
@@ -646,7 +647,7 @@ class NeuronApp:
 
     async def _load_model(self, spec: Any) -> MockModel | KernelModel:
         if isinstance(spec, _MockLoad):
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(self.config.load_s)  # the mock's pretend weight loading
             return MockModel(ModelSpec(spec.name, self.config.context_tokens, self.config.output_tokens),
                              spec.memory_bytes)
         engine = self.config.engine

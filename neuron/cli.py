@@ -27,7 +27,7 @@ from neuron.engines.mock import MockEngine, Pacing
 # Flags of one engine only, with their defaults: given to the other engine, they are an error.
 MOCK_ONLY = {
     "context_length": 32768, "ttft_ms": 0.0, "token_interval_ms": 0.0, "reply_tokens": 256, "chunk_tokens": 1,
-    "slots": 256, "queue_depth": 4096, "model_memory_mb": 1024.0,
+    "slots": 256, "queue_depth": 4096, "model_memory_mb": 1024.0, "load_ms": 0.0,
 }
 KERNEL_ONLY = {
     "model_path": None, "served_name": None, "device": "auto", "backend": "auto", "max_in_flight": 64,
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--queue-depth", type=_bounded(int, 0, 2**24), help="waiting generations before 503 (default 4096)")
     m.add_argument("--model-memory-mb", type=_bounded(float, 0, 2**40),
                    help="memory each model pretends to take, for --memory-mb (default 1024)")
+    m.add_argument("--load-ms", type=_bounded(float, 0, 3_600_000),
+                   help="how long a load through POST /models/load pretends to take (default 0)")
     k = s.add_argument_group("kernel engine")
     k.add_argument("--model-path", metavar="DIR", help="a checkpoint directory in the Hugging Face layout")
     k.add_argument("--served-name", metavar="NAME", help="the model id to serve it as (one model only)")
@@ -132,7 +134,7 @@ def mock_config(args: argparse.Namespace) -> NeuronConfig:
     config = NeuronConfig(
         models=models, engine=engine, slots=args.slots, queue_depth=args.queue_depth, chunk_tokens=args.chunk_tokens,
         memory_mb=args.memory_mb, model_memory_mb=args.model_memory_mb, context_tokens=args.context_length,
-        output_tokens=args.max_output_tokens, drain_timeout_s=args.drain_timeout_s,
+        output_tokens=args.max_output_tokens, drain_timeout_s=args.drain_timeout_s, load_s=args.load_ms / 1000,
     )
     needed_mb = len(models) * args.model_memory_mb
     if args.memory_mb is not None and needed_mb > args.memory_mb:

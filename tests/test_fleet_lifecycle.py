@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.budget_helpers import HI, MODEL, admin, budget_cortex, create_key, usage
-from tests.conftest import Proc, Stack
+from tests.conftest import Proc, Stack, wait_until
 
 GIB_MB = 1024
 
@@ -121,3 +121,99 @@ def test_a_model_that_fits_nowhere_is_a_404_on_both_surfaces_and_costs_nothing(s
     assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
     health = httpx.get(cortex.url + "/health", timeout=10).json()
     assert [u["model"] for u in health["unservable_models"]] == ["huge"]
+
+
+def _slow_neuron(stack: Stack, load_ms: int, *extra: str) -> Proc:
+    return stack.neuron("--memory-mb", "4096", "--model-memory-mb", "1024", "--load-ms", str(load_ms), *extra)
+
+
+def test_a_load_past_its_deadline_releases_every_waiting_hold_with_the_right_error(stack: Stack):
+    neuron = _slow_neuron(stack, 4000)
+    config = _catalogue(stack, [{"id": "slow"}]) + "load_timeout_s = 1.0\n"
+    cortex = budget_cortex(stack, neuron, config=config)
+    key_id, key = create_key(cortex, balance_tokens=1000)
+    r = _ask(cortex, key, "slow")
+    assert r.status_code == 503 and r.headers.get("retry-after") and "did not finish within 1 s" in r.text
+    with pytest.raises(anthropic.InternalServerError) as caught:  # 529 overloaded_error on the Anthropic surface
+        anthropic.Anthropic(base_url=cortex.url, api_key=key, max_retries=0).messages.create(
+            model="slow", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 529
+    view = usage(cortex, key_id)
+    assert view["usage"]["spent_tokens"] == 0 and view["usage"]["held_tokens"] == 0
+    assert {row["state"] for row in view["recent"]} == {"released"}
+    assert _metric(cortex, "cortex_model_loads_total", model="slow", outcome="timeout") >= 1
+
+
+async def test_a_client_that_leaves_while_waiting_releases_its_hold_and_the_load_goes_on(stack: Stack):
+    neuron = _slow_neuron(stack, 1500)
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "cold"}]))
+    leaver_id, leaver = create_key(cortex, name="leaver", balance_tokens=1000)
+    _, stayer = create_key(cortex, name="stayer", balance_tokens=1000)
+    body = {"model": "cold", "messages": HI, "max_tokens": 5}
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with trio.open_nursery() as nursery:
+            async def leave() -> None:
+                with trio.move_on_after(0.4):  # gives up while the load is under way
+                    await http.post(cortex.url + "/v1/chat/completions", json=body,
+                                    headers={"authorization": f"Bearer {leaver}"})
+            nursery.start_soon(leave)
+            await trio.sleep(0.1)
+            stayed = await http.post(cortex.url + "/v1/chat/completions", json=body,
+                                     headers={"authorization": f"Bearer {stayer}"})
+    assert stayed.status_code == 200
+    assert _metric(neuron, "neuron_model_loads_total", model="cold") == 1
+    (row,) = usage(cortex, leaver_id)["recent"]
+    assert row["state"] == "released" and usage(cortex, leaver_id)["usage"]["held_tokens"] == 0
+
+
+def test_a_neuron_that_restarts_loses_its_models_and_cortex_loads_again_on_demand(stack: Stack):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = ("--listen", f"127.0.0.1:{port}", "--memory-mb", "4096", "--model-memory-mb", "1024")
+    neuron = stack._start("neuron", ["serve", *listen])
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "cold"}]))
+    _, key = create_key(cortex, balance_tokens=10_000)
+    assert _ask(cortex, key, "cold").status_code == 200
+    neuron.kill()
+    fresh = stack._start("neuron", ["serve", *listen])
+    assert "cold" not in _resident(fresh)
+    # Until cortex's poll sees the restart, a request may find the model gone and answer 502/503;
+    # once it has, the model is loaded again on demand.
+    wait_until(lambda: _ask(cortex, key, "cold").status_code == 200)
+    assert _resident(fresh)["cold"] == "ready"
+    assert _metric(fresh, "neuron_model_loads_total", model="cold") == 1
+
+
+def _anthropic_stream_events(cortex: Proc, key: str, model: str) -> list[str]:
+    body = {"model": model, "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    with httpx.stream("POST", cortex.url + "/v1/messages", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        return [line[len("event: "):] for line in r.iter_lines() if line.startswith("event: ")]
+
+
+def test_an_anthropic_stream_hears_pings_through_a_cold_load_and_its_end(stack: Stack):
+    neuron = _slow_neuron(stack, 1200)
+    config = _catalogue(stack, [{"id": "cold"}, {"id": "stuck"}]) + "[server]\nstream_ping_interval_s = 0.2\n"
+    cortex = budget_cortex(stack, neuron, config=config)
+    key_id, key = create_key(cortex, balance_tokens=10_000)
+    events = _anthropic_stream_events(cortex, key, "cold")
+    assert events[0] == "message_start" and events.count("ping") >= 3  # ~1.2 s of load at 0.2 s a ping
+    first_block = events.index("content_block_start")
+    assert all(e == "ping" for e in events[1:first_block]) and events[-1] == "message_stop"
+    assert usage(cortex, key_id)["recent"][0]["state"] == "settled"
+
+
+def test_a_failed_load_under_an_early_anthropic_stream_ends_it_with_an_error_event_and_no_charge(stack: Stack):
+    neuron = _slow_neuron(stack, 3000)
+    config = (_catalogue(stack, [{"id": "stuck"}]) + "load_timeout_s = 0.6\n"
+              + "[server]\nstream_ping_interval_s = 0.2\n")
+    cortex = budget_cortex(stack, neuron, config=config)
+    key_id, key = create_key(cortex, balance_tokens=10_000)
+    events = _anthropic_stream_events(cortex, key, "stuck")
+    assert events[0] == "message_start" and "ping" in events and events[-1] == "error"
+    view = usage(cortex, key_id)
+    assert view["usage"]["spent_tokens"] == 0 and view["recent"][0]["state"] == "released"
