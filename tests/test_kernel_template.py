@@ -208,3 +208,22 @@ def test_measured_overheads_bound_a_non_additive_template(messages: list[dict]) 
     bound = LLAMA3.reply_primer_tokens + sum(LLAMA3.message_overhead_tokens + counting.count_text(m["content"])
                                              for m in messages)
     assert bound >= real
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_message(), min_size=1, max_size=6))
+def test_cortex_bound_from_what_the_neuron_advertises_covers_a_dear_template(messages: list[dict]) -> None:
+    # Llama 3's template costs far more per message than common/counting's 4: cortex must use what
+    # the neuron advertises for the model, read through its own kind adapter, to stay an upper bound.
+    from cortex.fleet.kinds import KINDS
+    from cortex.fleet.registry import model_info
+
+    entry = {"id": "llama3", "limit": {"context": 10**6, "output": 10},
+             "tokenizer": {"kind": LLAMA3.kind, "message_overhead_tokens": LLAMA3.message_overhead_tokens,
+                           "reply_primer_tokens": LLAMA3.reply_primer_tokens}}
+    parsed = KINDS["neuron"].parse_models({"/v1/models": {"data": [entry]}})["llama3"]
+    info = model_info(parsed, 0, 0)
+    plain = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages if m.get("role") != "tool"]
+    plain = [m for m in plain if isinstance(m.get("content"), str)] or [{"role": "user", "content": "hi"}]
+    real = len(LLAMA3.encode_chat(plain))
+    assert prompt_tokens_bound(chat_request({"model": "llama3", "messages": plain}), info) >= real
