@@ -83,6 +83,31 @@ class _ClientStream:
     started: bool = False
 
 
+class _FirstRead:
+    """A stream's first chunk, read by a task of its own: waiting for it may time out, but the
+    read is never cancelled (a cancelled read ends the upstream body's iterator for good)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.chunk = b""
+        self.error: Exception | None = None
+
+    async def run(self, response: UpstreamResponse) -> None:
+        try:
+            with response.idle_watch():
+                self.chunk = await response.next_chunk()
+        except Exception as exc:  # noqa: BLE001 - handed to the relay, which reports it in the stream
+            self.error = exc
+        finally:
+            self.done.set()
+
+    async def get(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.chunk
+
+
 def _first_frame(chunk: bytes) -> Any:
     """The JSON of a chunk's first complete SSE event, if it has one."""
     if b"\r" in chunk:
@@ -394,9 +419,11 @@ class Proxy:
         if gen.stream:
             relay = StreamRelay(gen.include_usage, output_max)
             client = client or _ClientStream(request.surface.stream())
-            wait_s = None if client.started else client.shape.ping_interval_s  # begun: a late head costs nothing
-            first = await self._peek(node, response, wait_s, meter)
-            await self._relay_stream(request, response, relay, watch, meter, client, first)
+            first = _FirstRead()
+            async with asgi.companion(partial(first.run, response)):
+                if not client.started:
+                    await self._peek(node, first, client.shape.ping_interval_s, meter)
+                await self._relay_stream(request, response, relay, watch, meter, client, first)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
@@ -422,19 +449,20 @@ class Proxy:
         watch.closing()
         await asgi.send_bytes(request.send, 200, out, list(asgi.JSON_HEADERS))
 
-    async def _peek(self, node: Node, response: UpstreamResponse, wait_s: float | None, meter: Meter) -> bytes:
-        """The stream's first chunk, read before the client's headers go, so an upstream that
+    async def _peek(self, node: Node, first: "_FirstRead", wait_s: float | None, meter: Meter) -> None:
+        """Wait for the stream's first chunk before the client's headers go, so an upstream that
         answers 200 and then an error event (TGI, even for an overload) can still be failed over
         or answered with a real status. A stream that pings waits at most one ping interval for
-        it (a long prefill must not keep a client without a byte); the chunk is relayed after."""
-        chunk = b""
+        it (a long prefill must not keep a client without a byte); the read itself goes on in
+        its own task either way, and the chunk is relayed after."""
         with trio.move_on_after(math.inf if wait_s is None else wait_s):
-            with response.idle_watch():
-                chunk = await response.next_chunk()
-        frame = _first_frame(chunk)
+            await first.done.wait()
+        if not first.done.is_set() or first.error is not None:
+            return  # still prefilling, or broken: the relay reports it in the stream
+        frame = _first_frame(first.chunk)
         err = node.kind.stream_error(frame) if frame is not None else None
         if err is None:
-            return chunk
+            return
         meter.dispatched = False  # refused in band, before any output: nothing generated
         extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
         api_error = ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
@@ -444,7 +472,7 @@ class Proxy:
 
     async def _relay_stream(
         self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter,
-        client: "_ClientStream", first: bytes,
+        client: "_ClientStream", first: "_FirstRead",
     ) -> None:
         shape = client.shape
         out = _Writer(request, pings=shape.ping_interval_s is not None)
@@ -455,8 +483,8 @@ class Proxy:
         try:
             pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s is not None else nullcontext()
             async with pinger:
+                pending = await first.get()  # pings go on while the upstream prefills
                 with response.idle_watch():
-                    pending = first
                     while True:
                         chunk, pending = pending or await response.next_chunk(), b""
                         if not chunk:

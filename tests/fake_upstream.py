@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 MODELS_BODY = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":100}}]}'
 
@@ -11,7 +12,8 @@ MODELS_BODY = b'{"data":[{"id":"cortex-mock","limit":{"context":1000,"output":10
 class FakeUpstream:
     """A fake neuron at the HTTP boundary: healthy to polls, broken for generation."""
 
-    def __init__(self, generation_reply: bytes, models_body: bytes = MODELS_BODY) -> None:
+    def __init__(self, generation_reply: bytes | list[tuple[float, bytes]], models_body: bytes = MODELS_BODY) -> None:
+        """`generation_reply`: the bytes of the reply, or (delay_s, bytes) pieces sent in turn."""
         self.models_body = models_body
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -38,7 +40,9 @@ class FakeUpstream:
                 reply = _json_reply(self.models_body)
             else:
                 reply = self.reply
-            conn.sendall(reply)
+            for delay_s, piece in reply if isinstance(reply, list) else [(0.0, reply)]:
+                time.sleep(delay_s)
+                conn.sendall(piece)
             # Close politely: unread data or an abrupt close would reset the connection
             # and turn the reply we mean to test into a different error.
             conn.shutdown(socket.SHUT_WR)

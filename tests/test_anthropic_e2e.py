@@ -3,6 +3,8 @@ cortex and neuron processes, with the same hard budgets as the OpenAI path."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import pytest
@@ -263,6 +265,36 @@ def test_a_silent_upstream_gets_ping_events_so_agents_do_not_time_out(stack: Sta
     assert events[0] == "message_start" and events[-1] == "message_stop"
     first_text = events.index("content_block_start")
     assert events[:first_text].count("ping") >= 2  # during the 1.5 s before the first token
+
+
+def _chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def test_an_upstream_that_sends_its_head_then_prefills_past_a_ping_is_relayed_whole(stack: Stack):
+    # vLLM and TGI send the response head at once and the first chunk only after prefill: the wait
+    # for that chunk may time out into pings, but the read must go on (a cancelled read ends the body).
+    from tests.fake_upstream import FakeUpstream
+
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+    frames = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]},
+              {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": HI_PROMPT_TOKENS + 2}}]
+    body = b"".join(_chunked(b"data: " + json.dumps(f).encode() + b"\n\n") for f in frames)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    fake = FakeUpstream([(0.0, head), (1.2, body + _chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")])
+    try:
+        cortex = budget_cortex(stack, fake, config="[server]\nstream_ping_interval_s = 0.3\n")
+        key_id, key = create_key(cortex, balance_tokens=10_000)
+        body_json = {"model": MODEL, "max_tokens": 5, "stream": True, "messages": USER_HI}
+        headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        with httpx.stream("POST", cortex.url + "/v1/messages", json=body_json, headers=headers, timeout=60) as r:
+            events = [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
+        assert events[0] == "message_start" and events[-1] == "message_stop" and "error" not in events
+        assert events.count("ping") >= 2 and "content_block_delta" in events
+        assert usage(cortex, key_id)["recent"][0]["state"] == "settled"
+    finally:
+        fake.close()
 
 
 WEATHER = {

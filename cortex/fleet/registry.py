@@ -68,6 +68,9 @@ class Node:
     # Bumped whenever cortex itself changes which models the node serves (an eviction, a load):
     # a poll that began before cannot put back what it saw then.
     models_epoch: int = 0
+    # Models cortex is unloading here: never routed again until a residency report shows them gone,
+    # whatever a model list read meanwhile (a poll's, a load's refresh) still says.
+    withdrawn: set[str] = field(default_factory=set)
 
     @property
     def has_lifecycle(self) -> bool:
@@ -122,6 +125,10 @@ class Fleet:
         if epoch is not None and epoch != node.models_epoch:
             # cortex loaded or evicted on this node while the poll was out: what it saw is stale.
             models, residency = node.models, node.residency
+        if node.withdrawn:
+            if residency is not None:
+                node.withdrawn = {m for m in node.withdrawn if m in residency.models}  # gone: may come back
+            models = {name: m for name, m in models.items() if name not in node.withdrawn}
         node.models = models
         node.residency = residency
         node.healthy = True
@@ -212,6 +219,7 @@ class Fleet:
         """Stop routing `model` to the node at once (it is about to be unloaded)."""
         node = self._by_url[url]
         node.models.pop(model, None)
+        node.withdrawn.add(model)
         node.models_epoch += 1
 
     def loaded(self, url: str, models: dict[str, ModelInfo], residency: Residency | None) -> None:
