@@ -7,8 +7,10 @@ every response head (`on_head`) and every body chunk of a 200 an upstream
 sends cortex (`on_body`), so failover is checked at every step too: one
 upstream's body per request, no dispatch after the client's response began,
 at most 1 + FAILOVERS_MAX deliveries, no upstream tried twice, one hold
-reserved and resolved once. A violation is recorded with the virtual time
-and stops the run.
+reserved and resolved once. The fleet lifecycle is checked at the same
+seam: every load and unload cortex sends a neuron, every generation request
+it has in flight there (`on_open` / `on_close`), and each neuron's own
+memory. A violation is recorded with the virtual time and stops the run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ DELIVERIES_MAX = 1 + FAILOVERS_MAX  # upstreams one request may reach: the first
 class RequestRecord:
     id: str
     key: str
+    model: str = ""  # what the client asked for
     received_bytes: int = 0  # output text the client received (neuron's tokens; see Checker.received_tokens)
     outcome: str = ""  # served, refused, failed, cancelled
     status: int | None = None
@@ -88,6 +92,11 @@ class Checker:
     reservations: Counter[str] = field(default_factory=Counter)
     token_bytes: dict[str, int] = field(default_factory=dict)  # upstream -> bytes per token of its tokenizer
     client_keys: set[str] = field(default_factory=set)  # `Bearer <key>` of every simulated client
+    lifecycle: "LifecycleChecks" = field(default_factory=lambda: LifecycleChecks())
+
+    def __post_init__(self) -> None:
+        self.lifecycle.fail = self.fail
+        self.lifecycle.trace = self.trace
 
     def fail(self, message: str) -> None:
         if self.violation is None:
@@ -266,6 +275,91 @@ class Checker:
         outcomes = Counter(r.outcome for r in self.requests.values())
         refused = Counter(r.code for r in self.requests.values() if r.outcome == "refused")
         return {"outcomes": dict(sorted(outcomes.items())), "refused": dict(sorted(refused.items()))}
+
+
+@dataclass
+class LifecycleChecks:
+    """The fleet lifecycle's invariants, from what crosses the network and the neurons' own state.
+
+    cortex's requests on (neuron, model) count from when cortex sends them until it is done with
+    the response (that window lies inside cortex's own in-flight count), so an eviction begun
+    while one is open is cortex evicting a busy model, never a race of the checker's."""
+
+    in_flight: Counter[tuple[str, str]] = field(default_factory=Counter)  # cortex's generations on (neuron, model)
+    loading: Counter[tuple[str, str]] = field(default_factory=Counter)  # load requests open
+    unloading: Counter[tuple[str, str]] = field(default_factory=Counter)  # unload requests open
+    pinned: set[tuple[str, str]] = field(default_factory=set)  # (neuron, model) the catalogue pins
+    resident: dict[tuple[str, str], float] = field(default_factory=dict)  # loaded there (when), not unloaded since
+    loads: Counter[str] = field(default_factory=Counter)  # load requests sent, by model
+    load_refusals: int = 0
+    evictions: Counter[str] = field(default_factory=Counter)  # unload requests sent, by model
+    memory_peak: dict[str, int] = field(default_factory=dict)  # neuron -> most bytes reserved at once
+    fail: Callable[[str], None] = field(default=lambda message: _outside_a_checker(message))  # the Checker's, once made
+    trace: Trace | None = None
+
+    def on_generation(self, host: str, model: str, opened: bool) -> None:
+        where = (host, model)
+        if not opened:
+            self.in_flight[where] -= 1
+            return
+        if self.unloading[where]:
+            self.fail(f"a request was routed to {model} on {host} while it was being unloaded")
+        self.in_flight[where] += 1
+
+    def on_load(self, host: str, model: str, opened: bool) -> None:
+        where = (host, model)
+        if not opened:
+            self.loading[where] -= 1
+            return
+        assert self.trace is not None
+        self.trace.event("load", host=host, model=model)
+        self.loads[model] += 1
+        if self.loading[where]:
+            self.fail(f"a second load of {model} on {host} began while the first was under way")
+        if where in self.resident:
+            self.fail(f"cortex asked {host} to load {model} again, though it has been loaded there since "
+                      f"t={self.resident[where]:.6f} and never unloaded: cortex lost track of it")
+        self.loading[where] += 1
+
+    def on_unload(self, host: str, model: str, opened: bool) -> None:
+        where = (host, model)
+        if not opened:
+            self.unloading[where] -= 1
+            return
+        assert self.trace is not None
+        self.trace.event("unload", host=host, model=model)
+        self.evictions[model] += 1
+        self.resident.pop(where, None)
+        if self.in_flight[where]:
+            self.fail(f"{model} was evicted from {host} with {self.in_flight[where]} of cortex's requests in flight on it")
+        if where in self.pinned:
+            self.fail(f"{model} is pinned on {host}, and was evicted from it")
+        self.unloading[where] += 1
+
+    def on_answer(self, host: str, path: str, model: str, status: int) -> None:
+        if status == 200 and path.endswith("/load"):
+            self.resident.setdefault((host, model), trio.current_time())
+        if status != 200:
+            assert self.trace is not None
+            self.trace.event("lifecycle_refused", host=host, path=path, model=model, status=status)
+            if path.endswith("/load"):
+                self.load_refusals += 1
+
+    def neuron_reset(self, host: str, models: tuple[str, ...] = ()) -> None:
+        """A neuron crashed (it holds nothing) or (re)started (its initial models only)."""
+        self.resident = {w: t for w, t in self.resident.items() if w[0] != host}
+        self.resident.update({(host, m): trio.current_time() for m in models})
+
+    def check_memory(self, host: str, reserved_bytes: int, budget_bytes: float) -> None:
+        """Loaded plus loading models within the neuron's memory, by the neuron's own count."""
+        self.memory_peak[host] = max(self.memory_peak.get(host, 0), reserved_bytes)
+        if reserved_bytes > budget_bytes:
+            self.fail(f"{host} holds {reserved_bytes / 2**20:.0f} MiB of loaded and loading models, "
+                      f"over its {budget_bytes / 2**20:.0f} MiB")
+
+
+def _outside_a_checker(message: str) -> None:
+    raise AssertionError(f"lifecycle violation, and no Checker to report it: {message}")
 
 
 def _only_error_events(chunk: bytes) -> bool:

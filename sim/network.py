@@ -16,7 +16,11 @@ pacing, which is what budgets and cancellation depend on.
 The checker watches every generation request (a POST) on its way: each
 attempt to reach a host (refused, unreachable, reset before its head, or
 delivered), each response head, and each body chunk of a 200 that its
-reader takes, through the `on_*` hooks.
+reader takes, through the `on_*` hooks. Lifecycle requests (`POST
+/models/load`, `/models/unload`) are not generations: they are reported
+apart, by `on_open` / `on_close` (which every POST gets: when its client
+sends it, and once when the client is done with it, whatever came of it)
+and `on_head`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import httpx
 import trio
 
 CHANNEL_CHUNKS = 64  # like a socket buffer: a sender only blocks when the reader lags this far
+CONTROL_PATHS = ("/models/load", "/models/unload")  # a neuron's lifecycle API: POSTs that generate nothing
 
 
 @dataclass
@@ -148,9 +153,12 @@ class _Exchange:
 
 
 class _SimStream(httpx.AsyncByteStream):
-    def __init__(self, exchange: _Exchange, on_chunk: Callable[[bytes], None] | None) -> None:
+    def __init__(
+        self, exchange: _Exchange, on_chunk: Callable[[bytes], None] | None, on_close: Callable[[], None] | None = None,
+    ) -> None:
         self._exchange = exchange
         self._on_chunk = on_chunk
+        self._on_close = on_close
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         ex = self._exchange
@@ -172,6 +180,8 @@ class _SimStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._exchange.client_gone.set()
         self._exchange.recv_chunks.close()
+        if self._on_close is not None:
+            self._on_close()
 
 
 class SimNetwork:
@@ -187,6 +197,9 @@ class SimNetwork:
         self.on_attempt: Callable[[Host, httpx.Request, str], None] | None = None  # refused, unreachable, reset
         self.on_head: Callable[[Host, httpx.Request, int], None] | None = None
         self.on_body: Callable[[Host, httpx.Request, bytes], None] | None = None  # a 200's body chunk, as its reader takes it
+        # Every POST, generation or lifecycle: sent, and (once) done with from the client's side.
+        self.on_open: Callable[[Host, httpx.Request], None] | None = None
+        self.on_close: Callable[[Host, httpx.Request], None] | None = None
 
     def add_host(self, name: str) -> Host:
         host = Host(name)
@@ -199,6 +212,18 @@ class SimNetwork:
     def attempted(self, host: Host, request: httpx.Request, result: str) -> None:
         if self.on_attempt is not None:
             self.on_attempt(host, request, result)
+
+    def closer(self, host: Host, request: httpx.Request) -> Callable[[], None]:
+        """`on_close` for this exchange, at most once however often it is called."""
+        done = False
+
+        def close() -> None:
+            nonlocal done
+            if not done and self.on_close is not None:
+                done = True
+                self.on_close(host, request)
+
+        return close
 
     def one_way_s(self, host: Host) -> float:
         jitter = self.rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0
@@ -214,7 +239,22 @@ class SimTransport(httpx.AsyncBaseTransport):
         host = net.hosts.get(f"{request.url.scheme}://{request.url.host}")
         if host is None:
             raise httpx.ConnectError(f"no such host {request.url.host}", request=request)
-        post = request.method == "POST"
+        if request.method != "POST":
+            return await self._handle(host, request, False, None)
+        if net.on_open is not None:
+            net.on_open(host, request)
+        close = net.closer(host, request)
+        try:
+            return await self._handle(host, request, request.url.path not in CONTROL_PATHS, close)
+        except BaseException:
+            close()
+            raise
+
+    async def _handle(
+        self, host: Host, request: httpx.Request, post: bool, close: Callable[[], None] | None,
+    ) -> httpx.Response:
+        """`post`: a generation request, which the checker follows; `close`: the POST's `on_close`."""
+        net = self.network
         body = request.content  # cortex and the simulated clients always send bytes
         await trio.sleep(net.one_way_s(host))
         now = trio.current_time()
@@ -257,15 +297,14 @@ class SimTransport(httpx.AsyncBaseTransport):
             raise
         status = exchange.head["status"]
         on_chunk = None
-        if post:
-            if net.on_head is not None:
-                net.on_head(host, request, status)
-            if status == 200 and net.on_body is not None:
-                on_chunk = partial(net.on_body, host, request)
+        if close is not None and net.on_head is not None:
+            net.on_head(host, request, status)
+        if post and status == 200 and net.on_body is not None:
+            on_chunk = partial(net.on_body, host, request)
         return httpx.Response(
             status,
             headers=[(k, v) for k, v in exchange.head.get("headers", [])],
-            stream=_SimStream(exchange, on_chunk),
+            stream=_SimStream(exchange, on_chunk, close),
             request=request,
         )
 

@@ -41,6 +41,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{summary['stream_errors']:,} streams cut after it ({summary['partial_charges']:,} charged part of their hold)",
             "",
         ]
+    if summary.get("loads") or summary.get("evictions") or summary.get("cold_waits"):
+        lines += [
+            f"lifecycle: {summary['loads']:,} loads ({summary['load_refusals']:,} refused), "
+            f"{summary['evictions']:,} evictions; {summary['cold_waits']:,} requests waited on a cold load "
+            f"(hit rate {summary['hit_rate']:.1%})",
+            "",
+        ]
     if len(summary.get("upstreams", ())) > 1 or any(u["kind"] != "neuron" for u in summary.get("upstreams", ())):
         lines += ["| upstream | kind | requests received | served |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {u['name']} | {u['kind']} | {u['delivered']:,} | {u['served']:,} |" for u in summary["upstreams"]]

@@ -49,10 +49,13 @@ class Result:
         return self.violation is None and not self.expectation_failures
 
 
-def run(scenario: Scenario, seed: int, faults: LedgerFaults | None = None, keep_samples: bool = False) -> Result:
+def run(
+    scenario: Scenario, seed: int, faults: LedgerFaults | None = None, keep_samples: bool = False, policy: str = "cortex",
+) -> Result:
+    """`policy`: cortex's eviction policy (placement.POLICIES); only the benchmark changes it."""
     enable_deterministic_scheduling(seed)
     quiet_logs()
-    world = World(scenario, seed, faults)
+    world = World(scenario, seed, faults, policy)
     world.checker.keep_samples = keep_samples
     started = time.perf_counter()
     trio.run(_main, world, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -81,6 +84,7 @@ async def _main(world: World) -> None:
                 world.checker.fail(f"the scenario did not finish within its horizon of {world.scenario.horizon_s:g} s")
             await trio.sleep(SETTLE_GRACE_S)
             world.virtual_end_s = trio.current_time()
+            world.check_memory()
             leaked = world.leaked_tasks()
             if world.cortex_host.up:
                 await world.stop_cortex()
@@ -123,6 +127,7 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         {"name": u.name, "kind": u.kind, "delivered": world.deliveries[u.name], "served": served_by[u.name]}
         for u in world.scenario.upstreams
     ]
+    lifecycle = checker.lifecycle
     return {
         "scenario": world.scenario.name,
         "seed": world.seed,
@@ -136,6 +141,13 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         "stream_errors": len(cut),
         "partial_charges": sum(1 for r in cut if r.charged is not None and r.hold_amount and 0 < r.charged < r.hold_amount),
         "upstreams": upstreams,
+        "loads": sum(lifecycle.loads.values()),
+        "load_refusals": lifecycle.load_refusals,
+        "evictions": sum(lifecycle.evictions.values()),
+        "cold_waits": world.cold_waits,
+        "hit_rate": round(1 - world.cold_waits / len(requests), 4) if requests else 1.0,
+        "loads_by_model": dict(sorted(lifecycle.loads.items())),
+        "evictions_by_model": dict(sorted(lifecycle.evictions.items())),
         "caps": caps,
         "latency_s": _percentiles(served),
         "virtual_s": round(virtual_s, 3),
@@ -160,7 +172,8 @@ def check_expectations(scenario: Scenario, checker: Checker, summary: dict[str, 
     _check_range(failures, "failed", expect.failed, outcomes.get("failed", 0))
     _check_range(failures, "cancelled", expect.cancelled, outcomes.get("cancelled", 0))
     _check_range(failures, "charged_tokens", expect.charged_tokens, summary["charged_tokens"])
-    for name in ("admitted_on_retry", "failovers", "failed_before_first_byte", "stream_errors", "partial_charges"):
+    for name in ("admitted_on_retry", "failovers", "failed_before_first_byte", "stream_errors", "partial_charges",
+                 "loads", "load_refusals", "evictions", "cold_waits", "hit_rate"):
         if name in summary:  # live mode sees no failovers
             _check_range(failures, name, getattr(expect, name), summary[name])
     for reason, expected in expect.refused.items():

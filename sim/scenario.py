@@ -7,6 +7,8 @@ sim/scenarios/.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -34,6 +36,8 @@ DEFAULT_TOKEN_BYTES = 4  # non-neuron kinds; neuron's tokenizer is byte-level
 OVERLOAD_STATUSES = (429, 503, 529)
 NEURON_OUTPUT_TOKENS = 1024  # a neuron's limit.output when the scenario names none
 REFUSAL_REASONS = ("insufficient_quota", "rate_limit_exceeded", "invalid_api_key", "context_length_exceeded")
+CATALOGUE_MODELS_MAX = 1_000  # [[models]] entries: each becomes a catalogue model cortex may load
+WORKLOAD_MODELS_MAX = 1_000  # models one workload's demand spreads over
 
 
 class ScenarioError(ValueError):
@@ -88,7 +92,9 @@ class UpstreamSpec:
     reply_tokens: int = 256
     chunk_tokens: int = 8
     token_bytes: int = 1  # bytes per token of its tokenizer: 1 for neuron, DEFAULT_TOKEN_BYTES for the others
-    load_s: float = 0.0  # after every start the model loads this long: health not ready, generation refused
+    load_s: float = 0.0  # vllm, sglang, llamacpp, tgi: not ready this long after a start; neuron: one API load's time
+    memory_mb: float | None = None  # neuron: every loaded (and loading) model together; None: no bound
+    model_memory_mb: float = 1024.0  # neuron: what each initially loaded model takes
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class WorkloadSpec:
     clients: int = 0  # closed loop
     think_s: Range = Range(0.0, 0.0, False)
     model: str = "cortex-mock"
+    models: tuple[str, ...] = ()  # if set: each request asks for one of these, Zipf-distributed (first most)
+    zipf_s: float = 1.0  # the Zipf exponent: P(models[k]) ∝ 1 / (k + 1) ** zipf_s
     prompt_bytes: Range = Range(16, 256)
     max_tokens: Range | None = Range(16, 128)
     stream_share: float = 0.5
@@ -111,6 +119,12 @@ class WorkloadSpec:
     honor_retry_after: bool = False
     max_retries: int = 0
 
+    def pick_model(self, rng: random.Random) -> str:
+        """The model one request asks for; draws from `rng` only when the demand spreads over models."""
+        if not self.models:
+            return self.model
+        return rng.choices(self.models, cum_weights=_zipf_cum_weights(len(self.models), self.zipf_s))[0]
+
     def expected_requests(self) -> float:
         if self.kind == "burst":
             return self.count * (1 + self.max_retries)
@@ -118,6 +132,21 @@ class WorkloadSpec:
             return self.rate_per_s * self.duration_s * (1 + self.max_retries)
         # Every client sends at least once, however short the run.
         return self.clients * max(1.0, self.duration_s / max(self.think_s.low + 0.01, 0.01))
+
+
+@functools.lru_cache(maxsize=64)
+def _zipf_cum_weights(n: int, s: float) -> list[float]:
+    return list(itertools.accumulate(1 / (k + 1) ** s for k in range(n)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A catalogue model (cortex's `[[models]]`): what it takes, how much it is worth keeping, where it is pinned."""
+
+    id: str
+    memory_mb: int
+    residency_priority: int = 100
+    pinned_on: tuple[str, ...] = ()  # upstream names
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,8 @@ class CortexSpec:
     idle_timeout_s: float = 30.0
     default_context_tokens: int = 8192  # for kinds that report no limits (ollama, openai)
     default_output_tokens: int = 4096
+    load_timeout_s: float = 600.0  # a cold load's deadline
+    unload_drain_s: float = 30.0  # an eviction lets other replicas' requests drain this long
 
 
 @dataclass(frozen=True)
@@ -159,6 +190,11 @@ class Expectations:
     failed_before_first_byte: Range | None = None  # answered with an HTTP error (5xx), not a refusal
     stream_errors: Range | None = None  # streams that ended in an SSE error event after the 200
     partial_charges: Range | None = None  # those cut streams charged more than nothing and less than their hold
+    loads: Range | None = None  # load requests cortex sent the neurons
+    load_refusals: Range | None = None  # of those, answered with an error (507: no memory; 503: unloading)
+    evictions: Range | None = None  # unload requests cortex sent the neurons
+    cold_waits: Range | None = None  # client requests that waited on a cold load
+    hit_rate: Range | None = None  # the share of client requests that did not
 
 
 @dataclass(frozen=True)
@@ -175,7 +211,16 @@ class Scenario:
     faults: tuple[FaultSpec, ...]
     cortex: CortexSpec
     expect: Expectations
+    models: tuple[ModelSpec, ...] = ()  # the catalogue cortex loads on demand from
     source: str = ""
+
+    def catalogue(self) -> dict[str, Any]:
+        """cortex's catalogue, TOML-shaped (`cortex.fleet.catalogue.parse` checks it like a models.toml)."""
+        return {"models": [
+            {"id": m.id, "memory_mb": m.memory_mb, "residency_priority": m.residency_priority,
+             "pinned_on": [f"http://{name}" for name in m.pinned_on]}
+            for m in self.models
+        ]}
 
 
 # --- field parsers --------------------------------------------------------------------
@@ -335,11 +380,16 @@ UPSTREAM_FIELDS = {
     "chunk_tokens": _integer(1),
     "token_bytes": _integer(1, TOKEN_BYTES_MAX),
     "load_s": _number(),
+    "memory_mb": _number(strict=True),
+    "model_memory_mb": _number(),
 }
+NEURON_ONLY_FIELDS = ("memory_mb", "model_memory_mb")  # the mock engine's pretend memory
 
 
 def _upstream(key: str, raw: Any) -> UpstreamSpec:
-    values = _table(key, raw, UPSTREAM_FIELDS)
+    if isinstance(raw, dict) and raw.get("models") == [] and raw.get("kind", "neuron") == "neuron":
+        raw = {**raw, "models": ()}  # a neuron may start empty: cortex loads what it needs
+    values = _table(key, raw, {**UPSTREAM_FIELDS, "models": lambda k, v: v if v == () else _strings(k, v)})
     if "name" not in values:
         raise ScenarioError(f"'{key}.name' is required")
     kind = values.setdefault("kind", "neuron")
@@ -350,8 +400,17 @@ def _upstream(key: str, raw: Any) -> UpstreamSpec:
     values.setdefault("token_bytes", 1 if kind == "neuron" else DEFAULT_TOKEN_BYTES)
     if "output_tokens" in values and kind not in OUTPUT_LIMIT_KINDS:
         raise ScenarioError(f"'{key}.output_tokens': a {kind} server reports no output limit (it writes to the context)")
-    if values.get("load_s") and kind not in LOADING_KINDS:
-        raise ScenarioError(f"'{key}.load_s': a {kind} server has no loading state (kinds with one: {', '.join(LOADING_KINDS)})")
+    if values.get("load_s") and kind not in (*LOADING_KINDS, "neuron"):
+        raise ScenarioError(f"'{key}.load_s': a {kind} server has no loading state (kinds with one: {', '.join(LOADING_KINDS)}, neuron)")
+    for name in NEURON_ONLY_FIELDS:
+        if name in values and kind != "neuron":
+            raise ScenarioError(f"'{key}.{name}': only a neuron has a memory budget")
+    memory_mb = values.get("memory_mb")
+    initial_mb = len(values.get("models", UpstreamSpec.models)) * values.get("model_memory_mb", UpstreamSpec.model_memory_mb)
+    if memory_mb is not None and initial_mb > memory_mb:
+        raise ScenarioError(f"'{key}.models': {initial_mb:g} MiB of initially loaded models exceed memory_mb {memory_mb:g}")
+    if not values.get("models", True) and memory_mb is None:
+        raise ScenarioError(f"'{key}.models': only a neuron with memory_mb may start with no model")
     if kind in ONE_MODEL_KINDS and len(values.get("models", UpstreamSpec.models)) != 1:
         raise ScenarioError(f"'{key}.models': a {kind} server serves exactly one model")
     if "ttft_ms" in values:
@@ -392,6 +451,8 @@ WORKLOAD_FIELDS = {
     "cancel_after_s": _range(integer=False, high=HORIZON_MAX_S),
     "honor_retry_after": _bool,
     "max_retries": _integer(),
+    "models": _strings,
+    "zipf_s": _number(),
 }
 WORKLOAD_NEEDS = {"burst": ("count",), "open": ("rate_per_s", "duration_s"), "closed": ("clients", "duration_s")}
 
@@ -414,6 +475,12 @@ def _workloads(data: Any, keys: tuple[KeySpec, ...]) -> tuple[WorkloadSpec, ...]
             if name not in known_keys and not name.startswith("invalid"):
                 raise ScenarioError(f"'{key}.key': no key {name!r} in [[keys]]")
         values["keys"] = values.pop("key")
+        if "models" in values and "model" in values:
+            raise ScenarioError(f"'{key}': give 'model' or 'models', not both")
+        if len(values.get("models", ())) > WORKLOAD_MODELS_MAX:
+            raise ScenarioError(f"'{key}.models': at most {WORKLOAD_MODELS_MAX} models")
+        if "zipf_s" in values and "models" not in values:
+            raise ScenarioError(f"'{key}.zipf_s' needs 'models' (the demand it spreads)")
         if values.get("cancel_share") and not ("cancel_after_tokens" in values or "cancel_after_s" in values):
             raise ScenarioError(f"'{key}.cancel_share' needs cancel_after_tokens or cancel_after_s")
         out.append(WorkloadSpec(**values))
@@ -473,7 +540,32 @@ CORTEX_FIELDS = {
     "idle_timeout_s": _number(strict=True),
     "default_context_tokens": _integer(1),
     "default_output_tokens": _integer(1),
+    "load_timeout_s": _number(strict=True),
+    "unload_drain_s": _number(),
 }
+
+
+def _models(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[ModelSpec, ...]:
+    out = []
+    neurons = {u.name for u in upstreams if u.kind == "neuron"}
+    for i, raw in enumerate(_array("models", data)):
+        key = f"models[{i}]"
+        values = _table(key, raw, {
+            "id": _string, "memory_mb": _integer(1, 2**40), "residency_priority": _integer(0, 10_000),
+            "pinned_on": _strings,
+        })
+        for needed in ("id", "memory_mb"):
+            if needed not in values:
+                raise ScenarioError(f"'{key}.{needed}' is required")
+        for name in values.get("pinned_on", ()):
+            if name not in neurons:
+                raise ScenarioError(f"'{key}.pinned_on': no neuron {name!r} in [[upstreams]]")
+        out.append(ModelSpec(**values))
+    if len({m.id for m in out}) != len(out):
+        raise ScenarioError("'models': ids must be unique")
+    if len(out) > CATALOGUE_MODELS_MAX:
+        raise ScenarioError(f"'models': at most {CATALOGUE_MODELS_MAX}")
+    return tuple(out)
 
 
 def _expect(data: Any) -> Expectations:
@@ -487,6 +579,9 @@ def _expect(data: Any) -> Expectations:
             "admitted_on_retry": _range(open_ended=True), "failovers": _range(open_ended=True),
             "failed_before_first_byte": _range(open_ended=True), "stream_errors": _range(open_ended=True),
             "partial_charges": _range(open_ended=True),
+            "loads": _range(open_ended=True), "load_refusals": _range(open_ended=True),
+            "evictions": _range(open_ended=True), "cold_waits": _range(open_ended=True),
+            "hit_rate": _range(integer=False, high=1.0, open_ended=True),
             "refused": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in REFUSAL_REASONS}),
         },
     )
@@ -498,6 +593,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         "name": _string, "description": _string, "horizon_s": _number(strict=True),
         "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "upstreams": lambda k, v: v, "workload": lambda k, v: v,
         "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
+        "models": lambda k, v: v,
     })
     for required in ("name", "description"):
         if required not in top:
@@ -520,6 +616,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         faults=_faults(top.get("faults"), upstreams),
         cortex=CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS)),
         expect=_expect(top.get("expect")),
+        models=_models(top.get("models"), upstreams),
         source=source,
     )
     if scenario.horizon_s > HORIZON_MAX_S:

@@ -41,12 +41,14 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from common import asgi, counting, errors
 from neuron.engines.mock import MockEngine, Pacing
+from sim.network import CONTROL_PATHS
 from sim.scenario import LOADING_KINDS, UpstreamSpec
 
 TEMPLATE_TOKENS = 3  # per message: below cortex's MESSAGE_OVERHEAD_TOKENS, as its estimate requires
@@ -385,19 +387,30 @@ class ServerFaults:
 
 
 class NeuronGate:
-    """The real NeuronApp behind an overload fault, refusing in neuron's own envelope."""
+    """The real NeuronApp behind an overload fault, refusing in neuron's own envelope. Lifecycle
+    requests pass untouched (an overload is of generations); the gate counts the neuron's refusals
+    of them, which the neuron counts with its refused generations."""
 
     def __init__(self, app: Any, faults: ServerFaults) -> None:
         self.app = app
         self.faults = faults
+        self.control_refused_total = 0
 
     async def __call__(self, scope: dict[str, Any], receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in CONTROL_PATHS:
+            await self.app(scope, receive, partial(self._control_send, send))
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and self.faults.refuse_now(trio.current_time()):
             f = self.faults
             err = errors.server_overloaded("neuron queue is full; retry shortly.", f.retry_after_s or 1.0)
             await asgi.send_bytes(send, f.overload_status or err.status, err.openai_bytes(), asgi.JSON_HEADERS + err.headers)
             return
         await self.app(scope, receive, send)
+
+    async def _control_send(self, send: asgi.Send, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] != 200:
+            self.control_refused_total += 1
+        await send(message)
 
 
 # --- the server -------------------------------------------------------------------------------

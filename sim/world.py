@@ -7,7 +7,9 @@ failover, streaming), its store a `SyncStore` on an in-memory database that
 outlives cortex restarts like a disk. Each upstream of kind neuron is the
 real `NeuronApp` with the mock engine; one of any other kind is modelled in
 sim/upstream_kinds.py. cortex reaches all of them as `[[fleet.upstreams]]`
-through the same transport seam.
+through the same transport seam. A scenario's `[[models]]` are cortex's
+catalogue, parsed by the real catalogue parser, so cortex's real lifecycle
+loads and evicts them on the mock neurons' pretend memory.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from cortex import config as config_mod
 from cortex.app import CortexApp
 from cortex.budget.ledger import Ledger
 from cortex.budget.store import SyncStore, connect
+from cortex.fleet import catalogue
+from cortex.fleet.lifecycle import LOAD_PATH, UNLOAD_PATH
 from cortex.relay import StreamRelay
 from neuron.app import ModelSpec, NeuronApp, NeuronConfig
 from neuron.engines.mock import MockEngine, Pacing
@@ -48,6 +52,7 @@ class LedgerFaults:
     skip_cap_check: bool = False
     double_charge: bool = False
     window_amnesia: bool = False
+    evict_busy: bool = False  # not the ledger's: cortex's lifecycle evicts models with requests in flight
 
 
 class _Lifespan:
@@ -78,10 +83,13 @@ class _Lifespan:
 
 
 class World:
-    def __init__(self, scenario: Scenario, seed: int, faults: LedgerFaults | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, seed: int, faults: LedgerFaults | None = None, policy: str = "cortex",
+    ) -> None:
         self.scenario = scenario
         self.seed = seed
         self.ledger_faults = faults or LedgerFaults()
+        self.policy = policy  # cortex's eviction policy: "cortex", or a benchmark's baseline
         self.trace = Trace()
         self.checker = Checker(self.trace)
         self.network = SimNetwork(self._rng("network"), scenario.latency_ms / 1000, scenario.jitter_ms / 1000)
@@ -89,6 +97,8 @@ class World:
         self.network.on_attempt = self._on_attempt
         self.network.on_head = self._on_head
         self.network.on_body = self._on_body
+        self.network.on_open = self._on_open
+        self.network.on_close = self._on_close
         self.db = connect(":memory:")
         self.cortex_host = self.network.add_host("cortex")
         self.upstream_hosts = {u.name: self.network.add_host(u.name) for u in scenario.upstreams}
@@ -97,6 +107,11 @@ class World:
         self.upstream_apps: list[NeuronApp | KindApp] = []  # every incarnation, for the admitted counts
         self.deliveries: Counter[str] = Counter()  # generation requests each upstream received
         self.checker.token_bytes = {u.name: u.token_bytes for u in scenario.upstreams}
+        self.checker.lifecycle.pinned = {(name, m.id) for m in scenario.models for name in m.pinned_on}
+        self.catalogue = catalogue.parse(scenario.catalogue())
+        self.neurons: dict[str, NeuronApp] = {}  # the live incarnation of each neuron
+        self.gates: list[NeuronGate] = []
+        self.cold_waits = 0  # client requests that waited on a cold load (every cortex incarnation)
         self.cortex: CortexApp | None = None
         self.keys: dict[str, str] = {}  # name -> plaintext
         self.key_ids: dict[str, str] = {}
@@ -137,17 +152,22 @@ class World:
     def crash(self, name: str) -> None:
         """Kill a host at once: no shutdown, no settlement, connections broken."""
         self._scopes[name].cancel()
+        if name in self.neurons:
+            self.checker.lifecycle.neuron_reset(name)  # its models are gone with it
 
     async def start_upstream(self, nursery: trio.Nursery, name: str) -> None:
         spec, faults = self.upstream_specs[name], self.server_faults[name]
         app: NeuronApp | KindApp
         if spec.kind == "neuron":
-            app = NeuronApp(_neuron_config(spec, self.seed), wall_clock=trio.current_time)
+            app = self.neurons[name] = NeuronApp(_neuron_config(spec, self.seed), wall_clock=trio.current_time)
+            self.checker.lifecycle.neuron_reset(name, spec.models)
             served: Any = NeuronGate(app, faults)
+            self.gates.append(served)
         else:
             app = served = KindApp(spec, self.seed, faults, ready_at=trio.current_time() + spec.load_s)
         self.upstream_apps.append(app)
-        await nursery.start(self._host, self.upstream_hosts[name], served, False)
+        # A neuron runs its lifespan, as under a server: its loads and unloads live in that nursery.
+        await nursery.start(self._host, self.upstream_hosts[name], served, spec.kind == "neuron")
 
     async def start_cortex(self, nursery: trio.Nursery) -> None:
         app = CortexApp(
@@ -160,6 +180,7 @@ class World:
             # and lets the checker follow each request to the neuron and the ledger.
             request_ids=lambda offered: offered or self.next_request_id(),
         )
+        self._lifecycle_seams(app)
         await nursery.start(self._host, self.cortex_host, app, True)
         self.cortex = app
         assert app.budget is not None
@@ -171,6 +192,23 @@ class World:
         span.stop.set()
         await span.stopped.wait()
         self._scopes["cortex"].cancel()
+
+    def _lifecycle_seams(self, app: CortexApp) -> None:
+        """The scenario's catalogue, in force as a reload would put it; the eviction policy and the
+        planted bug; and a count of the requests that wait on a cold load."""
+        app.catalogue = app.proxy.catalogue = self.catalogue
+        lifecycle = app.lifecycle
+        lifecycle.placement_policy = self.policy
+        lifecycle.placement_rng = self._rng("placement")
+        lifecycle.fault_evict_busy = self.ledger_faults.evict_busy
+        ensure = lifecycle.ensure
+
+        async def counted(model: str) -> None:
+            self.cold_waits += 1
+            self.trace.event("cold_wait", model=model)
+            await ensure(model)
+
+        lifecycle.ensure = counted  # type: ignore[method-assign]
 
     def _ledger(self) -> Ledger:
         ledger = Ledger(
@@ -205,6 +243,8 @@ class World:
                 "poll_interval_s": c.poll_interval_s,
                 "poll_timeout_s": c.connect_timeout_s,
                 "unhealthy_after_failures": c.unhealthy_after_failures,
+                "load_timeout_s": c.load_timeout_s,
+                "unload_drain_s": c.unload_drain_s,
             },
             "upstream": {
                 "connect_timeout_s": c.connect_timeout_s,
@@ -227,11 +267,41 @@ class World:
             self.checker.on_attempt(host.name, request.headers.get("x-request-id", "?"), result)
 
     def _on_head(self, host: Host, request: httpx.Request, status: int) -> None:
+        path = request.url.path
+        if path in (LOAD_PATH, UNLOAD_PATH):
+            self.checker.lifecycle.on_answer(host.name, path, _model_of(request), status)
+            self.check_memory()
+            return
         self.checker.on_head(host.name, request.headers.get("x-request-id", "?"), status, host is self.cortex_host)
 
     def _on_body(self, host: Host, request: httpx.Request, chunk: bytes) -> None:
         if host is not self.cortex_host:
             self.checker.on_body(host.name, request.headers.get("x-request-id", "?"), chunk)
+
+    def _on_open(self, host: Host, request: httpx.Request) -> None:
+        self._lifecycle_event(host, request, True)
+
+    def _on_close(self, host: Host, request: httpx.Request) -> None:
+        self._lifecycle_event(host, request, False)
+
+    def _lifecycle_event(self, host: Host, request: httpx.Request, opened: bool) -> None:
+        """A POST from cortex to an upstream: a load, an unload, or a generation on a model."""
+        if host is self.cortex_host:
+            return
+        lc, path, model = self.checker.lifecycle, request.url.path, _model_of(request)
+        if path == LOAD_PATH:
+            lc.on_load(host.name, model, opened)
+        elif path == UNLOAD_PATH:
+            lc.on_unload(host.name, model, opened)
+        else:
+            lc.on_generation(host.name, model, opened)
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        for name, app in self.neurons.items():
+            if self.upstream_hosts[name].up:
+                lc = app.lifecycle
+                self.checker.lifecycle.check_memory(name, lc.memory_reserved_bytes, lc.memory_budget_bytes)
 
     # --- principals -------------------------------------------------------------------
 
@@ -326,7 +396,7 @@ class World:
     async def client_request(self, wl: WorkloadSpec, key_name: str, rng: random.Random) -> None:
         prompt_len = int(wl.prompt_bytes.sample(rng))
         prompt = "".join(rng.choices(PROMPT_ALPHABET, k=prompt_len))
-        body: dict[str, Any] = {"model": wl.model, "messages": [{"role": "user", "content": prompt}]}
+        body: dict[str, Any] = {"model": wl.pick_model(rng), "messages": [{"role": "user", "content": prompt}]}
         if wl.max_tokens is not None:
             body["max_tokens"] = int(wl.max_tokens.sample(rng))
         stream = rng.random() < wl.stream_share
@@ -340,17 +410,18 @@ class World:
                 cancel_s = wl.cancel_after_s.sample(rng)
         payload = json.dumps(body).encode()
         for attempt in range(wl.max_retries + 1):
-            wait_s = await self._one_request(key_name, payload, stream, cancel_tokens, cancel_s, attempt)
+            wait_s = await self._one_request(key_name, body["model"], payload, stream, cancel_tokens, cancel_s, attempt)
             if wait_s is None or not wl.honor_retry_after:
                 return
             await trio.sleep(wait_s)
 
     async def _one_request(
-        self, key_name: str, payload: bytes, stream: bool, cancel_tokens: int | None, cancel_s: float | None, attempt: int
+        self, key_name: str, model: str, payload: bytes, stream: bool, cancel_tokens: int | None, cancel_s: float | None,
+        attempt: int,
     ) -> float | None:
         """One HTTP exchange; returns the Retry-After wait when refused by a rate limit."""
         rid = self.next_request_id()
-        record = self.checker.requests[rid] = RequestRecord(rid, key_name)
+        record = self.checker.requests[rid] = RequestRecord(rid, key_name, model)
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
         request = httpx.Request(
             "POST", self.base_url + "/v1/chat/completions", content=payload,
@@ -428,7 +499,8 @@ class World:
         """Generation requests the upstreams admitted, and those they (or their overload faults) refused."""
         return (
             sum(a.counters.requests_total for a in self.upstream_apps),
-            sum(a.counters.rejected_total for a in self.upstream_apps) + sum(f.refused_total for f in self.server_faults.values()),
+            sum(a.counters.rejected_total for a in self.upstream_apps) + sum(f.refused_total for f in self.server_faults.values())
+            - sum(g.control_refused_total for g in self.gates),  # the neuron counts its lifecycle refusals too
         )
 
 
@@ -449,7 +521,21 @@ class _MortalStore(SyncStore):
 def _neuron_config(spec: UpstreamSpec, seed: int) -> NeuronConfig:
     engine = MockEngine(seed=seed, reply_tokens=spec.reply_tokens, pacing=Pacing(spec.ttft_s, 1 / spec.tokens_per_s))
     models = [ModelSpec(m, spec.context_tokens, spec.output_tokens or NEURON_OUTPUT_TOKENS) for m in spec.models]
-    return NeuronConfig(models=models, engine=engine, slots=spec.slots, queue_depth=spec.queue_depth, chunk_tokens=spec.chunk_tokens)
+    return NeuronConfig(models=models, engine=engine, slots=spec.slots, queue_depth=spec.queue_depth, chunk_tokens=spec.chunk_tokens,
+                        memory_mb=spec.memory_mb, model_memory_mb=spec.model_memory_mb, load_s=spec.load_s,
+                        context_tokens=spec.context_tokens, output_tokens=spec.output_tokens or NEURON_OUTPUT_TOKENS)
+
+
+def _model_of(request: httpx.Request) -> str:
+    """The model a POST from cortex names (its generations and lifecycle requests all do)."""
+    cached = request.extensions.get("sim_model")
+    if cached is None:
+        try:
+            model = json.loads(request.content).get("model")
+        except (ValueError, AttributeError):
+            model = None
+        cached = request.extensions["sim_model"] = model if isinstance(model, str) else "?"
+    return cached
 
 
 def quiet_logs() -> None:

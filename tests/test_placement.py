@@ -118,3 +118,16 @@ def test_a_plan_fits_evicts_only_what_may_go_and_no_neuron_needs_fewer_evictions
         for k in range(len(result.evict)):
             for subset in itertools.combinations(pool, k):
                 assert other.memory_free_bytes + sum(r.memory_bytes for r in subset) < wanted.memory_bytes
+
+
+def test_a_neuron_that_is_down_makes_a_model_wait_not_vanish():
+    down = NeuronView("a", 80 * GIB, 80 * GIB, (), healthy=False)
+    result = place([down], Wanted("m", 20 * GIB))
+    assert isinstance(result, Infeasible) and not result.never  # a 503 with Retry-After, not a 404
+    assert place([down], Wanted("huge", 100 * GIB)).never  # bigger than any neuron ever is
+
+
+def test_a_model_already_resident_or_loading_is_joined_without_evicting_anyone():
+    for status in ("ready", "loading"):
+        view = _view("a", 40, _r("m", 20, status=status), _r("other", 20), free_gib=0)
+        assert place([view], Wanted("m", 20 * GIB)) == Plan("a", (), "resident")

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Lifecycle:
     def __init__(
         self, fleet: Fleet, upstream: Upstream, config: FleetConfig, catalogue: Callable[[], Catalogue],
         metrics: GatewayMetrics, data_dir: str | None = None, clock: Callable[[], float] = time.time,
+        placement_policy: str = "cortex", placement_rng: random.Random | None = None, fault_evict_busy: bool = False,
     ) -> None:
         self.fleet = fleet
         self.upstream = upstream
@@ -80,6 +82,11 @@ class Lifecycle:
         self.last_used: dict[str, float] = self._read_lru()  # "url model" -> wall-clock time
         self._loads: dict[str, _Load] = {}
         self._nursery: trio.Nursery | None = None
+        # Seams for the simulator only: the eviction policy its benchmark compares (placement.POLICIES),
+        # and a planted bug (evict a model with requests in flight) its checker must catch.
+        self.placement_policy = placement_policy
+        self.placement_rng = placement_rng
+        self.fault_evict_busy = fault_evict_busy
 
     # --- the lifespan ---------------------------------------------------------------
 
@@ -153,16 +160,23 @@ class Lifecycle:
         for _ in range(PLAN_ATTEMPTS_MAX):
             if self.fleet.route(model, now=trio.current_time()) is not None:
                 return  # a poll or another replica of cortex got there first
-            plan = placement.place(self.views(), self._wanted(model))
+            plan = placement.place(self.views(), self._wanted(model), self.placement_policy, self.placement_rng)
             if isinstance(plan, placement.Infeasible):
                 if plan.never:
                     raise LoadFailed(ApiError(404, plan.message, type="invalid_request_error", code="model_not_found"))
                 raise LoadFailed(errors.service_unavailable(plan.message, retry_after_s=math.ceil(self.config.poll_interval_s)))
             node = self.fleet.node(plan.url)
+            residency = node.residency
             for victim in plan.evict:
                 await self._evict(node, victim, reason=f"make room for {model}")
-            residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
-            if residency is None or residency.memory_free_bytes < self._wanted(model).memory_bytes:
+                # The fit is the neuron's own count after each unload, not the plan's: stop once there is room.
+                residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
+                if residency is not None and residency.memory_free_bytes >= self._wanted(model).memory_bytes:
+                    break
+            if not plan.evict:
+                residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
+            already = residency is not None and residency.models.get(model, ("", 0))[0] in ("ready", "loading")
+            if not already and (residency is None or residency.memory_free_bytes < self._wanted(model).memory_bytes):
                 node.residency = residency or node.residency
                 continue  # the neuron's own count says no room yet: plan again from it
             await self._post(node, LOAD_PATH, self._load_body(model))
@@ -173,12 +187,13 @@ class Lifecycle:
             f"No room could be made for `{model}` after {PLAN_ATTEMPTS_MAX} attempts.", retry_after_s=1))
 
     async def _evict(self, node: Node, model: str, reason: str) -> None:
-        if node.in_flight_by_model.get(model):
+        if node.in_flight_by_model.get(model) and not self.fault_evict_busy:
             raise LoadFailed(errors.service_unavailable(f"`{model}` got busy on {node.url}.", retry_after_s=1))
         self.fleet.withdraw(node.url, model)  # no await since the plan: nothing is routed to it now
         self.metrics.evictions.inc(model=model, reason="make_room")
         logs.event("model_evict", model=model, neuron=node.url, reason=reason)
         await self._post(node, UNLOAD_PATH, {"model": model, "drain_timeout_s": self.config.unload_drain_s})
+        self.fleet.unloaded(node.url, model)
         self.last_used.pop(f"{node.url} {model}", None)
 
     async def _post(self, node: Node, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +247,7 @@ class Lifecycle:
                 defined = catalogue.model(name)
                 residents.append(placement.Resident(
                     name, status if name in node.models or status != "ready" else "unloading", memory,
-                    in_flight=node.in_flight_by_model.get(name, 0),
+                    in_flight=0 if self.fault_evict_busy else node.in_flight_by_model.get(name, 0),
                     last_used=self.last_used.get(f"{node.url} {name}", 0.0),
                     priority=defined.residency_priority if defined else 100,
                     pinned_here=bool(defined and node.url in defined.pinned_on),

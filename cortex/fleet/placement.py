@@ -24,16 +24,24 @@ A model that fits on no neuron even when empty is `Infeasible(never=True)`
 `Infeasible(never=False)` (a 503 with Retry-After).
 
 No I/O and no clock: `last_used` times come in with the views.
+
+`policy` is a seam for the simulator's benchmark only (scripts/bench_eviction.py):
+"lru" (plain least-recently-used, priorities ignored) and "random" (a seeded
+`rng`) choose the victims differently, under the same safety rules (never a
+busy, pinned or transitional model). cortex itself always uses "cortex".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import random
 from dataclasses import dataclass, field
 
 Status = str  # "loading" | "ready" | "unloading"
 SEARCH_SUBSETS_MAX = 5_000  # subsets of one neuron's residents searched for the cheapest eviction
+POLICIES = ("cortex", "lru", "random")  # the last two: baselines for the simulator's benchmark only
 
 
 @dataclass(frozen=True)
@@ -144,25 +152,67 @@ def feasible_on(views: list[NeuronView], wanted: Wanted) -> list[str]:
     return out
 
 
-def place(views: list[NeuronView], wanted: Wanted) -> Plan | Infeasible:
+def place(
+    views: list[NeuronView], wanted: Wanted, policy: str = "cortex", rng: random.Random | None = None,
+) -> Plan | Infeasible:
     assert wanted.memory_bytes >= 0
+    assert policy in POLICIES and (policy != "random" or rng is not None)
     healthy = [v for v in views if v.healthy]
-    if not feasible_on(healthy, wanted):
-        biggest = max((v.memory_total_bytes for v in healthy), default=0)
+    # Never: on no neuron even if every one were up (a neuron that is down is judged by its last report).
+    if not feasible_on([dataclasses.replace(v, healthy=True) for v in views], wanted):
+        biggest = max((v.memory_total_bytes for v in views), default=0)
         return Infeasible(
             f"The model `{wanted.model}` needs {_mib(wanted.memory_bytes)} MiB and fits on no neuron "
             f"(the largest has {_mib(biggest)} MiB).", never=True,
         )
+    if not feasible_on(healthy, wanted):
+        return Infeasible(f"No neuron that could hold `{wanted.model}` is healthy now.", never=False)
+    for view in healthy:  # already there, or on its way: nothing to evict, the load joins it
+        resident = view.resident(wanted.model)
+        if resident is not None and resident.status in ("ready", "loading"):
+            return Plan(view.url, (), "resident")
     pinned = [v for v in healthy if v.url in wanted.pinned_on]
     for group, reason in ((pinned, "pinned"), (healthy, None)):
-        options = [o for o in (room(v, wanted) for v in group) if o is not None]
-        if options:
-            best = min(options, key=_Option.cost)
+        if policy == "cortex":
+            options = [o for o in (room(v, wanted) for v in group) if o is not None]
+            best = min(options, key=_Option.cost) if options else None
+        else:
+            best = _baseline(group, wanted, policy, rng)
+        if best is not None:
             return Plan(best.view.url, tuple(r.model for r in best.evict), reason or ("evict" if best.evict else "free"))
     return Infeasible(
         f"No neuron has room for `{wanted.model}` now: the models that would make room are busy or of "
         "higher priority.", never=False,
     )
+
+
+def _baseline(group: list[NeuronView], wanted: Wanted, policy: str, rng: random.Random | None) -> _Option | None:
+    """The benchmark's baselines: free room first (as cortex), else victims taken in LRU or random
+    order until the model fits, on the neuron with the oldest victims (lru) or a random one."""
+    options = []
+    for view in group:
+        need = wanted.memory_bytes - view.memory_free_bytes
+        if need <= 0:
+            options.append(_Option(view))
+            continue
+        pool = sorted((r for r in view.residents if r.status == "ready" and r.in_flight == 0 and not r.pinned_here
+                       and r.model != wanted.model), key=lambda r: (r.last_used, r.model))
+        if policy == "random":
+            assert rng is not None
+            rng.shuffle(pool)
+        victims: list[Resident] = []
+        while need > 0 and pool:
+            victims.append(pool.pop(0))
+            need -= victims[-1].memory_bytes
+        if need <= 0:
+            options.append(_Option(view, tuple(victims)))
+    free = [o for o in options if not o.evict]
+    if free or not options:
+        return min(free, key=_Option.cost) if free else None
+    if policy == "random":
+        assert rng is not None
+        return rng.choice(options)
+    return min(options, key=lambda o: (max(r.last_used for r in o.evict), len(o.evict), -o.view.memory_free_bytes))
 
 
 def _mib(n: int) -> int:

@@ -222,6 +222,10 @@ class Fleet:
         node.withdrawn.add(model)
         node.models_epoch += 1
 
+    def unloaded(self, url: str, model: str) -> None:
+        """The neuron said the unload is done: the model may be loaded and routed here again."""
+        self._by_url[url].withdrawn.discard(model)
+
     def loaded(self, url: str, models: dict[str, ModelInfo], residency: Residency | None) -> None:
         """A load finished: the node's fresh model list, read after it, is in force now."""
         node = self._by_url[url]
