@@ -677,8 +677,10 @@ class NeuronApp:
         in_flight = len(record.served.requests)
         if begun == "start":
             self._unloads[name] = trio.Event()
+        done = self._unloads[name]  # taken first: without a lifespan the unload runs inline and pops it
+        if begun == "start":
             await self._background(self._run_unload, record, float(drain_s))
-        await self._unloads[name].wait()
+        await done.wait()
         await asgi.send_json(request.send, 200, {
             "model": name, "status": "unloaded", "in_flight_at_unload": in_flight,
             "cancelled": record.served.requests.cut_total, "unload": "unloaded" if begun == "start" else "joined",

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from neuron.app import NeuronConfig
+from neuron.app import NeuronApp, NeuronConfig
 from neuron.engines import kernel_engine
 from neuron.lifecycle import Lifecycle, Requests
 from tests.conftest import Stack, wait_until
@@ -280,3 +280,12 @@ def test_a_neuron_holds_a_bounded_number_of_models():
     lc = Lifecycle(models_max=2)
     assert [lc.begin_load(name, 1, "cpu") for name in "abc"] == ["start", "start", "too_many"]
     assert lc.load_refusals_total == 1
+
+
+async def test_a_mock_unload_without_a_lifespan_answers_instead_of_a_500():
+    # In-process use (no lifespan nursery) runs the unload inline; it must still answer.
+    app = NeuronApp(NeuronConfig(memory_mb=4096))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://neuron") as client:
+        assert (await client.post("/models/load", json={"model": "x", "memory_mb": 512})).status_code == 200
+        r = await client.post("/models/unload", json={"model": "x"})
+        assert r.status_code == 200 and r.json()["status"] == "unloaded"
