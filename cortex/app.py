@@ -121,7 +121,8 @@ class CortexApp:
                 self.proxy.budget = self.budget
                 if self.config.admin.token:
                     self._admin = AdminApi(
-                        self.budget, self.config.admin.token, self.config.server.body_timeout_s, self.reload_catalogue
+                        self.budget, self.config.admin.token, self.config.server.body_timeout_s, self.reload_catalogue,
+                        fleet=self.lifecycle,
                     )
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)

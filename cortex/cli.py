@@ -101,7 +101,8 @@ def socket_admin(app: CortexApp) -> AdminApi:
     """The admin handlers for the data dir's socket: the app's ledger, no token (the file's mode is the check)."""
     assert app.budget is not None
     return AdminApi(
-        app.budget, None, app.config.server.body_timeout_s, app.reload_catalogue, authorize=data_dir_owner
+        app.budget, None, app.config.server.body_timeout_s, app.reload_catalogue, authorize=data_dir_owner,
+        fleet=app.lifecycle,
     )
 
 

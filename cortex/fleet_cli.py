@@ -23,7 +23,8 @@ from cortex.admin_socket import Call, Reply
 from cortex.budget import datadir
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-PATHS = {"reload": "fleet/reload"}
+PATHS = {"reload": ("POST", "fleet/reload"), "status": ("GET", "fleet"), "load": ("POST", "fleet/load"),
+         "unload": ("POST", "fleet/unload")}
 
 
 class NeedsToken(Exception):
@@ -44,10 +45,18 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--json", action="store_true", help="machine-readable output")
     fleet = sub.add_parser("fleet", help="operate a running gateway's fleet").add_subparsers(dest="action", required=True)
     fleet.add_parser("reload", parents=[common], help="reload the model catalogue (like SIGHUP); a bad one is refused")
+    fleet.add_parser("status", parents=[common], help="per neuron: its models, memory used and free, requests in flight")
+    for action, what in (("load", "load a model (where placement says, or on --neuron)"),
+                         ("unload", "unload a model (from every neuron holding it, or from --neuron)")):
+        p = fleet.add_parser(action, parents=[common], help=what)
+        p.add_argument("model")
+        p.add_argument("--neuron", metavar="URL", help="the neuron's URL, as configured")
 
 
 def run(args: argparse.Namespace) -> int:
-    request = Call("POST", PATHS[args.action])
+    method, path = PATHS[args.action]
+    body = {"model": args.model, **({"neuron": args.neuron} if args.neuron else {})} if args.action in ("load", "unload") else None
+    request = Call(method, path, body) if body is not None else Call(method, path)
     try:
         reply = trio.run(ask, args, request)
     except NeedsToken:
@@ -87,6 +96,20 @@ async def ask(args: argparse.Namespace, request: Call) -> Reply:
 
 
 def _summary(action: str, body: dict[str, Any]) -> str:
-    assert action == "reload"
+    if action != "reload":
+        return _status_table(body)
     aliases = ", ".join(f"{k} -> {v}" for k, v in body.get("aliases", {}).items()) or "none"
     return f"catalogue reloaded: {len(body.get('models', []))} models ({', '.join(body.get('models', []))}); aliases: {aliases}"
+
+
+def _status_table(body: dict[str, Any]) -> str:
+    lines = []
+    for n in body.get("neurons", []):
+        total, free = n.get("memory_total_bytes"), n.get("memory_free_bytes")
+        memory = f"{(total - free) // 2**20} MiB used, {free // 2**20} MiB free" if total is not None else "no lifecycle"
+        lines.append(f"{n['url']} ({n['kind']}, {'healthy' if n['healthy'] else 'UNHEALTHY'}): {memory}, "
+                     f"{n['in_flight']} in flight")
+        for name, m in n.get("models", {}).items():
+            size = f", {m['memory_bytes'] // 2**20} MiB" if "memory_bytes" in m else ""
+            lines.append(f"  {name}: {m['status']}{size}, {m['in_flight']} in flight")
+    return "\n".join(lines) or "no neurons"

@@ -217,3 +217,52 @@ def test_a_failed_load_under_an_early_anthropic_stream_ends_it_with_an_error_eve
     assert events[0] == "message_start" and "ping" in events and events[-1] == "error"
     view = usage(cortex, key_id)
     assert view["usage"]["spent_tokens"] == 0 and view["recent"][0]["state"] == "released"
+
+
+def test_fleet_status_load_and_unload_from_the_cli_and_the_admin_api(stack: Stack):
+    import json as jsonlib
+    import subprocess
+    import sys
+
+    neuron = stack.neuron("--memory-mb", "4096", "--model-memory-mb", "1024")
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "extra"}]))
+    _, key = create_key(cortex, balance_tokens=10_000)
+    cli = [sys.executable, "-m", "cortex", "fleet"]
+    where = ["--data-dir", str(cortex.data_dir)]  # over the data dir's admin socket: no token
+    loaded = subprocess.run([*cli, "load", "extra", *where, "--json"], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    (node,) = jsonlib.loads(loaded.stdout)["neurons"]
+    assert node["models"]["extra"]["status"] == "ready" and node["memory_free_bytes"] == 2 * 1024 * 2**20
+    assert _ask(cortex, key, "extra").status_code == 200  # warm: the admin's load was the only one
+    assert _metric(cortex, "cortex_model_loads_total", model="extra", outcome="loaded") == 1
+    status = subprocess.run([*cli, "status", *where], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "extra: ready, 1024 MiB, 0 in flight" in status.stdout
+    r = admin(cortex, "POST", "fleet/unload", {"model": "extra", "neuron": neuron.url})
+    assert r.status_code == 200 and "extra" not in r.json()["neurons"][0]["models"]
+    assert "extra" not in _resident(neuron)
+    assert _metric(cortex, "cortex_evictions_total", model="extra", reason="admin") == 1
+    missing = subprocess.run([*cli, "unload", "extra", *where], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "No neuron holds `extra`" in missing.stderr
+    assert admin(cortex, "POST", "fleet/load", {"model": "extra", "neuron": "http://nowhere:1"}).status_code == 404
+    assert admin(cortex, "POST", "fleet/load", {"model": 5}).status_code == 400
+
+
+def test_last_use_times_survive_a_restart_in_the_data_dir(tmp_path):
+    from cortex.config import FleetConfig, UpstreamConfig
+    from cortex.fleet.catalogue import Catalogue
+    from cortex.fleet.lifecycle import Lifecycle
+    from cortex.fleet.registry import Fleet
+    from cortex.fleet.upstream import Upstream
+    from cortex.metrics import GatewayMetrics
+
+    def lifecycle(now: float) -> Lifecycle:
+        return Lifecycle(Fleet(["http://n"]), Upstream(UpstreamConfig()), FleetConfig(), Catalogue, GatewayMetrics(),
+                         str(tmp_path), clock=lambda: now)
+
+    first = lifecycle(1000.0)
+    first.used("http://n", "a")
+    first.save()
+    again = lifecycle(2000.0)
+    assert again.last_used == {"http://n a": 1000.0}
+    (tmp_path / "residency.json").write_text("{not json")
+    assert lifecycle(0.0).last_used == {}  # a damaged file costs the history, never the start

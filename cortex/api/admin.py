@@ -19,6 +19,9 @@ files when no server is running, so its output is the same either way.
     GET  /admin/v1/usage[?recent=N]        usage of every key; with `recent`, each in full, as GET keys/{id}
     GET  /admin/v1/usage/{key id}          usage of one key (as GET keys/{id})
     POST /admin/v1/fleet/reload            read the model catalogue again (400, old one kept, if invalid)
+    GET  /admin/v1/fleet                   per neuron: its models, memory used and free, requests in flight
+    POST /admin/v1/fleet/load              {"model", "neuron"?}: load it (where placement says, or there)
+    POST /admin/v1/fleet/unload            {"model", "neuron"?}: unload it (everywhere, or there)
 
 Limits are given whole: a field left out or null means no such cap.
 """
@@ -108,10 +111,12 @@ class AdminApi:
     def __init__(
         self, budget: BudgetService, token: str | None, body_timeout_s: float = 60.0,
         reload_catalogue: Callable[[], Catalogue] | None = None, authorize: Authorize | None = None,
+        fleet: Any = None,
     ) -> None:
         assert (token is None) != (authorize is None), "either an admin token or another way to authorize"
         self.budget = budget
         self._reload_catalogue = reload_catalogue
+        self._fleet = fleet  # cortex.fleet.lifecycle.Lifecycle: status, load_on, unload_from
         self._authorize = authorize or bearer_token(token or "")
         self.body_timeout_s = body_timeout_s
 
@@ -146,6 +151,21 @@ class AdminApi:
             if method == "POST":
                 return self._reload()
             raise errors.method_not_allowed(method, request.path, ["POST"])
+        elif head == "fleet" and self._fleet is not None and not rest:
+            if method == "GET":
+                return 200, self._fleet.status()
+            raise errors.method_not_allowed(method, request.path, ["GET"])
+        elif head == "fleet" and self._fleet is not None and rest in (["load"], ["unload"]):
+            if method != "POST":
+                raise errors.method_not_allowed(method, request.path, ["POST"])
+            body = await self._body(request)
+            model, neuron = body.get("model"), body.get("neuron")
+            if not isinstance(model, str) or not model:
+                raise errors.invalid_request("'model' must be a model id.", param="model")
+            if neuron is not None and (not isinstance(neuron, str) or not neuron):
+                raise errors.invalid_request("'neuron' must be a neuron's URL.", param="neuron")
+            act = self._fleet.load_on if rest == ["load"] else self._fleet.unload_from
+            return 200, await act(model, neuron.rstrip("/") if neuron else None)
         elif head == "usage" and len(parts) <= 2:
             if method == "GET":
                 if rest:

@@ -285,6 +285,74 @@ class Lifecycle:
                             f"has {biggest // 2**20} MiB"})
         return out
 
+    # --- administration ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """`cortex fleet status`: per neuron, its models, memory and requests in flight."""
+        nodes = []
+        for node in self.fleet.nodes:
+            residency = node.residency
+            models = {name: {"status": "ready"} for name in node.models}
+            if residency is not None:
+                for name, (state, memory) in residency.models.items():
+                    models[name] = {"status": state if name not in node.withdrawn else "unloading", "memory_bytes": memory}
+            for name, entry in models.items():
+                entry["in_flight"] = node.in_flight_by_model.get(name, 0)
+            nodes.append({
+                "url": node.url, "kind": node.kind.name, "healthy": node.healthy, "lifecycle": node.has_lifecycle,
+                "memory_total_bytes": residency.memory_total_bytes if residency else None,
+                "memory_free_bytes": residency.memory_free_bytes if residency else None,
+                "in_flight": node.in_flight, "models": dict(sorted(models.items())),
+            })
+        return {"neurons": nodes}
+
+    def _lifecycle_node(self, url: str) -> Node:
+        try:
+            node = self.fleet.node(url)
+        except KeyError:
+            raise ApiError(404, f"No neuron {url} is configured.", type="invalid_request_error",
+                           code="unknown_neuron", param="neuron") from None
+        if not node.has_lifecycle:
+            raise errors.invalid_request(f"The upstream at {url} has no model lifecycle.", param="neuron")
+        return node
+
+    async def load_on(self, model: str, url: str | None) -> dict[str, Any]:
+        """Load `model`: where placement says (the same single-flight load a request waits on), or on `url`."""
+        try:
+            if url is None:
+                if not self.loadable(model):
+                    raise errors.invalid_request(f"`{model}` is not a catalogue model with memory_mb.", param="model")
+                await self.ensure(model)
+            else:
+                node = self._lifecycle_node(url)
+                defined = self._catalogue().model(model)
+                body = {"model": model, **({"memory_mb": defined.memory_mb} if defined and defined.memory_mb else {})}
+                await self._post(node, LOAD_PATH, body)
+                await self._refresh(node)
+        except LoadFailed as exc:
+            raise exc.error from None
+        return self.status()
+
+    async def unload_from(self, model: str, url: str | None) -> dict[str, Any]:
+        """Unload `model` from `url`, or from every neuron holding it; its in-flight requests drain first."""
+        nodes = [self._lifecycle_node(url)] if url else [
+            n for n in self.fleet.nodes if n.has_lifecycle and n.residency is not None and model in n.residency.models
+        ]
+        if not nodes:
+            raise ApiError(404, f"No neuron holds `{model}`.", type="invalid_request_error", code="model_not_found",
+                           param="model")
+        try:
+            for node in nodes:
+                self.fleet.withdraw(node.url, model)
+                self.metrics.evictions.inc(model=model, reason="admin")
+                logs.event("model_evict", model=model, neuron=node.url, reason="admin")
+                await self._post(node, UNLOAD_PATH, {"model": model, "drain_timeout_s": self.config.unload_drain_s})
+                self.fleet.unloaded(node.url, model)
+                await self._refresh(node)
+        except LoadFailed as exc:
+            raise exc.error from None
+        return self.status()
+
     # --- last use, across restarts --------------------------------------------------
 
     def _read_lru(self) -> dict[str, float]:
