@@ -266,3 +266,11 @@ def test_last_use_times_survive_a_restart_in_the_data_dir(tmp_path):
     assert again.last_used == {"http://n a": 1000.0}
     (tmp_path / "residency.json").write_text("{not json")
     assert lifecycle(0.0).last_used == {}  # a damaged file costs the history, never the start
+
+
+def test_a_neuron_that_refuses_a_load_with_507_is_answered_as_out_of_memory(stack: Stack):
+    neuron = stack.neuron("--memory-mb", "2048", "--model-memory-mb", "1024")
+    cortex = budget_cortex(stack, neuron, config=_catalogue(stack, [{"id": "big", "memory_mb": 4096}]))
+    r = admin(cortex, "POST", "fleet/load", {"model": "big", "neuron": neuron.url})  # placement would never try
+    assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory" and r.headers["retry-after"]
+    assert "big" not in _resident(neuron)
