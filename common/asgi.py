@@ -231,6 +231,12 @@ async def companion(task: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
+        # The body failed while a scope around both was being cancelled (the client left): the
+        # body's own error is the one to answer; the cancel scope is still cancelled, so the
+        # cancellation comes again at the next checkpoint.
+        _, rest = group.split(trio.Cancelled)
+        if rest is not None and len(rest.exceptions) == 1 and not isinstance(rest.exceptions[0], BaseExceptionGroup):
+            raise rest.exceptions[0] from None
         raise
 
 

@@ -94,8 +94,10 @@ def test_without_its_pin_the_same_model_is_the_first_to_go():
 
 @pytest.mark.parametrize("name", ["eviction_churn", "pinned_under_pressure"])
 def test_a_planted_busy_eviction_is_caught(name):
-    result = run(name, 1, faults=LedgerFaults(evict_busy=True))
-    assert result.violation is not None and "of cortex's requests in flight on it" in result.violation
+    # Whether a seed's interleaving evicts a busy model varies; within a few seeds one must, and is caught.
+    caught = [r.violation for r in (run(name, seed, faults=LedgerFaults(evict_busy=True)) for seed in (1, 2, 3))
+              if r.violation is not None]
+    assert caught and all("of cortex's requests in flight on it" in v for v in caught)
 
 
 def test_the_cli_reports_a_planted_busy_eviction_with_its_reproduce_command():

@@ -47,6 +47,7 @@ from cortex.metrics import GatewayMetrics
 LOAD_PATH = "/models/load"
 UNLOAD_PATH = "/models/unload"
 PLAN_ATTEMPTS_MAX = 3  # re-plans when a neuron's fresh report says the planned room is not there
+PLAN_ROUNDS_MAX = 64  # turns taken on neurons' placement locks, counting those given up for a better neuron
 LRU_FILE = "residency.json"
 LRU_ENTRIES_MAX = 10_000
 CONTROL_TIMEOUT_S = 30.0  # an unload's answer, beyond its drain bound; a residency read
@@ -81,6 +82,7 @@ class Lifecycle:
         self._path = Path(data_dir) / LRU_FILE if data_dir else None
         self.last_used: dict[str, float] = self._read_lru()  # "url model" -> wall-clock time
         self._loads: dict[str, _Load] = {}
+        self._node_locks: dict[str, trio.Lock] = {}  # one placement (evictions + load) at a time per neuron
         self._nursery: trio.Nursery | None = None
         # Seams for the simulator only: the eviction policy its benchmark compares (placement.POLICIES),
         # and a planted bug (evict a model with requests in flight) its checker must catch.
@@ -157,34 +159,57 @@ class Lifecycle:
                        error=load.error.message if load.error else None)
 
     async def _place_and_load(self, model: str) -> None:
-        for _ in range(PLAN_ATTEMPTS_MAX):
-            if self.fleet.route(model, now=trio.current_time()) is not None:
+        attempts = 0
+        for _ in range(PLAN_ROUNDS_MAX):
+            plan = self._plan(model)
+            if plan is None:
                 return  # a poll or another replica of cortex got there first
-            plan = placement.place(self.views(), self._wanted(model), self.placement_policy, self.placement_rng)
-            if isinstance(plan, placement.Infeasible):
-                if plan.never:
-                    raise LoadFailed(ApiError(404, plan.message, type="invalid_request_error", code="model_not_found"))
-                raise LoadFailed(errors.service_unavailable(plan.message, retry_after_s=math.ceil(self.config.poll_interval_s)))
-            node = self.fleet.node(plan.url)
-            residency = node.residency
-            for victim in plan.evict:
-                await self._evict(node, victim, reason=f"make room for {model}")
-                # The fit is the neuron's own count after each unload, not the plan's: stop once there is room.
-                residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
-                if residency is not None and residency.memory_free_bytes >= self._wanted(model).memory_bytes:
-                    break
-            if not plan.evict:
-                residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
-            already = residency is not None and residency.models.get(model, ("", 0))[0] in ("ready", "loading")
-            if not already and (residency is None or residency.memory_free_bytes < self._wanted(model).memory_bytes):
-                node.residency = residency or node.residency
-                continue  # the neuron's own count says no room yet: plan again from it
-            await self._post(node, LOAD_PATH, self._load_body(model))
-            await self._refresh(node)
-            if model in node.models:
-                return
+            # One placement at a time per neuron, so two cold loads of different models cannot both
+            # count the same free memory. Holding the neuron, plan again from what the last one left.
+            async with self._node_locks.setdefault(plan.url, trio.Lock()):
+                fresh = self._plan(model)
+                if fresh is None:
+                    return
+                if fresh.url != plan.url:
+                    continue  # another neuron suits it now: take that one's turn instead
+                attempts += 1
+                if await self._carry_out(model, fresh):
+                    return
+            if attempts >= PLAN_ATTEMPTS_MAX:
+                break
         raise LoadFailed(errors.service_unavailable(
-            f"No room could be made for `{model}` after {PLAN_ATTEMPTS_MAX} attempts.", retry_after_s=1))
+            f"No room could be made for `{model}` after {attempts} attempts.", retry_after_s=1))
+
+    def _plan(self, model: str) -> placement.Plan | None:
+        """Where to load `model` now; None: it is routable already; LoadFailed: nowhere."""
+        if self.fleet.route(model, now=trio.current_time()) is not None:
+            return None
+        plan = placement.place(self.views(), self._wanted(model), self.placement_policy, self.placement_rng)
+        if isinstance(plan, placement.Infeasible):
+            if plan.never:
+                raise LoadFailed(ApiError(404, plan.message, type="invalid_request_error", code="model_not_found"))
+            raise LoadFailed(errors.service_unavailable(plan.message, retry_after_s=math.ceil(self.config.poll_interval_s)))
+        return plan
+
+    async def _carry_out(self, model: str, plan: placement.Plan) -> bool:
+        """Evict, check the neuron's own count, load, read back; False: plan again."""
+        node = self.fleet.node(plan.url)
+        residency = node.residency
+        for victim in plan.evict:
+            await self._evict(node, victim, reason=f"make room for {model}")
+            # The fit is the neuron's own count after each unload, not the plan's: stop once there is room.
+            residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
+            if residency is not None and residency.memory_free_bytes >= self._wanted(model).memory_bytes:
+                break
+        if not plan.evict:
+            residency = await read_residency(self.upstream, node, CONTROL_TIMEOUT_S)
+        already = residency is not None and residency.models.get(model, ("", 0))[0] in ("ready", "loading")
+        if not already and (residency is None or residency.memory_free_bytes < self._wanted(model).memory_bytes):
+            node.residency = residency or node.residency
+            return False  # the neuron's own count says no room yet: plan again from it
+        await self._post(node, LOAD_PATH, self._load_body(model))
+        await self._refresh(node)
+        return model in node.models
 
     async def _evict(self, node: Node, model: str, reason: str) -> None:
         if node.in_flight_by_model.get(model) and not self.fault_evict_busy:
