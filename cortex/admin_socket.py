@@ -56,7 +56,7 @@ class AdminOnlyApp:
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await asgi.serve_lifespan(receive, send, _nothing_to_run)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
@@ -105,15 +105,10 @@ async def _send_error(request: asgi.Request, response: dict[str, int], err: ApiE
     await asgi.send_bytes(request.send, status, body, headers)
 
 
-async def _lifespan(receive: asgi.Receive, send: asgi.Send) -> None:
+async def _nothing_to_run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     # Nothing to start or stop: the ledger belongs to the gateway's own lifespan.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    task_status.started()
+    await trio.sleep_forever()
 
 
 class AdminSocket:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import trio
 
 from common import counting
+from cortex.fleet.transport import H11Transport
 from tests.conftest import Proc, Stack
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -48,3 +50,19 @@ def usage(cortex: Proc, key_id: str) -> dict[str, Any]:
 def chat(cortex: Proc, key: str, max_tokens: int = 10, stream: bool = False, **extra: Any) -> httpx.Response:
     body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens, "stream": stream, **extra}
     return httpx.post(cortex.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+
+async def fan_out(url: str, key: str, n: int, stream: bool, **extra: Any) -> list[tuple[int, dict, bytes]]:
+    """n concurrent requests on one key; (status, headers, body) each. `extra` joins (or replaces) body fields."""
+    results: list[tuple[int, dict, bytes]] = []
+    body = {"model": MODEL, "messages": HI, "max_tokens": 10, "stream": stream, **extra}
+
+    async def one(client: httpx.AsyncClient) -> None:
+        r = await client.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+        results.append((r.status_code, dict(r.headers), r.content))
+
+    async with httpx.AsyncClient(transport=H11Transport(), timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one, client)
+    return results

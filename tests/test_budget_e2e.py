@@ -7,9 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-import trio
 
-from cortex.fleet.transport import H11Transport
 from tests.budget_helpers import (
     ADMIN_TOKEN,
     HI,
@@ -19,6 +17,7 @@ from tests.budget_helpers import (
     budget_cortex,
     chat,
     create_key,
+    fan_out,
     usage,
 )
 from tests.conftest import Stack, wait_until
@@ -27,20 +26,6 @@ from tests.fake_upstream import FakeUpstream
 COST = HI_PROMPT_TOKENS + 10  # the estimate and the actual usage of chat(max_tokens=10)
 
 
-async def fan_out(url: str, key: str, n: int, stream: bool) -> list[tuple[int, dict, bytes]]:
-    """n concurrent requests on one key; (status, headers, body) each."""
-    results: list[tuple[int, dict, bytes]] = []
-    body = {"model": MODEL, "messages": HI, "max_tokens": 10, "stream": stream}
-
-    async def one(client: httpx.AsyncClient) -> None:
-        r = await client.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
-        results.append((r.status_code, dict(r.headers), r.content))
-
-    async with httpx.AsyncClient(transport=H11Transport(), timeout=60) as client:
-        async with trio.open_nursery() as nursery:
-            for _ in range(n):
-                nursery.start_soon(one, client)
-    return results
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -15,11 +15,9 @@ import json
 
 import httpx
 import pytest
-import trio
 
-from cortex.fleet.transport import H11Transport
 from neuron.engines.kernel.checkpoint import preset_config, preset_tokenizer
-from tests.budget_helpers import admin, budget_cortex, create_key, usage
+from tests.budget_helpers import admin, budget_cortex, create_key, fan_out, usage
 from tests.conftest import Stack, wait_until
 from tests.kernel_helpers import HI, sse_events, streamed_text
 
@@ -84,19 +82,6 @@ def test_stop_sequences_and_the_context_wall(pair):
     assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def _fan_out(url: str, key: str, n: int, stream: bool) -> list[tuple[int, dict, bytes]]:
-    results: list[tuple[int, dict, bytes]] = []
-    body = {"model": MODEL, "messages": HI, "max_tokens": 10, "stream": stream, **GREEDY}
-
-    async def one(client: httpx.AsyncClient) -> None:
-        r = await client.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
-        results.append((r.status_code, dict(r.headers), r.content))
-
-    async with httpx.AsyncClient(transport=H11Transport(), timeout=60) as client:
-        async with trio.open_nursery() as nursery:
-            for _ in range(n):
-                nursery.start_soon(one, client)
-    return results
 
 
 def _received_tokens(body: bytes, stream: bool) -> int:
@@ -113,7 +98,7 @@ async def test_a0_fan_out_on_a_capped_key_never_overshoots_and_nobody_gets_more_
     cap = 12 * hold + hold - 1
     key_id, key = create_key(cortex, f"fan-{stream}", balance_tokens=cap)
     before = neuron.get_json("/health")["requests_total"]
-    results = await _fan_out(cortex.url, key, 60, stream)
+    results = await fan_out(cortex.url, key, 60, stream, model=MODEL, messages=HI, **GREEDY)
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
     assert len(ok) + len(refused) == 60 and len(ok) >= 12, [(s, b[:300]) for s, _, b in results if s not in (200, 429)]
