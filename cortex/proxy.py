@@ -34,7 +34,7 @@ from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
-from cortex.fleet.kinds.base import prompt_truncation_suspected
+from cortex.fleet.kinds.base import NormalisedError, prompt_truncation_suspected
 from cortex.fleet.catalogue import Catalogue, apply_limits
 from cortex.fleet.lifecycle import Lifecycle
 from cortex.fleet.registry import Fleet, ModelInfo, Node
@@ -47,7 +47,7 @@ from cortex.fleet.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from cortex.relay import SSEProtocolError, StreamRelay, event_data, output_tokens
+from cortex.relay import SSEDecoder, SSEProtocolError, StreamRelay, event_data, output_tokens
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
@@ -66,7 +66,11 @@ class _Overloaded(Exception):
 
 def upstream_error(node: Node, status: int, raw: bytes, headers: Any) -> ApiError:
     """An upstream's error response, in its kind's own words, as the client's error."""
-    err = node.kind.normalise_error(status, raw, headers.get("retry-after"))
+    return client_error(node.kind.normalise_error(status, raw, headers.get("retry-after")))
+
+
+def client_error(err: NormalisedError) -> ApiError:
+    """A normalised upstream error as the client's; an overload raises _Overloaded, for failover."""
     extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
     api_error = ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
     if err.overloaded and err.retry_after_s is not None:
@@ -109,15 +113,13 @@ class _FirstRead:
 
 
 def _first_frame(chunk: bytes) -> Any:
-    """The JSON of a chunk's first complete SSE event, if it has one."""
-    if b"\r" in chunk:
-        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    end = chunk.find(b"\n\n")
-    if end < 0 or b'"error"' not in chunk[:end]:  # the common case, decided without parsing
+    """The JSON of a chunk's first complete SSE event, if it could be an error frame."""
+    if b'"error"' not in chunk:  # the common case, decided without splitting or parsing
         return None
     try:
-        return json.loads(event_data(chunk[: end + 2]))
-    except (ValueError, RecursionError):
+        events = SSEDecoder().feed(chunk)
+        return json.loads(event_data(events[0])) if events else None
+    except (SSEProtocolError, ValueError, RecursionError):
         return None
 
 
@@ -207,8 +209,7 @@ class Proxy:
         """At most `max_in_flight_per_key` requests of one key on one model at once: the
         catalogue's value for the model, else `fleet.max_in_flight_per_key`."""
         defined = self.catalogue.model(model)
-        limit = defined.max_in_flight_per_key if defined and defined.max_in_flight_per_key else None
-        limit = limit or self.config.fleet.max_in_flight_per_key
+        limit = (defined and defined.max_in_flight_per_key) or self.config.fleet.max_in_flight_per_key
         if key is None or not limit:
             yield
             return
@@ -309,10 +310,9 @@ class Proxy:
         watch: asgi.Disconnect,
         meter: Meter,
     ) -> None:
-        cold = self.lifecycle is not None and self.lifecycle.loadable(gen.model)
         client = _ClientStream(request.surface.stream()) if gen.stream else None
         try:
-            await self._dispatch_to_a_replica(request, gen, path, est, watch, meter, client, cold)
+            await self._dispatch_to_a_replica(request, gen, path, est, watch, meter, client)
         except ApiError as err:
             if client is None or not client.started:
                 raise
@@ -324,16 +324,17 @@ class Proxy:
 
     async def _dispatch_to_a_replica(
         self, request: asgi.Request, gen: GenerationRequest, path: str, est: Estimate, watch: asgi.Disconnect,
-        meter: Meter, client: "_ClientStream | None", cold: bool,
+        meter: Meter, client: "_ClientStream | None",
     ) -> None:
         tried: set[str] = set()
         failovers = 0
         refused: ApiError | None = None  # the last failure we failed over from, answered if no replica is left
+        waited = False  # for a cold load: once at most
         while True:
             node = self.fleet.route(gen.model, exclude=frozenset(tried), now=trio.current_time())
-            if node is None and cold and not tried and self.lifecycle is not None:
+            if node is None and not tried and not waited and self.lifecycle is not None and self.lifecycle.loadable(gen.model):
                 # Loaded nowhere: wait, inside the hold, for the one load of it (single flight).
-                cold = False
+                waited = True
                 request.log["cold_load"] = True
                 await self._wait_for_load(request, gen.model, client)
                 continue
@@ -464,11 +465,7 @@ class Proxy:
         if err is None:
             return
         meter.dispatched = False  # refused in band, before any output: nothing generated
-        extra = errors.retry_after_headers(err.retry_after_s) if err.retry_after_s is not None else []
-        api_error = ApiError(err.status, err.message, type=err.type, code=err.code, param=err.param, headers=extra)
-        if err.overloaded and err.retry_after_s is not None:
-            raise _Overloaded(api_error, err.retry_after_s)
-        raise api_error
+        raise client_error(err)
 
     async def _relay_stream(
         self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter,

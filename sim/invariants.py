@@ -16,7 +16,6 @@ memory. A violation is recorded with the virtual time and stops the run.
 from __future__ import annotations
 
 import json
-
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import trio
 
 from cortex.budget.ledger import Hold, HoldState, Ledger, Principal
 from cortex.proxy import FAILOVERS_MAX
+from cortex.relay import event_data
 from sim.trace import Trace
 
 DELIVERIES_MAX = 1 + FAILOVERS_MAX  # upstreams one request may reach: the first, then the failovers
@@ -368,7 +368,7 @@ def _only_error_events(chunk: bytes) -> bool:
     if not events:
         return False
     for event in events:
-        data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        data = event_data(event + b"\n\n")
         if data == b"[DONE]":
             continue  # the end of a refused stream carries no output either
         try:
