@@ -22,7 +22,7 @@ import trio
 from common.errors import ApiError
 from cortex import admin_socket
 from cortex.admin_socket import Call, Reply
-from cortex.api.admin import LIMIT_FIELDS, RECENT_DEFAULT, AdminApi, caps_from, data_dir_owner
+from cortex.api.admin import LIMIT_FIELDS, PERIOD_FIELDS, RECENT_DEFAULT, USD_FIELDS, AdminApi, caps_from, data_dir_owner
 from cortex.budget import datadir
 from cortex.budget.keys import NAME_RE
 from cortex.budget.service import BudgetService
@@ -41,11 +41,25 @@ class CliError(Exception):
 
 
 def add_limit_flags(p: argparse.ArgumentParser) -> None:
-    # Each dest is a field of LIMIT_FIELDS: a new cap is a flag here and a field there.
-    p.add_argument("--balance", type=int, dest="balance_tokens", metavar="TOKENS", help="hard lifetime balance")
+    # Each dest is a field of LIMIT_FIELDS, USD_FIELDS or PERIOD_FIELDS: a new cap is a flag here and a field there.
+    p.add_argument("--balance", type=int, dest="balance_tokens", metavar="TOKENS", help="hard lifetime balance in tokens")
+    p.add_argument("--balance-usd", metavar="USD", help="hard lifetime balance in USD (at the catalogue's prices)")
     p.add_argument("--window-tokens", type=int, metavar="N", help="at most N tokens in any trailing window")
+    p.add_argument("--window-usd", metavar="USD", help="at most this many USD in any trailing window")
     p.add_argument("--window-seconds", type=float, metavar="S", help="the window's length")
+    p.add_argument("--period", choices=("daily", "weekly", "monthly"), help="a calendar period that resets at its boundary")
+    p.add_argument("--period-tokens", type=int, metavar="N", help="at most N tokens per period")
+    p.add_argument("--period-usd", metavar="USD", help="at most this many USD per period")
+    p.add_argument("--period-timezone", metavar="ZONE", help="the period's zone (IANA name; default budget.period_timezone)")
+    p.add_argument("--period-anchor-day", type=int, metavar="D",
+                   help="monthly: the day of the month it starts (1-31, clamped to short months); weekly: ISO weekday (1=Monday)")
     p.add_argument("--max-concurrency", type=int, metavar="M", help="at most M requests in flight")
+
+
+def add_top_up_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id")
+    p.add_argument("tokens", type=int, nargs="?", help="tokens to add to the token balance")
+    p.add_argument("--usd", metavar="USD", help="USD to add to the USD balance")
 
 
 def add_commands(sub: Any) -> None:
@@ -61,9 +75,7 @@ def add_commands(sub: Any) -> None:
     keys.add_parser("list", parents=[common])
     for action in ("show", "revoke"):
         keys.add_parser(action, parents=[common]).add_argument("id")
-    topup = keys.add_parser("topup", parents=[common], help="raise a key's balance")
-    topup.add_argument("id")
-    topup.add_argument("tokens", type=int)
+    add_top_up_flags(keys.add_parser("topup", parents=[common], help="raise a key's balance (tokens, --usd, or both)"))
     limits = keys.add_parser("set-limits", parents=[common], help="replace a key's limits (unset flags: no cap)")
     limits.add_argument("id")
     add_limit_flags(limits)
@@ -74,22 +86,28 @@ def add_commands(sub: Any) -> None:
     add_limit_flags(acreate)
     accounts.add_parser("list", parents=[common])
     accounts.add_parser("show", parents=[common]).add_argument("id")
-    atopup = accounts.add_parser("topup", parents=[common])
-    atopup.add_argument("id")
-    atopup.add_argument("tokens", type=int)
+    add_top_up_flags(accounts.add_parser("topup", parents=[common], help="raise an account's balance"))
     alimits = accounts.add_parser("set-limits", parents=[common])
     alimits.add_argument("id")
     add_limit_flags(alimits)
 
-    usage = sub.add_parser("usage", parents=[common], help="spent, held and remaining per cap, and recent requests")
+    usage = sub.add_parser(
+        "usage", parents=[common], help="spent, held and remaining per cap; spend per period, model and day; recent requests"
+    )
     usage.add_argument("id", nargs="?", help="a key id (default: every key)")
 
 
 def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The limit flags as admin API fields, checked here with the server's own rules and messages."""
-    fields = {name: getattr(args, name, None) for name in LIMIT_FIELDS}
+    fields = {name: getattr(args, name, None) for name in (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS)}
     caps_from(fields)  # raises the ApiError the server would answer; NaN never reaches the JSON
     return fields
+
+
+def top_up_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tokens is None and args.usd is None:
+        raise CliError("a top-up needs TOKENS, --usd, or both")
+    return {k: v for k, v in (("tokens", args.tokens), ("usd", args.usd)) if v is not None}
 
 
 def _path_id(kind: str, value: str) -> str:
@@ -118,7 +136,7 @@ def call_for(args: argparse.Namespace) -> Call:
     if action == "show":
         return Call("GET", path)
     if action == "topup":
-        return Call("POST", f"{path}/topup", {"tokens": args.tokens})
+        return Call("POST", f"{path}/topup", top_up_fields(args))
     if action == "set-limits":
         return Call("POST", f"{path}/limits", limit_fields(args))
     assert action == "revoke" and kind == "key", (group, action)
@@ -204,23 +222,58 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _usd(value: float) -> str:
+    """$1.50, $0.000123: six decimals at most, two at least."""
+    whole, _, frac = f"{value:,.6f}".partition(".")
+    return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
+
+
 def _limits_line(limits: dict[str, Any]) -> str:
     parts = []
     if limits["balance_tokens"] is not None:
         parts.append(f"balance {limits['balance_tokens']}")
-    if limits["window_tokens"] is not None:
-        parts.append(f"{limits['window_tokens']} per {limits['window_seconds']:g}s")
+    if limits.get("balance_usd") is not None:
+        parts.append(f"balance {_usd(limits['balance_usd'])}")
+    window = [f"{limits['window_tokens']}" if limits["window_tokens"] is not None else None,
+              _usd(limits["window_usd"]) if limits.get("window_usd") is not None else None]
+    if any(window):
+        parts.append(f"{' and '.join(w for w in window if w)} per {limits['window_seconds']:g}s")
+    if limits.get("period") is not None:
+        amounts = [f"{limits['period_tokens']}" if limits["period_tokens"] is not None else None,
+                   _usd(limits["period_usd"]) if limits["period_usd"] is not None else None]
+        parts.append(f"{' and '.join(a for a in amounts if a)} {limits['period']} ({limits['period_timezone']})")
     if limits["max_concurrency"] is not None:
         parts.append(f"concurrency {limits['max_concurrency']}")
     return ", ".join(parts) or "no caps"
 
 
+def _remaining(name: str, value: int) -> str:
+    if name.endswith("_micro_usd"):
+        return f"{name.removesuffix('_micro_usd')} {_usd(value / 10**6)}"
+    return f"{name} {value}"
+
+
 def _usage_lines(usage: dict[str, Any]) -> list[str]:
-    remaining = ", ".join(f"{k} {v}" for k, v in usage["remaining"].items()) or "unlimited"
-    return [
+    remaining = ", ".join(_remaining(k, v) for k, v in usage["remaining"].items()) or "unlimited"
+    money = f" ({_usd(usage['spent_usd'])})" if usage.get("spent_micro_usd") else ""
+    lines = [
         f"  {usage['kind']} {usage['id']}: {_limits_line(usage['limits'])}",
-        f"    spent {usage['spent_tokens']}, held {usage['held_tokens']}, in flight {usage['in_flight']}; remaining: {remaining}",
+        f"    spent {usage['spent_tokens']}{money}, held {usage['held_tokens']}, in flight {usage['in_flight']};"
+        f" remaining: {remaining}",
     ]
+    period = usage.get("period")
+    if period is not None:
+        lines.append(
+            f"    this {period['kind']} period ({period['start']} to {period['end']}): {period['used_tokens']} tokens,"
+            f" {_usd(period['used_micro_usd'] / 10**6)}"
+        )
+    spend = usage.get("spend")
+    if spend:
+        for row in spend["by_model"]:
+            lines.append(f"    model {row['model'] or '-'}: {row['requests']} requests, {row['tokens']} tokens, {_usd(row['usd'])}")
+        for row in spend["by_day"][-7:]:
+            lines.append(f"    day {row['day']}: {row['requests']} requests, {row['tokens']} tokens, {_usd(row['usd'])}")
+    return lines
 
 
 def render(args: argparse.Namespace, result: Any) -> str:

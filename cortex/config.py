@@ -98,6 +98,12 @@ class BudgetConfig:
     synchronous: str = "normal"
     ledger_timeout_s: float = 5.0  # bound on each ledger write a request waits for (its hold; its settlement)
     retry_hint_s: float = 1.0  # Retry-After when in-flight requests, not window usage, are in the way
+    # A key with a money cap asking for a model with no price: "refuse" (403) or "free" (no money cost).
+    unpriced: str = "refuse"
+    period_timezone: str = "UTC"  # calendar periods' zone when a cap does not name one
+    alert_timeout_s: float = 10.0  # one webhook delivery attempt
+    alert_retry_for_s: float = 86400.0  # an alert undelivered this long is given up (counted)
+    alert_outbox_max: int = 10000  # undelivered alerts kept; past it the oldest are dropped (counted)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    alerts: tuple[Any, ...] = ()  # [[alerts]]: cortex.budget.alerts.AlertRule
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -208,11 +215,27 @@ SECTIONS = {
 def from_mapping(data: dict[str, Any]) -> Config:
     """Build a validated Config from a TOML-shaped mapping."""
     for name in data:
-        if name not in SECTIONS:
-            raise ConfigError(f"unknown section '{name}' (known: {', '.join(SECTIONS)})")
-    config = Config(**{name: _section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()})
+        if name not in SECTIONS and name != "alerts":
+            raise ConfigError(f"unknown section '{name}' (known: {', '.join(SECTIONS)}, alerts)")
+    config = Config(
+        **{name: _section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()},
+        alerts=_alerts(data.get("alerts")),
+    )
     validate(config)
     return config
+
+
+def _alerts(raw: Any) -> tuple[Any, ...]:
+    from cortex.budget.alerts import AlertConfigError, parse_alert_rules
+
+    if raw is None:
+        return ()
+    if isinstance(raw, tuple):  # already parsed (a Config being rebuilt)
+        return raw
+    try:
+        return parse_alert_rules(raw, os.environ)
+    except AlertConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(config: Config) -> None:
@@ -247,6 +270,14 @@ def validate(config: Config) -> None:
         raise ConfigError("'admin.token' must be ASCII")
     if any(c.isspace() or not c.isprintable() for c in config.admin.token):
         raise ConfigError("'admin.token' must not contain whitespace or control characters")
+    if config.budget.unpriced not in ("refuse", "free"):
+        raise ConfigError(f"'budget.unpriced' must be refuse or free, got {config.budget.unpriced!r}")
+    from cortex.budget.periods import PeriodError, parse_period_spec
+
+    try:
+        parse_period_spec("daily", config.budget.period_timezone)
+    except PeriodError as exc:
+        raise ConfigError(f"'budget.period_timezone': {exc}") from None
     if config.budget.synchronous not in ("normal", "full", "extra"):
         raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
     if config.admin.token and len(config.admin.token) < 16:

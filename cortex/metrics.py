@@ -371,6 +371,14 @@ class GatewayMetrics:
             "Ledger group commit latency.",
             (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
+        self.alerts_sent = r.counter("cortex_alerts_sent_total", "Budget alert events delivered (2xx), by alert.", ("alert",))
+        self.alerts_failed = r.counter(
+            "cortex_alerts_failed_total",
+            "Budget alert delivery failures, by reason: each failed attempt (connect, timeout, status), and events"
+            " given up (expired) or dropped from a full outbox (outbox_full).",
+            ("reason",),
+        )
+        self.alerts_outbox = r.gauge("cortex_alerts_outbox", "Alert events waiting for delivery.")
         self.neurons_healthy = r.gauge("cortex_neurons_healthy", "Neurons passing health checks.")
         self.neurons_total = r.gauge("cortex_neurons", "Neurons configured.")
 

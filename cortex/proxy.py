@@ -32,6 +32,7 @@ from cortex.api.surfaces import StreamShape
 from cortex.budget.estimate import Estimate, estimate, prompt_tokens_floor
 from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
+from cortex.budget.pricing import Prices
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.config import Config
 from cortex.fleet.kinds.base import NormalisedError, prompt_truncation_suspected
@@ -252,15 +253,16 @@ class Proxy:
                 await self._dispatch(request, gen, path, est, watch, meter)
             else:
                 request.log["key_id"] = key.id
+                prices = self._prices(gen.model)
                 hold = await self.budget.reserve(
-                    key, est, request.request_id, gen.model, request.log.get("client_request_id")
+                    key, est, request.request_id, gen.model, request.log.get("client_request_id"), prices
                 )
                 try:
                     request.response_headers += request.surface.ratelimit_headers(self.budget.headroom(key))
                     await self._dispatch(request, gen, path, est, watch, meter)
                 finally:
                     meter.client_gone = watch.disconnected
-                    await self._settle(request, hold, meter)
+                    await self._settle(request, hold, meter, prices)
         if watch.disconnected:
             request.log["outcome"] = "client_disconnected"
         else:
@@ -280,7 +282,11 @@ class Proxy:
             logs.event("upstream_truncated_prompt", logging.WARNING, neuron=node.url, request_id=request.request_id,
                        prompt_tokens_reported=counts[0], prompt_tokens_bound=meter.prompt_tokens_estimate)
 
-    async def _settle(self, request: asgi.Request, hold: Hold, meter: Meter) -> None:
+    def _prices(self, model: str) -> Prices | None:
+        defined = self.catalogue.model(model)
+        return Prices.from_cost(defined.cost) if defined is not None and defined.cost is not None else None
+
+    async def _settle(self, request: asgi.Request, hold: Hold, meter: Meter, prices: Prices | None) -> None:
         """Resolve the hold exactly once; nothing an upstream sent can make this raise."""
         assert self.budget is not None
         try:
@@ -292,7 +298,12 @@ class Proxy:
             self.budget.metrics.usage_disagreements.inc(reason=decision.disagreement)
             request.log["usage_disagreement"] = decision.disagreement
         if decision.action == "settle":
-            resolution = await self.budget.settle(hold, decision.tokens)
+            try:
+                usd = decision.usd(prices)
+            except Exception as exc:  # never leak the hold over arithmetic
+                logs.event("settle_fallback", logging.ERROR, request_id=request.request_id, error=repr(exc))
+                usd = hold.amount_usd
+            resolution = await self.budget.settle(hold, decision.tokens, usd)
         elif decision.action == "release":
             resolution = await self.budget.release(hold)
         else:
@@ -300,6 +311,8 @@ class Proxy:
         request.log.update(settlement=decision.action, hold_tokens=hold.amount_tokens)
         if resolution is not None:
             request.log["charged_tokens"] = resolution.charged_tokens
+            if hold.amount_usd:
+                request.log.update(hold_micro_usd=hold.amount_usd, charged_micro_usd=resolution.charged_usd)
 
     async def _dispatch(
         self,

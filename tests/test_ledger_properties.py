@@ -7,9 +7,20 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from dataclasses import replace
+
 from cortex.budget.ledger import Caps, Hold, HoldAlreadyResolved, HoldState, Ledger, LedgerError, Refusal, SlidingWindow, UnknownHold
+from cortex.budget.periods import PeriodSpec, period_bounds
 
 KEYS = ("k1", "k2", "k3")
+MIDNIGHT = 1798761600.0  # 2027-01-01T00:00:00Z: the machine starts a minute before a day, a week and a month end
+PERIODS = (PeriodSpec("daily"), PeriodSpec("weekly", "Europe/Berlin"), PeriodSpec("monthly", "UTC", 31))
+
+
+def _caps(b, w, s, c, bu, wu, period, pt, pu) -> Caps:
+    has_window = w is not None or wu is not None
+    has_period = pt is not None or pu is not None
+    return Caps(b, w, s if has_window else None, c, bu, wu, period if has_period else None, pt, pu)
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -18,39 +29,48 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ledger = Ledger()
-        self.now = 0.0
+        self.now = MIDNIGHT - 60.0
         self.open: list[str] = []
         self.resolved: set[str] = set()
         self.counter = 0
         self.charged: dict[str, int] = {}
-        self.store_log: list[tuple[str, str, float, int]] = []  # (key, account, at, tokens): what the store has
-        self.rebuild: tuple[str, str, Caps, list[tuple[float, int]]] | None = None
+        self.charged_usd: dict[str, int] = {}
+        # (key, account, at, tokens, usd): what the store has
+        self.store_log: list[tuple[str, str, float, int, int]] = []
+        self.rebuild: tuple[str, str, Caps, list[tuple[float, int, int]], tuple | None] | None = None
 
     @initialize(
         caps=st.lists(
             st.builds(
-                lambda b, w, s, c: Caps(b, w, s if w is not None else None, c),
+                _caps,
                 st.none() | st.integers(0, 500),
                 st.none() | st.integers(0, 300),
                 st.sampled_from([0.5, 1.0, 7.5]),
                 st.none() | st.integers(0, 4),
+                st.none() | st.integers(0, 500),
+                st.none() | st.integers(0, 300),
+                st.sampled_from(PERIODS),
+                st.none() | st.integers(0, 400),
+                st.none() | st.integers(0, 400),
             ),
             min_size=5,
             max_size=5,
-        )
+        ),
+        start=st.floats(0, 90),
     )
-    def setup(self, caps):
+    def setup(self, caps, start):
+        self.now = MIDNIGHT - start
         self.ledger.add_account("a1", caps[0])
         self.ledger.add_account("a2", caps[1])
         self.ledger.add_key("k1", "a1", caps[2])
         self.ledger.add_key("k2", "a1", caps[3])
         self.ledger.add_key("k3", "a2", caps[4])
 
-    @rule(key=st.sampled_from(KEYS), amount=st.integers(0, 200), ttl=st.floats(0.1, 5))
-    def reserve(self, key, amount, ttl):
+    @rule(key=st.sampled_from(KEYS), amount=st.integers(0, 200), usd=st.integers(0, 200), ttl=st.floats(0.1, 5))
+    def reserve(self, key, amount, usd, ttl):
         self.counter += 1
         hold_id = f"h{self.counter}"
-        result = self.ledger.reserve(hold_id, key, amount, self.now, ttl)
+        result = self.ledger.reserve(hold_id, key, amount, self.now, ttl, amount_usd=usd)
         if isinstance(result, Hold):
             self.open.append(hold_id)
         else:
@@ -60,31 +80,34 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert result.retry_after_s >= 0
 
     @precondition(lambda self: self.open)
-    @rule(data=st.data(), actual=st.integers(0, 400))
-    def settle(self, data, actual):
+    @rule(data=st.data(), actual=st.integers(0, 400), actual_usd=st.integers(0, 400))
+    def settle(self, data, actual, actual_usd):
         hold_id = data.draw(st.sampled_from(self.open))
         hold = self.ledger.holds[hold_id]
-        resolution = self.ledger.settle(hold_id, actual, self.now)
+        resolution = self.ledger.settle(hold_id, actual, self.now, actual_usd)
         assert resolution.charged_tokens == min(actual, hold.amount_tokens)
+        assert resolution.charged_usd == min(actual_usd, hold.amount_usd)
         assert resolution.overrun_tokens == max(0, actual - hold.amount_tokens)
-        self._resolved(hold_id, resolution.charged_tokens)
-        self.store_log.append((hold.key_id, hold.account_id, self.now, resolution.charged_tokens))
+        self._resolved(hold_id, resolution.charged_tokens, resolution.charged_usd)
+        self.store_log.append((hold.key_id, hold.account_id, self.now, resolution.charged_tokens, resolution.charged_usd))
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())
     def release(self, data):
         hold_id = data.draw(st.sampled_from(self.open))
-        assert self.ledger.release(hold_id, self.now).charged_tokens == 0
-        self._resolved(hold_id, 0)
+        resolution = self.ledger.release(hold_id, self.now)
+        assert resolution.charged_tokens == 0 and resolution.charged_usd == 0
+        self._resolved(hold_id, 0, 0)
 
     @rule()
     def expire(self):
         for resolution in self.ledger.expire(self.now):
             assert resolution.hold.state is HoldState.EXPIRED
             assert resolution.charged_tokens == resolution.hold.amount_tokens
-            self._resolved(resolution.hold.id, resolution.charged_tokens)
+            assert resolution.charged_usd == resolution.hold.amount_usd
+            self._resolved(resolution.hold.id, resolution.charged_tokens, resolution.charged_usd)
             h = resolution.hold
-            self.store_log.append((h.key_id, h.account_id, self.now, resolution.charged_tokens))
+            self.store_log.append((h.key_id, h.account_id, self.now, resolution.charged_tokens, resolution.charged_usd))
 
     @precondition(lambda self: self.resolved)
     @rule(data=st.data(), how=st.sampled_from(["settle", "release", "orphan"]))
@@ -98,17 +121,20 @@ class LedgerMachine(RuleBasedStateMachine):
             else:
                 self.ledger.orphan(hold_id, self.now)
 
-    @rule(kind_id=st.sampled_from([("key", "k1"), ("key", "k3"), ("account", "a1")]), tokens=st.integers(1, 300))
-    def top_up(self, kind_id, tokens):
+    @rule(kind_id=st.sampled_from([("key", "k1"), ("key", "k3"), ("account", "a1")]), tokens=st.integers(1, 300),
+          money=st.booleans())
+    def top_up(self, kind_id, tokens, money):
         p = self.ledger.principal(*kind_id)
-        if p.caps.balance_tokens is None:
+        before = p.caps.balance_usd if money else p.caps.balance_tokens
+        amounts = {"usd": tokens} if money else {"tokens": tokens}
+        if before is None:
             with pytest.raises(LedgerError):
-                self.ledger.top_up(*kind_id, tokens)
+                self.ledger.top_up(*kind_id, **amounts)
         else:
-            before = p.caps.balance_tokens
-            assert self.ledger.top_up(*kind_id, tokens).balance_tokens == before + tokens
+            caps = self.ledger.top_up(*kind_id, **amounts)
+            assert (caps.balance_usd if money else caps.balance_tokens) == before + tokens
 
-    @rule(dt=st.floats(0, 3))
+    @rule(dt=st.floats(0, 3) | st.floats(3, 40))
     def advance(self, dt):
         self.now += dt
 
@@ -119,18 +145,30 @@ class LedgerMachine(RuleBasedStateMachine):
         p = self.ledger.principal(*kind_id)
         old_s = p.caps.window_s or 0.0
         # A cap far above any usage: growth alone must not break the caps invariant.
-        caps = Caps(p.caps.balance_tokens, 10**9, old_s + grow_s, p.caps.max_concurrency)
+        caps = replace(p.caps, window_tokens=10**9, window_s=old_s + grow_s)
         column = 0 if kind_id[0] == "key" else 1
         since = self.now - caps.window_s
-        history = [(at, t) for *ids, at, t in self.store_log if ids[column] == kind_id[1] and at > since and t]
+        history = [(at, t, u) for *ids, at, t, u in self.store_log if ids[column] == kind_id[1] and at > since and (t or u)]
         self.ledger.begin_window_rebuild(*kind_id)
-        self.rebuild = (*kind_id, caps, history)
+        self.rebuild = (*kind_id, caps, history, None)
+
+    @precondition(lambda self: self.rebuild is None)
+    @rule(kind_id=st.sampled_from([("key", "k3"), ("account", "a2")]), spec=st.sampled_from(PERIODS))
+    def begin_new_period(self, kind_id, spec):
+        """An admin sets a period cap (far above usage): its usage so far is read from the store."""
+        p = self.ledger.principal(*kind_id)
+        caps = replace(p.caps, period=spec, period_tokens=10**9, period_usd=10**9)
+        start, end = period_bounds(spec, self.now)
+        column = 0 if kind_id[0] == "key" else 1
+        rows = [(t, u) for *ids, at, t, u in self.store_log if ids[column] == kind_id[1] and at >= start]
+        self.ledger.begin_window_rebuild(*kind_id)
+        self.rebuild = (*kind_id, caps, None, (start, end, sum(t for t, _ in rows), sum(u for _, u in rows)))
 
     @precondition(lambda self: self.rebuild is not None)
     @rule()
     def finish_window_growth(self):
-        kind, pid, caps, history = self.rebuild
-        self.ledger.finish_window_rebuild(kind, pid, caps, history)
+        kind, pid, caps, history, period = self.rebuild
+        self.ledger.finish_window_rebuild(kind, pid, caps, history, period)
         self.rebuild = None
 
     @invariant()
@@ -141,15 +179,29 @@ class LedgerMachine(RuleBasedStateMachine):
             if p.window is None:
                 continue
             column = 0 if kind == "key" else 1
-            exact = sum(t for *ids, at, t in self.store_log if ids[column] == pid and at > self.now - p.window.window_s)
+            recent = [(t, u) for *ids, at, t, u in self.store_log if ids[column] == pid and at > self.now - p.window.window_s]
             # Merging ages usage out late, never early: the window may hold more, never less.
-            assert p.window_usage(self.now) >= exact
+            assert p.window_usage(self.now) >= sum(t for t, _ in recent)
+            assert p.window_usage_usd(self.now) >= sum(u for _, u in recent)
 
-    def _resolved(self, hold_id: str, charged: int) -> None:
+    @invariant()
+    def a_period_counts_exactly_the_charges_resolved_in_it(self):
+        if self.rebuild is not None:
+            return
+        for (kind, pid), p in self.ledger.principals.items():
+            if p.caps.period is None:
+                continue
+            start, _ = period_bounds(p.caps.period, self.now)
+            column = 0 if kind == "key" else 1
+            rows = [(t, u) for *ids, at, t, u in self.store_log if ids[column] == pid and at >= start]
+            assert p.period_usage(self.now) == (sum(t for t, _ in rows), sum(u for _, u in rows))
+
+    def _resolved(self, hold_id: str, charged: int, charged_usd: int) -> None:
         self.open.remove(hold_id)
         assert hold_id not in self.resolved
         self.resolved.add(hold_id)
         self.charged[hold_id] = charged
+        self.charged_usd[hold_id] = charged_usd
 
     @invariant()
     def caps_hold_at_every_instant(self):
@@ -160,6 +212,16 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert p.spent_tokens <= caps.balance_tokens
             if caps.window_tokens is not None:
                 assert p.window_usage(self.now) + p.held_tokens <= caps.window_tokens
+            if caps.balance_usd is not None:
+                assert p.spent_usd + p.held_usd <= caps.balance_usd
+            if caps.window_usd is not None:
+                assert p.window_usage_usd(self.now) + p.held_usd <= caps.window_usd
+            if caps.period is not None:
+                used_tokens, used_usd = p.period_usage(self.now)
+                if caps.period_tokens is not None:
+                    assert used_tokens + p.held_tokens <= caps.period_tokens
+                if caps.period_usd is not None:
+                    assert used_usd + p.held_usd <= caps.period_usd
             if caps.max_concurrency is not None:
                 assert p.in_flight <= caps.max_concurrency
 
@@ -173,6 +235,7 @@ class LedgerMachine(RuleBasedStateMachine):
             ]
             p = self.ledger.principal(kind, pid)
             assert p.held_tokens == sum(h.amount_tokens for h in holds)
+            assert p.held_usd == sum(h.amount_usd for h in holds)
             assert p.in_flight == len(holds)
 
     @invariant()
@@ -183,6 +246,7 @@ class LedgerMachine(RuleBasedStateMachine):
         total = sum(self.charged.values())
         keys_spent = sum(self.ledger.principal("key", k).spent_tokens for k in KEYS)
         assert keys_spent == total
+        assert sum(self.ledger.principal("key", k).spent_usd for k in KEYS) == sum(self.charged_usd.values())
 
 
 TestLedgerMachine = LedgerMachine.TestCase

@@ -37,6 +37,8 @@ from common import errors
 from common.errors import ApiError
 from common.openai_schema import parse_json_object
 from cortex.budget.ledger import Caps
+from cortex.budget.periods import PeriodError, PeriodSpec, parse_period_spec
+from cortex.budget.pricing import usd_to_micro
 from cortex.budget.service import TOKENS_MAX, WINDOW_HORIZON_MAX_S, BudgetService
 from cortex.fleet.catalogue import Catalogue, CatalogueError
 
@@ -46,11 +48,13 @@ WINDOW_S_MAX = WINDOW_HORIZON_MAX_S  # windows longer than the usage replayed at
 CONCURRENCY_MAX = 1_000_000
 RECENT_DEFAULT = 20
 RECENT_MAX = 10_000
-LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency")
+LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency", "period_tokens")
+USD_FIELDS = ("balance_usd", "window_usd", "period_usd")
+PERIOD_FIELDS = ("period", "period_timezone", "period_anchor_day")
 
 
-def caps_from(body: dict[str, Any]) -> Caps:
-    """Validated caps from API or CLI fields; errors name the field."""
+def caps_from(body: dict[str, Any], period_timezone: str = "UTC") -> Caps:
+    """Validated caps from API or CLI fields; errors name the field. USD amounts are exact (micro-USD)."""
     values: dict[str, Any] = {}
     for name in LIMIT_FIELDS:
         value = body.get(name)
@@ -66,9 +70,42 @@ def caps_from(body: dict[str, Any]) -> Caps:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
                 raise errors.invalid_request(f"'{name}' must be an integer from 0 to {high}.", param=name)
             values[name] = value
-    if (values["window_tokens"] is None) != (values["window_seconds"] is None):
-        raise errors.invalid_request("'window_tokens' and 'window_seconds' go together.", param="window_tokens")
-    return Caps(values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"])
+    for name in USD_FIELDS:
+        try:
+            values[name] = usd_to_micro(body[name], name) if body.get(name) is not None else None
+        except ValueError as exc:
+            raise errors.invalid_request(f"{exc}.", param=name) from None
+    has_window = values["window_tokens"] is not None or values["window_usd"] is not None
+    if has_window != (values["window_seconds"] is not None):
+        param = next(n for n in ("window_tokens", "window_usd", "window_seconds") if values[n] is not None)
+        raise errors.invalid_request("'window_seconds' goes with 'window_tokens' or 'window_usd' (or both).", param=param)
+    return Caps(
+        values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"],
+        values["balance_usd"], values["window_usd"], _period(body, values, period_timezone), values["period_tokens"],
+        values["period_usd"],
+    )
+
+
+def _period(body: dict[str, Any], values: dict[str, Any], default_timezone: str) -> PeriodSpec | None:
+    kind = body.get("period")
+    has_amount = values["period_tokens"] is not None or values["period_usd"] is not None
+    if kind is None:
+        if has_amount or body.get("period_timezone") is not None or body.get("period_anchor_day") is not None:
+            raise errors.invalid_request("'period' (daily, weekly or monthly) goes with 'period_tokens' or 'period_usd'.",
+                                         param="period")
+        return None
+    if not has_amount:
+        raise errors.invalid_request("A 'period' needs 'period_tokens' or 'period_usd' (or both).", param="period_tokens")
+    zone, anchor = body.get("period_timezone") or default_timezone, body.get("period_anchor_day")
+    if not isinstance(kind, str) or not isinstance(zone, str) or (
+        anchor is not None and (not isinstance(anchor, int) or isinstance(anchor, bool))
+    ):
+        raise errors.invalid_request("'period' and 'period_timezone' are strings, 'period_anchor_day' an integer.",
+                                     param="period")
+    try:
+        return parse_period_spec(kind, zone, anchor)
+    except PeriodError as exc:
+        raise errors.invalid_request(f"{exc}.", param="period") from None
 
 
 def _recent_limit(request: asgi.Request) -> int:
@@ -78,11 +115,22 @@ def _recent_limit(request: asgi.Request) -> int:
     return int(raw)
 
 
-def _tokens(body: dict[str, Any]) -> int:
-    tokens = body.get("tokens")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= TOKENS_MAX:
+def _top_up_amounts(body: dict[str, Any]) -> tuple[int, int]:
+    """(tokens, micro-USD) from a top-up body: either or both."""
+    tokens, usd = body.get("tokens"), body.get("usd")
+    if tokens is None and usd is None:
+        raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= TOKENS_MAX):
         raise errors.invalid_request(f"'tokens' must be an integer from 1 to {TOKENS_MAX}.", param="tokens")
-    return tokens
+    micro = 0
+    if usd is not None:
+        try:
+            micro = usd_to_micro(usd, "usd")
+        except ValueError as exc:
+            raise errors.invalid_request(f"{exc}.", param="usd") from None
+        if micro == 0:
+            raise errors.invalid_request("'usd' must be more than 0.", param="usd")
+    return tokens or 0, micro
 
 
 # Admits a request or raises the ApiError that refuses it.
@@ -143,7 +191,7 @@ class AdminApi:
                 account_id = body.get("id")
                 if not isinstance(account_id, str):
                     raise errors.invalid_request("'id' must be a string.", param="id")
-                await self.budget.create_account(account_id, caps_from(body))
+                await self.budget.create_account(account_id, caps_from(body, self.budget.config.period_timezone))
                 return 201, self.budget.usage("account", account_id)
         elif head in ("keys", "accounts") and rest:
             return await self._principal(request, "key" if head == "keys" else "account", rest)
@@ -204,9 +252,9 @@ class AdminApi:
         if request.method != "POST":
             raise errors.method_not_allowed(request.method, request.path, ["POST"])
         if action == "topup":
-            await self.budget.top_up(kind, principal_id, _tokens(await self._body(request)))
+            await self.budget.top_up(kind, principal_id, *_top_up_amounts(await self._body(request)))
         elif action == "limits":
-            await self.budget.set_caps(kind, principal_id, caps_from(await self._body(request)))
+            await self.budget.set_caps(kind, principal_id, caps_from(await self._body(request), self.budget.config.period_timezone))
         elif action == "revoke" and kind == "key":
             await self.budget.revoke(principal_id)
         else:
@@ -221,7 +269,7 @@ class AdminApi:
             raise errors.invalid_request("'name' must be a string.", param="name")
         if account is not None and not isinstance(account, str):
             raise errors.invalid_request("'account' must be a string.", param="account")
-        record, plaintext = await self.budget.create_key(name, account, caps_from(body))
+        record, plaintext = await self.budget.create_key(name, account, caps_from(body, self.budget.config.period_timezone))
         return 201, {**self._key_view(record), "key": plaintext}
 
     def _key_view(self, record: Any) -> dict[str, Any]:
@@ -232,8 +280,10 @@ class AdminApi:
         if key_id not in self.budget.keys:
             raise ApiError(404, f"No key {key_id!r}.", code="not_found")
         record = self.budget.keys[key_id]
+        view = self._key_view(record)
+        view["usage"]["spend"] = await self.budget.spend("key", key_id)
         return {
-            **self._key_view(record),
+            **view,
             "account_usage": self.budget.usage("account", record.account_id),
             "recent": await self.budget.recent(key_id, recent),
         }

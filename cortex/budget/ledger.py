@@ -11,20 +11,29 @@ No I/O, no clock, no threads: every method takes `now` (seconds). The Trio
 shell persists what this module decides; the simulator runs it in virtual
 time. For every principal and every cap it keeps, at every instant:
 
-    balance:      spent_tokens + held_tokens <= balance_tokens
-    window:       window_usage(now) + held_tokens <= window_tokens
+    balance:      spent + held <= balance            (tokens; micro-USD)
+    window:       window_usage(now) + held <= window  (tokens; micro-USD)
+    period:       period_usage(now) + held <= period  (tokens; micro-USD)
     concurrency:  in_flight <= max_concurrency
 
 because a hold is only placed when it fits under all of them, a settlement
-never charges more than its hold, and usage only ages out of a window.
+never charges more than its hold, and usage only ages out of a window or
+rolls out of a calendar period. A hold carries both a token amount and a
+money amount (micro-USD, integers); every cap is checked in the same
+reserve. A charge lands in the period in which it is resolved: the hold
+was counted against every period it was open in, so a hold reserved
+before a boundary and settled after it still fits the new period's cap.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+
+from cortex.budget.periods import PeriodSpec, period_bounds
+from cortex.budget.pricing import usd_text
 
 RESOLVED_MEMORY_MAX = 100_000  # resolved hold ids remembered for double-resolution errors
 WINDOW_SLOTS_MAX = 4096  # entries per sliding window; finer usage is merged conservatively
@@ -59,20 +68,35 @@ class Caps:
     window_tokens: int | None = None
     window_s: float | None = None
     max_concurrency: int | None = None
+    balance_usd: int | None = None  # micro-USD, as every money figure in the ledger
+    window_usd: int | None = None  # over the same window_s as window_tokens
+    period: PeriodSpec | None = None  # a calendar period: daily, weekly or monthly
+    period_tokens: int | None = None
+    period_usd: int | None = None
 
     def __post_init__(self) -> None:
-        assert (self.window_tokens is None) == (self.window_s is None), "a window needs tokens and seconds"
-        for value in (self.balance_tokens, self.window_tokens, self.max_concurrency):
+        has_window = self.window_tokens is not None or self.window_usd is not None
+        assert has_window == (self.window_s is not None), "a window needs an amount and seconds"
+        has_period = self.period_tokens is not None or self.period_usd is not None
+        assert has_period == (self.period is not None), "a period cap needs an amount and a period"
+        for value in (self.balance_tokens, self.window_tokens, self.max_concurrency, self.balance_usd,
+                      self.window_usd, self.period_tokens, self.period_usd):
             assert value is None or value >= 0
         assert self.window_s is None or self.window_s > 0
 
     @property
     def empty(self) -> bool:
-        return self.balance_tokens is None and self.window_tokens is None and self.max_concurrency is None
+        return (self.balance_tokens is None and self.window_s is None and self.max_concurrency is None
+                and self.balance_usd is None and self.period is None)
+
+    @property
+    def money(self) -> bool:
+        """Whether any cap is in money: then every request must have a price."""
+        return self.balance_usd is not None or self.window_usd is not None or self.period_usd is not None
 
 
 class SlidingWindow:
-    """Token usage by time, summed over the trailing `window_s` seconds.
+    """Token and micro-USD usage by time, summed over the trailing `window_s` seconds.
 
     Exact event times are kept; when two charges fall within one slot
     (window_s / WINDOW_SLOTS_MAX) they merge under the *later* time, so
@@ -84,20 +108,23 @@ class SlidingWindow:
         assert window_s > 0
         self.window_s = window_s
         self._slot_s = window_s / WINDOW_SLOTS_MAX
-        self._events: deque[list[float]] = deque()  # [first_t, last_t, tokens]
+        self._events: deque[list[float]] = deque()  # [first_t, last_t, tokens, usd]
         self._sum = 0
+        self._sum_usd = 0
 
-    def add(self, now: float, tokens: int) -> None:
-        assert tokens >= 0
-        if tokens == 0:
+    def add(self, now: float, tokens: int, usd: int = 0) -> None:
+        assert tokens >= 0 and usd >= 0
+        if tokens == 0 and usd == 0:
             return
         last = self._events[-1] if self._events else None
         if last is not None and now - last[0] < self._slot_s:
             last[1] = max(last[1], now)
             last[2] += tokens
+            last[3] += usd
         else:
-            self._events.append([now, now, tokens])
+            self._events.append([now, now, tokens, usd])
         self._sum += tokens
+        self._sum_usd += usd
 
     def resize(self, window_s: float) -> None:
         assert window_s > 0
@@ -105,29 +132,38 @@ class SlidingWindow:
         self._slot_s = window_s / WINDOW_SLOTS_MAX
 
     def usage(self, now: float) -> int:
-        """Usage at times t with now - window_s < t."""
-        events = self._events
-        while events and events[0][1] <= now - self.window_s:
-            self._sum -= int(events.popleft()[2])
+        """Token usage at times t with now - window_s < t."""
+        self._age(now)
         return self._sum
 
-    def wait_s(self, now: float, excess_tokens: int) -> float | None:
-        """Seconds until at least `excess_tokens` of usage has aged out, or None if it never can."""
-        self.usage(now)
-        if excess_tokens <= 0:
+    def usage_usd(self, now: float) -> int:
+        self._age(now)
+        return self._sum_usd
+
+    def _age(self, now: float) -> None:
+        events = self._events
+        while events and events[0][1] <= now - self.window_s:
+            event = events.popleft()
+            self._sum -= int(event[2])
+            self._sum_usd -= int(event[3])
+
+    def wait_s(self, now: float, excess: int, unit: int = 2) -> float | None:
+        """Seconds until at least `excess` of usage (tokens: unit 2, micro-USD: 3) has aged out, or None if it never can."""
+        self._age(now)
+        if excess <= 0:
             return 0.0
-        if excess_tokens > self._sum:
+        if excess > (self._sum if unit == 2 else self._sum_usd):
             return None
         aged = 0
-        for _, last_t, tokens in self._events:
-            aged += int(tokens)
-            if aged >= excess_tokens:
-                return max(0.0, last_t + self.window_s - now)
+        for event in self._events:
+            aged += int(event[unit])
+            if aged >= excess:
+                return max(0.0, event[1] + self.window_s - now)
         raise AssertionError("unreachable: excess <= sum")
 
     def clear_s(self, now: float) -> float:
         """Seconds until the window is empty again."""
-        self.usage(now)
+        self._age(now)
         return max(0.0, self._events[-1][1] + self.window_s - now) if self._events else 0.0
 
 
@@ -141,22 +177,52 @@ class Principal:
     spent_tokens: int = 0
     held_tokens: int = 0
     in_flight: int = 0
+    spent_usd: int = 0
+    held_usd: int = 0
     window: SlidingWindow | None = None
-    # Charges made while a grown window's history is read from the store;
-    # they join the rebuilt window so none is lost to the race.
-    capture: list[tuple[float, int]] | None = None
+    # The calendar period charges now land in, and what they add up to.
+    period_start: float | None = None
+    period_end: float | None = None
+    period_used_tokens: int = 0
+    period_used_usd: int = 0
+    # Charges made while a grown window's (or a new period's) history is read
+    # from the store; they join the rebuilt usage so none is lost to the race.
+    capture: list[tuple[float, int, int]] | None = None
 
     def __post_init__(self) -> None:
         self._sync_window()
 
-    def set_caps(self, caps: Caps, history: list[tuple[float, int]] | None = None) -> None:
-        """New caps; `history` (time, tokens) rebuilds a window that grew or appeared."""
+    def set_caps(self, caps: Caps, history: list[tuple[float, int, int]] | None = None) -> None:
+        """New caps; `history` (time, tokens, usd) rebuilds a window that grew or appeared."""
         self.caps = caps
         if history is not None and caps.window_s is not None:
             self.window = SlidingWindow(caps.window_s)
-            for at, tokens in history:
-                self.window.add(at, tokens)
+            for at, tokens, usd in history:
+                self.window.add(at, tokens, usd)
         self._sync_window()
+        if caps.period is None:
+            self.period_start = self.period_end = None
+            self.period_used_tokens = self.period_used_usd = 0
+
+    def set_period_usage(self, start: float, end: float, tokens: int, usd: int) -> None:
+        """What the store says was charged in the period [start, end) so far."""
+        assert self.caps.period is not None and start < end
+        self.period_start, self.period_end = start, end
+        self.period_used_tokens, self.period_used_usd = tokens, usd
+
+    def roll_period(self, now: float) -> None:
+        """Enter the period that contains `now`: usage resets at the boundary by construction."""
+        spec = self.caps.period
+        if spec is None or (self.period_end is not None and now < self.period_end):
+            return
+        start, end = period_bounds(spec, now)
+        if start != self.period_start:
+            self.period_used_tokens = self.period_used_usd = 0
+        self.period_start, self.period_end = start, end
+
+    def period_usage(self, now: float) -> tuple[int, int]:
+        self.roll_period(now)
+        return self.period_used_tokens, self.period_used_usd
 
     def _sync_window(self) -> None:
         if self.caps.window_s is None:
@@ -169,17 +235,21 @@ class Principal:
     def window_usage(self, now: float) -> int:
         return self.window.usage(now) if self.window is not None else 0
 
+    def window_usage_usd(self, now: float) -> int:
+        return self.window.usage_usd(now) if self.window is not None else 0
+
 
 @dataclass(frozen=True)
 class Refusal:
     """Why a reservation did not fit, and when (if ever) retrying can help."""
 
-    reason: str  # "balance", "window" or "concurrency"
+    reason: str  # "balance", "window", "period" or "concurrency"
     principal_kind: str
     principal_id: str
     message: str
     retry_after_s: float | None  # None: waiting alone will not help
     never_fits: bool = False  # the estimate exceeds the cap itself
+    unit: str = "tokens"  # or "usd": which of the cap's amounts is short
 
 
 @dataclass
@@ -195,6 +265,8 @@ class Hold:
     charged_tokens: int = 0
     actual_tokens: int | None = None
     resolved_at: float | None = None
+    amount_usd: int = 0
+    charged_usd: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +274,7 @@ class Resolution:
     hold: Hold
     charged_tokens: int
     overrun_tokens: int  # actual above the hold: the estimate was wrong
+    charged_usd: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,16 +303,18 @@ class Ledger:
 
     # --- principals ------------------------------------------------------------
 
-    def add_account(self, account_id: str, caps: Caps = Caps(), spent_tokens: int = 0) -> Principal:
+    def add_account(self, account_id: str, caps: Caps = Caps(), spent_tokens: int = 0, spent_usd: int = 0) -> Principal:
         assert ("account", account_id) not in self.principals
-        p = Principal(account_id, "account", caps, spent_tokens)
+        p = Principal(account_id, "account", caps, spent_tokens, spent_usd=spent_usd)
         self.principals[("account", account_id)] = p
         return p
 
-    def add_key(self, key_id: str, account_id: str, caps: Caps = Caps(), spent_tokens: int = 0) -> Principal:
+    def add_key(
+        self, key_id: str, account_id: str, caps: Caps = Caps(), spent_tokens: int = 0, spent_usd: int = 0
+    ) -> Principal:
         assert ("account", account_id) in self.principals, f"unknown account {account_id}"
         assert ("key", key_id) not in self.principals
-        p = Principal(key_id, "key", caps, spent_tokens)
+        p = Principal(key_id, "key", caps, spent_tokens, spent_usd=spent_usd)
         self.principals[("key", key_id)] = p
         self.key_accounts[key_id] = account_id
         return p
@@ -248,7 +323,7 @@ class Ledger:
         return self.principals[(kind, principal_id)]
 
     def set_caps(
-        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int]] | None = None
+        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int, int]] | None = None
     ) -> None:
         self.principal(kind, principal_id).set_caps(caps, history)
 
@@ -263,31 +338,38 @@ class Ledger:
         p.capture = []
 
     def finish_window_rebuild(
-        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int]]
+        self, kind: str, principal_id: str, caps: Caps, history: list[tuple[float, int, int]] | None,
+        period: tuple[float, float, int, int] | None = None,
     ) -> None:
+        """Apply `caps` with the store's usage: `history` for a window, `period` (start, end, tokens, usd) for a period."""
         p = self.principal(kind, principal_id)
         assert p.capture is not None
         captured, p.capture = p.capture, None
-        p.set_caps(caps, sorted(history) + captured)
+        p.set_caps(caps, sorted(history) + captured if history is not None else None)
+        if period is not None:
+            start, end, tokens, usd = period
+            for at, t, u in captured:
+                if start <= at < end:
+                    tokens, usd = tokens + t, usd + u
+            p.set_period_usage(start, end, tokens, usd)
 
     def abort_window_rebuild(self, kind: str, principal_id: str) -> None:
         self.principal(kind, principal_id).capture = None
 
-    def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
+    def top_up(self, kind: str, principal_id: str, tokens: int = 0, usd: int = 0) -> Caps:
         """Raise a hard balance. A principal without one has nothing to top up."""
-        assert tokens > 0
         p = self.principal(kind, principal_id)
-        if p.caps.balance_tokens is None:
-            raise LedgerError(f"{kind} {principal_id} has no balance to top up; set one with its limits")
-        caps = Caps(p.caps.balance_tokens + tokens, p.caps.window_tokens, p.caps.window_s, p.caps.max_concurrency)
+        caps = topped_up(p.caps, tokens, usd)
+        if isinstance(caps, str):
+            raise LedgerError(f"{kind} {principal_id} {caps}")
         p.set_caps(caps)
         return caps
 
-    def record_usage(self, key_id: str, at: float, tokens: int) -> None:
+    def record_usage(self, key_id: str, at: float, tokens: int, usd: int = 0) -> None:
         """Replay a past charge into the windows (recovery); lifetime spend is loaded separately."""
         for p in self._chain(key_id):
             if p.window is not None:
-                p.window.add(at, tokens)
+                p.window.add(at, tokens, usd)
 
     def _chain(self, key_id: str) -> tuple[Principal, Principal]:
         return self.principals[("key", key_id)], self.principals[("account", self.key_accounts[key_id])]
@@ -295,27 +377,29 @@ class Ledger:
     # --- admission -------------------------------------------------------------
 
     def reserve(
-        self, hold_id: str, key_id: str, amount_tokens: int, now: float, ttl_s: float, request_id: str | None = None
+        self, hold_id: str, key_id: str, amount_tokens: int, now: float, ttl_s: float, request_id: str | None = None,
+        amount_usd: int = 0,
     ) -> Hold | Refusal:
-        """Place a hold on the key and its account, or say why it does not fit."""
-        assert amount_tokens >= 0 and ttl_s > 0
+        """Place a hold of `amount_tokens` and `amount_usd` on the key and its account, or say why it does not fit."""
+        assert amount_tokens >= 0 and amount_usd >= 0 and ttl_s > 0
         assert hold_id not in self.holds
         chain = self._chain(key_id)
         if not self.fault_skip_cap_check:
-            refusal = self._refusal(chain, amount_tokens, now)
+            refusal = self._refusal(chain, amount_tokens, amount_usd, now)
             if refusal is not None:
                 return refusal
         for p in chain:
             p.held_tokens += amount_tokens
+            p.held_usd += amount_usd
             p.in_flight += 1
-        hold = Hold(hold_id, key_id, chain[1].id, amount_tokens, now, now + ttl_s, request_id)
+        hold = Hold(hold_id, key_id, chain[1].id, amount_tokens, now, now + ttl_s, request_id, amount_usd=amount_usd)
         self.holds[hold_id] = hold
         if self.observer is not None:
             self.observer("reserve", hold, now)
         return hold
 
-    def _refusal(self, chain: tuple[Principal, ...], amount: int, now: float) -> Refusal | None:
-        refusals = [r for p in chain for r in _check(p, amount, now)]
+    def _refusal(self, chain: tuple[Principal, ...], amount: int, amount_usd: int, now: float) -> Refusal | None:
+        refusals = [r for p in chain for r in _check(p, amount, amount_usd, now)]
         if not refusals:
             return None
         # A spent balance is final; otherwise wait for the slowest cap to clear.
@@ -335,30 +419,32 @@ class Ledger:
         assert hold.state is HoldState.OPEN and hold.id not in self.holds
         for p in self._chain(hold.key_id):
             p.held_tokens += hold.amount_tokens
+            p.held_usd += hold.amount_usd
             p.in_flight += 1
         self.holds[hold.id] = hold
 
     # --- resolution ------------------------------------------------------------
 
-    def settle(self, hold_id: str, actual_tokens: int, now: float) -> Resolution:
+    def settle(self, hold_id: str, actual_tokens: int, now: float, actual_usd: int = 0) -> Resolution:
         """Charge actual usage, capped at the hold so no cap can be passed."""
-        assert actual_tokens >= 0
+        assert actual_tokens >= 0 and actual_usd >= 0
         hold = self._open(hold_id)
         charged = min(actual_tokens, hold.amount_tokens)
         hold.actual_tokens = actual_tokens
-        return self._resolve(hold, HoldState.SETTLED, charged, now, max(0, actual_tokens - hold.amount_tokens))
+        overrun = max(0, actual_tokens - hold.amount_tokens)
+        return self._resolve(hold, HoldState.SETTLED, charged, now, overrun, min(actual_usd, hold.amount_usd))
 
     def release(self, hold_id: str, now: float) -> Resolution:
         return self._resolve(self._open(hold_id), HoldState.RELEASED, 0, now)
 
     def orphan(self, hold_id: str, now: float) -> Resolution:
         hold = self._open(hold_id)
-        return self._resolve(hold, HoldState.ORPHANED, hold.amount_tokens, now)
+        return self._resolve(hold, HoldState.ORPHANED, hold.amount_tokens, now, 0, hold.amount_usd)
 
     def expire(self, now: float) -> list[Resolution]:
         """Resolve every hold past its expiry at its held amount."""
         due = [h for h in self.holds.values() if h.expires_at <= now]
-        return [self._resolve(h, HoldState.EXPIRED, h.amount_tokens, now) for h in due]
+        return [self._resolve(h, HoldState.EXPIRED, h.amount_tokens, now, 0, h.amount_usd) for h in due]
 
     def _open(self, hold_id: str) -> Hold:
         hold = self.holds.get(hold_id)
@@ -372,19 +458,30 @@ class Ledger:
             return HoldAlreadyResolved(hold_id, state)
         return UnknownHold(f"no hold {hold_id}")
 
-    def _resolve(self, hold: Hold, state: HoldState, charged: int, now: float, overrun: int = 0) -> Resolution:
+    def _resolve(
+        self, hold: Hold, state: HoldState, charged: int, now: float, overrun: int = 0, charged_usd: int = 0
+    ) -> Resolution:
         assert hold.state is HoldState.OPEN and 0 <= charged <= hold.amount_tokens
+        assert 0 <= charged_usd <= hold.amount_usd
+        factor = 2 if self.fault_double_charge else 1
         for p in self._chain(hold.key_id):
-            assert p.held_tokens >= hold.amount_tokens and p.in_flight >= 1
+            assert p.held_tokens >= hold.amount_tokens and p.held_usd >= hold.amount_usd and p.in_flight >= 1
             p.held_tokens -= hold.amount_tokens
+            p.held_usd -= hold.amount_usd
             p.in_flight -= 1
-            p.spent_tokens += charged * (2 if self.fault_double_charge else 1)
+            p.spent_tokens += charged * factor
+            p.spent_usd += charged_usd * factor
             if p.window is not None and not self.fault_window_amnesia:
-                p.window.add(now, charged)
-            if p.capture is not None and charged:
-                p.capture.append((now, charged))
+                p.window.add(now, charged, charged_usd)
+            if p.caps.period is not None:
+                p.roll_period(now)
+                p.period_used_tokens += charged * factor
+                p.period_used_usd += charged_usd * factor
+            if p.capture is not None and (charged or charged_usd):
+                p.capture.append((now, charged, charged_usd))
         hold.state = state
         hold.charged_tokens = charged
+        hold.charged_usd = charged_usd
         hold.resolved_at = now
         del self.holds[hold.id]
         self.resolved[hold.id] = state
@@ -392,7 +489,7 @@ class Ledger:
             del self.resolved[next(iter(self.resolved))]  # dicts keep insertion order: oldest first
         if self.observer is not None:
             self.observer("resolve", hold, now)
-        return Resolution(hold, charged, overrun)
+        return Resolution(hold, charged, overrun, charged_usd)
 
     # --- views -------------------------------------------------------------
 
@@ -407,46 +504,110 @@ class Ledger:
         return best
 
 
+def topped_up(caps: Caps, tokens: int = 0, usd: int = 0) -> Caps | str:
+    """`caps` with its balances raised, or why not: only a balance there is can be topped up."""
+    assert tokens >= 0 and usd >= 0 and (tokens or usd)
+    if tokens and caps.balance_tokens is None:
+        return "has no balance in tokens to top up; set one with its limits"
+    if usd and caps.balance_usd is None:
+        return "has no balance in USD to top up; set one with its limits"
+    return replace(
+        caps,
+        balance_tokens=caps.balance_tokens + tokens if caps.balance_tokens is not None else None,
+        balance_usd=caps.balance_usd + usd if caps.balance_usd is not None else None,
+    )
+
+
 def _token_caps(p: Principal, now: float) -> list[tuple[int, int, float | None]]:
     caps = []
     if p.caps.balance_tokens is not None:
         caps.append((p.caps.balance_tokens, p.spent_tokens + p.held_tokens, None))
     if p.caps.window_tokens is not None and p.window is not None:
         caps.append((p.caps.window_tokens, p.window.usage(now) + p.held_tokens, p.window.clear_s(now)))
+    if p.caps.period_tokens is not None:
+        used, _ = p.period_usage(now)
+        assert p.period_end is not None
+        caps.append((p.caps.period_tokens, used + p.held_tokens, p.period_end - now))
     return caps
 
 
-def _check(p: Principal, amount: int, now: float) -> list[Refusal]:
+@dataclass(frozen=True)
+class _Amount:
+    """One cap's arithmetic in one unit, for the refusal message."""
+
+    unit: str  # "tokens" or "usd"
+    asked: int
+    held: int
+
+    def text(self, value: int) -> str:
+        return f"{value} tokens" if self.unit == "tokens" else usd_text(value)
+
+
+def _check(p: Principal, amount: int, amount_usd: int, now: float) -> list[Refusal]:
     caps, out = p.caps, []
     who = f"{p.kind} {p.id}"
-    if caps.balance_tokens is not None and p.spent_tokens + p.held_tokens + amount > caps.balance_tokens:
-        never = amount > caps.balance_tokens - p.spent_tokens
-        left = max(0, caps.balance_tokens - p.spent_tokens - p.held_tokens)
-        message = (
-            f"This request may cost up to {amount} tokens but the {who} has {left} tokens of balance left"
-            + ("." if not never else "; it cannot fit until the balance is topped up.")
-        )
-        out.append(Refusal("balance", p.kind, p.id, message, None, never))
-    if caps.window_tokens is not None and p.window is not None:
-        usage = p.window.usage(now)
-        excess = usage + p.held_tokens + amount - caps.window_tokens
-        if excess > 0:
-            if amount > caps.window_tokens:
-                message = (
-                    f"This request may cost up to {amount} tokens, more than the {who}'s limit of "
-                    f"{caps.window_tokens} tokens per {caps.window_s:g} s; it can never fit. Lower max_tokens."
-                )
-                out.append(Refusal("window", p.kind, p.id, message, None, True))
-            else:
-                wait = p.window.wait_s(now, excess)
-                message = (
-                    f"Rate limit of {caps.window_tokens} tokens per {caps.window_s:g} s reached for {who}: "
-                    f"{usage} used, {p.held_tokens} held, this request needs up to {amount}."
-                )
-                out.append(Refusal("window", p.kind, p.id, message, wait))
+    tokens = _Amount("tokens", amount, p.held_tokens)
+    usd = _Amount("usd", amount_usd, p.held_usd)
+    for limit, spent, a in ((caps.balance_tokens, p.spent_tokens, tokens), (caps.balance_usd, p.spent_usd, usd)):
+        if limit is not None and spent + a.held + a.asked > limit:
+            out.append(_balance_refusal(p, who, limit, spent, a))
+    if p.window is not None:
+        for limit, a, index in ((caps.window_tokens, tokens, 2), (caps.window_usd, usd, 3)):
+            if limit is not None:
+                used = p.window.usage(now) if index == 2 else p.window.usage_usd(now)
+                excess = used + a.held + a.asked - limit
+                if excess > 0:
+                    out.append(_window_refusal(p, who, limit, used, excess, a, p.window.wait_s(now, excess, index)))
+    if caps.period is not None:
+        used_tokens, used_usd = p.period_usage(now)
+        for limit, used, a in ((caps.period_tokens, used_tokens, tokens), (caps.period_usd, used_usd, usd)):
+            if limit is not None and used + a.held + a.asked > limit:
+                out.append(_period_refusal(p, who, limit, used, a, now))
     if caps.max_concurrency is not None and p.in_flight + 1 > caps.max_concurrency:
         never = caps.max_concurrency == 0
         message = f"Concurrency limit of {caps.max_concurrency} requests in flight reached for {who}."
         out.append(Refusal("concurrency", p.kind, p.id, message, None, never))
     return out
 
+
+def _balance_refusal(p: Principal, who: str, limit: int, spent: int, a: _Amount) -> Refusal:
+    never = a.asked > limit - spent
+    left = max(0, limit - spent - a.held)
+    message = (
+        f"This request may cost up to {a.text(a.asked)} but the {who} has {a.text(left)} of balance left"
+        + ("." if not never else "; it cannot fit until the balance is topped up.")
+    )
+    return Refusal("balance", p.kind, p.id, message, None, never, a.unit)
+
+
+def _window_refusal(
+    p: Principal, who: str, limit: int, used: int, excess: int, a: _Amount, wait_s: float | None
+) -> Refusal:
+    per = f"{a.text(limit)} per {p.caps.window_s:g} s"
+    if a.asked > limit:
+        message = f"This request may cost up to {a.text(a.asked)}, more than the {who}'s limit of {per}; it can never fit. Lower max_tokens."
+        return Refusal("window", p.kind, p.id, message, None, True, a.unit)
+    message = (
+        f"Rate limit of {per} reached for {who}: {a.text(used)} used, {a.text(a.held)} held, "
+        f"this request needs up to {a.text(a.asked)}."
+    )
+    return Refusal("window", p.kind, p.id, message, wait_s, False, a.unit)
+
+
+def _period_refusal(p: Principal, who: str, limit: int, used: int, a: _Amount, now: float) -> Refusal:
+    spec = p.caps.period
+    assert spec is not None and p.period_end is not None
+    per = f"{a.text(limit)} per {_PERIOD_NOUNS[spec.kind]} ({spec.timezone})"
+    if a.asked > limit:
+        message = f"This request may cost up to {a.text(a.asked)}, more than the {who}'s limit of {per}; it can never fit. Lower max_tokens."
+        return Refusal("period", p.kind, p.id, message, None, True, a.unit)
+    message = (
+        f"The {who}'s limit of {per} is reached: {a.text(used)} used, {a.text(a.held)} held, "
+        f"this request needs up to {a.text(a.asked)}. It resets at the start of the next period."
+    )
+    # Only held requests are in the way: they resolve sooner than the boundary.
+    wait_s = None if used + a.asked <= limit else max(0.0, p.period_end - now)
+    return Refusal("period", p.kind, p.id, message, wait_s, False, a.unit)
+
+
+_PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}

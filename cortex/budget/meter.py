@@ -45,11 +45,33 @@ def usage_counts(usage: Any) -> tuple[int, int] | None:
     return prompt, completion
 
 
+def cached_prompt_tokens(usage: Any, prompt_tokens: int) -> int:
+    """Prompt tokens the upstream read from its cache (`prompt_tokens_details.cached_tokens`), if well-formed.
+
+    Anything else is 0: those tokens are then charged at the full input price, never below it.
+    """
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not isinstance(cached, int) or isinstance(cached, bool) or not 0 <= cached <= prompt_tokens:
+        return 0
+    return cached
+
+
 @dataclass(frozen=True)
 class Settlement:
     action: Action
     tokens: int
     disagreement: Disagreement | None = None
+    # The charge's parts, for its price: tokens == prompt_tokens + output_tokens.
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens
+
+    def usd(self, prices: Any) -> int:
+        """Micro-USD at `prices` (cortex.budget.pricing.Prices), or 0 unpriced."""
+        if prices is None or self.action != "settle":
+            return 0
+        return prices.charge_usd(self.prompt_tokens, self.cached_tokens, self.output_tokens)
 
 
 @dataclass
@@ -78,19 +100,27 @@ class Meter:
             prompt_floor = -(-self.prompt_tokens_floor // self.token_bytes_max)
             output_floor = -(-self.relayed_output_tokens // self.token_bytes_max)
             if completion < output_floor or prompt < prompt_floor:
-                return Settlement("settle", max(prompt, prompt_floor) + max(completion, output_floor), "below_relayed")
-            return Settlement("settle", prompt + completion)
+                # The cached count is the upstream's too: not trusted once its counts are not.
+                charged_prompt, charged_output = max(prompt, prompt_floor), max(completion, output_floor)
+                return Settlement(
+                    "settle", charged_prompt + charged_output, "below_relayed", charged_prompt, charged_output
+                )
+            cached = cached_prompt_tokens(self.usage, prompt)
+            return Settlement("settle", prompt + completion, None, prompt, completion, cached)
         disagreement: Disagreement | None = None
         if self.usage is not None:
             disagreement = "malformed"
         elif self.completed:
             disagreement = "missing"
         own = self.prompt_tokens_estimate + self.relayed_output_tokens  # upper bounds both: never undercharged
+        parts = (self.prompt_tokens_estimate, self.relayed_output_tokens)
         if self.relayed_output_tokens or self.responded:
             # The prompt was processed and this much output reached the client.
-            return Settlement("settle", own, disagreement)
+            return Settlement("settle", own, disagreement, *parts)
         if self.client_gone:
             # Streams: the upstream saw the prompt before the client left.
             # Non-streamed: it was generating and its count never reached us.
-            return Settlement("settle", own, disagreement) if self.stream else Settlement("charge_hold", 0, disagreement)
+            if self.stream:
+                return Settlement("settle", own, disagreement, *parts)
+            return Settlement("charge_hold", 0, disagreement)
         return Settlement("release", 0, disagreement)  # the upstream failed before any output

@@ -17,7 +17,9 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import trio
 
@@ -26,7 +28,9 @@ from common import errors
 from common.errors import ApiError
 from cortex.budget import keys as keys_mod
 from cortex.budget.estimate import Estimate
-from cortex.budget.ledger import Caps, Headroom, Hold, Ledger, LedgerError, Refusal, Resolution
+from cortex.budget.ledger import Caps, Headroom, Hold, Ledger, LedgerError, Refusal, Resolution, topped_up
+from cortex.budget.periods import PeriodSpec, period_bounds, period_view
+from cortex.budget.pricing import USD_MICRO_MAX, Prices, usd_number
 from cortex.budget.store import (
     OpenHold,
     PutAccount,
@@ -37,6 +41,7 @@ from cortex.budget.store import (
     Snapshot,
     StoreError,
     caps_of,
+    period_charges,
 )
 from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
@@ -45,6 +50,8 @@ DEFAULT_ACCOUNT = "default"
 TOKENS_MAX = 10**15  # far above any real balance, far below SQLite's 2**63
 ACTUAL_TOKENS_STORED_MAX = 2**62  # what an upstream claimed is recorded, but never past what SQLite can store
 WINDOW_HORIZON_MAX_S = 31 * 24 * 3600.0  # usage older than any sane window is not replayed
+SPEND_DAYS = 31  # the spend report's reach
+SPEND_BUCKET_S = 900  # every zone's UTC offset is a multiple of 15 minutes, so buckets fall into whole local days
 
 
 @dataclass
@@ -70,12 +77,25 @@ class KeyRecord:
 
 
 def caps_view(caps: Caps) -> dict[str, Any]:
+    """Money as USD numbers (exact micro-USD beside them), a period as its kind, zone and anchor."""
+    spec = caps.period
     return {
         "balance_tokens": caps.balance_tokens,
         "window_tokens": caps.window_tokens,
         "window_seconds": caps.window_s,
         "max_concurrency": caps.max_concurrency,
+        "balance_usd": _usd_or_none(caps.balance_usd),
+        "window_usd": _usd_or_none(caps.window_usd),
+        "period": spec.kind if spec else None,
+        "period_timezone": spec.timezone if spec else None,
+        "period_anchor_day": spec.anchor_day if spec else None,
+        "period_tokens": caps.period_tokens,
+        "period_usd": _usd_or_none(caps.period_usd),
     }
+
+
+def _usd_or_none(micro: int | None) -> float | None:
+    return usd_number(micro) if micro is not None else None
 
 
 def refusal_error(refusal: Refusal, retry_hint_s: float) -> ApiError:
@@ -128,18 +148,21 @@ class BudgetService:
 
     def _rebuild(self, snapshot: Snapshot) -> None:
         for row in snapshot.accounts:
-            self.ledger.add_account(row["id"], caps_of(row), row["spent_tokens"])
+            self.ledger.add_account(row["id"], caps_of(row), row["spent_tokens"], row["spent_usd"])
         for row in snapshot.keys:
-            self.ledger.add_key(row["id"], row["account_id"], caps_of(row), row["spent_tokens"])
+            self.ledger.add_key(row["id"], row["account_id"], caps_of(row), row["spent_tokens"], row["spent_usd"])
             self._index(
                 KeyRecord(row["id"], row["account_id"], row["name"], bytes(row["key_hash"]), row["key_prefix"],
                           row["created_at"], row["revoked_at"])
             )
-        for key_id, at, tokens in snapshot.recent_charges:
-            self.ledger.record_usage(key_id, at, tokens)
+        for key_id, at, tokens, usd in snapshot.recent_charges:
+            self.ledger.record_usage(key_id, at, tokens, usd)
+        for (kind, principal_id), (start, end, tokens, usd) in snapshot.period_usage.items():
+            self.ledger.principal(kind, principal_id).set_period_usage(start, end, tokens, usd)
         for row in snapshot.open_holds:
             self.ledger.restore_hold(
-                Hold(row["id"], row["key_id"], row["account_id"], row["amount_tokens"], row["created_at"], row["expires_at"])
+                Hold(row["id"], row["key_id"], row["account_id"], row["amount_tokens"], row["created_at"], row["expires_at"],
+                     amount_usd=row["amount_usd"])
             )
 
     def _index(self, record: KeyRecord) -> None:
@@ -162,14 +185,31 @@ class BudgetService:
         return record
 
     async def reserve(
-        self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None
+        self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None,
+        prices: Prices | None = None,
     ) -> Hold:
-        """Hold the worst case on every cap that applies, durably, or raise the 429."""
+        """Hold the worst case on every cap that applies, durably, or raise the 429.
+
+        `prices` are the model's (None: unpriced); the hold's money part is
+        its worst case at them, held on every money cap in the same reserve.
+        """
         now = self.clock()
+        if prices is None and self.config.unpriced != "free" and self._money_capped(key):
+            self.metrics.refusals.inc(reason="unpriced")
+            raise ApiError(
+                403,
+                f"The model {model!r} has no price in the catalogue, and this key's budget is in USD, so the request"
+                " cannot be charged. Ask the operator to price the model (cost.input and cost.output in the catalogue),"
+                " or use a priced model.",
+                type="permission_error", code="model_not_priced",
+            )
+        amount_usd = prices.hold_usd(estimate.prompt_tokens, estimate.output_tokens) if prices is not None else 0
         hold_id = f"hold_{self._id_prefix}{next(self._hold_seq):x}"
-        result = self.ledger.reserve(hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s, request_id)
+        result = self.ledger.reserve(
+            hold_id, key.id, estimate.total_tokens, now, self.config.hold_ttl_s, request_id, amount_usd
+        )
         if isinstance(result, Refusal):
-            self.metrics.refusals.inc(reason=result.reason)
+            self.metrics.refusals.inc(reason=result.reason if result.unit == "tokens" else f"{result.reason}_usd")
             raise refusal_error(result, self.config.retry_hint_s)
         hold = result
         op = OpenHold.of(hold, model, client_request_id)
@@ -186,15 +226,18 @@ class BudgetService:
             raise
         return hold
 
-    async def settle(self, hold: Hold, actual_tokens: int) -> Resolution | None:
-        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, actual_tokens, now))
+    def _money_capped(self, key: KeyRecord) -> bool:
+        return any(self.ledger.principal(kind, pid).caps.money for kind, pid in (("key", key.id), ("account", key.account_id)))
+
+    async def settle(self, hold: Hold, actual_tokens: int, actual_usd: int = 0) -> Resolution | None:
+        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, actual_tokens, now, actual_usd))
 
     async def release(self, hold: Hold) -> Resolution | None:
         return await self._resolve(hold, lambda now: self.ledger.release(hold.id, now))
 
     async def charge_hold(self, hold: Hold) -> Resolution | None:
         """Charge the whole hold: usage happened but cannot be observed."""
-        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, hold.amount_tokens, now))
+        return await self._resolve(hold, lambda now: self.ledger.settle(hold.id, hold.amount_tokens, now, hold.amount_usd))
 
     async def _resolve(self, hold: Hold, decide: Callable[[float], Resolution]) -> Resolution | None:
         # Shielded so a cancelled request still settles; bounded so shutdown cannot hang on it.
@@ -289,17 +332,23 @@ class BudgetService:
             self._principal_or_404(kind, principal_id)
             await self._apply_caps(kind, principal_id, caps)
 
-    async def top_up(self, kind: str, principal_id: str, tokens: int) -> Caps:
-        if not 0 < tokens <= TOKENS_MAX:
+    async def top_up(self, kind: str, principal_id: str, tokens: int = 0, usd: int = 0) -> Caps:
+        """Raise the token balance by `tokens`, the USD balance by `usd` micro-USD, or both."""
+        if not (tokens or usd):
+            raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
+        if not 0 <= tokens <= TOKENS_MAX:
             raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
+        if not 0 <= usd <= USD_MICRO_MAX:
+            raise errors.invalid_request(f"'usd' must be from 0.000001 to {USD_MICRO_MAX // 10**6}.", param="usd")
         async with self._admin_lock:  # read-modify-write: concurrent top-ups must all count
             self._principal_or_404(kind, principal_id)
-            p = self.ledger.principal(kind, principal_id)
-            if p.caps.balance_tokens is None:
-                raise errors.invalid_request(f"{kind} {principal_id} has no balance to top up; set one with its limits.")
-            if p.caps.balance_tokens + tokens > TOKENS_MAX:
+            caps = topped_up(self.ledger.principal(kind, principal_id).caps, tokens, usd)
+            if isinstance(caps, str):
+                raise errors.invalid_request(f"{kind} {principal_id} {caps}.")
+            if (caps.balance_tokens or 0) > TOKENS_MAX:
                 raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
-            caps = Caps(p.caps.balance_tokens + tokens, p.caps.window_tokens, p.caps.window_s, p.caps.max_concurrency)
+            if (caps.balance_usd or 0) > USD_MICRO_MAX:
+                raise errors.invalid_request(f"The balance would pass the limit of {USD_MICRO_MAX // 10**6} USD.", param="usd")
             await self._apply_caps(kind, principal_id, caps)
         return caps
 
@@ -307,22 +356,30 @@ class BudgetService:
         old = self.ledger.principal(kind, principal_id).caps
         await self.store.commit([SetCaps(kind, principal_id, caps)])
         grows = caps.window_s is not None and (old.window_s is None or caps.window_s > old.window_s)
-        if not grows:
+        new_period = caps.period is not None and caps.period != old.period
+        if not grows and not new_period:
             self.ledger.set_caps(kind, principal_id, caps)
             return
-        # Usage older than the old window was already dropped from memory;
-        # the store still has it, and the new window must see it. Charges
+        # Usage older than the old window was already dropped from memory, and
+        # a new period's usage was never counted; the store has both. Charges
         # that land while the query runs are captured, not lost.
-        window_s = caps.window_s
-        assert window_s is not None
-        since = self.clock() - window_s
+        now = self.clock()
+        since = now - caps.window_s if grows and caps.window_s is not None else None
+        bounds = period_bounds(caps.period, now) if new_period and caps.period is not None else None
+
+        def read(conn: sqlite3.Connection) -> tuple[list[tuple[float, int, int]] | None, tuple[int, int] | None]:
+            history = charges_since(conn, kind, principal_id, since) if since is not None else None
+            sums = period_charges(conn, kind, principal_id, bounds[0]) if bounds is not None else None
+            return history, sums
+
         self.ledger.begin_window_rebuild(kind, principal_id)  # no checkpoint until the query is queued
         try:
-            history = await self.store.query(lambda conn: charges_since(conn, kind, principal_id, since))
+            history, sums = await self.store.query(read)
         except BaseException:
             self.ledger.abort_window_rebuild(kind, principal_id)
             raise
-        self.ledger.finish_window_rebuild(kind, principal_id, caps, history)
+        period = (*bounds, *sums) if bounds is not None and sums is not None else None
+        self.ledger.finish_window_rebuild(kind, principal_id, caps, history, period)
 
     async def revoke(self, key_id: str) -> KeyRecord:
         async with self._admin_lock:
@@ -341,6 +398,16 @@ class BudgetService:
     async def recent(self, key_id: str, limit: int = 20) -> list[dict[str, Any]]:
         return await self.store.query(lambda conn: recent_requests(conn, key_id, limit))
 
+    async def spend(self, kind: str, principal_id: str, days: int = SPEND_DAYS) -> dict[str, Any]:
+        """Charged spend per model and per day over the last `days` days (the period's zone's days, else UTC)."""
+        self._principal_or_404(kind, principal_id)
+        spec = self.ledger.principal(kind, principal_id).caps.period
+        zone = spec.timezone if spec is not None else "UTC"
+        # From a local midnight: the same report whenever it is asked for that day.
+        since, _ = period_bounds(PeriodSpec("daily", zone), self.clock() - (days - 1) * 86400.0)
+        rows = await self.store.query(lambda conn: spend_buckets(conn, kind, principal_id, since))
+        return spend_view(rows, zone, since)
+
 
 def _check_name(value: str, field: str) -> None:
     if not keys_mod.NAME_RE.fullmatch(value):
@@ -352,10 +419,13 @@ def _check_name(value: str, field: str) -> None:
 def _resolve_op(r: Resolution) -> ResolveHold:
     h = r.hold
     actual = min(h.actual_tokens, ACTUAL_TOKENS_STORED_MAX) if h.actual_tokens is not None else None
-    return ResolveHold(h.id, h.key_id, h.account_id, h.state.value, r.charged_tokens, actual, h.resolved_at or 0.0)
+    return ResolveHold(
+        h.id, h.key_id, h.account_id, h.state.value, r.charged_tokens, actual, h.resolved_at or 0.0, r.charged_usd
+    )
 
 
 def principal_usage(ledger: Ledger, kind: str, principal_id: str, now: float) -> dict[str, Any]:
+    """What a principal has spent and holds, and what is left under each cap (money in micro-USD and USD)."""
     p = ledger.principal(kind, principal_id)
     caps = p.caps
     view: dict[str, Any] = {
@@ -364,35 +434,89 @@ def principal_usage(ledger: Ledger, kind: str, principal_id: str, now: float) ->
         "limits": caps_view(caps),
         "spent_tokens": p.spent_tokens,
         "held_tokens": p.held_tokens,
+        "spent_micro_usd": p.spent_usd,
+        "held_micro_usd": p.held_usd,
+        "spent_usd": usd_number(p.spent_usd),
         "in_flight": p.in_flight,
         "remaining": {},
     }
+    remaining = view["remaining"]
     if caps.balance_tokens is not None:
-        view["remaining"]["balance_tokens"] = caps.balance_tokens - p.spent_tokens - p.held_tokens
-    if caps.window_tokens is not None:
-        used = p.window_usage(now)
-        view["window_used_tokens"] = used
-        view["remaining"]["window_tokens"] = caps.window_tokens - used - p.held_tokens
+        remaining["balance_tokens"] = caps.balance_tokens - p.spent_tokens - p.held_tokens
+    if caps.balance_usd is not None:
+        remaining["balance_micro_usd"] = caps.balance_usd - p.spent_usd - p.held_usd
+    if caps.window_s is not None:
+        used, used_usd = p.window_usage(now), p.window_usage_usd(now)
+        view["window_used_tokens"], view["window_used_micro_usd"] = used, used_usd
+        if caps.window_tokens is not None:
+            remaining["window_tokens"] = caps.window_tokens - used - p.held_tokens
+        if caps.window_usd is not None:
+            remaining["window_micro_usd"] = caps.window_usd - used_usd - p.held_usd
+    if caps.period is not None:
+        used, used_usd = p.period_usage(now)
+        view["period"] = {**period_view(caps.period, now), "used_tokens": used, "used_micro_usd": used_usd}
+        if caps.period_tokens is not None:
+            remaining["period_tokens"] = caps.period_tokens - used - p.held_tokens
+        if caps.period_usd is not None:
+            remaining["period_micro_usd"] = caps.period_usd - used_usd - p.held_usd
     if caps.max_concurrency is not None:
-        view["remaining"]["concurrency"] = caps.max_concurrency - p.in_flight
+        remaining["concurrency"] = caps.max_concurrency - p.in_flight
     return view
 
 
-def charges_since(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> list[tuple[float, int]]:
+def charges_since(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> list[tuple[float, int, int]]:
     column = "key_id" if kind == "key" else "account_id"
     return conn.execute(
-        f"SELECT resolved_at, charged_tokens FROM holds WHERE {column} = ? AND resolved_at > ?"
-        " AND charged_tokens > 0 ORDER BY resolved_at",
+        f"SELECT resolved_at, charged_tokens, charged_usd FROM holds WHERE {column} = ? AND resolved_at > ?"
+        " AND (charged_tokens > 0 OR charged_usd > 0) ORDER BY resolved_at",
         (principal_id, since),
     ).fetchall()
+
+
+def spend_buckets(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> list[tuple[Any, ...]]:
+    column = "key_id" if kind == "key" else "account_id"
+    return conn.execute(
+        f"SELECT model, CAST(resolved_at / {SPEND_BUCKET_S} AS INTEGER), COUNT(*), SUM(charged_tokens), SUM(charged_usd)"
+        f" FROM holds WHERE {column} = ? AND resolved_at >= ? AND (charged_tokens > 0 OR charged_usd > 0)"
+        " GROUP BY 1, 2",
+        (principal_id, since),
+    ).fetchall()
+
+
+def spend_view(rows: list[tuple[Any, ...]], zone: str, since: float) -> dict[str, Any]:
+    """Buckets of (model, 15-minute slot, requests, tokens, micro-USD) summed per model and per local day."""
+    tz = ZoneInfo(zone)
+    by_model: dict[str, list[int]] = {}
+    by_day: dict[str, list[int]] = {}
+    for model, slot, requests, tokens, usd in rows:
+        day = datetime.fromtimestamp(slot * SPEND_BUCKET_S, tz).date().isoformat()
+        for table, name in ((by_model, model or ""), (by_day, day)):
+            sums = table.setdefault(name, [0, 0, 0])
+            sums[0] += requests
+            sums[1] += tokens
+            sums[2] += usd
+
+    def rows_of(table: dict[str, list[int]], name: str) -> list[dict[str, Any]]:
+        return [
+            {name: key or None, "requests": r, "tokens": t, "micro_usd": u, "usd": usd_number(u)}
+            for key, (r, t, u) in sorted(table.items())
+        ]
+
+    return {
+        "since": datetime.fromtimestamp(since, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "timezone": zone,
+        "by_model": rows_of(by_model, "model"),
+        "by_day": rows_of(by_day, "day"),
+    }
 
 
 def recent_requests(conn: sqlite3.Connection, key_id: str, limit: int) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT id, request_id, client_request_id, model, amount_tokens, charged_tokens, actual_tokens, state,"
-        " created_at, resolved_at"
+        " created_at, resolved_at, amount_usd, charged_usd"
         " FROM holds WHERE key_id = ? ORDER BY created_at DESC LIMIT ?",
         (key_id, limit),
     ).fetchall()
-    names = ("hold_id", "request_id", "client_request_id", "model", "held_tokens", "charged_tokens", "actual_tokens", "state", "created_at", "resolved_at")
+    names = ("hold_id", "request_id", "client_request_id", "model", "held_tokens", "charged_tokens", "actual_tokens",
+             "state", "created_at", "resolved_at", "held_micro_usd", "charged_micro_usd")
     return [dict(zip(names, row)) for row in rows]

@@ -27,16 +27,38 @@ from typing import Any, AsyncIterator
 import trio
 
 from cortex.budget.ledger import Caps, Hold
+from cortex.budget.periods import PeriodSpec, period_bounds
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+_MONEY_AND_PERIOD_COLUMNS = (
+    "balance_usd INTEGER", "window_usd INTEGER", "period TEXT", "period_timezone TEXT", "period_anchor_day INTEGER",
+    "period_tokens INTEGER", "period_usd INTEGER", "spent_usd INTEGER NOT NULL DEFAULT 0",
+)
+_PRINCIPAL_INDEXES = (
+    # A calendar period's usage is summed from the holds resolved in it.
+    "CREATE INDEX IF NOT EXISTS holds_key_resolved ON holds(key_id, resolved_at) WHERE charged_tokens > 0 OR charged_usd > 0",
+    "CREATE INDEX IF NOT EXISTS holds_account_resolved ON holds(account_id, resolved_at) WHERE charged_tokens > 0 OR charged_usd > 0",
+)
 # Each step takes a ledger from the version before it to the next one.
-MIGRATIONS = {"1": ("ALTER TABLE holds ADD COLUMN client_request_id TEXT",)}
-SCHEMA = """
+MIGRATIONS = {
+    "1": ("ALTER TABLE holds ADD COLUMN client_request_id TEXT",),
+    "2": (
+        *(f"ALTER TABLE {table} ADD COLUMN {column}" for table in ("accounts", "keys") for column in _MONEY_AND_PERIOD_COLUMNS),
+        "ALTER TABLE holds ADD COLUMN amount_usd INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE holds ADD COLUMN charged_usd INTEGER NOT NULL DEFAULT 0",
+        *_PRINCIPAL_INDEXES,
+    ),
+}
+_CAPS_COLUMNS = (
+    "balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER, "
+    + ", ".join(_MONEY_AND_PERIOD_COLUMNS)
+)
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
-    balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER,
+    {_CAPS_COLUMNS},
     spent_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS keys (
@@ -47,7 +69,7 @@ CREATE TABLE IF NOT EXISTS keys (
     key_prefix TEXT NOT NULL,
     created_at REAL NOT NULL,
     revoked_at REAL,
-    balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER,
+    {_CAPS_COLUMNS},
     spent_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS holds (
@@ -63,12 +85,15 @@ CREATE TABLE IF NOT EXISTS holds (
     resolved_at REAL,
     request_id TEXT,  -- cortex's own id, unique per request
     model TEXT,
-    client_request_id TEXT  -- the client's x-request-id, if it sent one; not unique
+    client_request_id TEXT,  -- the client's x-request-id, if it sent one; not unique
+    amount_usd INTEGER NOT NULL DEFAULT 0,  -- micro-USD
+    charged_usd INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS holds_open ON holds(state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS holds_resolved_at ON holds(resolved_at);
 CREATE INDEX IF NOT EXISTS holds_key_created ON holds(key_id, created_at);
 """
+SCHEMA_INDEXES = ";\n".join(_PRINCIPAL_INDEXES) + ";"
 
 BATCH_OPS_MAX = 4096
 DEFER_FLUSH_S = 0.05  # the longest a settlement waits for a durable commit to ride along with
@@ -124,11 +149,12 @@ class OpenHold:
     request_id: str | None = None
     model: str | None = None
     client_request_id: str | None = None
+    amount_usd: int = 0
 
     @classmethod
     def of(cls, hold: Hold, model: str | None = None, client_request_id: str | None = None) -> "OpenHold":
         return cls(hold.id, hold.key_id, hold.account_id, hold.amount_tokens, hold.created_at, hold.expires_at,
-                   hold.request_id, model, client_request_id)
+                   hold.request_id, model, client_request_id, hold.amount_usd)
 
 
 @dataclass(frozen=True)
@@ -140,6 +166,7 @@ class ResolveHold:
     charged_tokens: int
     actual_tokens: int | None
     resolved_at: float
+    charged_usd: int = 0
 
 
 Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold
@@ -147,8 +174,21 @@ Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold
 _TABLES = {"key": "keys", "account": "accounts"}
 
 
+_CAPS_FIELDS = (
+    "balance_tokens", "window_tokens", "window_s", "max_concurrency", "balance_usd", "window_usd", "period",
+    "period_timezone", "period_anchor_day", "period_tokens", "period_usd",
+)
+_CAPS_PLACEHOLDERS = ", ".join("?" * len(_CAPS_FIELDS))
+_CAPS_ASSIGN = ", ".join(f"{name} = ?" for name in _CAPS_FIELDS)
+
+
 def _caps_row(caps: Caps) -> tuple[Any, ...]:
-    return (caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency)
+    spec = caps.period
+    return (
+        caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency, caps.balance_usd, caps.window_usd,
+        spec.kind if spec else None, spec.timezone if spec else None, spec.anchor_day if spec else None,
+        caps.period_tokens, caps.period_usd,
+    )
 
 
 def apply(conn: sqlite3.Connection, op: Op) -> None:
@@ -156,44 +196,45 @@ def apply(conn: sqlite3.Connection, op: Op) -> None:
     if isinstance(op, OpenHold):
         conn.execute(
             "INSERT INTO holds (id, key_id, account_id, amount_tokens, created_at, expires_at, state, request_id, model,"
-            " client_request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+            " client_request_id, amount_usd)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
             (op.id, op.key_id, op.account_id, op.amount_tokens, op.created_at, op.expires_at, op.request_id, op.model,
-             op.client_request_id),
+             op.client_request_id, op.amount_usd),
         )
     elif isinstance(op, ResolveHold):
         cursor = conn.execute(
-            "UPDATE holds SET state = ?, charged_tokens = ?, actual_tokens = ?, resolved_at = ?"
+            "UPDATE holds SET state = ?, charged_tokens = ?, actual_tokens = ?, resolved_at = ?, charged_usd = ?"
             " WHERE id = ? AND state = 'open'",
-            (op.state, op.charged_tokens, op.actual_tokens, op.resolved_at, op.id),
+            (op.state, op.charged_tokens, op.actual_tokens, op.resolved_at, op.charged_usd, op.id),
         )
         if cursor.rowcount != 1:
             raise StoreError(f"hold {op.id} is not open in the store")
-        if op.charged_tokens:
-            conn.execute("UPDATE keys SET spent_tokens = spent_tokens + ? WHERE id = ?", (op.charged_tokens, op.key_id))
+        if op.charged_tokens or op.charged_usd:
+            charged = (op.charged_tokens, op.charged_usd)
             conn.execute(
-                "UPDATE accounts SET spent_tokens = spent_tokens + ? WHERE id = ?", (op.charged_tokens, op.account_id)
+                "UPDATE keys SET spent_tokens = spent_tokens + ?, spent_usd = spent_usd + ? WHERE id = ?", (*charged, op.key_id)
+            )
+            conn.execute(
+                "UPDATE accounts SET spent_tokens = spent_tokens + ?, spent_usd = spent_usd + ? WHERE id = ?",
+                (*charged, op.account_id),
             )
     elif isinstance(op, PutAccount):
         conn.execute(
-            "INSERT INTO accounts (id, created_at, balance_tokens, window_tokens, window_s, max_concurrency)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO accounts (id, created_at, {', '.join(_CAPS_FIELDS)}) VALUES (?, ?, {_CAPS_PLACEHOLDERS})",
             (op.id, op.created_at, *_caps_row(op.caps)),
         )
     elif isinstance(op, PutKey):
         conn.execute(
-            "INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at,"
-            " balance_tokens, window_tokens, window_s, max_concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at, {', '.join(_CAPS_FIELDS)})"
+            f" VALUES (?, ?, ?, ?, ?, ?, {_CAPS_PLACEHOLDERS})",
             (op.id, op.account_id, op.name, op.key_hash, op.key_prefix, op.created_at, *_caps_row(op.caps)),
         )
     elif isinstance(op, SetCaps):
-        conn.execute(
-            f"UPDATE {_TABLES[op.kind]} SET balance_tokens = ?, window_tokens = ?, window_s = ?, max_concurrency = ?"
-            " WHERE id = ?",
-            (*_caps_row(op.caps), op.id),
-        )
+        conn.execute(f"UPDATE {_TABLES[op.kind]} SET {_CAPS_ASSIGN} WHERE id = ?", (*_caps_row(op.caps), op.id))
     elif isinstance(op, RevokeKey):
         conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (op.at, op.id))
+    elif hasattr(op, "apply_sql"):  # ops of a subsystem that owns its tables (alerts)
+        op.apply_sql(conn)
     else:  # pragma: no cover - exhaustive
         raise TypeError(f"unknown op {op!r}")
 
@@ -219,10 +260,13 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
     conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA foreign_keys = ON")
+    from cortex.budget.alert_delivery import ALERTS_SCHEMA  # its own module's tables; imported late (no cycle)
+
     with conn:
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + ALERTS_SCHEMA)
         row = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
         if row is None:
+            conn.executescript(SCHEMA_INDEXES)
             conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             return conn
         version = row[0]
@@ -240,9 +284,12 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
 class Snapshot:
     accounts: list[sqlite3.Row] = field(default_factory=list)
     keys: list[sqlite3.Row] = field(default_factory=list)
-    recent_charges: list[tuple[str, float, int]] = field(default_factory=list)  # (key_id, resolved_at, tokens)
+    # (key_id, resolved_at, tokens, usd)
+    recent_charges: list[tuple[str, float, int, int]] = field(default_factory=list)
     orphaned: list[tuple[str, str, int]] = field(default_factory=list)  # (hold_id, key_id, amount)
     open_holds: list[sqlite3.Row] = field(default_factory=list)  # only when not recovering
+    # (kind, id) -> (start, end, tokens, usd): each calendar-period cap's current period so far
+    period_usage: dict[tuple[str, str], tuple[float, float, int, int]] = field(default_factory=dict)
 
 
 def recover_and_load(conn: sqlite3.Connection, now: float, horizon_s: float, recover: bool = True) -> Snapshot:
@@ -261,25 +308,49 @@ def recover_and_load(conn: sqlite3.Connection, now: float, horizon_s: float, rec
             for hold in open_holds:
                 apply(
                     conn,
-                    ResolveHold(hold["id"], hold["key_id"], hold["account_id"], "orphaned", hold["amount_tokens"], None, now),
+                    ResolveHold(hold["id"], hold["key_id"], hold["account_id"], "orphaned", hold["amount_tokens"], None, now,
+                                hold["amount_usd"]),
                 )
                 snapshot.orphaned.append((hold["id"], hold["key_id"], hold["amount_tokens"]))
     snapshot.accounts = conn.execute("SELECT * FROM accounts ORDER BY id").fetchall()
     snapshot.keys = conn.execute("SELECT * FROM keys ORDER BY created_at, id").fetchall()
     snapshot.recent_charges = [
-        (r["key_id"], r["resolved_at"], r["charged_tokens"])
+        (r["key_id"], r["resolved_at"], r["charged_tokens"], r["charged_usd"])
         for r in conn.execute(
-            "SELECT key_id, resolved_at, charged_tokens FROM holds"
-            " WHERE resolved_at > ? AND charged_tokens > 0 ORDER BY resolved_at",
+            "SELECT key_id, resolved_at, charged_tokens, charged_usd FROM holds"
+            " WHERE resolved_at > ? AND (charged_tokens > 0 OR charged_usd > 0) ORDER BY resolved_at",
             (now - horizon_s,),
         )
     ]
+    for kind, rows in (("account", snapshot.accounts), ("key", snapshot.keys)):
+        for row in rows:
+            spec = caps_of(row).period
+            if spec is not None:
+                start, end = period_bounds(spec, now)
+                snapshot.period_usage[(kind, row["id"])] = (start, end, *period_charges(conn, kind, row["id"], start))
     conn.row_factory = None
     return snapshot
 
 
+def period_charges(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> tuple[int, int]:
+    """(tokens, micro-USD) charged to a principal from `since` on."""
+    column = "key_id" if kind == "key" else "account_id"
+    row = conn.execute(
+        f"SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) FROM holds"
+        f" WHERE {column} = ? AND resolved_at >= ? AND (charged_tokens > 0 OR charged_usd > 0)",
+        (principal_id, since),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
 def caps_of(row: sqlite3.Row) -> Caps:
-    return Caps(row["balance_tokens"], row["window_tokens"], row["window_s"], row["max_concurrency"])
+    period = None
+    if row["period"] is not None:
+        period = PeriodSpec(row["period"], row["period_timezone"], row["period_anchor_day"])
+    return Caps(
+        row["balance_tokens"], row["window_tokens"], row["window_s"], row["max_concurrency"], row["balance_usd"],
+        row["window_usd"], period, row["period_tokens"], row["period_usd"],
+    )
 
 
 # --- the two stores -------------------------------------------------------------------
