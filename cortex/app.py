@@ -128,6 +128,13 @@ class CortexApp:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
                     await nursery.start(self.lifecycle.run)
                     await nursery.start(self.budget.expire_forever)
+                    if self.config.alerts:
+                        budget = self.config.budget
+                        sender = await self.budget.start_alerts(
+                            self.config.alerts, timeout_s=budget.alert_timeout_s, retry_for_s=budget.alert_retry_for_s,
+                            outbox_max=budget.alert_outbox_max,
+                        )
+                        await nursery.start(sender.run)
                     ready()
         except BaseException as exc:
             if not started:

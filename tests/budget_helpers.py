@@ -17,8 +17,8 @@ HI = [{"role": "user", "content": "hi"}]
 HI_PROMPT_TOKENS = counting.count_chat(HI)  # exact: byte-level
 
 
-def budget_cortex(stack: Stack, *neurons: Proc, config: str = "", **kwargs: Any) -> Proc:
-    args = ["--admin-token", ADMIN_TOKEN]
+def budget_cortex(stack: Stack, *neurons: Proc, config: str = "", args_extra: tuple[str, ...] = (), **kwargs: Any) -> Proc:
+    args = ["--admin-token", ADMIN_TOKEN, *args_extra]
     if config:
         path = stack.tmp_path / f"cortex-{len(stack.procs)}.toml"
         path.write_text(config)

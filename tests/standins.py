@@ -78,6 +78,9 @@ class Settings:
     reply_tokens: int = 12  # how long a reply is when nothing cuts it shorter
     api_key: str | None = None  # when set, generation (and OpenAI's /v1/models) needs `Bearer <key>`
     flat_errors: bool = False  # vLLM: the flat `{"object": "error"}` form of vLLM before 0.10
+    # Prefix-cache hits reported as `usage.prompt_tokens_details.cached_tokens` (vLLM with
+    # --enable-prompt-tokens-details, SGLang, OpenAI): at most this many of the prompt's tokens.
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -766,9 +769,12 @@ class StandIn:
     def _words(self, plan: Plan) -> list[str]:
         return [WORDS[i % len(WORDS)] + " " for i in range(plan.output_tokens)]
 
-    def _usage(self, plan: Plan) -> dict[str, int]:
-        return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.output_tokens,
-                "total_tokens": plan.prompt_tokens + plan.output_tokens}
+    def _usage(self, plan: Plan) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.output_tokens,
+                                 "total_tokens": plan.prompt_tokens + plan.output_tokens}
+        if self.settings.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(self.settings.cached_tokens, plan.prompt_tokens)}
+        return usage
 
     def _whole(self, chat: bool, model: str, plan: Plan) -> dict[str, Any]:
         text = "".join(self._words(plan))

@@ -27,9 +27,11 @@ from cortex import logs
 from common import errors
 from common.errors import ApiError
 from cortex.budget import keys as keys_mod
+from cortex.budget.alert_delivery import AlertDelivery, FireAlert, fire_ops, load_fired, new_event_id
+from cortex.budget.alerts import AlertRule, CapLevel, FiredKey, evaluate, record_fired
 from cortex.budget.estimate import Estimate
 from cortex.budget.ledger import Caps, Headroom, Hold, Ledger, LedgerError, Refusal, Resolution, topped_up
-from cortex.budget.periods import PeriodSpec, period_bounds, period_view
+from cortex.budget.periods import PeriodSpec, period_bounds, period_id, period_view
 from cortex.budget.pricing import USD_MICRO_MAX, Prices, usd_number
 from cortex.budget.store import (
     OpenHold,
@@ -129,6 +131,10 @@ class BudgetService:
         self._id_prefix = secrets.token_hex(4)
         self._hold_seq = itertools.count(1)
         self._admin_lock = trio.Lock()  # administrative changes are read-modify-write
+        # Alerts: the rules, what has fired (the ledger's copy, loaded at start), and the outbox's doorbell.
+        self.alert_rules: tuple[AlertRule, ...] = ()
+        self._fired: dict[FiredKey, str] = {}
+        self._alert_wake: Callable[[], None] | None = None
         metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
         metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
 
@@ -248,11 +254,14 @@ class BudgetService:
                 logs.event("settle_skipped", logging.WARNING, hold_id=hold.id, error=str(exc))
                 return None
             self._count(resolution)
+            alert_ops = self._alert_ops((("key", hold.key_id), ("account", hold.account_id)), resolution)
             try:
-                # Not awaited to disk: recovery charges an unwritten settlement in full.
-                await self.store.commit([_resolve_op(resolution)], durable=False)
+                # Not awaited to disk: recovery charges an unwritten settlement in full. An
+                # alert's fired state is (rarely), so that its event is in the outbox when rung.
+                await self.store.commit([_resolve_op(resolution), *alert_ops], durable=bool(alert_ops))
             except StoreError as exc:
                 logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
+            self._ring(alert_ops)
             return resolution
         if scope.cancelled_caught:
             logs.event("settle_not_durable", logging.ERROR, hold_id=hold.id, timeout_s=self.config.ledger_timeout_s)
@@ -264,6 +273,40 @@ class BudgetService:
             self.metrics.overruns.inc()
             self.metrics.overrun_tokens.inc(resolution.overrun_tokens)
             logs.event("settle_overrun", logging.WARNING, hold_id=resolution.hold.id, overrun_tokens=resolution.overrun_tokens)
+
+    # --- alerts ------------------------------------------------------------------------
+
+    async def start_alerts(self, rules: tuple[AlertRule, ...], **delivery: Any) -> AlertDelivery:
+        """Load what has fired, catch up on crossings a crash left unrecorded, and give the outbox's sender."""
+        self.alert_rules = rules
+        self._fired = await self.store.query(load_fired)
+        sender = AlertDelivery(self.store, self.clock, self.metrics, rules, **delivery)
+        self._alert_wake = sender.wake
+        ops = self._alert_ops(list(self.ledger.principals))
+        if ops:
+            await self.store.commit(ops)
+            self._ring(ops)
+        return sender
+
+    def _alert_ops(self, principals: Any, resolution: Resolution | None = None) -> list[Any]:
+        """Fire and re-arm decisions for `principals` ((kind, id) pairs) as ledger ops; recorded before any await."""
+        if not self.alert_rules or (resolution is not None and not (resolution.charged_tokens or resolution.charged_usd)):
+            return []
+        now = self.clock()
+        ops: list[Any] = []
+        for kind, principal_id in principals:
+            levels = cap_levels(self.ledger.principal(kind, principal_id), now)
+            if not levels:
+                continue
+            decisions = evaluate(self.alert_rules, kind, principal_id, levels, self._fired, now, new_event_id)
+            if decisions:
+                record_fired(self._fired, decisions)
+                ops += fire_ops(decisions, self.alert_rules, now, self.config.alert_outbox_max)
+        return ops
+
+    def _ring(self, ops: list[Any]) -> None:
+        if self._alert_wake is not None and any(isinstance(op, FireAlert) for op in ops):
+            self._alert_wake()
 
     def headroom(self, key: KeyRecord) -> Headroom | None:
         """The tightest token cap's room, for each surface's rate-limit headers."""
@@ -359,6 +402,7 @@ class BudgetService:
         new_period = caps.period is not None and caps.period != old.period
         if not grows and not new_period:
             self.ledger.set_caps(kind, principal_id, caps)
+            await self._alert_after_caps(kind, principal_id)
             return
         # Usage older than the old window was already dropped from memory, and
         # a new period's usage was never counted; the store has both. Charges
@@ -380,6 +424,14 @@ class BudgetService:
             raise
         period = (*bounds, *sums) if bounds is not None and sums is not None else None
         self.ledger.finish_window_rebuild(kind, principal_id, caps, history, period)
+        await self._alert_after_caps(kind, principal_id)
+
+    async def _alert_after_caps(self, kind: str, principal_id: str) -> None:
+        """A top-up or a new limit re-arms (or fires) a principal's alerts at once."""
+        ops = self._alert_ops([(kind, principal_id)])
+        if ops:
+            await self.store.commit(ops)
+            self._ring(ops)
 
     async def revoke(self, key_id: str) -> KeyRecord:
         async with self._admin_lock:
@@ -407,6 +459,28 @@ class BudgetService:
         since, _ = period_bounds(PeriodSpec("daily", zone), self.clock() - (days - 1) * 86400.0)
         rows = await self.store.query(lambda conn: spend_buckets(conn, kind, principal_id, since))
         return spend_view(rows, zone, since)
+
+
+def cap_levels(p: Any, now: float) -> list[CapLevel]:
+    """How far along each of a principal's caps its charged spend is, for the alert rules."""
+    caps, levels = p.caps, []
+
+    def add(cap: str, spent: int, limit: int | None, **extra: Any) -> None:
+        if limit:  # a cap of 0 has no fraction to cross
+            levels.append(CapLevel(cap, spent, limit, **extra))
+
+    add("balance_tokens", p.spent_tokens, caps.balance_tokens, epoch="")
+    add("balance_usd", p.spent_usd, caps.balance_usd, epoch="")
+    if caps.window_s is not None:
+        add("window_tokens", p.window_usage(now), caps.window_tokens, epoch="", window_s=caps.window_s)
+        add("window_usd", p.window_usage_usd(now), caps.window_usd, epoch="", window_s=caps.window_s)
+    if caps.period is not None:
+        used_tokens, used_usd = p.period_usage(now)
+        assert p.period_start is not None
+        epoch, view = period_id(caps.period, p.period_start), period_view(caps.period, now)
+        add("period_tokens", used_tokens, caps.period_tokens, epoch=epoch, period=view)
+        add("period_usd", used_usd, caps.period_usd, epoch=epoch, period=view)
+    return levels
 
 
 def _check_name(value: str, field: str) -> None:
