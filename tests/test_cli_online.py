@@ -58,9 +58,9 @@ def over_socket(data_dir: Path, method: str, path: str, **kwargs: Any) -> httpx.
         return http.request(method, path, **kwargs)
 
 
-def tokenless_cortex(stack: Stack, *neurons: Proc) -> Proc:
+def tokenless_cortex(stack: Stack, *neurons: Proc, args_extra: tuple[str, ...] = ()) -> Proc:
     """Keys required, but no admin token: the socket alone administers it."""
-    return stack.cortex(*neurons, auth=True)
+    return stack.cortex(*neurons, args=args_extra, auth=True)
 
 
 def test_every_change_takes_effect_at_once_on_a_server_without_an_admin_token(stack: Stack):
@@ -122,10 +122,12 @@ def test_output_and_exit_codes_are_the_same_online_and_offline(stack: Stack):
     cortex = tokenless_cortex(stack, stack.neuron())
     data = cortex.data_dir
     key = cli_json(data, "keys", "create", "--name", "agent", "--account", "team", "--balance", "10000",
-                   "--window-tokens", "5000", "--window-seconds", "3600")
+                   "--window-tokens", "5000", "--window-seconds", "3600", "--period", "monthly", "--period-tokens",
+                   "90000", "--period-anchor-day", "31")
     revoked = cli_json(data, "keys", "create", "--name", "gone")
     cli_json(data, "keys", "revoke", revoked["id"])
-    cli_json(data, "accounts", "set-limits", "team", "--max-concurrency", "4")
+    cli_json(data, "accounts", "set-limits", "team", "--max-concurrency", "4", "--period", "daily", "--period-tokens",
+             "50000", "--period-timezone", "Europe/Berlin")
     assert chat(cortex, key["key"]).status_code == 200
     asked_before = len(_socket_requests(cortex))
     online = _outputs(data, key["id"], revoked["id"])
@@ -140,6 +142,28 @@ def test_output_and_exit_codes_are_the_same_online_and_offline(stack: Stack):
     assert by_command[("keys", "show", "key_nope")] == (1, "", "cortex: no key 'key_nope'.\n")
     assert by_command[("accounts", "show", "nope")] == (1, "", "cortex: no account 'nope'.\n")
     assert by_command[("keys", "topup", "{revoked}", "-1")][0] == 1
+
+
+def test_money_and_period_changes_from_the_cli_take_effect_at_once_on_a_running_server(stack: Stack):
+    catalogue = stack.tmp_path / "models.toml"
+    catalogue.write_text(f'[[models]]\nid = "{MODEL}"\ncost = {{ input = 1.0, output = 1.0 }}\n')
+    cortex = tokenless_cortex(stack, stack.neuron(), args_extra=("--models", str(catalogue)))
+    data = cortex.data_dir
+    key = cli_json(data, "keys", "create", "--name", "agent", "--balance-usd", "0.000001")
+    assert chat(cortex, key["key"]).status_code == 429  # one micro-USD cannot pay for COST tokens
+    shown = cli_json(data, "keys", "topup", key["id"], "--usd", "0.01")
+    assert shown["limits"]["balance_usd"] == 0.010001
+    assert chat(cortex, key["key"]).status_code == 200
+    # Today's spend (COST micro-USD so far) counts against a daily cap set now: no room for a second.
+    daily = f"{COST * 3 // 2 / 10**6:.6f}"
+    cli_json(data, "keys", "set-limits", key["id"], "--balance-usd", "1", "--period", "daily", "--period-usd", daily)
+    r = chat(cortex, key["key"])
+    assert r.status_code == 429 and "per day (UTC)" in r.json()["error"]["message"]
+    assert 0 < int(r.headers["retry-after"]) <= 86400  # the next UTC midnight
+    human = cli(data, "usage", key["id"])
+    assert human.returncode == 0 and "this daily period" in human.stdout and f"model {MODEL}" in human.stdout
+    bad = cli(data, "keys", "set-limits", key["id"], "--period-usd", "1")
+    assert bad.returncode == 1 and "'period'" in bad.stderr
 
 
 def test_the_socket_is_owner_only_and_serves_only_the_admin_api(stack: Stack):
