@@ -135,6 +135,7 @@ class CortexApp:
                             outbox_max=budget.alert_outbox_max,
                         )
                         await nursery.start(sender.run)
+                        await nursery.start(self.budget.evaluate_alerts_forever)
                     ready()
         except BaseException as exc:
             if not started:

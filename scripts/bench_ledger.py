@@ -36,7 +36,15 @@ median of per-repeat paired ratios.  CPU columns come from /proc (per thread):
 the writer thread's and the Trio (main) thread's CPU as a percentage of wall
 time, to tell which side is the bottleneck.
 
-Target: >= 10,000 durable reserve+settle pairs/s at concurrency 256.
+4. Runs the same point with *every cap kind* (variant ``allcaps``): the key
+   and its account each carry a token and a USD balance, a token and a USD
+   sliding window, a monthly period in tokens and in USD and a concurrency
+   cap; the model is priced (so every hold and charge has a money part), and
+   an alert rule watches every cap (evaluated on every settlement). Its
+   figure is compared with the token-only ``group`` run of the same repeat.
+
+Targets: >= 10,000 durable reserve+settle pairs/s at concurrency 256; with
+every cap kind, within 20% of the token-only figure (ratio >= 0.80).
 
 Usage
 -----
@@ -71,7 +79,11 @@ import _loadgen as lg  # noqa: E402
 
 from cortex.budget import store as store_mod  # noqa: E402
 from cortex.budget.estimate import Estimate  # noqa: E402
+from cortex.budget.alerts import parse_alert_rules  # noqa: E402
 from cortex.budget.ledger import Caps  # noqa: E402
+from cortex.budget.periods import PeriodSpec  # noqa: E402
+from cortex.budget.pricing import Prices  # noqa: E402
+from cortex.fleet.catalogue import Cost  # noqa: E402
 from cortex.budget.service import BudgetService  # noqa: E402
 from cortex.budget.store import ThreadedStore  # noqa: E402
 from cortex.config import BudgetConfig  # noqa: E402
@@ -79,7 +91,13 @@ from cortex.metrics import GatewayMetrics  # noqa: E402
 
 DEFAULT_CONCURRENCY = (1, 256)
 MODES = ("normal", "full")
-VARIANTS = ("group", "single")
+VARIANTS = ("group", "single", "allcaps")
+ALL_CAPS = Caps(
+    balance_tokens=10**15, window_tokens=10**15, window_s=3600.0, max_concurrency=100_000, balance_usd=10**17,
+    window_usd=10**17, period=PeriodSpec("monthly"), period_tokens=10**15, period_usd=10**17,
+)
+PRICES = Prices.from_cost(Cost(0.15, 0.6, 0.075))
+ALLCAPS_TARGET_RATIO = 0.80
 TARGET_PAIRS_S = 10_000
 TARGET_C = 256
 ESTIMATE = Estimate(prompt_tokens=60, output_tokens=100)
@@ -144,13 +162,18 @@ async def run_point(variant: str, concurrency: int, synchronous: str, seconds: f
             batches.append(batch_size)
             commit_s.append(seconds_)
 
-    cls = ThreadedStore if variant == "group" else OneTxnStore
+    cls = OneTxnStore if variant == "single" else ThreadedStore
     with tempfile.TemporaryDirectory(prefix="bench_ledger_") as tmp:
         path = Path(tmp) / "ledger.sqlite3"
         async with cls.open(path, synchronous, on_commit) as store:
             config = BudgetConfig(data_dir=tmp, synchronous=synchronous)
             service = await BudgetService.load(store, time.time, config, GatewayMetrics())
-            key, _ = await service.create_key("bench", None, Caps(balance_tokens=10**15))
+            every = variant == "allcaps"
+            key, _ = await service.create_key("bench", "team", ALL_CAPS if every else Caps(balance_tokens=10**15))
+            prices = PRICES if every else None
+            if every:
+                await service.set_caps("account", "team", ALL_CAPS)
+                service.alert_rules = parse_alert_rules([{"url": "http://127.0.0.1:9/hook"}], {})
             writer_tid = store._thread.native_id
             trio_tid = threading.get_native_id()
 
@@ -164,9 +187,10 @@ async def run_point(variant: str, concurrency: int, synchronous: str, seconds: f
                 n = 0
                 while perf() < deadline:
                     t0 = perf()
-                    hold = await service.reserve(key, ESTIMATE, f"req-{i}-{n}", "bench-model")
+                    hold = await service.reserve(key, ESTIMATE, f"req-{i}-{n}", "bench-model", None, prices)
                     t1 = perf()
-                    await service.settle(hold, ACTUAL_TOKENS)
+                    usd = prices.charge_usd(ESTIMATE.prompt_tokens, 0, ACTUAL_TOKENS - ESTIMATE.prompt_tokens) if prices else 0
+                    await service.settle(hold, ACTUAL_TOKENS, usd)
                     n += 1
                     if timed:
                         admit.append(t1 - t0)
@@ -183,9 +207,20 @@ async def run_point(variant: str, concurrency: int, synchronous: str, seconds: f
             start = perf()
             deadline = start + seconds
             async with trio.open_nursery() as nursery:
-                for i in range(concurrency):
-                    nursery.start_soon(worker, i, True)
-            elapsed = perf() - start
+                if every:  # the alert evaluator runs as in cortex, beside the requests
+                    evaluator = trio.CancelScope()
+
+                    async def evaluate() -> None:
+                        with evaluator:
+                            await service.evaluate_alerts_forever()
+
+                    nursery.start_soon(evaluate)
+                async with trio.open_nursery() as workers:
+                    for i in range(concurrency):
+                        workers.start_soon(worker, i, True)
+                elapsed = perf() - start
+                if every:
+                    evaluator.cancel()
             measuring = False
             w1, m1 = lg.thread_cpu_s(writer_tid), lg.thread_cpu_s(trio_tid)
             if len(service.ledger.holds) != 0:
@@ -205,8 +240,11 @@ class Cell:
 
     @property
     def ratio(self) -> float:
-        pairs = list(zip(self.samples["group"], self.samples["single"]))
-        vals = [g.pairs_s / s.pairs_s for g, s in pairs if s.pairs_s]
+        return self.paired("group", "single")
+
+    def paired(self, top: str, bottom: str) -> float:
+        pairs = list(zip(self.samples[top], self.samples[bottom]))
+        vals = [a.pairs_s / b.pairs_s for a, b in pairs if b.pairs_s]
         return statistics.median(vals) if vals else float("nan")
 
 
@@ -215,7 +253,7 @@ async def bench(args) -> list[Cell]:
     for r in range(args.repeats):
         order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
         if not args.baseline:
-            order = ("group",)
+            order = tuple(v for v in order if v != "single")
         for c in args.concurrency:
             for m in args.modes:
                 for variant in order:
@@ -240,12 +278,13 @@ def format_table(cells: list[Cell]) -> str:
     rows = [
         "| concurrency | synchronous | pairs/s | admit p50 ms | admit p99 ms | mean batch | commits/s "
         "| writer ms/commit | writer CPU | trio CPU | no-group pairs/s | no-group p50 ms | no-group p99 ms "
-        "| vs no-group |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs no-group | all caps pairs/s | all caps p50 ms | all caps / tokens only |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         g = lambda fn: cell.med("group", fn)  # noqa: E731
         b = lambda fn: cell.med("single", fn)  # noqa: E731
+        a = lambda fn: cell.med("allcaps", fn)  # noqa: E731
         rows.append(
             f"| {cell.concurrency} | {cell.synchronous} | {lg.fmt(g(lambda s: s.pairs_s), ',.0f')} "
             f"| {lg.fmt(g(lambda s: s.admit_ms(0.5)), '.3f')} | {lg.fmt(g(lambda s: s.admit_ms(0.99)), '.3f')} "
@@ -253,7 +292,9 @@ def format_table(cells: list[Cell]) -> str:
             f"| {lg.fmt(g(lambda s: s.commit_ms), '.3f')} | {lg.fmt(g(lambda s: s.pct(s.writer_cpu_s)), '.0f')}% "
             f"| {lg.fmt(g(lambda s: s.pct(s.trio_cpu_s)), '.0f')}% "
             f"| {lg.fmt(b(lambda s: s.pairs_s), ',.0f')} | {lg.fmt(b(lambda s: s.admit_ms(0.5)), '.3f')} "
-            f"| {lg.fmt(b(lambda s: s.admit_ms(0.99)), '.3f')} | {lg.fmt(cell.ratio, '.1f')}x |"
+            f"| {lg.fmt(b(lambda s: s.admit_ms(0.99)), '.3f')} | {lg.fmt(cell.ratio, '.1f')}x "
+            f"| {lg.fmt(a(lambda s: s.pairs_s), ',.0f')} | {lg.fmt(a(lambda s: s.admit_ms(0.5)), '.3f')} "
+            f"| {lg.fmt(cell.paired('allcaps', 'group'), '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -269,6 +310,12 @@ def format_checks(cells: list[Cell]) -> str:
         lines.append(
             f"- {tag} >= {TARGET_PAIRS_S:,} durable reserve+settle pairs/s at c={TARGET_C}, "
             f"synchronous={cell.synchronous}: {v:,.0f} pairs/s ({v / TARGET_PAIRS_S:.0%} of target)"
+        )
+        ratio = cell.paired("allcaps", "group")
+        tag = "PASS" if ratio >= ALLCAPS_TARGET_RATIO else "MISS"
+        lines.append(
+            f"- {tag} every cap kind on the key and its account within 20% of token-only at c={TARGET_C}, "
+            f"synchronous={cell.synchronous}: ratio {ratio:.2f}"
         )
     return "\n".join(lines)
 

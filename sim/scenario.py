@@ -13,11 +13,15 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from common import tomlfile
 from cortex.budget.ledger import Caps
+from cortex.budget.periods import PeriodError, parse_period_spec
+from cortex.budget.pricing import usd_to_micro
+from cortex.fleet.catalogue import COST_MAX_USD_PER_M
 from cortex.fleet.kinds import KINDS
 
 REQUESTS_MAX = 200_000  # a bound on scenario size: the workloads' expected request count
@@ -35,7 +39,14 @@ TOKEN_BYTES_MAX = 16  # a modelled tokenizer's bytes per token (cortex's bound f
 DEFAULT_TOKEN_BYTES = 4  # non-neuron kinds; neuron's tokenizer is byte-level
 OVERLOAD_STATUSES = (429, 503, 529)
 NEURON_OUTPUT_TOKENS = 1024  # a neuron's limit.output when the scenario names none
-REFUSAL_REASONS = ("insufficient_quota", "rate_limit_exceeded", "invalid_api_key", "context_length_exceeded")
+REFUSAL_REASONS = ("insufficient_quota", "rate_limit_exceeded", "invalid_api_key", "context_length_exceeded",
+                   "model_not_priced")
+# The ledger's refusals by cap, as cortex's metrics name them: the reason, `_usd` when money was short.
+CAP_REFUSALS = ("balance", "balance_usd", "window", "window_usd", "period", "period_usd", "concurrency")
+USD_CAP_MAX = 10**6  # USD: a scenario's money caps stay far below the ledger's bound
+# The virtual clock's start: POSIX seconds from 1970 (the MockClock only runs forwards from 0) to 2999,
+# inside what cortex's calendar periods accept with a week of horizon to spare.
+START_MAX = datetime(2999, 12, 24, tzinfo=timezone.utc)
 CATALOGUE_MODELS_MAX = 1_000  # [[models]] entries: each becomes a catalogue model cortex may load
 WORKLOAD_MODELS_MAX = 1_000  # models one workload's demand spreads over
 
@@ -141,12 +152,23 @@ def _zipf_cum_weights(n: int, s: float) -> list[float]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A catalogue model (cortex's `[[models]]`): what it takes, how much it is worth keeping, where it is pinned."""
+    """A catalogue model (cortex's `[[models]]`): what it takes, how much it is worth keeping, where it is
+    pinned, what it costs. Without `memory_mb` it is only priced: cortex never loads or evicts it."""
 
     id: str
-    memory_mb: int
+    memory_mb: int | None = None
     residency_priority: int = 100
     pinned_on: tuple[str, ...] = ()  # upstream names
+    cost: dict[str, float] | None = None  # USD per 1M tokens: input, output, cached_input (None: unpriced)
+
+    def catalogue_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": self.id}
+        if self.memory_mb is not None:
+            entry.update(memory_mb=self.memory_mb, residency_priority=self.residency_priority,
+                         pinned_on=[f"http://{name}" for name in self.pinned_on])
+        if self.cost is not None:
+            entry["cost"] = dict(self.cost)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,7 @@ class CortexSpec:
     default_output_tokens: int = 4096
     load_timeout_s: float = 600.0  # a cold load's deadline
     unload_drain_s: float = 30.0  # an eviction lets other replicas' requests drain this long
+    unpriced: str = "refuse"  # a money-capped key on an unpriced model: refused (403 model_not_priced) or free
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,8 @@ class Expectations:
     evictions: Range | None = None  # unload requests cortex sent the neurons
     cold_waits: Range | None = None  # client requests that waited on a cold load
     hit_rate: Range | None = None  # the share of client requests that did not
+    refused_by_cap: dict[str, Range] = field(default_factory=dict)  # the ledger's refusals, by CAP_REFUSALS
+    charged_usd: Range | None = None  # USD charged over the run
 
 
 @dataclass(frozen=True)
@@ -211,16 +236,13 @@ class Scenario:
     faults: tuple[FaultSpec, ...]
     cortex: CortexSpec
     expect: Expectations
-    models: tuple[ModelSpec, ...] = ()  # the catalogue cortex loads on demand from
+    models: tuple[ModelSpec, ...] = ()  # the catalogue: prices, and the models cortex loads on demand
+    start_s: float = 0.0  # the virtual clock's start, POSIX seconds (0: 1970-01-01T00:00:00Z)
     source: str = ""
 
     def catalogue(self) -> dict[str, Any]:
         """cortex's catalogue, TOML-shaped (`cortex.fleet.catalogue.parse` checks it like a models.toml)."""
-        return {"models": [
-            {"id": m.id, "memory_mb": m.memory_mb, "residency_priority": m.residency_priority,
-             "pinned_on": [f"http://{name}" for name in m.pinned_on]}
-            for m in self.models
-        ]}
+        return {"models": [m.catalogue_entry() for m in self.models]}
 
 
 # --- field parsers --------------------------------------------------------------------
@@ -320,18 +342,55 @@ def _array(key: str, data: Any) -> list[Any]:
     return data
 
 
+def _usd(key: str, value: Any) -> int:
+    """A USD amount (a number, or a decimal string for exactness) as integer micro-USD."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ScenarioError(f"'{key}' must be an amount in USD (e.g. 2.5), got {value!r}")
+    try:
+        micro = usd_to_micro(value, key)
+    except ValueError as exc:
+        raise ScenarioError(str(exc)) from None
+    if micro > USD_CAP_MAX * 10**6:
+        raise ScenarioError(f"'{key}' must be at most {USD_CAP_MAX:,} USD, got {value!r}")
+    return micro
+
+
 CAP_FIELDS = {
     "balance_tokens": _integer(),
     "window_tokens": _integer(),
     "window_seconds": _number(strict=True),
     "max_concurrency": _integer(),
+    "balance_usd": _usd,
+    "window_usd": _usd,
+    "period": _string,
+    "period_tokens": _integer(),
+    "period_usd": _usd,
+    "period_timezone": _string,
+    "period_anchor_day": _integer(1, 31),
 }
+PERIOD_DETAILS = ("period_timezone", "period_anchor_day")  # refine a `period`; nothing without one
 
 
 def _caps(key: str, values: dict[str, Any]) -> Caps:
-    if ("window_tokens" in values) != ("window_seconds" in values):
-        raise ScenarioError(f"'{key}': window_tokens and window_seconds go together")
-    return Caps(values.get("balance_tokens"), values.get("window_tokens"), values.get("window_seconds"), values.get("max_concurrency"))
+    has_window = "window_tokens" in values or "window_usd" in values
+    if has_window != ("window_seconds" in values):
+        raise ScenarioError(f"'{key}': window_seconds goes with window_tokens or window_usd (or both)")
+    has_period = "period_tokens" in values or "period_usd" in values
+    if has_period != ("period" in values):
+        raise ScenarioError(f"'{key}': period (daily, weekly or monthly) goes with period_tokens or period_usd (or both)")
+    for name in PERIOD_DETAILS:
+        if name in values and "period" not in values:
+            raise ScenarioError(f"'{key}.{name}' needs a period")
+    spec = None
+    if "period" in values:
+        try:
+            spec = parse_period_spec(values["period"], values.get("period_timezone", "UTC"), values.get("period_anchor_day"))
+        except PeriodError as exc:
+            raise ScenarioError(f"'{key}': {exc}") from None
+    return Caps(
+        values.get("balance_tokens"), values.get("window_tokens"), values.get("window_seconds"), values.get("max_concurrency"),
+        values.get("balance_usd"), values.get("window_usd"), spec, values.get("period_tokens"), values.get("period_usd"),
+    )
 
 
 # --- sections -------------------------------------------------------------------------
@@ -542,7 +601,29 @@ CORTEX_FIELDS = {
     "default_output_tokens": _integer(1),
     "load_timeout_s": _number(strict=True),
     "unload_drain_s": _number(),
+    "unpriced": lambda k, v: _choice(k, v, ("refuse", "free")),
 }
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ScenarioError(f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _price(key: str, value: Any) -> float:
+    bad_type = not isinstance(value, (int, float)) or isinstance(value, bool)
+    if bad_type or not 0 <= value <= COST_MAX_USD_PER_M:  # nan fails too
+        raise ScenarioError(f"'{key}' must be a price in USD per 1M tokens from 0 to {COST_MAX_USD_PER_M:g}, got {value!r}")
+    return float(value)
+
+
+def _cost(key: str, value: Any) -> dict[str, float]:
+    prices = _table(key, value, {"input": _price, "output": _price, "cached_input": _price})
+    for needed in ("input", "output"):
+        if needed not in prices:
+            raise ScenarioError(f"'{key}.{needed}' is required (USD per 1M tokens)")
+    return prices
 
 
 def _models(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[ModelSpec, ...]:
@@ -552,11 +633,16 @@ def _models(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[ModelSpec, 
         key = f"models[{i}]"
         values = _table(key, raw, {
             "id": _string, "memory_mb": _integer(1, 2**40), "residency_priority": _integer(0, 10_000),
-            "pinned_on": _strings,
+            "pinned_on": _strings, "cost": _cost,
         })
-        for needed in ("id", "memory_mb"):
-            if needed not in values:
-                raise ScenarioError(f"'{key}.{needed}' is required")
+        if "id" not in values:
+            raise ScenarioError(f"'{key}.id' is required")
+        if "memory_mb" not in values:
+            if "cost" not in values:
+                raise ScenarioError(f"'{key}.memory_mb' is required (or give only a cost: a priced model cortex never loads)")
+            for name in ("residency_priority", "pinned_on"):
+                if name in values:
+                    raise ScenarioError(f"'{key}.{name}' needs memory_mb: only a model cortex loads has a residency")
         for name in values.get("pinned_on", ()):
             if name not in neurons:
                 raise ScenarioError(f"'{key}.pinned_on': no neuron {name!r} in [[upstreams]]")
@@ -583,9 +669,26 @@ def _expect(data: Any) -> Expectations:
             "evictions": _range(open_ended=True), "cold_waits": _range(open_ended=True),
             "hit_rate": _range(integer=False, high=1.0, open_ended=True),
             "refused": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in REFUSAL_REASONS}),
+            "refused_by_cap": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in CAP_REFUSALS}),
+            "charged_usd": _range(integer=False, high=USD_CAP_MAX, open_ended=True),
         },
     )
     return Expectations(**values)
+
+
+def _start(key: str, value: Any) -> float:
+    """An ISO 8601 UTC instant, "2026-12-31T23:58:00Z" (a TOML offset date-time with offset 0 too): POSIX seconds."""
+    instant = value
+    if isinstance(value, str):
+        try:
+            instant = datetime.fromisoformat(value)
+        except ValueError:
+            instant = None
+    if not isinstance(instant, datetime) or instant.utcoffset() != timedelta(0):
+        raise ScenarioError(f"'{key}' must be an ISO 8601 UTC instant such as \"2026-12-31T23:58:00Z\", got {value!r}")
+    if not datetime(1970, 1, 1, tzinfo=timezone.utc) <= instant <= START_MAX:
+        raise ScenarioError(f"'{key}' must lie from 1970-01-01T00:00:00Z to {START_MAX:%Y-%m-%dT%H:%M:%SZ}, got {value!r}")
+    return instant.timestamp()
 
 
 def parse(data: dict[str, Any], source: str = "") -> Scenario:
@@ -593,7 +696,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         "name": _string, "description": _string, "horizon_s": _number(strict=True),
         "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "upstreams": lambda k, v: v, "workload": lambda k, v: v,
         "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
-        "models": lambda k, v: v,
+        "models": lambda k, v: v, "start": _start,
     })
     for required in ("name", "description"):
         if required not in top:
@@ -617,6 +720,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         cortex=CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS)),
         expect=_expect(top.get("expect")),
         models=_models(top.get("models"), upstreams),
+        start_s=top.get("start", 0.0),
         source=source,
     )
     if scenario.horizon_s > HORIZON_MAX_S:

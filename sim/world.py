@@ -28,7 +28,7 @@ import trio
 
 from cortex import config as config_mod
 from cortex.app import CortexApp
-from cortex.budget.ledger import Ledger
+from cortex.budget.ledger import Ledger, Refusal
 from cortex.budget.store import SyncStore, connect
 from cortex.fleet import catalogue
 from cortex.fleet.lifecycle import LOAD_PATH, UNLOAD_PATH
@@ -43,6 +43,8 @@ from sim.upstream_kinds import KindApp, NeuronGate, ServerFaults
 
 PROMPT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 SETTLE_GRACE_S = 5.0  # virtual time for in-flight settlements after the workload ends
+# A client's request refused by policy, not failed: bad request, bad key, an unpriced model for a money cap, a cap.
+REFUSAL_STATUSES = (400, 401, 403, 429)
 
 
 @dataclass
@@ -90,7 +92,8 @@ class World:
         self.seed = seed
         self.ledger_faults = faults or LedgerFaults()
         self.policy = policy  # cortex's eviction policy: "cortex", or a benchmark's baseline
-        self.trace = Trace()
+        self.t0 = scenario.start_s  # the virtual clock's start; workload and fault times are offsets from it
+        self.trace = Trace(origin=self.t0)
         self.checker = Checker(self.trace)
         self.network = SimNetwork(self._rng("network"), scenario.latency_ms / 1000, scenario.jitter_ms / 1000)
         self.network.on_deliver = self._on_deliver
@@ -120,7 +123,6 @@ class World:
         self._request_counter = 0
         self.client: httpx.AsyncBaseTransport = self.network.transport()
         self.base_url = "http://cortex"
-        self.t0 = 0.0  # workload and fault times are offsets from this
         self.virtual_end_s = 0.0
 
     def _rng(self, stream: str) -> random.Random:
@@ -217,6 +219,19 @@ class World:
             fault_window_amnesia=self.ledger_faults.window_amnesia,
         )
         ledger.observer = self.checker.on_ledger
+        reserve, checker = ledger.reserve, self.checker
+
+        def reserve_observed(
+            hold_id: str, key_id: str, amount_tokens: int, now: float, ttl_s: float, request_id: str | None = None,
+            amount_usd: int = 0,
+        ) -> Any:
+            """The observer sees holds; the refusals are seen here, with the cap that refused and the wait."""
+            result = reserve(hold_id, key_id, amount_tokens, now, ttl_s, request_id, amount_usd)
+            if isinstance(result, Refusal) and ledger.observer is not None:  # a dead incarnation's are not
+                checker.on_refusal(request_id or hold_id, key_id, result, now)
+            return result
+
+        ledger.reserve = reserve_observed  # type: ignore[method-assign]
         return ledger
 
     @asynccontextmanager
@@ -251,7 +266,7 @@ class World:
                 "first_byte_timeout_s": c.first_byte_timeout_s,
                 "idle_timeout_s": c.idle_timeout_s,
             },
-            "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s},
+            "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s, "unpriced": c.unpriced},
         })
 
     # --- what the network reports (generation requests only) ------------------------------
@@ -320,7 +335,7 @@ class World:
     # --- faults -----------------------------------------------------------------------
 
     async def run_fault(self, fault: FaultSpec, nursery: trio.Nursery) -> None:
-        await trio.sleep_until(fault.at_s)
+        await trio.sleep_until(self.t0 + fault.at_s)
         self.trace.event("fault", kind=fault.kind, target=fault.target or "cortex")
         if fault.kind == "cortex_restart":
             self.crash_cortex()
@@ -328,14 +343,14 @@ class World:
             await trio.sleep(fault.for_s)
             await self.start_cortex(nursery)
             self.checker.on_orphans(self.db.execute(
-                "SELECT request_id, key_id, account_id, charged_tokens, resolved_at FROM holds"
+                "SELECT request_id, key_id, account_id, charged_tokens, charged_usd, resolved_at FROM holds"
                 " WHERE state = 'orphaned' AND resolved_at >= ? ORDER BY request_id",
                 (crashed_at,),
             ).fetchall())
             self.trace.event("recovered", target="cortex")
             return
         host = self.upstream_hosts[fault.target]
-        end = fault.at_s + fault.for_s if fault.for_s else float("inf")
+        end = self.t0 + fault.at_s + fault.for_s if fault.for_s else float("inf")
         if fault.kind == "crash":
             if fault.between_requests:
                 await host.wait_idle()  # and no checkpoint until the kill, so none can slip in
@@ -346,7 +361,7 @@ class World:
                 await self.start_upstream(nursery, fault.target)
                 self.trace.event("recovered", target=fault.target)
         elif fault.kind == "partition":
-            host.faults.partitioned_until = fault.at_s + fault.for_s
+            host.faults.partitioned_until = end
         elif fault.kind == "delay":
             host.faults.extra_delay_s = fault.delay_ms / 1000
             await trio.sleep(fault.for_s)
@@ -441,7 +456,9 @@ class World:
         if attempt and record.outcome == "served":
             self.checker.admitted_on_retry += 1
         record.latency_s = trio.current_time() - started
-        self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code, bytes=record.received_bytes)
+        extra = {"retry_after_ms": record.retry_after_ms} if record.retry_after_ms is not None else {}
+        self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code,
+                         bytes=record.received_bytes, **extra)
         return retry_after
 
     async def _exchange(self, request: httpx.Request, record: RequestRecord, stream: bool, cancel_tokens: int | None) -> float | None:
@@ -452,9 +469,11 @@ class World:
                 raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]
                 error = json.loads(raw).get("error", {})
                 record.code = error.get("code")
-                record.outcome = "refused" if response.status_code in (400, 401, 429) else "failed"
+                record.outcome = "refused" if response.status_code in REFUSAL_STATUSES else "failed"
                 if response.status_code == 429 and "retry-after-ms" in response.headers:
-                    return int(response.headers["retry-after-ms"]) / 1000
+                    record.retry_after_ms = int(response.headers["retry-after-ms"])
+                    record.retry_after_s = int(response.headers.get("retry-after", "0"))
+                    return record.retry_after_ms / 1000
                 return None
             if not stream:
                 raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]

@@ -397,13 +397,3 @@ def test_property_period_id_is_the_same_for_every_instant_of_the_period(spec, no
     start, end = period_bounds(spec, now)
     assert period_view(spec, now)["id"] == period_id(spec, start) == period_view(spec, end - 1)["id"]
     assert period_id(spec, start) != period_id(spec, end)
-
-
-def test_bounds_are_cheap_to_compute():
-    spec = parse_period_spec("monthly", "Europe/Berlin", 31)
-    samples = [utc(2026, 1, 1) + i * 7919.0 for i in range(2000)]
-    started_s = time.perf_counter()
-    for now in samples:
-        period_bounds(spec, now)
-    per_call_s = (time.perf_counter() - started_s) / len(samples)
-    assert per_call_s < 500e-6  # aims at < 20 us; generous here so a loaded CI machine passes

@@ -52,6 +52,7 @@ DEFAULT_ACCOUNT = "default"
 TOKENS_MAX = 10**15  # far above any real balance, far below SQLite's 2**63
 ACTUAL_TOKENS_STORED_MAX = 2**62  # what an upstream claimed is recorded, but never past what SQLite can store
 WINDOW_HORIZON_MAX_S = 31 * 24 * 3600.0  # usage older than any sane window is not replayed
+ALERT_EVALUATE_INTERVAL_S = 0.05
 SPEND_DAYS = 31  # the spend report's reach
 SPEND_BUCKET_S = 900  # every zone's UTC offset is a multiple of 15 minutes, so buckets fall into whole local days
 
@@ -135,6 +136,9 @@ class BudgetService:
         self.alert_rules: tuple[AlertRule, ...] = ()
         self._fired: dict[FiredKey, str] = {}
         self._alert_wake: Callable[[], None] | None = None
+        # Principals charged since the alert evaluator last looked: settlement only marks them.
+        self._alert_dirty: set[tuple[str, str]] = set()
+        self._alert_dirty_event = trio.Event()
         metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
         metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
 
@@ -254,14 +258,14 @@ class BudgetService:
                 logs.event("settle_skipped", logging.WARNING, hold_id=hold.id, error=str(exc))
                 return None
             self._count(resolution)
-            alert_ops = self._alert_ops((("key", hold.key_id), ("account", hold.account_id)), resolution)
+            if self.alert_rules and (resolution.charged_tokens or resolution.charged_usd):
+                self._alert_dirty.update((("key", hold.key_id), ("account", hold.account_id)))
+                self._alert_dirty_event.set()
             try:
-                # Not awaited to disk: recovery charges an unwritten settlement in full. An
-                # alert's fired state is (rarely), so that its event is in the outbox when rung.
-                await self.store.commit([_resolve_op(resolution), *alert_ops], durable=bool(alert_ops))
+                # Not awaited to disk: recovery charges an unwritten settlement in full.
+                await self.store.commit([_resolve_op(resolution)], durable=False)
             except StoreError as exc:
                 logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
-            self._ring(alert_ops)
             return resolution
         if scope.cancelled_caught:
             logs.event("settle_not_durable", logging.ERROR, hold_id=hold.id, timeout_s=self.config.ledger_timeout_s)
@@ -282,15 +286,36 @@ class BudgetService:
         self._fired = await self.store.query(load_fired)
         sender = AlertDelivery(self.store, self.clock, self.metrics, rules, **delivery)
         self._alert_wake = sender.wake
-        ops = self._alert_ops(list(self.ledger.principals))
+        await self._commit_alerts(self._alert_ops(list(self.ledger.principals)))
+        return sender
+
+    async def evaluate_alerts_forever(
+        self, interval_s: float = ALERT_EVALUATE_INTERVAL_S, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Off the request path: look at the principals charged since the last look, at most every `interval_s`.
+
+        Crossing is a state (spent >= threshold x limit, not yet fired), not an edge, so
+        looking later misses nothing; a crash before a look is caught by start-up's sweep.
+        """
+        task_status.started()
+        while True:
+            await self._alert_dirty_event.wait()
+            await trio.sleep(interval_s)  # let a burst of settlements become one look
+            self._alert_dirty_event = trio.Event()
+            dirty, self._alert_dirty = self._alert_dirty, set()
+            try:
+                await self._commit_alerts(self._alert_ops(sorted(dirty)))
+            except StoreError as exc:  # the next start-up's sweep fires what this lost
+                logs.event("ledger_write_failed", logging.ERROR, alerts=len(dirty), error=str(exc))
+
+    async def _commit_alerts(self, ops: list[Any]) -> None:
         if ops:
             await self.store.commit(ops)
             self._ring(ops)
-        return sender
 
-    def _alert_ops(self, principals: Any, resolution: Resolution | None = None) -> list[Any]:
+    def _alert_ops(self, principals: Any) -> list[Any]:
         """Fire and re-arm decisions for `principals` ((kind, id) pairs) as ledger ops; recorded before any await."""
-        if not self.alert_rules or (resolution is not None and not (resolution.charged_tokens or resolution.charged_usd)):
+        if not self.alert_rules:
             return []
         now = self.clock()
         ops: list[Any] = []
@@ -428,10 +453,7 @@ class BudgetService:
 
     async def _alert_after_caps(self, kind: str, principal_id: str) -> None:
         """A top-up or a new limit re-arms (or fires) a principal's alerts at once."""
-        ops = self._alert_ops([(kind, principal_id)])
-        if ops:
-            await self.store.commit(ops)
-            self._ring(ops)
+        await self._commit_alerts(self._alert_ops([(kind, principal_id)]))
 
     async def revoke(self, key_id: str) -> KeyRecord:
         async with self._admin_lock:
