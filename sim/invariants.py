@@ -1,7 +1,12 @@
 """The invariants, checked while the scenario runs, not only at its end.
 
 The ledger calls `on_ledger` after every reserve and every resolution, so
-the caps are checked at every instant their numbers change; the network
+the caps — every kind, in tokens and in micro-USD: balance, window, calendar
+period, concurrency — are checked at every instant their numbers change,
+against the ledger's own numbers and against the checker's own tally of the
+ledger's events (the two must agree, period usage included); each hold's
+charge against what it held, tokens and money; and each refusal a period
+cap makes against the period's end (`on_refusal`). The network
 reports every attempt to reach an upstream (`on_attempt`, `on_deliver`),
 every response head (`on_head`) and every body chunk of a 200 an upstream
 sends cortex (`on_body`), so failover is checked at every step too: one
@@ -23,7 +28,9 @@ from typing import Any
 
 import trio
 
-from cortex.budget.ledger import Hold, HoldState, Ledger, Principal
+from cortex.budget.ledger import Hold, HoldState, Ledger, Principal, Refusal
+from cortex.budget.periods import PeriodSpec, period_bounds, period_id
+from cortex.budget.pricing import usd_text
 from cortex.proxy import FAILOVERS_MAX
 from cortex.relay import event_data
 from sim.trace import Trace
@@ -43,6 +50,12 @@ class RequestRecord:
     hold_amount: int | None = None
     charged: int | None = None
     hold_state: str | None = None
+    hold_usd: int | None = None  # micro-USD
+    charged_usd: int | None = None
+    reserved_at: float | None = None  # run time of its hold
+    refusal: "RefusalRecord | None" = None  # the ledger's, when a cap refused it
+    retry_after_ms: int | None = None  # the 429's Retry-After, as the client received it
+    retry_after_s: int | None = None  # the same in whole seconds (the `retry-after` header)
     latency_s: float = 0.0
     tried: list[str] = field(default_factory=list)  # the upstreams cortex tried, in order, whatever came of it
     deliveries: int = 0  # of those, the ones the request reached
@@ -50,27 +63,65 @@ class RequestRecord:
     committed: bool = False  # cortex's 200 head reached the client: no upstream may be tried after it
 
 
+@dataclass(frozen=True)
+class RefusalRecord:
+    """A cap refused a request: which (`cap` as cortex's metrics name it), whose, when (run time), and the wait."""
+
+    cap: str  # balance, balance_usd, window, window_usd, period, period_usd, concurrency
+    principal: tuple[str, str]  # (kind, id)
+    at: float
+    wait_s: float | None  # the ledger's Retry-After; None: waiting alone will not help (or only holds are in the way)
+    never_fits: bool
+
+
 @dataclass
 class Tally:
     """The checker's own count for one principal, kept from the ledger's events
-    alone, so a bug in the ledger's arithmetic cannot hide itself."""
+    alone, so a bug in the ledger's arithmetic cannot hide itself. Money in micro-USD."""
 
     held: int = 0
     in_flight: int = 0
     spent: int = 0
-    charges: deque[tuple[float, int]] = field(default_factory=deque)
+    charges: deque[tuple[float, int, int]] = field(default_factory=deque)  # (at, tokens, usd), oldest first
     window_sum: int = 0
+    held_usd: int = 0
+    spent_usd: int = 0
+    window_sum_usd: int = 0
+    # The calendar period the latest charge or check fell in, and the charges resolved in it.
+    period_start: float | None = None
+    period_end: float | None = None
+    period_tokens: int = 0
+    period_usd: int = 0
 
-    def window_usage(self, now: float, window_s: float) -> int:
+    def window_usage(self, now: float, window_s: float) -> tuple[int, int]:
+        """(tokens, micro-USD) charged at times t with now - window_s < t."""
         while self.charges and self.charges[0][0] <= now - window_s:
-            self.window_sum -= self.charges.popleft()[1]
-        return self.window_sum
+            _, tokens, usd = self.charges.popleft()
+            self.window_sum -= tokens
+            self.window_sum_usd -= usd
+        return self.window_sum, self.window_sum_usd
 
-    def charge(self, now: float, tokens: int) -> None:
+    def period_usage(self, spec: PeriodSpec, now: float) -> tuple[int, int]:
+        """(tokens, micro-USD) charged in the calendar period that contains `now`."""
+        if self.period_start is None or self.period_end is None or not self.period_start <= now < self.period_end:
+            start, end = period_bounds(spec, now)
+            if start != self.period_start:
+                self.period_tokens = self.period_usd = 0
+            self.period_start, self.period_end = start, end
+        return self.period_tokens, self.period_usd
+
+    def charge(self, now: float, tokens: int, usd: int = 0, period: PeriodSpec | None = None) -> None:
+        """A charge lands in the windows, and in the period in which it is resolved."""
         self.spent += tokens
-        if tokens:
-            self.charges.append((now, tokens))
+        self.spent_usd += usd
+        if tokens or usd:
+            self.charges.append((now, tokens, usd))
             self.window_sum += tokens
+            self.window_sum_usd += usd
+        if period is not None:
+            self.period_usage(period, now)
+            self.period_tokens += tokens
+            self.period_usd += usd
 
 
 @dataclass
@@ -83,6 +134,7 @@ class Checker:
     violation: str | None = None
     cancel_scope: trio.CancelScope | None = None
     peak_held: dict[str, int] = field(default_factory=dict)
+    peak_held_usd: dict[str, int] = field(default_factory=dict)
     deliveries: int = 0
     admitted_on_retry: int = 0
     keep_samples: bool = False  # for --plot: (t, principal, cap kind, used, held, cap) at every change
@@ -93,6 +145,9 @@ class Checker:
     token_bytes: dict[str, int] = field(default_factory=dict)  # upstream -> bytes per token of its tokenizer
     client_keys: set[str] = field(default_factory=set)  # `Bearer <key>` of every simulated client
     lifecycle: "LifecycleChecks" = field(default_factory=lambda: LifecycleChecks())
+    reserved: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (tokens, micro-USD) its hold took
+    holds_at: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # principal -> run times of its holds
+    refusals: list[tuple[str, RefusalRecord]] = field(default_factory=list)  # (request, refusal), in order
 
     def __post_init__(self) -> None:
         self.lifecycle.fail = self.fail
@@ -100,7 +155,9 @@ class Checker:
 
     def fail(self, message: str) -> None:
         if self.violation is None:
-            self.violation = f"t={trio.current_time():.6f}: {message}"
+            now = self.trace.now()
+            when = f" ({self.trace.at(now)})" if self.trace.origin else ""
+            self.violation = f"t={now:.6f}{when}: {message}"
             self.trace.event("violation", message=message)
             if self.cancel_scope is not None:
                 self.cancel_scope.cancel()
@@ -112,49 +169,100 @@ class Checker:
         rid = hold.request_id or hold.id
         chain = (("key", hold.key_id), ("account", hold.account_id))
         tallies = [self.tallies.setdefault(who, Tally()) for who in chain]
+        principals = [self.ledger.principal(kind, pid) for kind, pid in chain]
         if event == "reserve":
-            self.reservations[rid] += 1
-            if self.reservations[rid] > 1:
-                self.fail(f"{rid} reserved a hold {self.reservations[rid]} times; a failover must reuse the first")
-            for tally in tallies:
-                tally.held += hold.amount_tokens
-                tally.in_flight += 1
-            self.open_by_request[rid] = hold
-            self.trace.event("hold", req=rid, amount=hold.amount_tokens)
-            record = self.requests.get(rid)
-            if record is not None:
-                record.hold_amount = hold.amount_tokens
+            self._on_reserve(rid, hold, chain, tallies)
         else:
-            for tally in tallies:
-                tally.held -= hold.amount_tokens
-                tally.in_flight -= 1
-                tally.charge(now, hold.charged_tokens)
-            self.resolutions[rid] += 1
-            if self.resolutions[rid] > 1:
-                self.fail(f"hold of {rid} resolved {self.resolutions[rid]} times")
-            self.open_by_request.pop(rid, None)
-            self.trace.event("resolve", req=rid, state=hold.state.value, charged=hold.charged_tokens)
-            record = self.requests.get(rid)
-            if record is not None:
-                record.charged, record.hold_state = hold.charged_tokens, hold.state.value
-            if not 0 <= hold.charged_tokens <= hold.amount_tokens:
-                self.fail(f"{rid} charged {hold.charged_tokens}, outside [0, hold {hold.amount_tokens}]")
-        for (kind, pid), tally in zip(chain, tallies, strict=True):
-            p = self.ledger.principal(kind, pid)
+            self._on_resolve(rid, hold, now, principals, tallies)
+        for p, tally in zip(principals, tallies, strict=True):
             self._check_caps(p, now)
             self._check_tally(p, tally, now)
 
-    def on_orphans(self, orphans: list[tuple[str, str, str, int, float]]) -> None:
+    def _on_reserve(self, rid: str, hold: Hold, chain: tuple[tuple[str, str], ...], tallies: list[Tally]) -> None:
+        self.reservations[rid] += 1
+        if self.reservations[rid] > 1:
+            self.fail(f"{rid} reserved a hold {self.reservations[rid]} times; a failover must reuse the first")
+        self.reserved[rid] = (hold.amount_tokens, hold.amount_usd)
+        at = self.trace.now()
+        for who, tally in zip(chain, tallies, strict=True):
+            tally.held += hold.amount_tokens
+            tally.held_usd += hold.amount_usd
+            tally.in_flight += 1
+            self.holds_at.setdefault(who, []).append(at)
+        self.open_by_request[rid] = hold
+        self.trace.event("hold", req=rid, amount=hold.amount_tokens, **({"usd": hold.amount_usd} if hold.amount_usd else {}))
+        record = self.requests.get(rid)
+        if record is not None:
+            record.hold_amount, record.hold_usd, record.reserved_at = hold.amount_tokens, hold.amount_usd, at
+
+    def _on_resolve(self, rid: str, hold: Hold, now: float, principals: list[Principal], tallies: list[Tally]) -> None:
+        # What the hold took when it was placed, by the checker's own record: a hold that grew while
+        # open cannot make room for its own charge.
+        held, held_usd = self.reserved.get(rid, (hold.amount_tokens, hold.amount_usd))
+        if not 0 <= hold.charged_tokens <= held:
+            self.fail(f"{rid} charged {hold.charged_tokens}, outside [0, hold {held}]")
+        if not 0 <= hold.charged_usd <= held_usd:
+            self.fail(f"{rid} charged {usd_text(hold.charged_usd)} ({hold.charged_usd} micro-USD), outside "
+                      f"[0, its hold of {usd_text(held_usd)} ({held_usd} micro-USD)]")
+        for p, tally in zip(principals, tallies, strict=True):
+            tally.held -= held
+            tally.held_usd -= held_usd
+            tally.in_flight -= 1
+            tally.charge(now, hold.charged_tokens, hold.charged_usd, p.caps.period)
+        self.resolutions[rid] += 1
+        if self.resolutions[rid] > 1:
+            self.fail(f"hold of {rid} resolved {self.resolutions[rid]} times")
+        self.open_by_request.pop(rid, None)
+        extra = {"charged_usd": hold.charged_usd} if held_usd else {}
+        self.trace.event("resolve", req=rid, state=hold.state.value, charged=hold.charged_tokens, **extra)
+        record = self.requests.get(rid)
+        if record is not None:
+            record.charged, record.charged_usd, record.hold_state = hold.charged_tokens, hold.charged_usd, hold.state.value
+
+    def on_refusal(self, request_id: str, key_id: str, refusal: Refusal, now: float) -> None:
+        """A cap refused a reservation. A period cap that refuses on its usage must wait for exactly its period's end."""
+        cap = refusal.reason if refusal.unit == "tokens" else f"{refusal.reason}_{refusal.unit}"
+        who = (refusal.principal_kind, refusal.principal_id)
+        entry = RefusalRecord(cap, who, self.trace.now(), refusal.retry_after_s, refusal.never_fits)
+        self.refusals.append((request_id, entry))
+        record = self.requests.get(request_id)
+        if record is not None:
+            record.refusal = entry
+        wait = round(refusal.retry_after_s, 6) if refusal.retry_after_s is not None else None
+        self.trace.event("refuse", req=request_id, cap=cap, who=f"{who[0]} {self.names.get(who[1], who[1])}", wait=wait)
+        if refusal.reason != "period" or refusal.retry_after_s is None:
+            return
+        assert self.ledger is not None
+        spec = self.ledger.principal(*who).caps.period
+        if spec is None:
+            self.fail(f"{request_id} was refused by the period cap of {who[0]} {who[1]}, which has none")
+            return
+        _, end = period_bounds(spec, now)
+        if abs(now + refusal.retry_after_s - end) > 1e-6:
+            self.fail(f"{request_id} was refused by the period cap of {who[0]} {self.names.get(who[1], who[1])} with a "
+                      f"wait of {refusal.retry_after_s:.6f} s, but its period {period_id(spec, period_bounds(spec, now)[0])} "
+                      f"ends in {end - now:.6f} s")
+
+    def on_orphans(self, orphans: list[tuple[str, str, str, int, int, float]]) -> None:
         """Holds a crash left open, charged in full by the restarted cortex's recovery."""
-        for rid, key_id, account_id, amount, at in orphans:
+        assert self.ledger is not None
+        for rid, key_id, account_id, amount, amount_usd, at in orphans:
             self.resolutions[rid] += 1
             self.open_by_request.pop(rid, None)
-            self.trace.event("orphaned", req=rid, charged=amount)
+            held, held_usd = self.reserved.get(rid, (amount, amount_usd))
+            if (amount, amount_usd) != (held, held_usd):
+                self.fail(f"{rid} was orphaned and charged {amount} tokens and {amount_usd} micro-USD; "
+                          f"its hold took {held} and {held_usd}")
+            self.trace.event("orphaned", req=rid, charged=amount, **({"charged_usd": amount_usd} if amount_usd else {}))
+            record = self.requests.get(rid)
+            if record is not None:
+                record.charged_usd = amount_usd
             for who in (("key", key_id), ("account", account_id)):
                 tally = self.tallies.setdefault(who, Tally())
-                tally.held -= amount
+                tally.held -= held
+                tally.held_usd -= held_usd
                 tally.in_flight -= 1
-                tally.charge(at, amount)
+                tally.charge(at, amount, amount_usd, self.ledger.principal(*who).caps.period)
 
     def _check_tally(self, p: Principal, tally: Tally, now: float) -> None:
         """The caps against the checker's own counts, and the ledger's counts against them."""
@@ -164,27 +272,53 @@ class Checker:
                 f"{who}: the ledger says spent {p.spent_tokens}, held {p.held_tokens}, in flight {p.in_flight}; "
                 f"its events add up to {tally.spent}, {tally.held}, {tally.in_flight}"
             )
+        if (p.spent_usd, p.held_usd) != (tally.spent_usd, tally.held_usd):
+            self.fail(
+                f"{who}: the ledger says spent {p.spent_usd} micro-USD, held {p.held_usd} micro-USD; "
+                f"its events add up to {tally.spent_usd}, {tally.held_usd}"
+            )
         if caps.balance_tokens is not None and tally.spent + tally.held > caps.balance_tokens:
             self.fail(f"{who}: charges {tally.spent} + held {tally.held} > balance {caps.balance_tokens}")
-        if caps.window_tokens is not None and caps.window_s is not None:
-            used = tally.window_usage(now, caps.window_s)
-            if used + tally.held > caps.window_tokens:
+        if caps.balance_usd is not None and tally.spent_usd + tally.held_usd > caps.balance_usd:
+            self.fail(f"{who}: charges {usd_text(tally.spent_usd)} + held {usd_text(tally.held_usd)} "
+                      f"> USD balance {usd_text(caps.balance_usd)}")
+        if caps.window_s is not None:
+            used, used_usd = tally.window_usage(now, caps.window_s)
+            if caps.window_tokens is not None and used + tally.held > caps.window_tokens:
                 self.fail(f"{who}: charged {used} in the last {caps.window_s:g} s + held {tally.held} > {caps.window_tokens}")
+            if caps.window_usd is not None and used_usd + tally.held_usd > caps.window_usd:
+                self.fail(f"{who}: charged {usd_text(used_usd)} in the last {caps.window_s:g} s + held "
+                          f"{usd_text(tally.held_usd)} > {usd_text(caps.window_usd)}")
+        if caps.period is not None:
+            self._check_period_tally(p, tally, now, who)
+
+    def _check_period_tally(self, p: Principal, tally: Tally, now: float, who: str) -> None:
+        """Period usage is the charges resolved in the current period, by the checker's own calendar arithmetic."""
+        caps = p.caps
+        assert caps.period is not None
+        used, used_usd = tally.period_usage(caps.period, now)
+        assert tally.period_start is not None
+        period = period_id(caps.period, tally.period_start)
+        ledger_used = p.period_usage(now)
+        if ledger_used != (used, used_usd):
+            self.fail(f"{who}: the ledger says {ledger_used[0]} tokens and {ledger_used[1]} micro-USD used in the period "
+                      f"{period}; the charges resolved in it add up to {used} and {used_usd}")
+        if caps.period_tokens is not None and used + tally.held > caps.period_tokens:
+            self.fail(f"{who}: charged {used} in the period {period} + held {tally.held} > {caps.period_tokens}")
+        if caps.period_usd is not None and used_usd + tally.held_usd > caps.period_usd:
+            self.fail(f"{who}: charged {usd_text(used_usd)} in the period {period} + held {usd_text(tally.held_usd)} "
+                      f"> {usd_text(caps.period_usd)}")
 
     def _check_caps(self, p: Principal, now: float) -> None:
+        """Every cap against the ledger's own numbers: spent (or used) + held <= cap."""
         caps, who = p.caps, f"{p.kind} {self.names.get(p.id, p.id)}"
         self.peak_held[who] = max(self.peak_held.get(who, 0), p.held_tokens)
-        if caps.balance_tokens is not None:
+        self.peak_held_usd[who] = max(self.peak_held_usd.get(who, 0), p.held_usd)
+        for kind, limit, used, held in _cap_numbers(p, now):
             if self.keep_samples:
-                self.samples.append((now, who, "balance", p.spent_tokens, p.held_tokens, caps.balance_tokens))
-            if p.spent_tokens + p.held_tokens > caps.balance_tokens:
-                self.fail(f"{who}: spent {p.spent_tokens} + held {p.held_tokens} > balance {caps.balance_tokens}")
-        if caps.window_tokens is not None:
-            used = p.window_usage(now)
-            if self.keep_samples:
-                self.samples.append((now, who, "window", used, p.held_tokens, caps.window_tokens))
-            if used + p.held_tokens > caps.window_tokens:
-                self.fail(f"{who}: window usage {used} + held {p.held_tokens} > {caps.window_tokens}")
+                self.samples.append((self.trace.now(), who, kind, used, held, limit))
+            if used + held > limit:
+                self.fail(f"{who}: {_over(p, kind, used, held, limit)}")
         if caps.max_concurrency is not None and p.in_flight > caps.max_concurrency:
             self.fail(f"{who}: {p.in_flight} in flight > {caps.max_concurrency}")
 
@@ -356,6 +490,46 @@ class LifecycleChecks:
         if reserved_bytes > budget_bytes:
             self.fail(f"{host} holds {reserved_bytes / 2**20:.0f} MiB of loaded and loading models, "
                       f"over its {budget_bytes / 2**20:.0f} MiB")
+
+
+def _cap_numbers(p: Principal, now: float) -> list[tuple[str, int, int, int]]:
+    """(cap kind, cap, used, held) of each amount cap the principal has, by the ledger's own numbers."""
+    caps, out = p.caps, []
+    for kind, limit, used, held in (
+        ("balance", caps.balance_tokens, p.spent_tokens, p.held_tokens),
+        ("balance_usd", caps.balance_usd, p.spent_usd, p.held_usd),
+    ):
+        if limit is not None:
+            out.append((kind, limit, used, held))
+    if caps.window_tokens is not None:
+        out.append(("window", caps.window_tokens, p.window_usage(now), p.held_tokens))
+    if caps.window_usd is not None:
+        out.append(("window_usd", caps.window_usd, p.window_usage_usd(now), p.held_usd))
+    if caps.period is not None:
+        used, used_usd = p.period_usage(now)
+        if caps.period_tokens is not None:
+            out.append(("period", caps.period_tokens, used, p.held_tokens))
+        if caps.period_usd is not None:
+            out.append(("period_usd", caps.period_usd, used_usd, p.held_usd))
+    return out
+
+
+def _over(p: Principal, kind: str, used: int, held: int, limit: int) -> str:
+    """The message for a passed cap, in the cap's unit."""
+    if kind == "balance":
+        return f"spent {used} + held {held} > balance {limit}"
+    if kind == "window":
+        return f"window usage {used} + held {held} > {limit}"
+    if kind == "balance_usd":
+        return f"spent {usd_text(used)} + held {usd_text(held)} > USD balance {usd_text(limit)}"
+    if kind == "window_usd":
+        return f"window usage {usd_text(used)} + held {usd_text(held)} > {usd_text(limit)} per {p.caps.window_s:g} s"
+    spec = p.caps.period
+    assert spec is not None and p.period_start is not None
+    period = period_id(spec, p.period_start)
+    if kind == "period":
+        return f"period usage {used} + held {held} > {limit} tokens per period ({period})"
+    return f"period usage {usd_text(used)} + held {usd_text(held)} > {usd_text(limit)} per period ({period})"
 
 
 def _outside_a_checker(message: str) -> None:

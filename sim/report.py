@@ -6,31 +6,55 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cortex.budget.pricing import usd_text
+
 
 def _cap_text(cap: dict[str, Any]) -> str:
     parts = []
     if cap["balance_tokens"] is not None:
         parts.append(f"balance {cap['balance_tokens']:,}")
-    if cap["window_tokens"] is not None:
-        parts.append(f"window {cap['window_tokens']:,}")
+    if cap.get("balance_micro_usd") is not None:
+        parts.append(f"balance {usd_text(cap['balance_micro_usd'])}")
+    window = [f"{cap['window_tokens']:,}"] if cap["window_tokens"] is not None else []
+    window += [usd_text(cap["window_micro_usd"])] if cap.get("window_micro_usd") is not None else []
+    if window:
+        parts.append(f"window {' + '.join(window)}" + (f" / {cap['window_seconds']:g} s" if cap.get("window_seconds") else ""))
+    period = [f"{cap['period_tokens']:,}"] if cap.get("period_tokens") is not None else []
+    period += [usd_text(cap["period_micro_usd"])] if cap.get("period_micro_usd") is not None else []
+    if period:
+        parts.append(f"{' + '.join(period)} {cap['period']}")
     if cap["max_concurrency"] is not None:
         parts.append(f"concurrency {cap['max_concurrency']}")
     return ", ".join(parts)
 
 
+def _charged_text(cap: dict[str, Any]) -> str:
+    money = cap.get("spent_micro_usd") or 0
+    return f"{cap['spent_tokens']:,}" + (f" + {usd_text(money)}" if money else "")
+
+
+def _peak_text(cap: dict[str, Any]) -> str:
+    money = cap.get("held_micro_usd_peak") or 0
+    return f"{cap['held_tokens_peak']:,}" + (f" + {usd_text(money)}" if money else "")
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     outcomes = summary["outcomes"]
     refused = ", ".join(f"{k} {v}" for k, v in summary["refused"].items()) or "none"
+    by_cap = ", ".join(f"{k} {v}" for k, v in summary.get("refused_by_cap", {}).items())
     lines = [
-        f"scenario {summary['scenario']}  seed {summary['seed']}",
+        f"scenario {summary['scenario']}  seed {summary['seed']}"
+        + (f"  from {summary['start']} to {summary['end']}" if summary.get("start") else ""),
         "",
         "| outcome | requests |",
         "| --- | ---: |",
         *(f"| {name} | {count:,} |" for name, count in outcomes.items()),
         f"| **total** | {summary['requests']:,} |",
         "",
-        f"refused by reason: {refused}",
+        f"refused by reason: {refused}" + (f"; by cap: {by_cap}" if by_cap else ""),
         f"tokens held {summary['held_tokens']:,}, charged {summary['charged_tokens']:,}"
+        + (f"; money held {usd_text(summary['held_micro_usd'])}, charged {usd_text(summary['charged_micro_usd'])}"
+           if summary.get("held_micro_usd") else "")
         + (f"; admitted on retry {summary['admitted_on_retry']}" if summary["admitted_on_retry"] else ""),
         "",
     ]
@@ -54,9 +78,17 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append("")
     if summary["caps"]:
         lines += ["| principal | caps | charged | peak held |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {c['principal']} | {_cap_text(c)} | {_charged_text(c)} | {_peak_text(c)} |" for c in summary["caps"]]
+        lines.append("")
+    if summary.get("period_edges"):
         lines += [
-            f"| {c['principal']} | {_cap_text(c)} | {c['spent_tokens']:,} | {c['held_tokens_peak']:,} |"
-            for c in summary["caps"]
+            "| period edge | principal | period | refused by it before (told to wait for the edge) | admitted after |",
+            "| --- | --- | --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {e['edge']} | {e['principal']} | {e['period']} | {e['refused_before']:,} ({e['waited_for_edge']:,}) "
+            f"| {e['admitted_after']:,} |"
+            for e in summary["period_edges"]
         ]
         lines.append("")
     latency = summary["latency_s"]
@@ -80,7 +112,7 @@ def write_outputs(out_dir: Path, summary: dict[str, Any], trace_lines: list[str]
 
 
 def plot(out_path: Path, samples: list[tuple[float, str, str, int, int, int]]) -> None:
-    """Spend and held tokens against each cap over virtual time (needs matplotlib)."""
+    """Spend (or usage) and held amounts against each cap over virtual time, tokens or micro-USD (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -95,12 +127,13 @@ def plot(out_path: Path, samples: list[tuple[float, str, str, int, int, int]]) -
     fig, axes = plt.subplots(count, 1, figsize=(10, 2.6 * count), squeeze=False)
     for ax, ((who, kind), points) in zip(axes[:, 0], sorted(series.items())):
         ts = [p[0] for p in points]
-        ax.step(ts, [p[1] for p in points], where="post", label="spent" if kind == "balance" else "window usage")
+        usage = "spent" if kind.startswith("balance") else f"{kind.removesuffix('_usd')} usage"
+        ax.step(ts, [p[1] for p in points], where="post", label=usage)
         ax.step(ts, [p[1] + p[2] for p in points], where="post", label="+ held")
         ax.step(ts, [p[3] for p in points], where="post", linestyle="--", color="red", label=f"{kind} cap")
         ax.set_title(f"{who}: {kind}")
         ax.set_xlabel("virtual time (s)")
-        ax.set_ylabel("tokens")
+        ax.set_ylabel("micro-USD" if kind.endswith("_usd") else "tokens")
         ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

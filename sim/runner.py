@@ -20,8 +20,9 @@ from typing import Any
 import trio
 import trio.testing
 
+from cortex.budget.periods import period_bounds
 from sim.invariants import Checker
-from sim.scenario import Range, Scenario
+from sim.scenario import CAP_REFUSALS, Range, Scenario
 from sim.world import SETTLE_GRACE_S, LedgerFaults, World, quiet_logs
 
 
@@ -57,8 +58,10 @@ def run(
     quiet_logs()
     world = World(scenario, seed, faults, policy)
     world.checker.keep_samples = keep_samples
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    clock.jump(scenario.start_s)  # the scenario's `start` (0: 1970-01-01T00:00:00Z)
     started = time.perf_counter()
-    trio.run(_main, world, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(_main, world, clock=clock)
     wall_s = time.perf_counter() - started
     checker = world.checker
     summary = summarize(world, wall_s)
@@ -83,7 +86,7 @@ async def _main(world: World) -> None:
             if horizon.cancelled_caught:
                 world.checker.fail(f"the scenario did not finish within its horizon of {world.scenario.horizon_s:g} s")
             await trio.sleep(SETTLE_GRACE_S)
-            world.virtual_end_s = trio.current_time()
+            world.virtual_end_s = world.trace.now()
             world.check_memory()
             leaked = world.leaked_tasks()
             if world.cortex_host.up:
@@ -111,13 +114,23 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         for (kind, pid), p in sorted(ledger.principals.items(), key=lambda item: (item[0][0], checker.names.get(item[0][1], item[0][1]))):
             if p.caps.empty:
                 continue
+            who = f"{kind} {checker.names.get(pid, pid)}"
+            spec = p.caps.period
             caps.append({
-                "principal": f"{kind} {checker.names.get(pid, pid)}",
+                "principal": who,
                 "balance_tokens": p.caps.balance_tokens,
                 "window_tokens": p.caps.window_tokens,
+                "window_seconds": p.caps.window_s,
                 "max_concurrency": p.caps.max_concurrency,
+                "balance_micro_usd": p.caps.balance_usd,
+                "window_micro_usd": p.caps.window_usd,
+                "period": f"{spec.kind} ({spec.timezone})" if spec is not None else None,
+                "period_tokens": p.caps.period_tokens,
+                "period_micro_usd": p.caps.period_usd,
                 "spent_tokens": p.spent_tokens,
-                "held_tokens_peak": checker.peak_held.get(f"{kind} {checker.names.get(pid, pid)}", 0),
+                "held_tokens_peak": checker.peak_held.get(who, 0),
+                "spent_micro_usd": p.spent_usd,
+                "held_micro_usd_peak": checker.peak_held_usd.get(who, 0),
             })
     served = [r.latency_s for r in requests if r.outcome == "served"]
     virtual_s = world.virtual_end_s
@@ -128,13 +141,19 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         for u in world.scenario.upstreams
     ]
     lifecycle = checker.lifecycle
+    by_cap = Counter(refusal.cap for _, refusal in checker.refusals)
     return {
         "scenario": world.scenario.name,
         "seed": world.seed,
+        **({"start": world.trace.at(0.0), "end": world.trace.at(virtual_s)} if world.trace.origin else {}),
         "requests": len(requests),
         **counts,
+        "refused_by_cap": {cap: by_cap[cap] for cap in CAP_REFUSALS if by_cap[cap]},
         "charged_tokens": sum(r.charged or 0 for r in requests),
         "held_tokens": sum(r.hold_amount or 0 for r in requests),
+        "charged_micro_usd": sum(r.charged_usd or 0 for r in requests),
+        "held_micro_usd": sum(r.hold_usd or 0 for r in requests),
+        "charged_usd": round(sum(r.charged_usd or 0 for r in requests) / 10**6, 6),
         "admitted_on_retry": checker.admitted_on_retry,
         "failovers": sum(1 for r in requests if len(r.tried) > 1),
         "failed_before_first_byte": sum(1 for r in requests if r.outcome == "failed" and r.status != 200),
@@ -149,6 +168,7 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         "loads_by_model": dict(sorted(lifecycle.loads.items())),
         "evictions_by_model": dict(sorted(lifecycle.evictions.items())),
         "caps": caps,
+        "period_edges": period_edges(world),
         "latency_s": _percentiles(served),
         "virtual_s": round(virtual_s, 3),
         "wall_s": round(wall_s, 3),
@@ -156,6 +176,37 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         "trace_events": world.trace.count,
         "trace_sha256": world.trace.sha256,
     }
+
+
+def period_edges(world: World) -> list[dict[str, Any]]:
+    """Each calendar-period boundary the run crossed, per principal with a period cap: the refusals
+    its period cap made in the period that ended there, how many of them were told to wait exactly
+    until the edge, and the holds placed in the period after it (the checker's record)."""
+    checker, ledger, origin = world.checker, world.checker.ledger, world.trace.origin
+    if ledger is None:
+        return []
+    rows = []
+    for (kind, pid), p in sorted(ledger.principals.items(), key=lambda item: (item[0][0], checker.names.get(item[0][1], item[0][1]))):
+        spec = p.caps.period
+        if spec is None:
+            continue
+        refusals = [r for _, r in checker.refusals if r.principal == (kind, pid) and r.cap.startswith("period")]
+        holds = checker.holds_at.get((kind, pid), [])
+        start, edge = period_bounds(spec, origin)
+        while edge - origin <= world.virtual_end_s:
+            after_end = period_bounds(spec, edge)[1] - origin
+            before = [r for r in refusals if start - origin <= r.at < edge - origin]
+            rows.append({
+                "principal": f"{kind} {checker.names.get(pid, pid)}",
+                "period": f"{spec.kind} ({spec.timezone})",
+                "edge": world.trace.at(edge - origin),
+                "edge_t": round(edge - origin, 6),
+                "refused_before": len(before),
+                "waited_for_edge": sum(1 for r in before if r.wait_s is not None and abs(r.at + r.wait_s - (edge - origin)) < 1e-6),
+                "admitted_after": sum(1 for t in holds if edge - origin <= t < after_end),
+            })
+            start, edge = edge, period_bounds(spec, edge)[1]
+    return rows
 
 
 def _check_range(failures: list[str], name: str, expected: Range | None, actual: float) -> None:
@@ -178,4 +229,8 @@ def check_expectations(scenario: Scenario, checker: Checker, summary: dict[str, 
             _check_range(failures, name, getattr(expect, name), summary[name])
     for reason, expected in expect.refused.items():
         _check_range(failures, f"refused {reason}", expected, refused.get(reason, 0))
+    for cap, expected in expect.refused_by_cap.items():
+        _check_range(failures, f"refused by the {cap} cap", expected, summary.get("refused_by_cap", {}).get(cap, 0))
+    if "charged_usd" in summary:
+        _check_range(failures, "charged_usd", expect.charged_usd, summary["charged_usd"])
     return failures
