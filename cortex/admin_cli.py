@@ -26,7 +26,7 @@ from cortex.api.admin import LIMIT_FIELDS, PERIOD_FIELDS, RECENT_DEFAULT, USD_FI
 from cortex.budget import datadir
 from cortex.budget.keys import NAME_RE
 from cortex.budget.service import BudgetService
-from cortex.budget.store import SyncStore, connect
+from cortex.budget.store import SyncStore, connect, read_meta
 from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
 
@@ -208,7 +208,9 @@ async def offline(data_dir: str, request: Call, writable: bool) -> Reply:
     conn = connect(datadir.ledger_path(data_dir))
     try:
         store = SyncStore(conn, recover=writable)
-        service = await BudgetService.load(store, time.time, BudgetConfig(data_dir=data_dir), GatewayMetrics())
+        # The server's defaults, as it last wrote them: offline and online answer alike.
+        config = BudgetConfig(data_dir=data_dir, period_timezone=read_meta(conn, "period_timezone") or "UTC")
+        service = await BudgetService.load(store, time.time, config, GatewayMetrics())
         admin = AdminApi(service, None, authorize=data_dir_owner)
         return await admin_socket.call(admin_socket.local_transport(admin), request)
     finally:
@@ -224,8 +226,8 @@ def _fmt(value: Any) -> str:
 
 def _usd(value: float) -> str:
     """$1.50, $0.000123: six decimals at most, two at least."""
-    whole, _, frac = f"{value:,.6f}".partition(".")
-    return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
+    whole, _, frac = f"{abs(value):,.6f}".partition(".")
+    return f"{'-' if value < 0 else ''}${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 def _limits_line(limits: dict[str, Any]) -> str:

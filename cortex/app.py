@@ -25,7 +25,7 @@ from cortex.budget import datadir
 from cortex.budget.estimate import prompt_tokens_bound
 from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
-from cortex.budget.store import ThreadedStore
+from cortex.budget.store import PutMeta, ThreadedStore
 from cortex.config import Config
 from cortex.fleet.health import poll_forever
 from cortex.fleet import catalogue
@@ -119,6 +119,8 @@ class CortexApp:
                     store, self._clock, self.config.budget, self.metrics, self._ledger_factory()
                 )
                 self.proxy.budget = self.budget
+                # The offline CLI reads the default period zone from the ledger, so both agree.
+                await store.commit([PutMeta("period_timezone", self.config.budget.period_timezone)])
                 if self.config.admin.token:
                     self._admin = AdminApi(
                         self.budget, self.config.admin.token, self.config.server.body_timeout_s, self.reload_catalogue,

@@ -43,8 +43,8 @@ def rule(**overrides: Any) -> AlertRule:
     return AlertRule(**{"id": "ops", "url": URL, **overrides})
 
 
-def balance(spent: int, limit: int = 100) -> CapLevel:
-    return CapLevel("balance_tokens", spent, limit, "")
+def balance(spent: int, limit: int = 100, exhausted: bool = False) -> CapLevel:
+    return CapLevel("balance_tokens", spent, limit, str(limit), exhausted=exhausted)
 
 
 def thresholds_of(decisions: list[Any], kind: type = Fire) -> list[float]:
@@ -70,7 +70,9 @@ class Principal:
 
 def test_a_rule_with_only_a_url_gets_the_defaults():
     (parsed,) = alerts.parse_alert_rules([{"url": "https://hooks.example/x"}], {})
-    assert parsed.id == "alert-0"
+    assert parsed.id.startswith("alert-") and len(parsed.id) == 16  # from the url: stable under list edits
+    (again,) = alerts.parse_alert_rules([{"url": "https://hooks.example/y"}, {"url": "https://hooks.example/x"}][1:], {})
+    assert again.id == parsed.id
     assert parsed.thresholds == alerts.THRESHOLDS_DEFAULT
     assert parsed.principals is None and parsed.caps is None and parsed.secret is None
 
@@ -132,7 +134,7 @@ def test_a_threshold_fires_once_when_crossed():
     p = Principal((rule(thresholds=(0.5,)),))
     assert p.step(balance(40)) == []
     (fire,) = p.step(balance(55))
-    assert fire.key == ("ops", "key", "key_a", "balance_tokens", 0.5) and fire.epoch == ""
+    assert fire.key == ("ops", "key", "key_a", "balance_tokens", 0.5) and fire.epoch == "100"
     assert p.step(balance(60)) == []
     assert p.step(balance(99)) == []
 
@@ -170,9 +172,20 @@ def test_a_stale_period_epoch_is_re_armed_by_the_new_period():
 def test_a_balance_cap_re_arms_after_a_top_up():
     p = Principal((rule(thresholds=(0.5, 0.8)),))
     assert thresholds_of(p.step(balance(85))) == [0.5, 0.8]
-    assert thresholds_of(p.step(balance(85, limit=150)), Rearm) == [0.8]  # 57 %: only 0.8 re-arms
-    assert thresholds_of(p.step(balance(85, limit=200)), Rearm) == [0.5]
-    assert thresholds_of(p.step(balance(170, limit=200))) == [0.5, 0.8]
+    assert p.step(balance(90)) == []
+    assert thresholds_of(p.step(balance(85, limit=150))) == [0.5]  # a new balance level: 57 % of it
+    assert p.step(balance(100, limit=150)) == []
+    assert thresholds_of(p.step(balance(130, limit=150))) == [0.8]
+
+
+def test_an_exhausted_cap_counts_as_full_once_per_balance_level():
+    p = Principal((rule(thresholds=(0.5, 0.95, 1.0)),))
+    assert thresholds_of(p.step(balance(92))) == [0.5]
+    # The balance refused a request: what is left cannot fit one, though spend is at 92 %.
+    (fire_95, fire_100) = p.step(balance(92, exhausted=True))
+    assert (fire_95.key[4], fire_100.key[4]) == (0.95, 1.0) and fire_100.event["exhausted"] is True
+    assert fire_100.event["spent"] == 92 and fire_100.event["fraction"] == 1.0
+    assert p.step(balance(92, exhausted=True)) == [] and p.step(balance(93)) == []
 
 
 def test_a_window_cap_re_arms_only_below_half_its_threshold():
@@ -188,7 +201,7 @@ def test_a_window_cap_re_arms_only_below_half_its_threshold():
 
 def test_a_rule_applies_only_to_its_caps_and_principals():
     only = rule(thresholds=(0.5,), caps=frozenset({"balance_usd"}), principals=frozenset({"key:key_a"}))
-    levels = (balance(90), CapLevel("balance_usd", 900, 1000, ""))
+    levels = (balance(90), CapLevel("balance_usd", 900, 1000, "1000"))
     assert [d.key[3] for d in Principal((only,)).step(*levels)] == ["balance_usd"]
     assert Principal((only,), principal_id="key_b").step(*levels) == []
     assert Principal((only,), kind="account", principal_id="key_a").step(*levels) == []
@@ -200,13 +213,13 @@ def test_each_rule_fires_independently():
 
 
 def test_a_usd_event_carries_usd_and_exact_micro_usd():
-    (fire,) = Principal((rule(thresholds=(0.8,)),)).step(CapLevel("balance_usd", 8_300_001, 10_000_000, ""))
+    (fire,) = Principal((rule(thresholds=(0.8,)),)).step(CapLevel("balance_usd", 8_300_001, 10_000_000, "10000000"))
     event = json.loads(json.dumps(fire.event))
     assert event == {
         "id": "evt_1", "type": "budget.threshold_crossed", "alert": "ops",
         "principal": {"kind": "key", "id": "key_a"}, "cap": "balance_usd", "threshold": 0.8, "unit": "usd",
         "spent": 8.300001, "limit": 10.0, "spent_micro_usd": 8_300_001, "limit_micro_usd": 10_000_000,
-        "fraction": 0.83, "period": None, "window_seconds": None, "time": "2026-12-01T12:00:00Z",
+        "fraction": 0.83, "exhausted": False, "period": None, "window_seconds": None, "time": "2026-12-01T12:00:00Z",
     }
 
 
@@ -455,7 +468,7 @@ async def test_fired_state_survives_a_restart(tmp_path):
     await store.commit([RearmAlert(("ops", "key", "key_a", "balance_tokens", 0.8))])
     store.conn.close()
     fired = load_fired(open_store(path).conn)
-    assert fired == {key_05: ""}
+    assert fired == {key_05: "100"}
     decisions = evaluate(rules, "key", "key_a", [balance(90)], fired, NOW, ids())
     assert thresholds_of(decisions) == [0.8]  # 0.5 is still fired; 0.8 was re-armed
 
@@ -468,14 +481,15 @@ async def test_applying_the_same_fire_twice_queues_one_event(tmp_path):
     assert outbox_depth(store.conn) == 1
 
 
-async def test_an_event_of_a_removed_rule_goes_unsigned_to_its_stored_url(tmp_path, nursery):
+async def test_an_event_of_a_removed_rule_is_dropped_and_counted_not_sent(tmp_path, nursery):
     receiver = await Receiver().start(nursery)
     rules = (rule(url=receiver.url, thresholds=(0.5,), secret="s3cret"),)
     store, metrics = open_store(tmp_path / "ledger.db"), GatewayMetrics()
     await queue_alerts(store, rules)
     await nursery.start(delivery(store, metrics, ()).run)  # the config no longer has the rule
-    await eventually(lambda: receiver.requests)
-    assert "x-cortex-signature" not in receiver.requests[0]["headers"]
+    await eventually(lambda: outbox_depth(store.conn) == 0)
+    assert receiver.requests == []
+    assert sample(metrics, "cortex_alerts_failed_total", reason="rule_removed") == 1
 
 
 async def test_wake_delivers_an_event_queued_while_running(tmp_path, nursery):
@@ -508,5 +522,5 @@ async def test_the_threaded_store_delivers_and_records_fires(tmp_path, nursery):
             await eventually(lambda: sample(metrics, "cortex_alerts_sent_total", alert="ops") == 1)
             assert await store.query(outbox_depth) == 0
             inner.cancel_scope.cancel()
-        assert await store.query(load_fired) == {("ops", "key", "key_a", "balance_tokens", 0.5): ""}
+        assert await store.query(load_fired) == {("ops", "key", "key_a", "balance_tokens", 0.5): "100"}
     assert len(receiver.requests) == 1

@@ -53,8 +53,13 @@ USD_FIELDS = ("balance_usd", "window_usd", "period_usd")
 PERIOD_FIELDS = ("period", "period_timezone", "period_anchor_day")
 
 
-def caps_from(body: dict[str, Any], period_timezone: str = "UTC") -> Caps:
-    """Validated caps from API or CLI fields; errors name the field. USD amounts are exact (micro-USD)."""
+def caps_from(body: dict[str, Any], period_timezone: str = "UTC", also: tuple[str, ...] = ()) -> Caps:
+    """Validated caps from API or CLI fields; errors name the field. USD amounts are exact (micro-USD).
+
+    A field that is not a limit (nor one of `also`) is refused: a typo, or another gateway's
+    name for a budget, must not create an uncapped key.
+    """
+    _known_fields(body, (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS, *also))
     values: dict[str, Any] = {}
     for name in LIMIT_FIELDS:
         value = body.get(name)
@@ -84,6 +89,12 @@ def caps_from(body: dict[str, Any], period_timezone: str = "UTC") -> Caps:
         values["balance_usd"], values["window_usd"], _period(body, values, period_timezone), values["period_tokens"],
         values["period_usd"],
     )
+
+
+def _known_fields(body: dict[str, Any], known: tuple[str, ...]) -> None:
+    for name in body:
+        if name not in known:
+            raise errors.invalid_request(f"Unknown field {name!r}; known: {', '.join(known)}.", param=name)
 
 
 def _period(body: dict[str, Any], values: dict[str, Any], default_timezone: str) -> PeriodSpec | None:
@@ -117,6 +128,7 @@ def _recent_limit(request: asgi.Request) -> int:
 
 def _top_up_amounts(body: dict[str, Any]) -> tuple[int, int]:
     """(tokens, micro-USD) from a top-up body: either or both."""
+    _known_fields(body, ("tokens", "usd"))
     tokens, usd = body.get("tokens"), body.get("usd")
     if tokens is None and usd is None:
         raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
@@ -191,7 +203,7 @@ class AdminApi:
                 account_id = body.get("id")
                 if not isinstance(account_id, str):
                     raise errors.invalid_request("'id' must be a string.", param="id")
-                await self.budget.create_account(account_id, caps_from(body, self.budget.config.period_timezone))
+                await self.budget.create_account(account_id, caps_from(body, self.budget.config.period_timezone, ("id",)))
                 return 201, self.budget.usage("account", account_id)
         elif head in ("keys", "accounts") and rest:
             return await self._principal(request, "key" if head == "keys" else "account", rest)
@@ -248,7 +260,7 @@ class AdminApi:
                 raise errors.method_not_allowed(request.method, request.path, ["GET"])
             if kind == "key":
                 return 200, await self._key_detail(principal_id, _recent_limit(request))
-            return 200, self.budget.usage("account", principal_id)
+            return 200, {**self.budget.usage("account", principal_id), "spend": await self.budget.spend("account", principal_id)}
         if request.method != "POST":
             raise errors.method_not_allowed(request.method, request.path, ["POST"])
         if action == "topup":
@@ -269,7 +281,7 @@ class AdminApi:
             raise errors.invalid_request("'name' must be a string.", param="name")
         if account is not None and not isinstance(account, str):
             raise errors.invalid_request("'account' must be a string.", param="account")
-        record, plaintext = await self.budget.create_key(name, account, caps_from(body, self.budget.config.period_timezone))
+        record, plaintext = await self.budget.create_key(name, account, caps_from(body, self.budget.config.period_timezone, ("name", "account")))
         return 201, {**self._key_view(record), "key": plaintext}
 
     def _key_view(self, record: Any) -> dict[str, Any]:

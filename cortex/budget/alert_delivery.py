@@ -23,10 +23,12 @@ answer, `timeout` when the attempt ran out of `timeout_s`, `connect` for
 any other failure (refused, reset, protocol errors). The first failure at
 or after `created_at + retry_for_s` gives the event up (`expired`).
 
-A rule removed from the config after its event was queued: the event still
-goes to the url stored with it, unsigned (there is no secret to sign with),
-and `alert_rule_missing` is logged. A rule that still exists is used as it
-is now: its current url and secret (an operator fixing a url or rotating a
+A rule removed from the config after its event was queued: the event is
+dropped, logged (`alert_rule_removed`) and counted (reason `rule_removed`);
+its receiver is no longer the operator's choice and there is no secret to
+sign with. (An unnamed rule's id comes from its url, so editing the list
+moves no event to another rule.) A rule that still exists is used as it is
+now: its current url and secret (an operator fixing a url or rotating a
 secret wants queued events to follow).
 """
 
@@ -335,6 +337,13 @@ class AlertDelivery:
             logs.event("alert_outbox_full", logging.WARNING, dropped=dropped, outbox_max=self.outbox_max)
 
     async def _deliver(self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter, row: OutboxRow) -> None:
+        if row.rule_id not in self._by_id:
+            # Its rule was removed: the receiver is no longer ours to call, nor is there a secret to sign with.
+            logs.event("alert_rule_removed", logging.WARNING, alert=row.rule_id, event_id=row.event_id)
+            with trio.move_on_after(COMMIT_SHIELD_S, shield=True):
+                await self.store.commit([AlertExpired(row.seq)])
+                self.metrics.alerts_failed.inc(reason="rule_removed")
+            return
         async with limiter:
             reason, error = await self._attempt(client, row)
         op = self._outcome(row, reason, error)
@@ -361,11 +370,7 @@ class AlertDelivery:
 
     def _request(self, row: OutboxRow) -> tuple[str, dict[str, str]]:
         headers = {"content-type": "application/json", "x-cortex-event-id": row.event_id, "user-agent": USER_AGENT}
-        rule = self._by_id.get(row.rule_id)
-        if rule is None:
-            logs.event("alert_rule_missing", logging.WARNING, alert=row.rule_id, event_id=row.event_id,
-                       detail="the rule is no longer configured; delivering unsigned to the url stored with the event")
-            return row.url, headers
+        rule = self._by_id[row.rule_id]
         if rule.secret:
             headers[SIGNATURE_HEADER] = sign(rule.secret, int(self.clock()), row.body)
         return rule.url, headers

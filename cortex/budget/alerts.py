@@ -15,8 +15,9 @@ a key `(rule, principal kind, principal id, cap, threshold)` is *fired* when
   fired in this epoch (the period id). A stored epoch from another period is
   a past period: the key is re-armed implicitly, and the `Fire` overwrites
   it. So: at most once per threshold per calendar period.
-- balance caps (`balance_*`): fire when `fraction >= t` and not fired;
-  `Rearm` when fired and `fraction < t` (a top-up or a raised limit).
+- balance caps (`balance_*`): the epoch is the balance's limit, so each
+  level of the balance (a top-up, a raised limit) is an epoch of its own:
+  fire when `fraction >= t` and not fired at this limit.
 - window caps (`window_*`, sliding): fire when `fraction >= t` and not
   fired; `Rearm` when fired and `fraction < t / 2`. The hysteresis gives one
   alert per window fill, with no flapping around the threshold.
@@ -116,7 +117,10 @@ def parse_alert_rules(raw: Any, environ: Mapping[str, str]) -> tuple[AlertRule, 
     for index, entry in enumerate(raw):
         rule = _parse_rule(f"alerts[{index}]", index, entry, environ)
         if any(r.id == rule.id for r in rules):
-            raise AlertConfigError(f"'alerts[{index}].name': {rule.id!r} is used by an earlier rule")
+            raise AlertConfigError(
+                f"'alerts[{index}].name': {rule.id!r} is used by an earlier rule"
+                + (" (two unnamed rules with one url: give them names)" if entry.get("name") is None else "")
+            )
         rules.append(rule)
     return tuple(rules)
 
@@ -125,9 +129,10 @@ def _parse_rule(where: str, index: int, entry: dict[str, Any], environ: Mapping[
     for name in entry:
         if name not in _RULE_KEYS:
             raise AlertConfigError(f"unknown key '{where}.{name}' (known: {', '.join(sorted(_RULE_KEYS))})")
+    url = _parse_url(where, entry.get("url"))
     return AlertRule(
-        id=_parse_name(where, entry.get("name"), index),
-        url=_parse_url(where, entry.get("url")),
+        id=_parse_name(where, entry.get("name"), url),
+        url=url,
         thresholds=_parse_thresholds(where, entry.get("thresholds")),
         principals=_parse_principals(where, entry.get("principals")),
         caps=_parse_caps(where, entry.get("caps")),
@@ -135,9 +140,10 @@ def _parse_rule(where: str, index: int, entry: dict[str, Any], environ: Mapping[
     )
 
 
-def _parse_name(where: str, name: Any, index: int) -> str:
+def _parse_name(where: str, name: Any, url: str) -> str:
     if name is None:
-        return f"alert-{index}"
+        # Stable under edits to the list: fired state and queued events follow the rule, not its position.
+        return f"alert-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AlertConfigError(
             f"'{where}.name' must be 1 to 64 letters, digits, '_', '.' or '-' (starting with a letter or digit),"
@@ -229,19 +235,22 @@ class CapLevel:
     cap: str  # one of CAPS
     spent: int  # tokens, or micro-USD for *_usd caps
     limit: int  # > 0
-    epoch: str  # period caps: the period id (e.g. "monthly:2026-12-01@UTC"); others ""
+    epoch: str  # period caps: the period id (e.g. "monthly:2026-12-01@UTC"); balance caps: the limit; windows ""
     period: dict | None = None  # period caps: {"kind", "timezone", "start", "end", "id"} for the event
     window_s: float | None = None  # window caps
+    # The cap refused a request in this epoch: it is spent for all practical purposes, though
+    # charged spend may stay below the limit by up to one hold. Counts as a fraction of 1.
+    exhausted: bool = False
 
     def __post_init__(self) -> None:
         assert self.cap in CAPS, self.cap
         assert self.limit > 0 and self.spent >= 0, (self.limit, self.spent)
-        assert bool(self.epoch) == self.cap.startswith("period_"), (self.cap, self.epoch)
+        assert bool(self.epoch) != self.cap.startswith("window_"), (self.cap, self.epoch)
         assert self.window_s is None or self.cap.startswith("window_")
 
     @property
     def fraction(self) -> float:
-        return self.spent / self.limit
+        return 1.0 if self.exhausted else self.spent / self.limit
 
 
 @dataclass(frozen=True)
@@ -291,17 +300,9 @@ def _decide(
             if stored != level.epoch:
                 event = alert_event(rule.id, kind, principal_id, level, threshold, now, new_event_id())
                 decisions.append(Fire(key, level.epoch, event))
-        elif stored is not None and fraction < _rearm_below(level.cap, threshold):
+        elif stored is not None and level.cap.startswith("window_") and fraction < threshold / 2:
             decisions.append(Rearm(key))
     return decisions
-
-
-def _rearm_below(cap: str, threshold: float) -> float:
-    if cap.startswith("balance_"):
-        return threshold
-    if cap.startswith("window_"):
-        return threshold / 2
-    return -math.inf  # period caps re-arm with the next period, never by falling
 
 
 def record_fired(fired: MutableMapping[FiredKey, str], decisions: Sequence[Decision]) -> None:
@@ -329,6 +330,7 @@ def alert_event(
         "spent": level.spent / _MICRO_PER_USD if usd else level.spent,
         "limit": level.limit / _MICRO_PER_USD if usd else level.limit,
         "fraction": round(level.fraction, 6),
+        "exhausted": level.exhausted,
         "period": dict(level.period) if level.period is not None else None,
         "window_seconds": float(level.window_s) if level.window_s is not None else None,
         "time": iso_utc(now),

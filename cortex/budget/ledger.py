@@ -348,10 +348,17 @@ class Ledger:
         p.set_caps(caps, sorted(history) + captured if history is not None else None)
         if period is not None:
             start, end, tokens, usd = period
+            later = []
             for at, t, u in captured:
                 if start <= at < end:
                     tokens, usd = tokens + t, usd + u
+                elif at >= end:
+                    later.append((at, t, u))
             p.set_period_usage(start, end, tokens, usd)
+            for at, t, u in later:  # the query ran across a boundary: these opened the next period
+                p.roll_period(at)
+                p.period_used_tokens += t
+                p.period_used_usd += u
 
     def abort_window_rebuild(self, kind: str, principal_id: str) -> None:
         self.principal(kind, principal_id).capture = None
@@ -574,8 +581,8 @@ def _balance_refusal(p: Principal, who: str, limit: int, spent: int, a: _Amount)
     never = a.asked > limit - spent
     left = max(0, limit - spent - a.held)
     message = (
-        f"This request may cost up to {a.text(a.asked)} but the {who} has {a.text(left)} of balance left"
-        + ("." if not never else "; it cannot fit until the balance is topped up.")
+        f"This request may cost up to {a.text(a.asked)} but the {who} has {a.text(left)} left of its"
+        f" {a.text(limit)} balance" + ("." if not never else "; it cannot fit until the balance is topped up.")
     )
     return Refusal("balance", p.kind, p.id, message, None, never, a.unit)
 

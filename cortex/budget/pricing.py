@@ -16,11 +16,13 @@ one micro-USD above it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 PICO_PER_MICRO = 10**6
+_DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+", re.ASCII)
 USD_MICRO_MAX = 10**18  # a billion billion micro-USD: far above any cap, below SQLite's 2**63
 USD_MAX = USD_MICRO_MAX // 10**6
 
@@ -64,6 +66,8 @@ def usd_to_micro(value: Any, field: str = "usd") -> int:
     """A USD amount from an API, CLI or config value, exactly; more than six decimals is refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"'{field}' must be an amount in USD, got {value!r}")
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
+        raise ValueError(f"'{field}' must be a decimal amount in USD such as 12.50, got {value!r}")
     try:
         amount = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
     except InvalidOperation:

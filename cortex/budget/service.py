@@ -94,6 +94,10 @@ def caps_view(caps: Caps) -> dict[str, Any]:
         "period_anchor_day": spec.anchor_day if spec else None,
         "period_tokens": caps.period_tokens,
         "period_usd": _usd_or_none(caps.period_usd),
+        # Exact, for programs: a USD number is for people.
+        "balance_micro_usd": caps.balance_usd,
+        "window_micro_usd": caps.window_usd,
+        "period_micro_usd": caps.period_usd,
     }
 
 
@@ -108,7 +112,7 @@ def refusal_error(refusal: Refusal, retry_hint_s: float) -> ApiError:
             429, refusal.message, type="insufficient_quota", code="insufficient_quota",
             headers=[(b"x-should-retry", b"false")],
         )
-    type_ = "tokens" if refusal.reason == "window" else "requests"
+    type_ = "requests" if refusal.reason == "concurrency" else "tokens"
     if refusal.never_fits:
         return ApiError(429, refusal.message, type=type_, code="rate_limit_exceeded", headers=[(b"x-should-retry", b"false")])
     wait_s = refusal.retry_after_s if refusal.retry_after_s is not None else retry_hint_s
@@ -139,6 +143,8 @@ class BudgetService:
         # Principals charged since the alert evaluator last looked: settlement only marks them.
         self._alert_dirty: set[tuple[str, str]] = set()
         self._alert_dirty_event = trio.Event()
+        # (kind, id, cap) -> epoch: caps that refused a request (spent for practical purposes).
+        self._alert_exhausted: dict[tuple[str, str, str], str] = {}
         metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
         metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
 
@@ -220,6 +226,8 @@ class BudgetService:
         )
         if isinstance(result, Refusal):
             self.metrics.refusals.inc(reason=result.reason if result.unit == "tokens" else f"{result.reason}_usd")
+            if self.alert_rules and result.reason in ("balance", "period"):
+                self._mark_exhausted(result)
             raise refusal_error(result, self.config.retry_hint_s)
         hold = result
         op = OpenHold.of(hold, model, client_request_id)
@@ -308,6 +316,14 @@ class BudgetService:
             except StoreError as exc:  # the next start-up's sweep fires what this lost
                 logs.event("ledger_write_failed", logging.ERROR, alerts=len(dirty), error=str(exc))
 
+    def _mark_exhausted(self, refusal: Refusal) -> None:
+        kind, principal_id, cap = refusal.principal_kind, refusal.principal_id, f"{refusal.reason}_{refusal.unit}"
+        epoch = _epoch(self.ledger.principal(kind, principal_id), cap)
+        if epoch is not None and self._alert_exhausted.get((kind, principal_id, cap)) != epoch:
+            self._alert_exhausted[(kind, principal_id, cap)] = epoch
+            self._alert_dirty.add((kind, principal_id))
+            self._alert_dirty_event.set()
+
     async def _commit_alerts(self, ops: list[Any]) -> None:
         if ops:
             await self.store.commit(ops)
@@ -320,7 +336,7 @@ class BudgetService:
         now = self.clock()
         ops: list[Any] = []
         for kind, principal_id in principals:
-            levels = cap_levels(self.ledger.principal(kind, principal_id), now)
+            levels = cap_levels(self.ledger.principal(kind, principal_id), now, self._alert_exhausted)
             if not levels:
                 continue
             decisions = evaluate(self.alert_rules, kind, principal_id, levels, self._fired, now, new_event_id)
@@ -349,6 +365,9 @@ class BudgetService:
         resolutions = self.ledger.expire(self.clock())
         for r in resolutions:
             self._count(r)
+            if self.alert_rules and (r.charged_tokens or r.charged_usd):
+                self._alert_dirty.update((("key", r.hold.key_id), ("account", r.hold.account_id)))
+                self._alert_dirty_event.set()
             logs.event("hold_expired", logging.WARNING, hold_id=r.hold.id, key_id=r.hold.key_id, charged_tokens=r.charged_tokens)
         if resolutions:
             try:
@@ -438,7 +457,7 @@ class BudgetService:
 
         def read(conn: sqlite3.Connection) -> tuple[list[tuple[float, int, int]] | None, tuple[int, int] | None]:
             history = charges_since(conn, kind, principal_id, since) if since is not None else None
-            sums = period_charges(conn, kind, principal_id, bounds[0]) if bounds is not None else None
+            sums = period_charges(conn, kind, principal_id, *bounds) if bounds is not None else None
             return history, sums
 
         self.ledger.begin_window_rebuild(kind, principal_id)  # no checkpoint until the query is queued
@@ -483,19 +502,23 @@ class BudgetService:
         return spend_view(rows, zone, since)
 
 
-def cap_levels(p: Any, now: float) -> list[CapLevel]:
+def cap_levels(p: Any, now: float, exhausted: dict[tuple[str, str, str], str] | None = None) -> list[CapLevel]:
     """How far along each of a principal's caps its charged spend is, for the alert rules."""
     caps, levels = p.caps, []
+    exhausted = exhausted or {}
 
     def add(cap: str, spent: int, limit: int | None, **extra: Any) -> None:
         if limit:  # a cap of 0 has no fraction to cross
-            levels.append(CapLevel(cap, spent, limit, **extra))
+            epoch = extra.get("epoch", "")
+            full = bool(epoch) and exhausted.get((p.kind, p.id, cap)) == epoch
+            levels.append(CapLevel(cap, spent, limit, exhausted=full, **extra))
 
-    add("balance_tokens", p.spent_tokens, caps.balance_tokens, epoch="")
-    add("balance_usd", p.spent_usd, caps.balance_usd, epoch="")
+    # A balance's epoch is its limit: each level a top-up makes is watched afresh.
+    add("balance_tokens", p.spent_tokens, caps.balance_tokens, epoch=str(caps.balance_tokens))
+    add("balance_usd", p.spent_usd, caps.balance_usd, epoch=str(caps.balance_usd))
     if caps.window_s is not None:
-        add("window_tokens", p.window_usage(now), caps.window_tokens, epoch="", window_s=caps.window_s)
-        add("window_usd", p.window_usage_usd(now), caps.window_usd, epoch="", window_s=caps.window_s)
+        add("window_tokens", p.window_usage(now), caps.window_tokens, window_s=caps.window_s)
+        add("window_usd", p.window_usage_usd(now), caps.window_usd, window_s=caps.window_s)
     if caps.period is not None:
         used_tokens, used_usd = p.period_usage(now)
         assert p.period_start is not None
@@ -503,6 +526,16 @@ def cap_levels(p: Any, now: float) -> list[CapLevel]:
         add("period_tokens", used_tokens, caps.period_tokens, epoch=epoch, period=view)
         add("period_usd", used_usd, caps.period_usd, epoch=epoch, period=view)
     return levels
+
+
+def _epoch(p: Any, cap: str) -> str | None:
+    """The alert epoch of a balance or period cap right now (as `cap_levels` gives it)."""
+    if cap.startswith("balance_"):
+        limit = p.caps.balance_tokens if cap == "balance_tokens" else p.caps.balance_usd
+        return str(limit) if limit else None
+    if cap.startswith("period_") and p.caps.period is not None and p.period_start is not None:
+        return period_id(p.caps.period, p.period_start)
+    return None
 
 
 def _check_name(value: str, field: str) -> None:

@@ -133,6 +133,14 @@ class SetCaps:
 
 
 @dataclass(frozen=True)
+class PutMeta:
+    """A server setting the offline CLI must agree with (the default period zone)."""
+
+    k: str
+    v: str
+
+
+@dataclass(frozen=True)
 class RevokeKey:
     id: str
     at: float
@@ -169,7 +177,7 @@ class ResolveHold:
     charged_usd: int = 0
 
 
-Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold
+Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold | PutMeta
 
 _TABLES = {"key": "keys", "account": "accounts"}
 
@@ -233,6 +241,8 @@ def apply(conn: sqlite3.Connection, op: Op) -> None:
         conn.execute(f"UPDATE {_TABLES[op.kind]} SET {_CAPS_ASSIGN} WHERE id = ?", (*_caps_row(op.caps), op.id))
     elif isinstance(op, RevokeKey):
         conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (op.at, op.id))
+    elif isinstance(op, PutMeta):
+        conn.execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v", (op.k, op.v))
     elif hasattr(op, "apply_sql"):  # ops of a subsystem that owns its tables (alerts)
         op.apply_sql(conn)
     else:  # pragma: no cover - exhaustive
@@ -269,7 +279,21 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
             conn.executescript(SCHEMA_INDEXES)
             conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             return conn
-        version = row[0]
+    version = row[0]
+    if version in MIGRATIONS:
+        _migrate(conn, version)
+    elif version != SCHEMA_VERSION:
+        raise StoreError(f"ledger schema version {version} is not supported (expected {SCHEMA_VERSION})")
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, version: str) -> None:
+    """Every step in one transaction: a crash part-way leaves the old version, whole.
+
+    (sqlite3 does not open a transaction for DDL by itself; SQLite's DDL is transactional when asked.)
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         while version in MIGRATIONS:
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
@@ -277,7 +301,10 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
             conn.execute("UPDATE meta SET v = ? WHERE k = 'schema_version'", (version,))
         if version != SCHEMA_VERSION:
             raise StoreError(f"ledger schema version {version} is not supported (expected {SCHEMA_VERSION})")
-    return conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass
@@ -327,20 +354,25 @@ def recover_and_load(conn: sqlite3.Connection, now: float, horizon_s: float, rec
             spec = caps_of(row).period
             if spec is not None:
                 start, end = period_bounds(spec, now)
-                snapshot.period_usage[(kind, row["id"])] = (start, end, *period_charges(conn, kind, row["id"], start))
+                snapshot.period_usage[(kind, row["id"])] = (start, end, *period_charges(conn, kind, row["id"], start, end))
     conn.row_factory = None
     return snapshot
 
 
-def period_charges(conn: sqlite3.Connection, kind: str, principal_id: str, since: float) -> tuple[int, int]:
-    """(tokens, micro-USD) charged to a principal from `since` on."""
+def period_charges(conn: sqlite3.Connection, kind: str, principal_id: str, start: float, end: float) -> tuple[int, int]:
+    """(tokens, micro-USD) charged to a principal in [start, end)."""
     column = "key_id" if kind == "key" else "account_id"
     row = conn.execute(
         f"SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) FROM holds"
-        f" WHERE {column} = ? AND resolved_at >= ? AND (charged_tokens > 0 OR charged_usd > 0)",
-        (principal_id, since),
+        f" WHERE {column} = ? AND resolved_at >= ? AND resolved_at < ? AND (charged_tokens > 0 OR charged_usd > 0)",
+        (principal_id, start, end),
     ).fetchone()
     return int(row[0]), int(row[1])
+
+
+def read_meta(conn: sqlite3.Connection, k: str) -> str | None:
+    row = conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+    return row[0] if row is not None else None
 
 
 def caps_of(row: sqlite3.Row) -> Caps:
