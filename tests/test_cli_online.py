@@ -166,6 +166,17 @@ def test_money_and_period_changes_from_the_cli_take_effect_at_once_on_a_running_
     assert bad.returncode == 1 and "'period'" in bad.stderr
 
 
+def test_the_offline_cli_uses_the_servers_default_period_zone(stack: Stack):
+    config = stack.tmp_path / "berlin.toml"
+    config.write_text('[budget]\nperiod_timezone = "Europe/Berlin"\n')
+    cortex = tokenless_cortex(stack, args_extra=("--config", str(config)))
+    data = cortex.data_dir
+    online = cli_json(data, "keys", "create", "--name", "agent", "--period", "daily", "--period-tokens", "5")
+    cortex.stop()
+    offline = cli_json(data, "keys", "set-limits", online["id"], "--period", "daily", "--period-tokens", "6")
+    assert online["limits"]["period_timezone"] == offline["limits"]["period_timezone"] == "Europe/Berlin"
+
+
 def test_the_socket_is_owner_only_and_serves_only_the_admin_api(stack: Stack):
     cortex = tokenless_cortex(stack)
     path = socket_path(cortex.data_dir)

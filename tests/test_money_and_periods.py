@@ -277,3 +277,57 @@ async def test_spend_is_reported_per_model_and_per_local_day(tmp_path):
         ("big", 2, 20, 20), ("small", 1, 10, 10)
     ]
     assert [(r["day"], r["requests"]) for r in spend["by_day"]] == [("2026-12-01", 2), ("2026-12-02", 1)]
+
+
+def test_an_unknown_limit_field_is_refused_not_ignored():
+    # Another gateway's name for a budget must not create an uncapped key.
+    for body in ({"max_budget": 5}, {"balance": 100}, {"budget_duration": "30d"}):
+        with pytest.raises(ApiError) as refused:
+            caps_from(body)
+        assert refused.value.status == 400 and refused.value.param == next(iter(body))
+    assert caps_from({"name": "k", "balance_usd": 1}, also=("name",)).balance_usd == 1_000_000
+
+
+def test_a_period_cap_set_across_a_boundary_keeps_the_charges_of_the_new_period():
+    from cortex.budget.ledger import Ledger
+    from cortex.budget.periods import period_bounds
+
+    ledger = Ledger()
+    ledger.add_account("a")
+    ledger.add_key("k", "a")
+    spec = PeriodSpec("daily")
+    before = at("2026-12-01T23:59:59.900")
+    bounds = period_bounds(spec, before)
+    ledger.begin_window_rebuild("key", "k")  # the usage query is queued just before midnight ...
+    hold = ledger.reserve("h", "k", 800, before, 60)
+    ledger.settle(hold.id, 800, at("2026-12-02T00:00:00.100"))  # ... and a charge lands just after it
+    ledger.finish_window_rebuild("key", "k", Caps(period=spec, period_tokens=1000), None, (*bounds, 0, 0))
+    p = ledger.principal("key", "k")
+    assert p.period_usage(at("2026-12-02T00:00:01")) == (800, 0)
+    assert ledger.reserve("h2", "k", 300, at("2026-12-02T00:00:01"), 60).__class__.__name__ == "Refusal"
+
+
+async def test_a_balance_that_refuses_fires_its_full_threshold_though_spend_is_below_it(tmp_path):
+    import trio
+
+    from cortex.budget.alerts import parse_alert_rules
+
+    clock = Clock(at("2026-12-01T12:00:00"))
+    service = await _service(tmp_path / "l.db", clock)
+    key, _ = await service.create_key("k", None, Caps(balance_tokens=100))
+    rules = parse_alert_rules([{"url": "http://127.0.0.1:9/hook", "thresholds": [0.9, 1.0]}], {})
+    await service.start_alerts(rules)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.evaluate_alerts_forever, 0.001)
+        hold = await service.reserve(key, Estimate(46, 46), "r1", "m")
+        await service.settle(hold, 92)
+        with pytest.raises(ApiError):
+            await service.reserve(key, Estimate(5, 5), "r2", "m")  # 10 tokens cannot fit in the 8 left
+        with trio.fail_after(5):
+            while len(service._fired) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    rows = service.store.conn.execute("SELECT threshold, epoch FROM alert_state WHERE cap = 'balance_tokens'").fetchall()
+    assert sorted(rows) == [(0.9, "100"), (1.0, "100")]
+    body = service.store.conn.execute("SELECT body FROM alert_outbox ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    assert b'"exhausted":true' in body and b'"spent":92' in body
