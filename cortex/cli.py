@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from cortex import admin_cli, fleet_cli, logs
+from cortex import admin_cli, db_cli, fleet_cli, logs
 from cortex import config as config_mod
 from cortex.admin_socket import AdminSocket
 from cortex.api.admin import AdminApi, data_dir_owner
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin_cli.add_commands(sub)
     fleet_cli.add_commands(sub)
+    db_cli.add_commands(sub)
     return parser
 
 
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         return admin_cli.run(args)
     if args.command == "fleet":
         return fleet_cli.run(args)
+    if args.command == "db":
+        return db_cli.run(args)
     expected = (StartupFailed, OSError, DataDirBusy, StoreError)
     try:
         if args.command == "serve":

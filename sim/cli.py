@@ -86,6 +86,8 @@ def _run_live(args: argparse.Namespace, scenario: Scenario) -> int:
         return 2
     if scenario.faults:
         print(f"note: live mode skips the scenario's {len(scenario.faults)} fault(s); the fleet is real")
+    if scenario.start_s or any(m.cost is not None for m in scenario.models):
+        print("note: live mode runs on the real cortex's clock and catalogue; the scenario's start and prices do not apply")
     try:
         world, wall_s = run_live(scenario, args.seed, args.cortex, args.admin_token)
     except BaseException as exc:  # noqa: BLE001 - report, don't dump a traceback

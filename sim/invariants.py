@@ -36,6 +36,8 @@ from cortex.relay import event_data
 from sim.trace import Trace
 
 DELIVERIES_MAX = 1 + FAILOVERS_MAX  # upstreams one request may reach: the first, then the failovers
+# A period refusal's wait is the period's end less now: float seconds near 2**31 carry about 2.4e-7 s of error.
+PERIOD_WAIT_TOLERANCE_S = 1e-6
 
 
 @dataclass
@@ -219,29 +221,58 @@ class Checker:
         if record is not None:
             record.charged, record.charged_usd, record.hold_state = hold.charged_tokens, hold.charged_usd, hold.state.value
 
-    def on_refusal(self, request_id: str, key_id: str, refusal: Refusal, now: float) -> None:
-        """A cap refused a reservation. A period cap that refuses on its usage must wait for exactly its period's end."""
+    def on_refusal(self, request_id: str, key_id: str, refusal: Refusal, now: float, asked: tuple[int, int]) -> None:
+        """A cap refused a reservation of `asked` (tokens, micro-USD). The refusal must be due, by the checker's
+        own count; a period cap refusing on its usage must wait for exactly its period's end; and the principals'
+        numbers are checked as at any ledger event (a ledger that wrongly refuses everything makes no other)."""
+        assert self.ledger is not None
         cap = refusal.reason if refusal.unit == "tokens" else f"{refusal.reason}_{refusal.unit}"
         who = (refusal.principal_kind, refusal.principal_id)
+        name = f"{who[0]} {self.names.get(who[1], who[1])}"
         entry = RefusalRecord(cap, who, self.trace.now(), refusal.retry_after_s, refusal.never_fits)
         self.refusals.append((request_id, entry))
         record = self.requests.get(request_id)
         if record is not None:
             record.refusal = entry
         wait = round(refusal.retry_after_s, 6) if refusal.retry_after_s is not None else None
-        self.trace.event("refuse", req=request_id, cap=cap, who=f"{who[0]} {self.names.get(who[1], who[1])}", wait=wait)
-        if refusal.reason != "period" or refusal.retry_after_s is None:
-            return
-        assert self.ledger is not None
-        spec = self.ledger.principal(*who).caps.period
+        self.trace.event("refuse", req=request_id, cap=cap, who=name, wait=wait)
+        p = self.ledger.principal(*who)
+        if refusal.reason == "period" and refusal.retry_after_s is not None:
+            self._check_period_wait(request_id, p, name, refusal.retry_after_s, now)
+        chain = (("key", key_id), ("account", self.ledger.key_accounts[key_id]))
+        for kind, pid in chain:
+            principal, tally = self.ledger.principal(kind, pid), self.tallies.setdefault((kind, pid), Tally())
+            self._check_caps(principal, now)
+            self._check_tally(principal, tally, now)
+        self._check_refusal_due(request_id, p, name, cap, asked, now)
+
+    def _check_period_wait(self, rid: str, p: Principal, name: str, wait_s: float, now: float) -> None:
+        spec = p.caps.period
         if spec is None:
-            self.fail(f"{request_id} was refused by the period cap of {who[0]} {who[1]}, which has none")
+            self.fail(f"{rid} was refused by the period cap of {name}, which has none")
             return
-        _, end = period_bounds(spec, now)
-        if abs(now + refusal.retry_after_s - end) > 1e-6:
-            self.fail(f"{request_id} was refused by the period cap of {who[0]} {self.names.get(who[1], who[1])} with a "
-                      f"wait of {refusal.retry_after_s:.6f} s, but its period {period_id(spec, period_bounds(spec, now)[0])} "
-                      f"ends in {end - now:.6f} s")
+        start, end = period_bounds(spec, now)
+        if abs(now + wait_s - end) > PERIOD_WAIT_TOLERANCE_S:
+            self.fail(f"{rid} was refused by the period cap of {name} and told to wait {wait_s:.6f} s, "
+                      f"but its period {period_id(spec, start)} ends in {end - now:.6f} s")
+
+    def _check_refusal_due(self, rid: str, p: Principal, name: str, cap: str, asked: tuple[int, int], now: float) -> None:
+        """An exact cap (a balance, a period) refuses only what does not fit by the checker's own count. (A
+        window is not exact: the ledger merges charges close in time under the later one, so it may refuse early.)"""
+        tally = self.tallies.setdefault((p.kind, p.id), Tally())
+        usd = cap.endswith("_usd")
+        held, want = (tally.held_usd, asked[1]) if usd else (tally.held, asked[0])
+        if cap.startswith("balance"):
+            limit, used = (p.caps.balance_usd, tally.spent_usd) if usd else (p.caps.balance_tokens, tally.spent)
+        elif cap.startswith("period") and p.caps.period is not None:
+            limit = p.caps.period_usd if usd else p.caps.period_tokens
+            used = tally.period_usage(p.caps.period, now)[1 if usd else 0]
+        else:
+            return
+        if limit is not None and used + held + want <= limit:
+            unit = "micro-USD" if usd else "tokens"
+            self.fail(f"{rid} was refused by the {cap} cap of {name}, yet it fits by the checker's count: "
+                      f"{used} used + {held} held + {want} asked <= {limit} {unit}")
 
     def on_orphans(self, orphans: list[tuple[str, str, str, int, int, float]]) -> None:
         """Holds a crash left open, charged in full by the restarted cortex's recovery."""
@@ -318,7 +349,7 @@ class Checker:
             if self.keep_samples:
                 self.samples.append((self.trace.now(), who, kind, used, held, limit))
             if used + held > limit:
-                self.fail(f"{who}: {_over(p, kind, used, held, limit)}")
+                self.fail(f"{who}: {_over(p, kind, used, held, limit, now)}")
         if caps.max_concurrency is not None and p.in_flight > caps.max_concurrency:
             self.fail(f"{who}: {p.in_flight} in flight > {caps.max_concurrency}")
 
@@ -514,7 +545,7 @@ def _cap_numbers(p: Principal, now: float) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def _over(p: Principal, kind: str, used: int, held: int, limit: int) -> str:
+def _over(p: Principal, kind: str, used: int, held: int, limit: int, now: float) -> str:
     """The message for a passed cap, in the cap's unit."""
     if kind == "balance":
         return f"spent {used} + held {held} > balance {limit}"
@@ -525,8 +556,8 @@ def _over(p: Principal, kind: str, used: int, held: int, limit: int) -> str:
     if kind == "window_usd":
         return f"window usage {usd_text(used)} + held {usd_text(held)} > {usd_text(limit)} per {p.caps.window_s:g} s"
     spec = p.caps.period
-    assert spec is not None and p.period_start is not None
-    period = period_id(spec, p.period_start)
+    assert spec is not None
+    period = period_id(spec, period_bounds(spec, now)[0])  # named by the checker's calendar, not the ledger's
     if kind == "period":
         return f"period usage {used} + held {held} > {limit} tokens per period ({period})"
     return f"period usage {usd_text(used)} + held {usd_text(held)} > {usd_text(limit)} per period ({period})"

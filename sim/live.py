@@ -3,20 +3,23 @@
 Keys and accounts are created through the admin API (with a run suffix so
 runs never collide); faults are not injected (the fleet is real). The
 invariants are checked from the outside: from what each client received,
-and from the admin usage API — caps never passed, no hold left open, and
-every request charged between what its client received and its hold.
+and from the admin usage API — caps never passed (every cap kind, tokens and
+micro-USD), no hold left open, and every request charged between what its
+client received and its hold. The scenario's `start` and model prices do not
+apply: the real cortex has its own clock and catalogue.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import trio
 
-from cortex.budget.service import caps_view
+from cortex.budget.ledger import Caps
 from cortex.fleet.transport import H11Transport
 from sim.scenario import Scenario
 from sim.world import World
@@ -26,6 +29,23 @@ SETTLE_WAIT_S = 30.0
 
 class LiveError(Exception):
     pass
+
+
+def admin_caps(caps: Caps) -> dict[str, Any]:
+    """The admin API's limit fields for `caps` (only those set): USD as exact decimal strings."""
+    spec = caps.period
+    body: dict[str, Any] = {
+        "balance_tokens": caps.balance_tokens, "window_tokens": caps.window_tokens, "window_seconds": caps.window_s,
+        "max_concurrency": caps.max_concurrency, "period_tokens": caps.period_tokens,
+        "balance_usd": _usd(caps.balance_usd), "window_usd": _usd(caps.window_usd), "period_usd": _usd(caps.period_usd),
+        "period": spec.kind if spec else None, "period_timezone": spec.timezone if spec else None,
+        "period_anchor_day": spec.anchor_day if spec else None,
+    }
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def _usd(micro: int | None) -> str | None:
+    return str(Decimal(micro).scaleb(-6)) if micro is not None else None
 
 
 async def _admin(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> Any:
@@ -42,10 +62,10 @@ async def _main(world: World, cortex_url: str, admin_token: str) -> None:
     async with httpx.AsyncClient(base_url=cortex_url, headers=headers, timeout=30, transport=H11Transport()) as admin:
         account_ids = {a.id: f"{a.id}-{suffix}" for a in scenario.accounts}
         for account in scenario.accounts:
-            await _admin(admin, "POST", "accounts", {"id": account_ids[account.id], **caps_view(account.caps)})
+            await _admin(admin, "POST", "accounts", {"id": account_ids[account.id], **admin_caps(account.caps)})
         for key in scenario.keys:
             account = account_ids.get(key.account, f"{key.account}-{suffix}")
-            body = await _admin(admin, "POST", "keys", {"name": f"{key.name}-{suffix}", "account": account, **caps_view(key.caps)})
+            body = await _admin(admin, "POST", "keys", {"name": f"{key.name}-{suffix}", "account": account, **admin_caps(key.caps)})
             world.keys[key.name], world.key_ids[key.name] = body["key"], body["id"]
         world.t0 = trio.current_time()
         with trio.move_on_after(scenario.horizon_s) as horizon:
@@ -79,6 +99,9 @@ async def _check(world: World, admin: httpx.AsyncClient) -> None:
             window = usage["limits"]["window_tokens"]
             if window is not None and usage.get("window_used_tokens", 0) > window:
                 checker.fail(f"{who}: window usage {usage['window_used_tokens']} > {window}")
+            for cap, left in usage.get("remaining", {}).items():  # cap - used - held, money in micro-USD
+                if cap != "concurrency" and left < 0:
+                    checker.fail(f"{who}: {cap} passed by {-left}")
         for hold in detail["recent"]:
             record = checker.requests.get(hold.get("client_request_id") or hold["request_id"] or "")
             if record is None:

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from cortex.budget.periods import period_bounds
-from sim.invariants import Checker
+from sim.invariants import PERIOD_WAIT_TOLERANCE_S, Checker
 from sim.scenario import CAP_REFUSALS, Range, Scenario
 from sim.world import SETTLE_GRACE_S, LedgerFaults, World, quiet_logs
 
@@ -63,6 +63,8 @@ def run(
     started = time.perf_counter()
     trio.run(_main, world, clock=clock)
     wall_s = time.perf_counter() - started
+    if not world.virtual_end_s:  # stopped early, by a violation
+        world.virtual_end_s = clock.current_time() - scenario.start_s
     checker = world.checker
     summary = summarize(world, wall_s)
     failures = [] if checker.violation else check_expectations(scenario, checker, summary)
@@ -181,7 +183,7 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
 def period_edges(world: World) -> list[dict[str, Any]]:
     """Each calendar-period boundary the run crossed, per principal with a period cap: the refusals
     its period cap made in the period that ended there, how many of them were told to wait exactly
-    until the edge, and the holds placed in the period after it (the checker's record)."""
+    until the edge, and the holds placed in the period after it (the checker's record). Run times."""
     checker, ledger, origin = world.checker, world.checker.ledger, world.trace.origin
     if ledger is None:
         return []
@@ -192,20 +194,21 @@ def period_edges(world: World) -> list[dict[str, Any]]:
             continue
         refusals = [r for _, r in checker.refusals if r.principal == (kind, pid) and r.cap.startswith("period")]
         holds = checker.holds_at.get((kind, pid), [])
-        start, edge = period_bounds(spec, origin)
-        while edge - origin <= world.virtual_end_s:
-            after_end = period_bounds(spec, edge)[1] - origin
-            before = [r for r in refusals if start - origin <= r.at < edge - origin]
+        start, edge = (t - origin for t in period_bounds(spec, origin))
+        while edge <= world.virtual_end_s:
+            after = period_bounds(spec, origin + edge)[1] - origin
+            before = [r for r in refusals if start <= r.at < edge]
+            waited = [r for r in before if r.wait_s is not None and abs(r.at + r.wait_s - edge) < PERIOD_WAIT_TOLERANCE_S]
             rows.append({
                 "principal": f"{kind} {checker.names.get(pid, pid)}",
                 "period": f"{spec.kind} ({spec.timezone})",
-                "edge": world.trace.at(edge - origin),
-                "edge_t": round(edge - origin, 6),
+                "edge": world.trace.at(edge),
+                "edge_t": round(edge, 6),
                 "refused_before": len(before),
-                "waited_for_edge": sum(1 for r in before if r.wait_s is not None and abs(r.at + r.wait_s - (edge - origin)) < 1e-6),
-                "admitted_after": sum(1 for t in holds if edge - origin <= t < after_end),
+                "waited_for_edge": len(waited),
+                "admitted_after": sum(1 for t in holds if edge <= t < after),
             })
-            start, edge = edge, period_bounds(spec, edge)[1]
+            start, edge = edge, after
     return rows
 
 

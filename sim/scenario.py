@@ -385,8 +385,9 @@ def _caps(key: str, values: dict[str, Any]) -> Caps:
     if "period" in values:
         try:
             spec = parse_period_spec(values["period"], values.get("period_timezone", "UTC"), values.get("period_anchor_day"))
-        except PeriodError as exc:
-            raise ScenarioError(f"'{key}': {exc}") from None
+        except PeriodError as exc:  # its message begins with the field: period, period_timezone or period_anchor_day
+            name = next((n for n in PERIOD_DETAILS if str(exc).startswith(n)), "period")
+            raise ScenarioError(f"'{key}.{name}': {exc}") from None
     return Caps(
         values.get("balance_tokens"), values.get("window_tokens"), values.get("window_seconds"), values.get("max_concurrency"),
         values.get("balance_usd"), values.get("window_usd"), spec, values.get("period_tokens"), values.get("period_usd"),

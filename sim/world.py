@@ -228,7 +228,7 @@ class World:
             """The observer sees holds; the refusals are seen here, with the cap that refused and the wait."""
             result = reserve(hold_id, key_id, amount_tokens, now, ttl_s, request_id, amount_usd)
             if isinstance(result, Refusal) and ledger.observer is not None:  # a dead incarnation's are not
-                checker.on_refusal(request_id or hold_id, key_id, result, now)
+                checker.on_refusal(request_id or hold_id, key_id, result, now, (amount_tokens, amount_usd))
             return result
 
         ledger.reserve = reserve_observed  # type: ignore[method-assign]

@@ -314,15 +314,20 @@ async def test_a_balance_that_refuses_fires_its_full_threshold_though_spend_is_b
 
     clock = Clock(at("2026-12-01T12:00:00"))
     service = await _service(tmp_path / "l.db", clock)
-    key, _ = await service.create_key("k", None, Caps(balance_tokens=100))
+    # Every cap kind at once, so each kind's level is built for the rules.
+    key, _ = await service.create_key("k", None, Caps(
+        balance_tokens=100, window_tokens=10**6, window_s=60.0, balance_usd=10**6, window_usd=10**6,
+        period=PeriodSpec("monthly"), period_tokens=10**6, period_usd=10**6,
+    ))
     rules = parse_alert_rules([{"url": "http://127.0.0.1:9/hook", "thresholds": [0.9, 1.0]}], {})
     await service.start_alerts(rules)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.evaluate_alerts_forever, 0.001)
-        hold = await service.reserve(key, Estimate(46, 46), "r1", "m")
-        await service.settle(hold, 92)
+        prices = Prices.from_cost(Cost(1.0, 1.0))
+        hold = await service.reserve(key, Estimate(46, 46), "r1", "m", None, prices)
+        await service.settle(hold, 92, 92)
         with pytest.raises(ApiError):
-            await service.reserve(key, Estimate(5, 5), "r2", "m")  # 10 tokens cannot fit in the 8 left
+            await service.reserve(key, Estimate(5, 5), "r2", "m", None, prices)  # 10 tokens cannot fit in the 8 left
         with trio.fail_after(5):
             while len(service._fired) < 2:
                 await trio.sleep(0.01)

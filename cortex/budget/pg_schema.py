@@ -180,15 +180,17 @@ class ImportRefused(Exception):
 # --- URLs --------------------------------------------------------------------------------
 
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@]*)@")
-_PASSWORD_PARAM = re.compile(r"(?i)([?&])password=[^&#]*&?")
-_PASSWORD_KEYWORD = re.compile(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
+# libpq's secrets: the password, and the passphrase of an SSL client key.
+SECRET_PARAMETERS = ("password", "sslpassword")
+_PASSWORD_PARAM = re.compile(r"(?i)([?&])(?:ssl)?password=[^&#]*&?")
+_PASSWORD_KEYWORD = re.compile(r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
 
 
 def redact(url: str) -> str:
     """`url` without any password, for logs and error messages; never raises.
 
     Removes the password of the user part (`user:secret@host`) and any
-    `password=` query parameter. Text that does not parse loses everything
+    `password=` or `sslpassword=` parameter. Text that does not parse loses everything
     up to its last `@`, which errs on the side of removing too much.
     """
     text = str(url)
@@ -203,7 +205,7 @@ def redact(url: str) -> str:
     elif "@" in text:
         text = "..." + text[text.rfind("@"):]
     text = _PASSWORD_PARAM.sub(lambda m: m[1], text).rstrip("?&")
-    return _PASSWORD_KEYWORD.sub("password=(redacted)", text)  # libpq's keyword=value form
+    return _PASSWORD_KEYWORD.sub(r"\1=(redacted)", text)  # libpq's keyword=value form
 
 
 _URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"]+")
@@ -215,14 +217,14 @@ def redact_text(text: str) -> str:
         url = match[0].rstrip(".,;:)")  # the sentence's punctuation, not the URL's
         return redact(url) + match[0][len(url):]
 
-    return _PASSWORD_KEYWORD.sub("password=(redacted)", _URL_IN_TEXT.sub(one, str(text)))
+    return _PASSWORD_KEYWORD.sub(r"\1=(redacted)", _URL_IN_TEXT.sub(one, str(text)))
 
 
 def ledger_url(url: str) -> str:
     """A checked `postgresql://user@host:port/db` URL; raises LedgerUrlError naming the problem.
 
     Checked with libpq's own parser, so a password in the user part or as
-    a `?password=` parameter is refused either way.
+    a `?password=` parameter (or an `sslpassword=`) is refused either way.
     """
     if len(url) > URL_LENGTH_MAX:
         raise LedgerUrlError(f"the ledger URL is longer than {URL_LENGTH_MAX} characters")
@@ -233,7 +235,7 @@ def ledger_url(url: str) -> str:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise LedgerUrlError(f"cannot parse the ledger URL {redact(url)!r}: {redact_text(str(exc))}") from None
-    if params.get("password"):
+    if any(params.get(name) for name in SECRET_PARAMETERS):
         raise LedgerUrlError(
             f"the ledger URL {redact(url)!r} contains a password; put it in the PGPASSWORD environment variable or"
             " in a .pgpass file (~/.pgpass or PGPASSFILE, mode 0600) instead, so it stays out of the command line,"

@@ -509,7 +509,7 @@ def cap_levels(p: Any, now: float, exhausted: dict[tuple[str, str, str], str] | 
 
     def add(cap: str, spent: int, limit: int | None, **extra: Any) -> None:
         if limit:  # a cap of 0 has no fraction to cross
-            epoch = extra.get("epoch", "")
+            epoch = extra.setdefault("epoch", "")  # windows have none: they re-arm by falling
             full = bool(epoch) and exhausted.get((p.kind, p.id, cap)) == epoch
             levels.append(CapLevel(cap, spent, limit, exhausted=full, **extra))
 
