@@ -13,6 +13,7 @@ from cortex.budget.store import (
     OpenHold,
     PutAccount,
     PutKey,
+    SCHEMA_VERSION,
     ResolveHold,
     StoreError,
     SyncStore,
@@ -82,7 +83,7 @@ def test_recovery_charges_open_holds_in_full_and_replays_window_usage(tmp_path):
     assert snapshot.orphaned == [("open1", "k", 30)]
     assert conn.execute("SELECT state, charged_tokens FROM holds WHERE id = 'open1'").fetchone() == ("orphaned", 30)
     assert [row["spent_tokens"] for row in snapshot.keys] == [37]
-    assert snapshot.recent_charges == [("k", 5.0, 7), ("k", 10.0, 30)]
+    assert snapshot.recent_charges == [("k", 5.0, 7, 0), ("k", 10.0, 30, 0)]
     again = recover_and_load(conn, now=11.0, horizon_s=100.0)
     assert again.orphaned == []  # recovery happens once
 
@@ -186,5 +187,5 @@ def test_a_version_1_ledger_is_migrated_in_place_and_keeps_its_rows(tmp_path):
     old.commit()
     old.close()
     conn = connect(path)
-    assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("SELECT id, request_id, client_request_id FROM holds").fetchall() == [("h1", "r1", None)]

@@ -287,6 +287,15 @@ def connect(path: str | Path, synchronous: str = "normal") -> sqlite3.Connection
     return conn
 
 
+def _column_exists(conn: sqlite3.Connection, statement: str) -> bool:
+    """An `ALTER TABLE t ADD COLUMN c ...` whose column is there already: a table the
+    schema script created at this version (an old ledger lacking it) has every column."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    return words[5] in {row[1] for row in conn.execute(f"PRAGMA table_info({words[2]})")}
+
+
 def _migrate(conn: sqlite3.Connection, version: str) -> None:
     """Every step in one transaction: a crash part-way leaves the old version, whole.
 
@@ -296,7 +305,8 @@ def _migrate(conn: sqlite3.Connection, version: str) -> None:
     try:
         while version in MIGRATIONS:
             for statement in MIGRATIONS[version]:
-                conn.execute(statement)
+                if not _column_exists(conn, statement):
+                    conn.execute(statement)
             version = str(int(version) + 1)
             conn.execute("UPDATE meta SET v = ? WHERE k = 'schema_version'", (version,))
         if version != SCHEMA_VERSION:
