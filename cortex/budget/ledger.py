@@ -592,8 +592,7 @@ def _window_refusal(
 ) -> Refusal:
     per = f"{a.text(limit)} per {p.caps.window_s:g} s"
     if a.asked > limit:
-        message = f"This request may cost up to {a.text(a.asked)}, more than the {who}'s limit of {per}; it can never fit. Lower max_tokens."
-        return Refusal("window", p.kind, p.id, message, None, True, a.unit)
+        return _never_fits("window", p, who, per, a)
     message = (
         f"Rate limit of {per} reached for {who}: {a.text(used)} used, {a.text(a.held)} held, "
         f"this request needs up to {a.text(a.asked)}."
@@ -606,8 +605,7 @@ def _period_refusal(p: Principal, who: str, limit: int, used: int, a: _Amount, n
     assert spec is not None and p.period_end is not None
     per = f"{a.text(limit)} per {_PERIOD_NOUNS[spec.kind]} ({spec.timezone})"
     if a.asked > limit:
-        message = f"This request may cost up to {a.text(a.asked)}, more than the {who}'s limit of {per}; it can never fit. Lower max_tokens."
-        return Refusal("period", p.kind, p.id, message, None, True, a.unit)
+        return _never_fits("period", p, who, per, a)
     message = (
         f"The {who}'s limit of {per} is reached: {a.text(used)} used, {a.text(a.held)} held, "
         f"this request needs up to {a.text(a.asked)}. It resets at the start of the next period."
@@ -615,6 +613,14 @@ def _period_refusal(p: Principal, who: str, limit: int, used: int, a: _Amount, n
     # Only held requests are in the way: they resolve sooner than the boundary.
     wait_s = None if used + a.asked <= limit else max(0.0, p.period_end - now)
     return Refusal("period", p.kind, p.id, message, wait_s, False, a.unit)
+
+
+def _never_fits(reason: str, p: Principal, who: str, per: str, a: _Amount) -> Refusal:
+    message = (
+        f"This request may cost up to {a.text(a.asked)}, more than the {who}'s limit of {per}; it can never fit."
+        " Lower max_tokens."
+    )
+    return Refusal(reason, p.kind, p.id, message, None, True, a.unit)
 
 
 _PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
