@@ -158,3 +158,7 @@ def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s: {predicate}")
         time.sleep(interval_s)
+
+
+# One PostgreSQL server for the whole run (started on first use), shared by every module that needs it.
+from tests.postgres import pg_server, pg_url  # noqa: E402,F401 (fixtures)

@@ -24,7 +24,7 @@ from cortex.budget.store import SyncStore, connect as sqlite_connect, recover_an
 from cortex.config import BudgetConfig
 from cortex.fleet.catalogue import Cost
 from cortex.metrics import GatewayMetrics
-from tests.postgres import PgServer, find_bindir, pg_server, pg_url, unavailable  # noqa: F401 (fixtures)
+from tests.postgres import PgServer, find_bindir, unavailable
 
 NOW = 1_796_126_400.0  # 2026-12-01T12:00:00Z
 N = pg_schema.SCHEMA_VERSION
@@ -126,7 +126,9 @@ def test_concurrent_migrations_of_the_real_schema_agree(pg_url):
         t.start()
     for t in threads:
         t.join(30)
-    assert sorted(results) == [(0, N), (N, N), (N, N)]
+    # Each step once: a replica may start between two steps, and then finishes the rest.
+    assert sorted(results)[0] == (0, N) and all(to == N for _, to in results)
+    assert sum(1 for start, _ in results if start == 0) == 1
 
 
 def test_a_ledger_newer_than_this_cortex_is_refused_and_left_alone(pg_url, capsys):
@@ -214,7 +216,7 @@ def test_cli_migrate_and_status_report_the_versions(pg_url, capsys):
     code, out, _ = db(capsys, "migrate", "--ledger", pg_url)
     assert code == 0 and out.strip() == f"{pg_url}: schema 0 -> {N}"
     code, out, _ = db(capsys, "migrate", "--ledger", pg_url, "--json")
-    assert code == 0 and '"from_version": 1' in out and f'"to_version": {N}' in out
+    assert code == 0 and f'"from_version": {N}' in out and f'"to_version": {N}' in out
     code, out, _ = db(capsys, "status", "--ledger", pg_url, "--json")
     assert code == 0 and '"state": "current"' in out and f'"expected_version": {N}' in out
 

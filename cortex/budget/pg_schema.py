@@ -146,10 +146,516 @@ _V1 = (
     "CREATE TABLE alert_counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
 )
 
+# --- step 2: the cross-replica admission protocol (cortex/budget/pg_ledger.py) ------------------
+#
+# Window usage in per-bucket rows, the current calendar period's usage in the principal rows, and
+# the server-side functions that admit and resolve a whole batch in one statement. The proof that
+# `spent + held <= cap` holds across replicas is at the top of cortex/budget/pg_ledger.py.
+
+WINDOW_BUCKETS = 64  # a window's usage is kept in buckets of window_s / 64
+
+_PRINCIPAL_V2_COLUMNS = (
+    # The current calendar period, what was charged in it, and the spec it was computed for: a
+    # different spec (or none yet, as after an import) is summed afresh from the resolved holds.
+    "period_start DOUBLE PRECISION", "period_end DOUBLE PRECISION", "period_spec TEXT",
+    "period_used_tokens BIGINT NOT NULL DEFAULT 0 CHECK (period_used_tokens >= 0)",
+    "period_used_usd BIGINT NOT NULL DEFAULT 0 CHECK (period_used_usd >= 0)",
+    # The window_s the principal's usage_buckets were built for: another (or none) rebuilds them from the holds.
+    "buckets_window_s DOUBLE PRECISION",
+)
+
+_LOCAL_MIDNIGHT = r"""
+CREATE FUNCTION cortex_local_midnight(tz TEXT, day DATE) RETURNS DOUBLE PRECISION
+LANGUAGE plpgsql STABLE AS $$
+-- periods.py's _boundary_s: local midnight of `day` in `tz`; in a fold its first occurrence,
+-- in a gap the first instant after it.
+DECLARE
+    wall TIMESTAMP := day::timestamp;
+    wall_s DOUBLE PRECISION := extract(epoch FROM day::timestamp);
+    guess DOUBLE PRECISION := extract(epoch FROM day::timestamp AT TIME ZONE tz);
+    probe DOUBLE PRECISION;
+    candidate DOUBLE PRECISION;
+    low_s DOUBLE PRECISION := NULL;
+    high_s DOUBLE PRECISION := NULL;
+    best DOUBLE PRECISION := NULL;
+    low BIGINT;
+    high BIGINT;
+    mid BIGINT;
+BEGIN
+    -- Each candidate is the wall time less the UTC offset in force around it.
+    FOREACH probe IN ARRAY ARRAY[guess - 86400, guess, guess + 86400] LOOP
+        candidate := wall_s - (extract(epoch FROM to_timestamp(probe) AT TIME ZONE tz) - probe);
+        low_s := LEAST(low_s, candidate);
+        high_s := GREATEST(high_s, candidate);
+        IF (to_timestamp(candidate) AT TIME ZONE tz) = wall THEN
+            best := LEAST(best, candidate);
+        END IF;
+    END LOOP;
+    IF best IS NOT NULL THEN
+        RETURN best;
+    END IF;
+    -- A gap: the least instant whose wall time is at or after midnight.
+    low := floor(low_s);
+    high := ceil(high_s);
+    WHILE high - low > 1 LOOP
+        mid := (low + high) / 2;
+        IF (to_timestamp(mid) AT TIME ZONE tz) >= wall THEN
+            high := mid;
+        ELSE
+            low := mid;
+        END IF;
+    END LOOP;
+    RETURN high;
+END $$"""
+
+_PERIOD_START_DAY = r"""
+CREATE FUNCTION cortex_period_start_day(kind TEXT, anchor INTEGER, day DATE) RETURNS DATE
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    this_month DATE;
+    prev DATE;
+BEGIN
+    IF kind = 'daily' THEN
+        RETURN day;
+    ELSIF kind = 'weekly' THEN
+        RETURN day - (((extract(isodow FROM day)::integer - anchor) % 7 + 7) % 7);
+    END IF;
+    this_month := cortex_monthly_start(extract(year FROM day)::integer, extract(month FROM day)::integer, anchor);
+    IF day >= this_month THEN
+        RETURN this_month;
+    END IF;
+    prev := date_trunc('month', day)::date - 1;
+    RETURN cortex_monthly_start(extract(year FROM prev)::integer, extract(month FROM prev)::integer, anchor);
+END $$"""
+
+_MONTHLY_START = r"""
+CREATE FUNCTION cortex_monthly_start(y INTEGER, m INTEGER, anchor INTEGER) RETURNS DATE
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT make_date(y, m, LEAST(anchor, extract(day FROM make_date(y, m, 1) + interval '1 month' - interval '1 day')::integer))
+$$"""
+
+_NEXT_START_DAY = r"""
+CREATE FUNCTION cortex_period_next_start_day(kind TEXT, anchor INTEGER, start_day DATE) RETURNS DATE
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    nxt DATE;
+BEGIN
+    IF kind = 'daily' THEN
+        RETURN start_day + 1;
+    ELSIF kind = 'weekly' THEN
+        RETURN start_day + 7;
+    END IF;
+    nxt := (date_trunc('month', start_day) + interval '1 month')::date;
+    RETURN cortex_monthly_start(extract(year FROM nxt)::integer, extract(month FROM nxt)::integer, anchor);
+END $$"""
+
+_PERIOD_BOUNDS = r"""
+CREATE FUNCTION cortex_period_bounds(kind TEXT, tz TEXT, anchor INTEGER, now_s DOUBLE PRECISION)
+RETURNS DOUBLE PRECISION[] LANGUAGE plpgsql STABLE AS $$
+-- periods.py's period_bounds: {start, end} of the period with start <= now_s < end.
+DECLARE
+    start_day DATE := cortex_period_start_day(kind, anchor, (to_timestamp(now_s) AT TIME ZONE tz)::date);
+    s DOUBLE PRECISION;
+    e DOUBLE PRECISION;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        s := cortex_local_midnight(tz, start_day);
+        e := cortex_local_midnight(tz, cortex_period_next_start_day(kind, anchor, start_day));
+        IF now_s < s THEN
+            start_day := cortex_period_start_day(kind, anchor, start_day - 1);
+        ELSIF now_s >= e THEN
+            start_day := cortex_period_next_start_day(kind, anchor, start_day);
+        ELSE
+            RETURN ARRAY[s, e];
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'cortex: no % period (%, anchor %) contains %', kind, tz, anchor, now_s;
+END $$"""
+
+_WINDOW_WAIT = r"""
+CREATE FUNCTION cortex_window_wait(p_kind TEXT, p_id TEXT, now_s DOUBLE PRECISION, win_s DOUBLE PRECISION,
+                                   excess BIGINT, in_usd BOOLEAN) RETURNS DOUBLE PRECISION
+LANGUAGE sql STABLE AS $$
+-- Seconds until at least `excess` of the window's usage has aged out (its buckets' ends left the window).
+    SELECT GREATEST(0, s.bucket_end + win_s - now_s) FROM (
+        SELECT b.bucket_end, SUM(CASE WHEN in_usd THEN b.usd ELSE b.tokens END)
+                                 OVER (ORDER BY b.bucket_end, b.bucket_start) AS aged
+        FROM usage_buckets b WHERE b.kind = p_kind AND b.id = p_id AND b.bucket_end > now_s - win_s
+    ) s WHERE s.aged >= excess ORDER BY s.bucket_end LIMIT 1
+$$"""
+
+_BATCH = r"""
+CREATE FUNCTION cortex_batch(
+    r_ids TEXT[], r_states TEXT[], r_tokens BIGINT[], r_usd BIGINT[],
+    q_ids TEXT[], q_keys TEXT[], q_tokens BIGINT[], q_usd BIGINT[], q_ttl DOUBLE PRECISION[], q_request_ids TEXT[],
+    q_models TEXT[], q_client_ids TEXT[], p_now DOUBLE PRECISION, p_replica TEXT, p_lease_s DOUBLE PRECISION
+) RETURNS TABLE (o_part TEXT, o_idx INTEGER, o_ok BOOLEAN, o_tokens BIGINT, o_usd BIGINT, o_detail JSONB,
+                o_account TEXT, o_now DOUBLE PRECISION)
+LANGUAGE plpgsql AS $$
+-- One group commit: resolve `r_*` (each exactly once), then judge the reserves `q_*` in order.
+-- Lock order, always: the holds to resolve by id, then accounts by id, then keys by id.
+#variable_conflict use_column
+DECLARE
+    now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
+    nr INTEGER := COALESCE(array_length(r_ids, 1), 0);
+    nq INTEGER := COALESCE(array_length(q_ids, 1), 0);
+    rec RECORD;
+    -- the open holds being resolved, locked
+    h_id TEXT[] := '{}'; h_key TEXT[] := '{}'; h_t BIGINT[] := '{}'; h_u BIGINT[] := '{}'; h_done BOOLEAN[] := '{}';
+    -- the principals, locked: accounts 1..na, keys na+1..n
+    a_ids TEXT[]; k_ids TEXT[]; na INTEGER := 0; n INTEGER := 0;
+    p_kind TEXT[] := '{}'; p_id TEXT[] := '{}'; p_acct INTEGER[] := '{}'; p_revoked BOOLEAN[] := '{}';
+    acct_of TEXT[] := '{}';
+    bal_t BIGINT[] := '{}'; bal_u BIGINT[] := '{}'; win_t BIGINT[] := '{}'; win_u BIGINT[] := '{}';
+    win_s DOUBLE PRECISION[] := '{}'; maxc INTEGER[] := '{}'; per_t BIGINT[] := '{}'; per_u BIGINT[] := '{}';
+    per_kind TEXT[] := '{}'; per_tz TEXT[] := '{}'; per_anchor INTEGER[] := '{}';
+    spent_t BIGINT[] := '{}'; spent_u BIGINT[] := '{}'; held_t BIGINT[] := '{}'; held_u BIGINT[] := '{}';
+    infl INTEGER[] := '{}'; grew BOOLEAN[] := '{}';
+    wu_t BIGINT[] := '{}'; wu_u BIGINT[] := '{}'; ch_t BIGINT[] := '{}'; ch_u BIGINT[] := '{}';
+    pu_t BIGINT[] := '{}'; pu_u BIGINT[] := '{}'; ps DOUBLE PRECISION[] := '{}'; pe DOUBLE PRECISION[] := '{}';
+    pspec TEXT[] := '{}'; bws DOUBLE PRECISION[] := '{}';
+    -- what this batch writes
+    u_id TEXT[] := '{}'; u_state TEXT[] := '{}'; u_ct BIGINT[] := '{}'; u_cu BIGINT[] := '{}'; u_actual BIGINT[] := '{}';
+    i_id TEXT[] := '{}'; i_key TEXT[] := '{}'; i_acct TEXT[] := '{}'; i_t BIGINT[] := '{}'; i_u BIGINT[] := '{}';
+    i_ttl DOUBLE PRECISION[] := '{}'; i_rid TEXT[] := '{}'; i_model TEXT[] := '{}'; i_cid TEXT[] := '{}';
+    existing TEXT[];
+    b_kind TEXT[] := '{}'; b_id TEXT[] := '{}'; b_start DOUBLE PRECISION[] := '{}'; b_end DOUBLE PRECISION[] := '{}';
+    b_t BIGINT[] := '{}'; b_u BIGINT[] := '{}';
+    i INTEGER; j INTEGER; k INTEGER; pi INTEGER; cnt INTEGER;
+    ct BIGINT; cu BIGINT; x BIGINT; y BIGINT; aged BIGINT; excess BIGINT;
+    spec TEXT; bounds DOUBLE PRECISION[]; bucket_s DOUBLE PRECISION; bstart DOUBLE PRECISION;
+    fails JSONB;
+BEGIN
+    IF nr <> COALESCE(array_length(r_states, 1), 0) OR nq <> COALESCE(array_length(q_keys, 1), 0) THEN
+        RAISE EXCEPTION 'cortex_batch: arrays of different lengths';
+    END IF;
+    o_now := now_s;  -- every row says which instant the batch was judged at
+    o_account := NULL;
+    -- 1. Lock the holds to resolve, in id order; one resolved meanwhile is no longer 'open' and drops out.
+    FOR rec IN SELECT h.id, h.key_id, h.amount_tokens, h.amount_usd FROM holds h
+               WHERE h.id = ANY(r_ids) AND h.state = 'open' ORDER BY h.id FOR UPDATE LOOP
+        h_id := h_id || rec.id; h_key := h_key || rec.key_id;
+        h_t := h_t || rec.amount_tokens; h_u := h_u || rec.amount_usd; h_done := h_done || false;
+    END LOOP;
+    -- 2. Lock every principal either side touches: accounts by id, then keys by id.
+    k_ids := ARRAY(SELECT DISTINCT x FROM unnest(h_key || q_keys) AS t(x) ORDER BY x);
+    a_ids := ARRAY(SELECT DISTINCT account_id FROM keys WHERE id = ANY(k_ids) ORDER BY account_id);
+    PERFORM 1 FROM accounts WHERE id = ANY(a_ids) ORDER BY id FOR UPDATE;
+    PERFORM 1 FROM keys WHERE id = ANY(k_ids) ORDER BY id FOR UPDATE;
+    FOR rec IN
+        SELECT 'account'::text AS kind, a.id, NULL::text AS account_id, false AS revoked, a.balance_tokens,
+               a.balance_usd, a.window_tokens, a.window_usd, a.window_s, a.max_concurrency, a.period_tokens,
+               a.period_usd, a.period, a.period_timezone, a.period_anchor_day, a.spent_tokens, a.spent_usd,
+               a.held_tokens, a.held_usd, a.in_flight, a.period_start, a.period_end, a.period_spec,
+               a.period_used_tokens, a.period_used_usd, a.buckets_window_s
+        FROM accounts a WHERE a.id = ANY(a_ids)
+        UNION ALL
+        SELECT 'key', k.id, k.account_id, k.revoked_at IS NOT NULL, k.balance_tokens, k.balance_usd, k.window_tokens,
+               k.window_usd, k.window_s, k.max_concurrency, k.period_tokens, k.period_usd, k.period, k.period_timezone,
+               k.period_anchor_day, k.spent_tokens, k.spent_usd, k.held_tokens, k.held_usd, k.in_flight,
+               k.period_start, k.period_end, k.period_spec, k.period_used_tokens, k.period_used_usd, k.buckets_window_s
+        FROM keys k WHERE k.id = ANY(k_ids)
+        ORDER BY 1, 2
+    LOOP
+        n := n + 1;
+        IF rec.kind = 'account' THEN na := n; END IF;
+        p_kind[n] := rec.kind; p_id[n] := rec.id; acct_of[n] := rec.account_id; p_revoked[n] := rec.revoked;
+        bal_t[n] := rec.balance_tokens; bal_u[n] := rec.balance_usd; win_t[n] := rec.window_tokens;
+        win_u[n] := rec.window_usd; win_s[n] := rec.window_s; maxc[n] := rec.max_concurrency;
+        per_t[n] := rec.period_tokens; per_u[n] := rec.period_usd; per_kind[n] := rec.period;
+        per_tz[n] := rec.period_timezone; per_anchor[n] := rec.period_anchor_day;
+        spent_t[n] := rec.spent_tokens; spent_u[n] := rec.spent_usd; held_t[n] := rec.held_tokens;
+        held_u[n] := rec.held_usd; infl[n] := rec.in_flight; grew[n] := false;
+        ps[n] := rec.period_start; pe[n] := rec.period_end; pspec[n] := rec.period_spec;
+        pu_t[n] := rec.period_used_tokens; pu_u[n] := rec.period_used_usd; bws[n] := rec.buckets_window_s;
+        wu_t[n] := 0; wu_u[n] := 0; ch_t[n] := 0; ch_u[n] := 0;
+    END LOOP;
+    FOR pi IN na + 1 .. n LOOP
+        p_acct[pi] := array_position(p_id[1:na], acct_of[pi]);
+    END LOOP;
+    -- 3. Each principal's calendar period (rolled forward, never back) and sliding-window usage.
+    FOR pi IN 1 .. n LOOP
+        IF per_kind[pi] IS NULL THEN
+            pspec[pi] := NULL;  -- a period cap set later is summed afresh from the resolved holds
+        ELSE
+            spec := per_kind[pi] || '/' || per_tz[pi] || '/' || per_anchor[pi];
+            IF pspec[pi] IS DISTINCT FROM spec OR pe[pi] IS NULL OR now_s >= pe[pi] THEN
+                bounds := cortex_period_bounds(per_kind[pi], per_tz[pi], per_anchor[pi], now_s);
+                IF pspec[pi] IS DISTINCT FROM spec OR ps[pi] IS NULL THEN
+                    IF p_kind[pi] = 'key' THEN
+                        SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) INTO x, y FROM holds
+                        WHERE key_id = p_id[pi] AND resolved_at >= bounds[1] AND resolved_at < bounds[2]
+                          AND (charged_tokens > 0 OR charged_usd > 0);
+                    ELSE
+                        SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) INTO x, y FROM holds
+                        WHERE account_id = p_id[pi] AND resolved_at >= bounds[1] AND resolved_at < bounds[2]
+                          AND (charged_tokens > 0 OR charged_usd > 0);
+                    END IF;
+                    pu_t[pi] := x; pu_u[pi] := y;
+                ELSIF bounds[1] <> ps[pi] THEN
+                    pu_t[pi] := 0; pu_u[pi] := 0;  -- a new period: its usage starts at zero by construction
+                END IF;
+                ps[pi] := bounds[1]; pe[pi] := bounds[2]; pspec[pi] := spec;
+            END IF;
+        END IF;
+        IF win_s[pi] IS NULL THEN
+            bws[pi] := NULL;  -- a window set later is rebuilt from the resolved holds
+        ELSE
+            bucket_s := win_s[pi] / WINDOW_BUCKETS_PLACEHOLDER;
+            IF bws[pi] IS DISTINCT FROM win_s[pi] THEN
+                DELETE FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi];
+                INSERT INTO usage_buckets (kind, id, bucket_start, bucket_end, tokens, usd)
+                SELECT p_kind[pi], p_id[pi], floor(h.resolved_at / bucket_s) * bucket_s,
+                       GREATEST(floor(h.resolved_at / bucket_s) * bucket_s + bucket_s, MAX(h.resolved_at)),
+                       SUM(h.charged_tokens), SUM(h.charged_usd)
+                FROM holds h
+                WHERE (CASE WHEN p_kind[pi] = 'key' THEN h.key_id ELSE h.account_id END) = p_id[pi]
+                  AND h.resolved_at > now_s - win_s[pi] AND (h.charged_tokens > 0 OR h.charged_usd > 0)
+                GROUP BY 3;
+                bws[pi] := win_s[pi];
+            END IF;
+            SELECT COALESCE(SUM(tokens) FILTER (WHERE bucket_end > now_s - win_s[pi]), 0),
+                   COALESCE(SUM(usd) FILTER (WHERE bucket_end > now_s - win_s[pi]), 0),
+                   COUNT(*) FILTER (WHERE bucket_end <= now_s - win_s[pi])
+            INTO x, y, aged FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi];
+            wu_t[pi] := x; wu_u[pi] := y;
+            IF aged > 0 THEN  -- buckets whose END left the window count no more: drop them
+                DELETE FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi] AND bucket_end <= now_s - win_s[pi];
+            END IF;
+        END IF;
+    END LOOP;
+    -- 4. Resolutions, in order; a hold named twice, or no longer open, reports false.
+    FOR i IN 1 .. nr LOOP
+        o_part := 'resolve'; o_idx := i; o_detail := NULL;
+        j := array_position(h_id, r_ids[i]);
+        IF j IS NULL OR h_done[j] THEN
+            o_ok := false; o_tokens := 0; o_usd := 0;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        h_done[j] := true;
+        IF r_states[i] = 'settled' THEN
+            ct := LEAST(r_tokens[i], h_t[j]); cu := LEAST(r_usd[i], h_u[j]);
+        ELSIF r_states[i] = 'released' THEN
+            ct := 0; cu := 0;
+        ELSIF r_states[i] IN ('expired', 'orphaned') THEN
+            ct := h_t[j]; cu := h_u[j];
+        ELSE
+            RAISE EXCEPTION 'cortex_batch: a hold cannot be resolved as %', r_states[i];
+        END IF;
+        IF ct < 0 OR cu < 0 THEN RAISE EXCEPTION 'cortex_batch: a negative charge'; END IF;
+        k := na + array_position(p_id[na + 1 : n], h_key[j]);
+        FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
+            held_t[pi] := held_t[pi] - h_t[j]; held_u[pi] := held_u[pi] - h_u[j]; infl[pi] := infl[pi] - 1;
+            IF held_t[pi] < 0 OR held_u[pi] < 0 OR infl[pi] < 0 THEN
+                RAISE EXCEPTION 'cortex_batch: % % holds less than its open holds', p_kind[pi], p_id[pi];
+            END IF;
+            spent_t[pi] := spent_t[pi] + ct; spent_u[pi] := spent_u[pi] + cu;
+            IF pspec[pi] IS NOT NULL THEN pu_t[pi] := pu_t[pi] + ct; pu_u[pi] := pu_u[pi] + cu; END IF;
+            IF bws[pi] IS NOT NULL THEN
+                wu_t[pi] := wu_t[pi] + ct; wu_u[pi] := wu_u[pi] + cu;
+                ch_t[pi] := ch_t[pi] + ct; ch_u[pi] := ch_u[pi] + cu;
+            END IF;
+        END LOOP;
+        u_id := u_id || r_ids[i]; u_state := u_state || r_states[i]; u_ct := u_ct || ct; u_cu := u_cu || cu;
+        u_actual := u_actual || CASE WHEN r_states[i] = 'settled' THEN r_tokens[i] END;
+        o_ok := true; o_tokens := ct; o_usd := cu;
+        RETURN NEXT;
+    END LOOP;
+    IF array_length(u_id, 1) > 0 THEN
+        UPDATE holds h SET state = u.state, charged_tokens = u.ct, charged_usd = u.cu, actual_tokens = u.actual,
+                           resolved_at = now_s
+        FROM unnest(u_id, u_state, u_ct, u_cu, u_actual) AS u(id, state, ct, cu, actual)
+        WHERE h.id = u.id AND h.state = 'open';
+        GET DIAGNOSTICS cnt = ROW_COUNT;
+        IF cnt <> array_length(u_id, 1) THEN RAISE EXCEPTION 'cortex_batch: a locked hold was not open'; END IF;
+    END IF;
+    -- Charges join the bucket that contains now; a bucket's end is never before a charge in it.
+    FOR pi IN 1 .. n LOOP
+        IF ch_t[pi] > 0 OR ch_u[pi] > 0 THEN
+            bucket_s := win_s[pi] / WINDOW_BUCKETS_PLACEHOLDER;
+            bstart := floor(now_s / bucket_s) * bucket_s;
+            b_kind := b_kind || p_kind[pi]; b_id := b_id || p_id[pi]; b_start := b_start || bstart;
+            b_end := b_end || GREATEST(bstart + bucket_s, now_s); b_t := b_t || ch_t[pi]; b_u := b_u || ch_u[pi];
+        END IF;
+    END LOOP;
+    IF array_length(b_id, 1) > 0 THEN
+        INSERT INTO usage_buckets AS b (kind, id, bucket_start, bucket_end, tokens, usd)
+        SELECT * FROM unnest(b_kind, b_id, b_start, b_end, b_t, b_u)
+        ON CONFLICT (kind, id, bucket_start) DO UPDATE
+        SET tokens = b.tokens + excluded.tokens, usd = b.usd + excluded.usd,
+            bucket_end = GREATEST(b.bucket_end, excluded.bucket_end);
+    END IF;
+    -- 5. Reserves, in order: each is judged against the holds of those before it.
+    existing := ARRAY(SELECT id FROM holds WHERE id = ANY(q_ids));
+    FOR i IN 1 .. nq LOOP
+        o_part := 'reserve'; o_idx := i; o_tokens := 0; o_usd := 0;
+        k := na + array_position(p_id[na + 1 : n], q_keys[i]);
+        IF k IS NULL THEN
+            fails := jsonb_build_array(jsonb_build_object('reason', 'unknown', 'kind', 'key', 'id', q_keys[i]));
+        ELSIF p_revoked[k] THEN
+            fails := jsonb_build_array(jsonb_build_object('reason', 'revoked', 'kind', 'key', 'id', q_keys[i]));
+        ELSIF q_ids[i] = ANY(existing) OR q_ids[i] = ANY(i_id) THEN
+            fails := jsonb_build_array(jsonb_build_object('reason', 'duplicate', 'kind', 'key', 'id', q_keys[i]));
+        ELSIF q_tokens[i] < 0 OR q_usd[i] < 0 OR NOT q_ttl[i] > 0 THEN
+            RAISE EXCEPTION 'cortex_batch: a reserve needs amounts >= 0 and a ttl > 0';
+        ELSE
+            fails := '[]'::jsonb;
+            FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
+                IF bal_t[pi] IS NOT NULL AND spent_t[pi] + held_t[pi] + q_tokens[i] > bal_t[pi] THEN
+                    fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'tokens', 'limit', bal_t[pi], 'used', spent_t[pi], 'held', held_t[pi], 'asked', q_tokens[i]);
+                END IF;
+                IF bal_u[pi] IS NOT NULL AND spent_u[pi] + held_u[pi] + q_usd[i] > bal_u[pi] THEN
+                    fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'usd', 'limit', bal_u[pi], 'used', spent_u[pi], 'held', held_u[pi], 'asked', q_usd[i]);
+                END IF;
+                IF win_t[pi] IS NOT NULL AND wu_t[pi] + held_t[pi] + q_tokens[i] > win_t[pi] THEN
+                    excess := wu_t[pi] + held_t[pi] + q_tokens[i] - win_t[pi];
+                    fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'tokens', 'limit', win_t[pi], 'used', wu_t[pi], 'held', held_t[pi], 'asked', q_tokens[i],
+                        'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                        CASE WHEN excess <= wu_t[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, false) END);
+                END IF;
+                IF win_u[pi] IS NOT NULL AND wu_u[pi] + held_u[pi] + q_usd[i] > win_u[pi] THEN
+                    excess := wu_u[pi] + held_u[pi] + q_usd[i] - win_u[pi];
+                    fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'usd', 'limit', win_u[pi], 'used', wu_u[pi], 'held', held_u[pi], 'asked', q_usd[i],
+                        'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                        CASE WHEN excess <= wu_u[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, true) END);
+                END IF;
+                IF per_t[pi] IS NOT NULL AND pu_t[pi] + held_t[pi] + q_tokens[i] > per_t[pi] THEN
+                    fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'tokens', 'limit', per_t[pi], 'used', pu_t[pi], 'held', held_t[pi], 'asked', q_tokens[i],
+                        'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                END IF;
+                IF per_u[pi] IS NOT NULL AND pu_u[pi] + held_u[pi] + q_usd[i] > per_u[pi] THEN
+                    fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'unit', 'usd', 'limit', per_u[pi], 'used', pu_u[pi], 'held', held_u[pi], 'asked', q_usd[i],
+                        'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                END IF;
+                IF maxc[pi] IS NOT NULL AND infl[pi] + 1 > maxc[pi] THEN
+                    fails := fails || jsonb_build_object('reason', 'concurrency', 'kind', p_kind[pi], 'id', p_id[pi],
+                        'limit', maxc[pi]);
+                END IF;
+            END LOOP;
+        END IF;
+        IF jsonb_array_length(fails) > 0 THEN
+            o_ok := false; o_detail := fails;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
+            held_t[pi] := held_t[pi] + q_tokens[i]; held_u[pi] := held_u[pi] + q_usd[i];
+            infl[pi] := infl[pi] + 1; grew[pi] := true;
+        END LOOP;
+        i_id := i_id || q_ids[i]; i_key := i_key || q_keys[i]; i_acct := i_acct || p_id[p_acct[k]];
+        i_t := i_t || q_tokens[i]; i_u := i_u || q_usd[i]; i_ttl := i_ttl || q_ttl[i];
+        i_rid := i_rid || q_request_ids[i]; i_model := i_model || q_models[i]; i_cid := i_cid || q_client_ids[i];
+        o_ok := true; o_detail := NULL; o_account := p_id[p_acct[k]];
+        RETURN NEXT;
+        o_account := NULL;
+    END LOOP;
+    -- 6. Write the principals back. The guard re-checks, in SQL on the locked row, every cap of a
+    --    principal whose holds grew: it cannot fail unless the judging above is wrong.
+    UPDATE accounts a SET held_tokens = u.ht, held_usd = u.hu, in_flight = u.inf, spent_tokens = u.st,
+        spent_usd = u.su, period_start = u.ps, period_end = u.pe, period_spec = u.spec,
+        period_used_tokens = u.put, period_used_usd = u.puu, buckets_window_s = u.bws
+    FROM unnest(p_id[1:na], held_t[1:na], held_u[1:na], infl[1:na], spent_t[1:na], spent_u[1:na], ps[1:na],
+                pe[1:na], pspec[1:na], pu_t[1:na], pu_u[1:na], bws[1:na], grew[1:na], wu_t[1:na], wu_u[1:na])
+         AS u(id, ht, hu, inf, st, su, ps, pe, spec, put, puu, bws, grew, wut, wuu)
+    WHERE a.id = u.id AND (NOT u.grew OR (
+        (a.balance_tokens IS NULL OR u.st + u.ht <= a.balance_tokens) AND (a.balance_usd IS NULL OR u.su + u.hu <= a.balance_usd)
+        AND (a.window_tokens IS NULL OR u.wut + u.ht <= a.window_tokens) AND (a.window_usd IS NULL OR u.wuu + u.hu <= a.window_usd)
+        AND (a.period_tokens IS NULL OR u.put + u.ht <= a.period_tokens) AND (a.period_usd IS NULL OR u.puu + u.hu <= a.period_usd)
+        AND (a.max_concurrency IS NULL OR u.inf <= a.max_concurrency)));
+    GET DIAGNOSTICS cnt = ROW_COUNT;
+    IF cnt <> na THEN RAISE EXCEPTION 'cortex_batch: an account cap check failed at write-back'; END IF;
+    UPDATE keys a SET held_tokens = u.ht, held_usd = u.hu, in_flight = u.inf, spent_tokens = u.st,
+        spent_usd = u.su, period_start = u.ps, period_end = u.pe, period_spec = u.spec,
+        period_used_tokens = u.put, period_used_usd = u.puu, buckets_window_s = u.bws
+    FROM unnest(p_id[na+1:n], held_t[na+1:n], held_u[na+1:n], infl[na+1:n], spent_t[na+1:n], spent_u[na+1:n],
+                ps[na+1:n], pe[na+1:n], pspec[na+1:n], pu_t[na+1:n], pu_u[na+1:n], bws[na+1:n], grew[na+1:n],
+                wu_t[na+1:n], wu_u[na+1:n])
+         AS u(id, ht, hu, inf, st, su, ps, pe, spec, put, puu, bws, grew, wut, wuu)
+    WHERE a.id = u.id AND (NOT u.grew OR (
+        (a.balance_tokens IS NULL OR u.st + u.ht <= a.balance_tokens) AND (a.balance_usd IS NULL OR u.su + u.hu <= a.balance_usd)
+        AND (a.window_tokens IS NULL OR u.wut + u.ht <= a.window_tokens) AND (a.window_usd IS NULL OR u.wuu + u.hu <= a.window_usd)
+        AND (a.period_tokens IS NULL OR u.put + u.ht <= a.period_tokens) AND (a.period_usd IS NULL OR u.puu + u.hu <= a.period_usd)
+        AND (a.max_concurrency IS NULL OR u.inf <= a.max_concurrency)));
+    GET DIAGNOSTICS cnt = ROW_COUNT;
+    IF cnt <> n - na THEN RAISE EXCEPTION 'cortex_batch: a key cap check failed at write-back'; END IF;
+    IF array_length(i_id, 1) > 0 THEN
+        INSERT INTO holds (id, key_id, account_id, amount_tokens, amount_usd, created_at, expires_at, state,
+                           request_id, model, client_request_id, replica_id, lease_deadline)
+        SELECT u.id, u.key_id, u.acct, u.t, u.u, now_s, now_s + u.ttl, 'open', u.rid, u.model, u.cid, p_replica,
+               now_s + p_lease_s
+        FROM unnest(i_id, i_key, i_acct, i_t, i_u, i_ttl, i_rid, i_model, i_cid)
+             AS u(id, key_id, acct, t, u, ttl, rid, model, cid);
+    END IF;
+END $$"""
+
+_REAP = r"""
+CREATE FUNCTION cortex_reap(p_now DOUBLE PRECISION, p_replica TEXT, p_limit INTEGER)
+RETURNS TABLE (o_id TEXT, o_tokens BIGINT, o_usd BIGINT) LANGUAGE plpgsql AS $$
+-- Orphan other replicas' open holds whose lease has passed, charged in full. SKIP LOCKED: a hold
+-- that its owner (or another reaper) is resolving right now is left to it.
+#variable_conflict use_column
+DECLARE
+    now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
+    ids TEXT[];
+    m INTEGER;
+BEGIN
+    ids := ARRAY(SELECT id FROM holds WHERE state = 'open' AND lease_deadline < now_s AND replica_id <> p_replica
+                 ORDER BY id LIMIT p_limit FOR UPDATE SKIP LOCKED);
+    m := COALESCE(array_length(ids, 1), 0);
+    IF m = 0 THEN RETURN; END IF;
+    RETURN QUERY SELECT ids[b.o_idx], b.o_tokens, b.o_usd
+    FROM cortex_batch(ids, array_fill('orphaned'::text, ARRAY[m]), array_fill(0::bigint, ARRAY[m]),
+                      array_fill(0::bigint, ARRAY[m]), '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', now_s, p_replica, 0) b
+    WHERE b.o_ok;
+END $$"""
+
+_HEARTBEAT = r"""
+CREATE FUNCTION cortex_heartbeat(p_replica TEXT, p_now DOUBLE PRECISION, p_lease_s DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+-- This replica is alive: extend its open holds' leases (locked in id order, as every resolver locks them).
+#variable_conflict use_column
+DECLARE
+    now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
+    cnt INTEGER;
+BEGIN
+    INSERT INTO replicas AS r (id, started_at, heartbeat_at) VALUES (p_replica, now_s, now_s)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = GREATEST(r.heartbeat_at, excluded.heartbeat_at);
+    UPDATE holds h SET lease_deadline = GREATEST(h.lease_deadline, now_s + p_lease_s)
+    FROM (SELECT id FROM holds WHERE replica_id = p_replica AND state = 'open' ORDER BY id FOR UPDATE) s
+    WHERE h.id = s.id;
+    GET DIAGNOSTICS cnt = ROW_COUNT;
+    RETURN cnt;
+END $$"""
+
+_V2 = (
+    *(f"ALTER TABLE {table} ADD COLUMN {column}" for table in ("accounts", "keys") for column in _PRINCIPAL_V2_COLUMNS),
+    """CREATE TABLE usage_buckets (
+    kind TEXT NOT NULL CHECK (kind IN ('key', 'account')),
+    id TEXT NOT NULL,
+    bucket_start DOUBLE PRECISION NOT NULL,
+    -- Charges in the bucket happened before its end; it leaves the window only when its END does.
+    bucket_end DOUBLE PRECISION NOT NULL CHECK (bucket_end > bucket_start),
+    tokens BIGINT NOT NULL CHECK (tokens >= 0),
+    usd BIGINT NOT NULL CHECK (usd >= 0),
+    PRIMARY KEY (kind, id, bucket_start)
+)""",
+    # Reserves look up existing ids; a replica's heartbeat finds its own open holds.
+    "CREATE INDEX holds_replica_open ON holds (replica_id) WHERE state = 'open'",
+    _LOCAL_MIDNIGHT, _MONTHLY_START, _PERIOD_START_DAY, _NEXT_START_DAY, _PERIOD_BOUNDS, _WINDOW_WAIT,
+    _BATCH.replace("WINDOW_BUCKETS_PLACEHOLDER", str(WINDOW_BUCKETS)), _REAP, _HEARTBEAT,
+)
+
 # Ordered; version N is what steps 1..N give. A new step goes at the end, never in the middle.
-MIGRATIONS: tuple[Migration, ...] = ((1, _V1),)
+MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2))
 # The tables that hold a ledger's contents (schema_version and meta describe the ledger itself).
-DATA_TABLES = ("replicas", "accounts", "keys", "holds", "alert_state", "alert_outbox", "alert_counters")
+DATA_TABLES = ("replicas", "accounts", "keys", "holds", "alert_state", "alert_outbox", "alert_counters", "usage_buckets")
 
 
 def latest(migrations: Sequence[Migration] = MIGRATIONS) -> int:

@@ -1,4 +1,5 @@
-"""The model catalogue (`models.toml`): limits, prices and aliases. Pure.
+"""The model catalogue (`models.toml`): limits, prices, aliases and tokenizers. Pure but for
+reading the tokenizer files it names, once, at load.
 
 `[[models]]` entries describe models the fleet serves: limits that override
 or fill in what upstreams report, prices in USD per 1M tokens (kept for the
@@ -7,18 +8,29 @@ maps public names to model ids, so a client's default model name (Claude
 Code asks for `claude-sonnet-4-5`) is served by an open-weight model. An
 alias resolves before the estimate, the budget and routing.
 
+A model may name its tokenizer, `tokenizer = "DIR/tokenizer.json"`, and
+`tokenizer_config = "DIR/tokenizer_config.json"` for its chat template (by
+default the sibling file; a relative path is from the catalogue file's
+directory). cortex then counts that model's prompts exactly
+(cortex/budget/exact_count.py). The files are read and the template
+compiled here, at load, so a reload that would break counting is refused.
+
 Every mistake is refused at load time with the key that is wrong: an alias
-to an unknown model, an alias cycle, a duplicate id, a bad number.
+to an unknown model, an alias cycle, a duplicate id, a bad number, a
+tokenizer file that is missing or not valid, a template that does not
+compile.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import tomlfile
+from common.chat_template import TokenizerFiles, TokenizerFilesError, load_files
 
 LIMIT_MAX = 2**40
 COST_MAX_USD_PER_M = 1e6
@@ -52,6 +64,8 @@ class ModelDef:
     residency_priority: int = 100
     pinned_on: tuple[str, ...] = ()
     max_in_flight_per_key: int | None = None  # None: fleet.max_in_flight_per_key
+    # The model's tokenizer and chat template, loaded and checked; None: not named (the byte bound holds).
+    tokenizer: TokenizerFiles | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class Catalogue:
 
 MODEL_KEYS = frozenset({
     "id", "display_name", "limit", "cost", "memory_mb", "residency_priority", "pinned_on", "max_in_flight_per_key",
+    "tokenizer", "tokenizer_config",
 })
 IN_FLIGHT_PER_KEY_MAX = 1_000_000
 
@@ -94,7 +109,35 @@ def _table(where: str, value: Any, known: frozenset[str]) -> dict[str, Any]:
     return value
 
 
-def _model(where: str, raw: Any) -> ModelDef:
+def _path(where: str, value: Any, base_dir: str | None) -> str:
+    if not isinstance(value, str) or not value:
+        raise CatalogueError(f"'{where}' must be a file path, got {value!r}")
+    path = os.path.expanduser(value)
+    return path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path)
+
+
+def _tokenizer(where: str, entry: dict[str, Any], base_dir: str | None) -> TokenizerFiles | None:
+    """The files `tokenizer` and `tokenizer_config` name, loaded; errors name the key and the file."""
+    if "tokenizer" not in entry:
+        if "tokenizer_config" in entry:
+            raise CatalogueError(f"'{where}.tokenizer_config' needs '{where}.tokenizer' (the tokenizer.json)")
+        return None
+    tokenizer_path = _path(f"{where}.tokenizer", entry["tokenizer"], base_dir)
+    config_path = _path(f"{where}.tokenizer_config", entry["tokenizer_config"], base_dir) if "tokenizer_config" in entry else None
+    try:
+        files = load_files(tokenizer_path, config_path, tokenizer_what=f"'{where}.tokenizer'",
+                           config_what=f"'{where}.tokenizer_config'")
+    except TokenizerFilesError as exc:
+        raise CatalogueError(str(exc)) from None
+    if files.template is None:
+        raise CatalogueError(
+            f"'{where}.tokenizer_config': {files.config_path or 'no tokenizer_config.json beside the tokenizer'} "
+            "has no 'chat_template' (nor a chat_template.jinja beside it): a chat prompt cannot be counted"
+        )
+    return files
+
+
+def _model(where: str, raw: Any, base_dir: str | None = None) -> ModelDef:
     entry = _table(where, raw, MODEL_KEYS)
     model_id = entry.get("id")
     if not isinstance(model_id, str) or not model_id:
@@ -124,18 +167,21 @@ def _model(where: str, raw: Any) -> ModelDef:
         raise CatalogueError(f"'{where}.pinned_on' must be a list of upstream URLs")
     fair = entry.get("max_in_flight_per_key")
     fair = _positive_int(f"{where}.max_in_flight_per_key", fair, IN_FLIGHT_PER_KEY_MAX) if fair is not None else None
-    return ModelDef(model_id, name, context, output, cost, memory, priority, tuple(p.rstrip("/") for p in pinned), fair)
+    tokenizer = _tokenizer(where, entry, base_dir)
+    return ModelDef(model_id, name, context, output, cost, memory, priority, tuple(p.rstrip("/") for p in pinned), fair,
+                    tokenizer)
 
 
-def parse(data: Any) -> Catalogue:
-    """A TOML-shaped mapping -> a checked catalogue, or CatalogueError naming the key."""
+def parse(data: Any, base_dir: str | None = None) -> Catalogue:
+    """A TOML-shaped mapping -> a checked catalogue, or CatalogueError naming the key.
+    Relative tokenizer paths are from `base_dir` (the catalogue file's directory), else the cwd."""
     top = _table("catalogue", data, frozenset({"models", "aliases"}))
     raw_models = top.get("models", [])
     if not isinstance(raw_models, list):
         raise CatalogueError("'models' must be an array of tables ([[models]])")
     models: dict[str, ModelDef] = {}
     for i, raw in enumerate(raw_models):
-        model = _model(f"models[{i}]", raw)
+        model = _model(f"models[{i}]", raw, base_dir)
         if model.id in models:
             raise CatalogueError(f"'models[{i}].id': {model.id!r} is defined twice")
         models[model.id] = model
@@ -170,7 +216,7 @@ def _final(aliases: dict[str, str], name: str) -> str:
 
 
 def load(path: str | Path) -> Catalogue:
-    return parse(tomlfile.read(path, "the model catalogue", CatalogueError))
+    return parse(tomlfile.read(path, "the model catalogue", CatalogueError), os.path.dirname(os.path.abspath(path)))
 
 
 def listing(served: list[dict[str, Any]], catalogue: Catalogue) -> list[dict[str, Any]]:

@@ -1,12 +1,9 @@
 """KernelTokenizer: a `tokenizers.Tokenizer` plus tokenizer_config.json's chat template.
 
-The template is rendered with jinja2 the way transformers'
-`apply_chat_template` does: an immutable sandboxed environment with
-`trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a
-`{% generation %}` block that renders its body, a `tojson` filter that
-keeps non-ASCII text, `raise_exception` and `strftime_now`, and the special
-tokens (`bos_token`, `eos_token`, ...) as variables. The rendered text is
-then encoded with its special tokens parsed as specials.
+The template is compiled and rendered by `common.chat_template`, the way
+transformers' `apply_chat_template` does; cortex counts prompts exactly with
+the same code (cortex/budget/exact_count.py). The rendered text is then
+encoded with its special tokens parsed as specials.
 
 `message_overhead_tokens` and `reply_primer_tokens` are measured from the
 template by rendering probe conversations, so cortex's reservation
@@ -19,23 +16,28 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.sandbox
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from common.chat_template import (
+    LIMIT_RENDERED_CHARS,
+    LIMIT_TEMPLATE_CHARS,
+    ChatTemplate,
+    ChatTemplateError,
+    TokenizerFilesError,
+    compile_template,
+    read_tokenizer,
+    read_tokenizer_config,
+    special_tokens,
+    template_source,
+)
 from neuron.engines.kernel.config import KernelConfigError, read_json, token_ids
 
-LIMIT_TEMPLATE_CHARS = 1 << 20
-LIMIT_RENDERED_CHARS = 64 << 20
-
-
-class ChatTemplateError(ValueError):
-    """The chat template refused these messages (raise_exception) or failed to render them."""
+__all__ = [
+    "LIMIT_RENDERED_CHARS", "LIMIT_TEMPLATE_CHARS", "ChatTemplateError", "KernelTokenizer", "bytes_to_unicode",
+    "build_byte_level_tokenizer", "compile_template", "load_tokenizer",
+]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -84,43 +86,6 @@ def _kind(spec: dict[str, Any]) -> str:
     if model_type == "BPE" or model_type == "Unigram":
         return "sentencepiece"  # Llama 2 / TinyLlama style: BPE or Unigram with Metaspace and byte fallback
     return str(model_type or "unknown").lower()
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token in tokenizer_config.json: a string or an AddedToken object."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body (transformers tracks it; we need not)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 def _json_bytes(value: Any) -> int:
@@ -173,11 +138,7 @@ class KernelTokenizer:
         spec = json.loads(tokenizer.to_str())
         self.kind = _kind(spec)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.special_tokens: dict[str, str] = {}
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
-            text = _token_text(tokenizer_config.get(key))
-            if text is not None:
-                self.special_tokens[key] = text
+        self.special_tokens = special_tokens(tokenizer_config)
         config_bos = self.token_id(self.special_tokens.get("bos_token"))
         self.bos_token_id = bos_token_id if bos_token_id is not None else config_bos
         eos = set(eos_token_ids)
@@ -188,14 +149,12 @@ class KernelTokenizer:
         added = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
         self._specials_re = re.compile("|".join(re.escape(a) for a in added)) if added else None
         self.chat_template_source = chat_template
-        self._template = None
+        self._template: ChatTemplate | None = None
         if chat_template is not None:
-            if len(chat_template) > LIMIT_TEMPLATE_CHARS:
-                raise KernelConfigError(f"{source}: field 'chat_template' is over {LIMIT_TEMPLATE_CHARS} characters")
             try:
-                self._template = compile_template(chat_template)
-            except jinja2.TemplateError as exc:
-                raise KernelConfigError(f"{source}: field 'chat_template' does not compile: {exc}") from None
+                self._template = ChatTemplate(chat_template, self.special_tokens, where=source)
+            except TokenizerFilesError as exc:
+                raise KernelConfigError(str(exc)) from None
         self.message_overhead_tokens, self.reply_primer_tokens = self.measure_overheads()
 
     # -- tokens -------------------------------------------------------------------------------
@@ -233,16 +192,7 @@ class KernelTokenizer:
                     add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template (tokenizer_config.json: 'chat_template')")
-        try:
-            text = self._template.render(messages=messages, tools=tools, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"chat template: {exc}") from None
-        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
-            raise ChatTemplateError(f"chat template cannot render these messages: {exc!r}") from None
-        if len(text) > LIMIT_RENDERED_CHARS:
-            raise ChatTemplateError(f"rendered prompt is over {LIMIT_RENDERED_CHARS} characters")
-        return text
+        return self._template.render(messages, tools, add_generation_prompt)
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The template writes bos itself: transformers encodes its output with add_special_tokens=False.
@@ -294,24 +244,13 @@ def load_tokenizer(directory: str, *, config_bos: int | None, config_eos: tuple[
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise KernelConfigError(f"tokenizer.json: file not found in {directory} (the tokenizer is required)")
-    try:
-        tok = Tokenizer.from_file(path)
-    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-        raise KernelConfigError(f"tokenizer.json: cannot load {path}: {exc}") from None
     config_path = os.path.join(directory, "tokenizer_config.json")
-    tok_config = read_json(config_path) if os.path.isfile(config_path) else {}
-    if not isinstance(tok_config, dict):
-        raise KernelConfigError("tokenizer_config.json: must hold a JSON object")
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # named templates: transformers uses "default"
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    jinja_path = os.path.join(directory, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
-    if template is not None and not isinstance(template, str):
-        raise KernelConfigError("tokenizer_config.json: field 'chat_template' must be a string")
+    try:
+        tok = read_tokenizer(path)
+        tok_config = read_tokenizer_config(config_path) if os.path.isfile(config_path) else {}
+        template = template_source(tok_config, directory)
+    except TokenizerFilesError as exc:
+        raise KernelConfigError(str(exc)) from None
     eos = set(config_eos)
     gen_path = os.path.join(directory, "generation_config.json")
     if os.path.isfile(gen_path):

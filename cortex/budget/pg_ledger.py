@@ -1,0 +1,284 @@
+"""The cross-replica admission protocol on PostgreSQL: design (a) of issue 13, one batch per round trip.
+
+Many cortex replicas share one PostgreSQL ledger. Each replica has one
+writer thread (as store.py's) owning one connection and one `PgLedger`; it
+drains the reserves and resolutions its Trio tasks queued and hands them to
+`step` (or `reserve_batch` / `resolve_batch`), which is ONE statement, hence
+ONE transaction and ONE round trip: `SELECT ... FROM cortex_batch(arrays)`,
+a PL/pgSQL function created by migration step 2 (cortex/budget/pg_schema.py).
+The database is the authority: the caps, the held amounts and the usage are
+rows, and the function judges every request against them under row locks.
+The pure ledger's arithmetic and messages are mirrored (and the messages
+reused: `ledger._balance_refusal` and friends build every Refusal here).
+
+Why `spent + held <= cap` holds across replicas (for every cap kind)
+-------------------------------------------------------------------
+State. Each principal (a key, an account) is one row with its caps and its
+`spent_*`, `held_*`, `in_flight`, the current period's `period_used_*`;
+window usage is in `usage_buckets` rows of that principal; holds are rows.
+
+Locks and their order. A `cortex_batch` transaction, in this order:
+  1. locks the open holds it resolves, `ORDER BY id FOR UPDATE`;
+  2. locks every account its holds and reserves touch, `ORDER BY id FOR UPDATE`;
+  3. locks every key likewise;
+  then reads those rows and those principals' buckets, decides, and writes
+  the holds, the buckets and the principal rows, and commits (autocommit:
+  the statement is the transaction). `cortex_reap` locks holds (id order,
+  SKIP LOCKED) and then runs the same function; `cortex_heartbeat` locks only
+  holds, in id order. So every transaction takes row locks in one global
+  order, holds < accounts < keys, each by id, and never waits for a lock
+  earlier in that order than one it holds: no cycle of waits, no deadlock.
+  (A new hold row is an INSERT of a fresh id: it waits on nothing unless two
+  replicas insert the same id, which hold ids, uuids, rule out.)
+
+No lost update. Every write to a principal's `held_*`, `spent_*`,
+`in_flight`, `period_*` and to its buckets is made by a transaction that
+holds that principal's row lock from before it read them until it commits.
+Row locks are exclusive, so the transactions touching a principal are
+serialised by it; under READ COMMITTED each statement inside the function
+reads after the lock was granted, so it sees everything its predecessors
+committed. A principal's history is therefore a serial sequence of batches,
+each reading the true state.
+
+The invariant, by induction over that sequence. A reserve is placed only if,
+on the key AND on its account, for every cap present,
+    balance:  spent + held + amount <= cap
+    window:   window_usage + held + amount <= cap
+    period:   period_used + held + amount <= cap
+    concurrency: in_flight + 1 <= max_concurrency
+against the state left by every request before it in the batch (judged in
+order, in memory, under the locks); then `held += amount` on both, or on
+neither (a request fits everywhere or takes nothing). A resolution takes
+`held -= amount` and adds `charged <= amount` (`LEAST(actual, amount)` in
+SQL) to spent, the period and the window: `spent + held` cannot grow. The
+write-back re-checks every cap of each principal whose holds grew in SQL on
+the locked row (the conditional UPDATE `... WHERE spent + held <= cap ...`)
+and raises if it would not hold, so a bug in the judging aborts the batch
+instead of committing an overshoot. Exactly-once resolution: a hold leaves
+`open` only through `UPDATE holds ... WHERE state = 'open'` under its row
+lock, so two reapers, or a reaper and a late settlement, cannot both resolve
+it; the loser sees a hold no longer open and reports False.
+
+Windows, conservatively. A window of `window_s` keeps its usage in buckets
+of `window_s / 64` seconds: a charge at `t` is added to the bucket
+`[floor(t / b) * b, +b)` (its `bucket_end >= t`). The ageing rule: a bucket
+counts while `bucket_end > now - window_s` and ages out only once its END
+has left the window. Every charge in it happened at or before its end, so a
+bucket never ages out before any charge in it would have: usage is never
+under-counted, and over-counted by at most the oldest bucket's share.
+Retry-After is when enough buckets' ends leave the window for the request
+to fit (`cortex_window_wait`), None when holds rather than usage are in the
+way, as in the pure ledger. A principal's buckets carry the `window_s` they
+were built for (`buckets_window_s`); when the window changes (or appears,
+or the ledger was imported) they are rebuilt from the resolved holds, as
+SQLite rebuilds a grown window from its history.
+
+Periods. Each principal row keeps `period_start`, `period_end`,
+`period_spec` and `period_used_*`. The first batch at or past `period_end`
+rolls it over (usage zero by construction), computed in SQL by
+`cortex_period_bounds`, a port of periods.py's `period_bounds` (checked
+against it by the tests, DST gaps and folds included). When the spec
+changed, or was never computed (an import, a new cap), the period's usage
+is summed from the holds resolved in it. A charge counts in the period in
+which it is resolved, as in the pure ledger. A period never rolls back: a
+replica whose clock lags charges into the row's (newer) period.
+
+Replica crash. Every hold carries `replica_id` and `lease_deadline = now +
+lease_s`; `heartbeat` extends the lease of this replica's open holds.
+`reap`, run by any replica, orphans other replicas' open holds whose lease
+has passed, charged in full (what SQLite's recovery does at start-up).
+
+Clocks. Every method takes `now` (seconds), for tests and the simulator;
+`now=None` uses the database's clock, one clock for all replicas, which is
+what the request path should pass: windows and periods then do not move
+with any replica's clock skew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from cortex.budget import ledger as pure
+from cortex.budget.ledger import Caps, Hold, Principal, Refusal
+from cortex.budget.periods import PeriodSpec
+
+BATCH_MAX = 4096  # reserves, and resolutions, per statement
+REAP_BATCH_MAX = 1024  # holds one reap resolves at most
+RESOLUTION_STATES = ("settled", "released", "expired")
+EXTRA_REASONS = ("unknown", "revoked", "duplicate")  # beyond the pure ledger's: the database also knows these
+
+_BATCH_SQL = (
+    "SELECT o_part, o_idx, o_ok, o_detail, o_account, o_now FROM cortex_batch("
+    "%s::text[], %s::text[], %s::bigint[], %s::bigint[], "
+    "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[], %s::text[], %s::text[], %s::text[], "
+    "%s::float8, %s::text, %s::float8)"
+)
+_REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
+_HEARTBEAT_SQL = "SELECT cortex_heartbeat(%s::text, %s::float8, %s::float8)"
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """A request's hold: its id (a uuid), its key (and so its account), its worst-case amounts and lifetime."""
+
+    hold_id: str
+    key_id: str
+    amount_tokens: int
+    ttl_s: float
+    amount_usd: int = 0  # micro-USD
+    request_id: str | None = None
+    model: str | None = None
+    client_request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.amount_tokens >= 0 and self.amount_usd >= 0 and self.ttl_s > 0
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """How a hold ends: settled to actual usage (capped at the hold), released (no charge) or expired (in full)."""
+
+    hold_id: str
+    state: str = "settled"
+    actual_tokens: int = 0
+    actual_usd: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.state in RESOLUTION_STATES and self.actual_tokens >= 0 and self.actual_usd >= 0
+
+
+@dataclass
+class Counters:
+    """What the ledger cost the database: for the benchmark's per-request figures."""
+
+    transactions: int = 0
+    round_trips: int = 0
+    reserves: int = 0
+    admitted: int = 0
+    resolutions: int = 0
+
+
+class PgLedger:
+    """One replica's side of the shared ledger: called from its one writer thread, never concurrently."""
+
+    def __init__(self, conn: psycopg.Connection[Any], replica_id: str, lease_s: float) -> None:
+        # Autocommit: one statement is one transaction, with no BEGIN or COMMIT round trip of its own.
+        assert conn.autocommit, "PgLedger needs an autocommit connection (pg_schema.connect gives one)"
+        assert replica_id and lease_s > 0
+        self.conn = conn
+        self.replica_id = replica_id
+        self.lease_s = lease_s
+        self.counters = Counters()
+
+    # --- the batch ------------------------------------------------------------------------
+
+    def step(
+        self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None
+    ) -> tuple[list[bool], list[Hold | Refusal]]:
+        """Resolve, then reserve, in ONE transaction and ONE round trip: one group commit of a writer thread.
+
+        Resolutions go first, so the room they free is there for the reserves;
+        each reserve is judged after those before it. A resolution is True when
+        it resolved the hold, False when the hold was no longer open (settled,
+        released, reaped) or unknown: a second resolution does nothing.
+        """
+        assert len(resolutions) <= BATCH_MAX and len(reserves) <= BATCH_MAX
+        if not resolutions and not reserves:
+            return [], []
+        params = (
+            [r.hold_id for r in resolutions], [r.state for r in resolutions],
+            [r.actual_tokens for r in resolutions], [r.actual_usd for r in resolutions],
+            [q.hold_id for q in reserves], [q.key_id for q in reserves], [q.amount_tokens for q in reserves],
+            [q.amount_usd for q in reserves], [float(q.ttl_s) for q in reserves], [q.request_id for q in reserves],
+            [q.model for q in reserves], [q.client_request_id for q in reserves],
+            now, self.replica_id, float(self.lease_s),
+        )
+        rows = self._execute(_BATCH_SQL, params)
+        resolved: list[bool | None] = [None] * len(resolutions)
+        placed: list[Hold | Refusal | None] = [None] * len(reserves)
+        for part, idx, ok, detail, account_id, judged_at in rows:
+            if part == "resolve":
+                resolved[idx - 1] = bool(ok)
+            else:
+                q = reserves[idx - 1]
+                placed[idx - 1] = _hold(q, account_id, judged_at) if ok else _refusal(detail, judged_at)
+        assert None not in resolved and None not in placed, "cortex_batch answered every request exactly once"
+        self.counters.reserves += len(reserves)
+        self.counters.admitted += sum(isinstance(p, Hold) for p in placed)
+        self.counters.resolutions += len(resolutions)
+        return resolved, placed  # type: ignore[return-value]
+
+    def reserve_batch(self, requests: Sequence[Reserve], now: float | None) -> list[Hold | Refusal]:
+        return self.step((), requests, now)[1]
+
+    def resolve_batch(self, resolutions: Sequence[Resolve], now: float | None) -> list[bool]:
+        return self.step(resolutions, (), now)[0]
+
+    # --- crashes --------------------------------------------------------------------------
+
+    def reap(self, now: float | None, limit: int = REAP_BATCH_MAX) -> list[str]:
+        """Orphan other replicas' open holds whose lease has passed, charged in full; their ids, sorted."""
+        assert 0 < limit <= REAP_BATCH_MAX
+        rows = self._execute(_REAP_SQL, (now, self.replica_id, limit))
+        return sorted(r[0] for r in rows)
+
+    def heartbeat(self, now: float | None) -> int:
+        """Extend this replica's open holds' leases to now + lease_s; how many there are."""
+        return int(self._execute(_HEARTBEAT_SQL, (self.replica_id, now, float(self.lease_s)))[0][0])
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _execute(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        self.counters.transactions += 1
+        self.counters.round_trips += 1
+        return self.conn.execute(query, params).fetchall()
+
+
+def _hold(q: Reserve, account_id: str, now: float) -> Hold:
+    return Hold(q.hold_id, q.key_id, account_id, q.amount_tokens, now, now + q.ttl_s, q.request_id, amount_usd=q.amount_usd)
+
+
+# --- refusals: the pure ledger's reasons, choice and messages --------------------------------
+
+
+def _refusal(detail: list[dict[str, Any]], now: float) -> Refusal:
+    refusals = [_one_refusal(d, now) for d in detail]
+    assert refusals
+    for r in refusals:  # a spent balance is final; otherwise wait for the slowest cap (ledger._refusal)
+        if r.reason == "balance" or r.reason in EXTRA_REASONS:
+            return r
+    never = [r for r in refusals if r.never_fits]
+    if never:
+        return never[0]
+    if any(r.retry_after_s is None for r in refusals):
+        return next(r for r in refusals if r.retry_after_s is None)
+    return max(refusals, key=lambda r: r.retry_after_s or 0.0)
+
+
+def _one_refusal(d: dict[str, Any], now: float) -> Refusal:
+    reason, kind, pid = d["reason"], d["kind"], d["id"]
+    who = f"{kind} {pid}"
+    if reason in EXTRA_REASONS:
+        text = {"unknown": "is not in the ledger", "revoked": "has been revoked", "duplicate": "already has this hold id"}
+        return Refusal(reason, kind, pid, f"The {who} {text[reason]}.", None, True)
+    if reason == "concurrency":
+        limit = int(d["limit"])
+        message = f"Concurrency limit of {limit} requests in flight reached for {who}."
+        return Refusal("concurrency", kind, pid, message, None, limit == 0)
+    unit, limit, used = d["unit"], int(d["limit"]), int(d["used"])
+    amount = pure._Amount(unit, int(d["asked"]), int(d["held"]))
+    if reason == "balance":
+        return pure._balance_refusal(Principal(pid, kind, Caps()), who, limit, used, amount)
+    if reason == "window":
+        caps = Caps(window_tokens=limit, window_s=float(d["window_s"]))
+        wait_s = None if d["wait_s"] is None else float(d["wait_s"])
+        return pure._window_refusal(Principal(pid, kind, caps), who, limit, used, int(d["excess"]), amount, wait_s)
+    assert reason == "period", reason
+    caps = Caps(period=PeriodSpec(d["period"], d["tz"], int(d["anchor"])), period_tokens=limit)
+    p = Principal(pid, kind, caps)
+    p.period_end = float(d["period_end"])
+    return pure._period_refusal(p, who, limit, used, amount, now)

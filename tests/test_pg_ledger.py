@@ -1,0 +1,514 @@
+"""The cross-replica admission protocol (cortex/budget/pg_ledger.py) against a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from cortex.budget import pg_schema
+from cortex.budget.ledger import Caps, Hold, Ledger, Refusal
+from cortex.budget.periods import PeriodSpec, period_bounds
+from cortex.budget.pg_ledger import PgLedger, Reserve, Resolve
+
+NOW = 1_796_126_400.0  # 2026-12-01T12:00:00Z
+LEASE_S = 30.0
+TTL_S = 600.0
+
+_CAP_COLUMNS = ("balance_tokens", "window_tokens", "window_s", "max_concurrency", "balance_usd", "window_usd",
+                "period_tokens", "period_usd")
+
+
+def put(conn: psycopg.Connection[Any], kind: str, pid: str, caps: Caps = Caps(), account: str | None = None) -> None:
+    """A key or an account with `caps`, straight into the ledger's tables."""
+    values: dict[str, Any] = {c: getattr(caps, c) for c in _CAP_COLUMNS}
+    if caps.period is not None:
+        values |= {"period": caps.period.kind, "period_timezone": caps.period.timezone,
+                   "period_anchor_day": caps.period.anchor_day}
+    values = {k: v for k, v in values.items() if v is not None}
+    if kind == "account":
+        values |= {"id": pid, "created_at": 0.0}
+        table = "accounts"
+    else:
+        values |= {"id": pid, "account_id": account, "name": pid, "key_hash": pid.encode(), "key_prefix": pid,
+                   "created_at": 0.0}
+        table = "keys"
+    names = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    conn.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(values.values()))
+
+
+def principal(conn: psycopg.Connection[Any], kind: str, pid: str) -> dict[str, Any]:
+    table = "keys" if kind == "key" else "accounts"
+    cur = conn.execute(f"SELECT * FROM {table} WHERE id = %s", (pid,))
+    names = [d.name for d in cur.description]
+    return dict(zip(names, cur.fetchone()))
+
+
+@pytest.fixture
+def url(pg_url: str) -> str:
+    with pg_schema.connect(pg_url) as conn:
+        pg_schema.migrate(conn)
+    return pg_url
+
+
+@pytest.fixture
+def conn(url: str):
+    with pg_schema.connect(url) as c:
+        yield c
+
+
+def replica(url: str, name: str) -> PgLedger:
+    return PgLedger(pg_schema.connect(url), name, LEASE_S)
+
+
+def reserve(ledger: PgLedger, hold_id: str, key: str, tokens: int, now: float = NOW, usd: int = 0) -> Hold | Refusal:
+    return ledger.reserve_batch([Reserve(hold_id, key, tokens, TTL_S, usd)], now)[0]
+
+
+# --- each cap kind, at its edge, and as the pure ledger judges it ---------------------------------
+
+SPEC = PeriodSpec("daily")
+CAP_CASES = {
+    "balance_tokens": (Caps(balance_tokens=100), "balance", "tokens"),
+    "balance_usd": (Caps(balance_usd=100), "balance", "usd"),
+    "window_tokens": (Caps(window_tokens=100, window_s=60.0), "window", "tokens"),
+    "window_usd": (Caps(window_usd=100, window_s=60.0), "window", "usd"),
+    "period_tokens": (Caps(period=SPEC, period_tokens=100), "period", "tokens"),
+    "period_usd": (Caps(period=SPEC, period_usd=100), "period", "usd"),
+}
+
+
+@pytest.mark.parametrize("where", ["key", "account"])
+@pytest.mark.parametrize("name", sorted(CAP_CASES))
+def test_each_cap_kind_admits_up_to_its_edge_refuses_past_it_and_says_what_the_pure_ledger_says(conn, url, name, where):
+    caps, reason, unit = CAP_CASES[name]
+    put(conn, "account", "a", caps if where == "account" else Caps())
+    put(conn, "key", "k", caps if where == "key" else Caps(), account="a")
+    pure = Ledger()
+    pure.add_account("a", caps if where == "account" else Caps())
+    pure.add_key("k", "a", caps if where == "key" else Caps())
+    ledger = replica(url, "r1")
+    usd = unit == "usd"
+    steps = [("h1", 60), ("h2", 40), ("h3", 1)]  # 60 + 40 is the cap exactly; one more is past it
+    for hold_id, amount in steps:
+        got = reserve(ledger, hold_id, "k", 0 if usd else amount, usd=amount if usd else 0)
+        want = pure.reserve(hold_id, "k", 0 if usd else amount, NOW, TTL_S, amount_usd=amount if usd else 0)
+        assert type(got) is type(want), (hold_id, got, want)
+    assert isinstance(got, Refusal) and isinstance(want, Refusal)
+    assert (got.reason, got.principal_kind, got.principal_id, got.unit) == (reason, where, "k" if where == "key" else "a", unit)
+    assert (got.message, got.never_fits, got.retry_after_s) == (want.message, want.never_fits, want.retry_after_s)
+    # Settle one hold: the freed room admits again, except where the charge stays in the way.
+    assert ledger.resolve_batch([Resolve("h1", "settled", 50 if not usd else 0, 50 if usd else 0)], NOW + 1) == [True]
+    pure.settle("h1", 50 if not usd else 0, NOW + 1, 50 if usd else 0)
+    got = reserve(ledger, "h4", "k", 0 if usd else 10, NOW + 2, usd=10 if usd else 0)
+    want = pure.reserve("h4", "k", 0 if usd else 10, NOW + 2, TTL_S, amount_usd=10 if usd else 0)
+    assert isinstance(got, Hold) and isinstance(want, Hold)
+
+
+@pytest.mark.parametrize("where", ["key", "account"])
+def test_a_concurrency_cap_refuses_the_request_past_it_until_one_resolves(conn, url, where):
+    caps = Caps(max_concurrency=2)
+    put(conn, "account", "a", caps if where == "account" else Caps())
+    put(conn, "key", "k", caps if where == "key" else Caps(), account="a")
+    ledger = replica(url, "r1")
+    got = ledger.reserve_batch([Reserve(f"h{i}", "k", 1, TTL_S) for i in range(3)], NOW)
+    assert [type(g) for g in got] == [Hold, Hold, Refusal]
+    assert got[2].reason == "concurrency" and got[2].principal_kind == where and got[2].retry_after_s is None
+    assert ledger.resolve_batch([Resolve("h0", "released")], NOW) == [True]
+    assert isinstance(reserve(ledger, "h3", "k", 1), Hold)
+
+
+def test_a_request_that_fits_the_key_but_not_the_account_takes_nothing(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=50))
+    put(conn, "key", "k", Caps(balance_tokens=1000, max_concurrency=10), account="a")
+    ledger = replica(url, "r1")
+    refusal = reserve(ledger, "h1", "k", 80)
+    assert isinstance(refusal, Refusal) and (refusal.reason, refusal.principal_kind) == ("balance", "account")
+    for kind, pid in (("key", "k"), ("account", "a")):
+        row = principal(conn, kind, pid)
+        assert (row["held_tokens"], row["in_flight"]) == (0, 0)
+    assert conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0
+
+
+def test_requests_in_one_batch_are_judged_in_order_each_seeing_the_holds_before_it(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=100))
+    put(conn, "key", "k", account="a")
+    ledger = replica(url, "r1")
+    got = ledger.reserve_batch([Reserve("h1", "k", 70, TTL_S), Reserve("h2", "k", 40, TTL_S),
+                                Reserve("h3", "k", 30, TTL_S)], NOW)
+    assert [type(g) for g in got] == [Hold, Refusal, Hold]  # h2 does not fit after h1; h3 does, exactly
+    assert principal(conn, "account", "a")["held_tokens"] == 100
+    assert ledger.counters.round_trips == 1 and ledger.counters.transactions == 1
+
+
+def test_resolutions_in_a_step_free_room_for_the_reserves_in_the_same_round_trip(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=100))
+    put(conn, "key", "k", account="a")
+    ledger = replica(url, "r1")
+    assert isinstance(reserve(ledger, "h1", "k", 100), Hold)
+    resolved, placed = ledger.step([Resolve("h1", "settled", 30)], [Reserve("h2", "k", 70, TTL_S)], NOW + 1)
+    assert resolved == [True] and isinstance(placed[0], Hold) and placed[0].account_id == "a"
+    assert ledger.counters.round_trips == 2
+
+
+def test_a_hold_is_resolved_exactly_once_even_from_two_replicas(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    one, two = replica(url, "r1"), replica(url, "r2")
+    assert isinstance(reserve(one, "h1", "k", 100), Hold)
+    assert one.resolve_batch([Resolve("h1", "settled", 60), Resolve("h1", "settled", 60)], NOW) == [True, False]
+    assert two.resolve_batch([Resolve("h1", "released")], NOW) == [False]
+    assert one.resolve_batch([Resolve("nope", "released")], NOW) == [False]
+    row = principal(conn, "key", "k")
+    assert (row["spent_tokens"], row["held_tokens"], row["in_flight"]) == (60, 0, 0)
+    assert conn.execute("SELECT state, charged_tokens, actual_tokens FROM holds").fetchall() == [("settled", 60, 60)]
+
+
+def test_settlement_never_charges_more_than_the_hold_and_expiry_charges_it_in_full(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    ledger = replica(url, "r1")
+    ledger.reserve_batch([Reserve("h1", "k", 100, TTL_S, 500), Reserve("h2", "k", 40, TTL_S, 7)], NOW)
+    assert ledger.resolve_batch([Resolve("h1", "settled", 1000, 9000), Resolve("h2", "expired")], NOW) == [True, True]
+    row = principal(conn, "account", "a")
+    assert (row["spent_tokens"], row["spent_usd"], row["held_tokens"], row["held_usd"]) == (140, 507, 0, 0)
+    assert conn.execute("SELECT actual_tokens FROM holds WHERE id = 'h1'").fetchone()[0] == 1000  # the overrun is recorded
+
+
+def test_an_unknown_or_revoked_key_or_a_reused_hold_id_is_refused(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    put(conn, "key", "gone", account="a")
+    conn.execute("UPDATE keys SET revoked_at = 1 WHERE id = 'gone'")
+    ledger = replica(url, "r1")
+    got = ledger.reserve_batch([Reserve("h1", "nope", 1, TTL_S), Reserve("h2", "gone", 1, TTL_S),
+                                Reserve("h3", "k", 1, TTL_S), Reserve("h3", "k", 1, TTL_S)], NOW)
+    assert [getattr(g, "reason", "placed") for g in got] == ["unknown", "revoked", "placed", "duplicate"]
+    assert principal(conn, "key", "k")["held_tokens"] == 1
+
+
+# --- crashes: leases, reaping, heartbeats ---------------------------------------------------------
+
+
+def test_reap_orphans_only_other_replicas_holds_past_their_lease_charged_in_full(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=1000))
+    put(conn, "key", "k", account="a")
+    dead, alive = replica(url, "dead"), replica(url, "alive")
+    reserve(dead, "h1", "k", 100, usd=3)
+    reserve(alive, "h2", "k", 50)
+    assert alive.reap(NOW + LEASE_S) == []  # the lease has not passed yet
+    assert alive.reap(NOW + LEASE_S + 1) == ["h1"]  # never its own h2
+    assert alive.reap(NOW + LEASE_S + 2) == []  # exactly once
+    row = principal(conn, "account", "a")
+    assert (row["spent_tokens"], row["spent_usd"], row["held_tokens"], row["in_flight"]) == (100, 3, 50, 1)
+    assert conn.execute("SELECT state, charged_tokens FROM holds WHERE id = 'h1'").fetchone() == ("orphaned", 100)
+
+
+def test_a_late_settlement_after_a_reap_is_a_no_op_that_reports_false(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    slow, other = replica(url, "slow"), replica(url, "other")
+    reserve(slow, "h1", "k", 100)
+    assert other.reap(NOW + LEASE_S + 1) == ["h1"]
+    assert slow.resolve_batch([Resolve("h1", "settled", 10)], NOW + LEASE_S + 2) == [False]
+    row = principal(conn, "key", "k")
+    assert (row["spent_tokens"], row["held_tokens"]) == (100, 0)
+
+
+def test_two_reapers_at_once_resolve_each_hold_once(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    dead = replica(url, "dead")
+    dead.reserve_batch([Reserve(f"h{i}", "k", 10, TTL_S) for i in range(200)], NOW)
+    reapers = [replica(url, f"r{i}") for i in range(3)]
+    got: list[list[str]] = [[] for _ in reapers]
+    barrier = threading.Barrier(len(reapers))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        while ids := reapers[i].reap(NOW + LEASE_S + 1, limit=16):
+            got[i].extend(ids)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reapers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    every = [h for ids in got for h in ids]
+    assert sorted(every) == sorted(f"h{i}" for i in range(200))  # all of them, none twice
+    assert principal(conn, "account", "a")["spent_tokens"] == 2000
+
+
+def test_heartbeat_extends_this_replicas_leases_and_no_other(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    one, two, reaper = replica(url, "one"), replica(url, "two"), replica(url, "reaper")
+    reserve(one, "h1", "k", 10)
+    reserve(two, "h2", "k", 10)
+    assert one.heartbeat(NOW + 20) == 1
+    assert sorted(reaper.reap(NOW + LEASE_S + 1)) == ["h2"]  # h1's lease now ends at NOW + 20 + LEASE_S
+    assert reaper.reap(NOW + 20 + LEASE_S + 1) == ["h1"]
+    assert conn.execute("SELECT heartbeat_at FROM replicas WHERE id = 'one'").fetchone()[0] == NOW + 20
+
+
+# --- windows and periods ----------------------------------------------------------------------------
+
+
+def test_window_usage_ages_out_only_once_its_bucket_end_has_left_the_window(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", Caps(window_tokens=100, window_s=64.0), account="a")  # buckets of 1 s
+    ledger = replica(url, "r1")
+    at = NOW + 0.5  # the bucket [NOW, NOW + 1)
+    reserve(ledger, "h1", "k", 100, at)
+    ledger.resolve_batch([Resolve("h1", "settled", 100)], at)
+    refusal = reserve(ledger, "h2", "k", 1, at + 10)
+    assert isinstance(refusal, Refusal) and refusal.reason == "window"
+    assert refusal.retry_after_s == pytest.approx(NOW + 1 + 64 - (at + 10))  # when the bucket's END leaves
+    assert isinstance(reserve(ledger, "h3", "k", 1, NOW + 64.9), Refusal)  # the charge itself aged out at +64.5
+    assert isinstance(reserve(ledger, "h4", "k", 100, NOW + 65.0), Hold)
+
+
+def test_a_window_that_grows_is_rebuilt_from_the_resolved_holds(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", Caps(window_tokens=100, window_s=10.0), account="a")
+    ledger = replica(url, "r1")
+    reserve(ledger, "h1", "k", 80)
+    ledger.resolve_batch([Resolve("h1", "settled", 80)], NOW)
+    assert isinstance(reserve(ledger, "h2", "k", 50, NOW + 20), Hold)  # aged out of the 10 s window
+    ledger.resolve_batch([Resolve("h2", "released")], NOW + 20)
+    conn.execute("UPDATE keys SET window_s = 60")  # the admin grows it: the 80 is back in the window
+    refusal = reserve(ledger, "h3", "k", 50, NOW + 21)
+    assert isinstance(refusal, Refusal) and refusal.reason == "window" and "80 tokens used" in refusal.message
+
+
+def test_a_period_rolls_over_at_its_boundary_and_usage_restarts_at_zero(conn, url):
+    start, end = period_bounds(SPEC, NOW)
+    put(conn, "account", "a")
+    put(conn, "key", "k", Caps(period=SPEC, period_tokens=100), account="a")
+    ledger = replica(url, "r1")
+    reserve(ledger, "h1", "k", 100, end - 10)
+    ledger.resolve_batch([Resolve("h1", "settled", 90)], end - 5)
+    refusal = reserve(ledger, "h2", "k", 20, end - 1)
+    assert isinstance(refusal, Refusal) and refusal.reason == "period" and refusal.retry_after_s == pytest.approx(1.0)
+    assert isinstance(reserve(ledger, "h3", "k", 100, end), Hold)
+    row = principal(conn, "key", "k")
+    assert (row["period_start"], row["period_end"], row["period_used_tokens"]) == (end, period_bounds(SPEC, end)[1], 0)
+
+
+def test_a_changed_period_spec_sums_the_new_periods_usage_from_the_holds(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", Caps(period=SPEC, period_tokens=1000), account="a")
+    ledger = replica(url, "r1")
+    reserve(ledger, "h1", "k", 300)
+    ledger.resolve_batch([Resolve("h1", "settled", 300)], NOW)
+    conn.execute("UPDATE keys SET period = 'monthly', period_tokens = 400")
+    refusal = reserve(ledger, "h2", "k", 200, NOW + 1)
+    assert isinstance(refusal, Refusal) and refusal.reason == "period" and "300 tokens used" in refusal.message
+
+
+ZONES = ("UTC", "Europe/Berlin", "America/New_York", "America/Havana", "America/Santiago", "Asia/Beirut",
+         "America/Sao_Paulo", "America/Goose_Bay", "Pacific/Apia", "Australia/Lord_Howe", "Asia/Kolkata")
+# Instants near DST changes at or around local midnight, where the calendar arithmetic is hardest.
+EDGES = [datetime(*d, tzinfo=timezone.utc).timestamp() for d in (
+    (2024, 11, 3, 5), (2024, 3, 10, 5), (2022, 9, 11, 4), (2024, 3, 31, 0), (2017, 10, 15, 3), (2011, 3, 13, 3),
+    (2011, 12, 30, 10), (2026, 12, 1, 12), (2024, 2, 29, 0), (2025, 4, 6, 0),
+)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    zone=st.sampled_from(ZONES), kind=st.sampled_from(("daily", "weekly", "monthly")), anchor=st.integers(1, 31),
+    edge=st.sampled_from(EDGES), offset_s=st.floats(-4 * 86_400, 4 * 86_400, allow_nan=False),
+)
+def test_the_sql_period_bounds_agree_with_periods_py(conn, zone, kind, anchor, edge, offset_s):
+    anchor = 1 if kind == "daily" else (anchor - 1) % 7 + 1 if kind == "weekly" else anchor
+    spec = PeriodSpec(kind, zone, anchor)
+    now = round(edge + offset_s, 3)
+    got = conn.execute("SELECT cortex_period_bounds(%s, %s, %s, %s)", (kind, zone, anchor, now)).fetchone()[0]
+    assert tuple(got) == period_bounds(spec, now), (spec, now)
+
+
+# --- replicas at once: hypothesis interleavings, and a hammer ---------------------------------------
+
+ACCOUNT_CAPS = Caps(balance_tokens=1500, window_tokens=700, window_s=32.0, balance_usd=4000,
+                    period=PeriodSpec("daily"), period_tokens=1200)
+KEY_CAPS = {"k1": Caps(max_concurrency=4, window_usd=900, window_s=16.0), "k2": Caps(balance_tokens=600)}
+REPLICAS = 3
+
+invariant_sql = """
+SELECT p.kind, p.id FROM (
+    SELECT 'account' AS kind, id, balance_tokens, balance_usd, window_tokens, window_usd, window_s, max_concurrency,
+           period_tokens, period_usd, spent_tokens, spent_usd, held_tokens, held_usd, in_flight, period_used_tokens,
+           period_used_usd FROM accounts
+    UNION ALL
+    SELECT 'key', id, balance_tokens, balance_usd, window_tokens, window_usd, window_s, max_concurrency,
+           period_tokens, period_usd, spent_tokens, spent_usd, held_tokens, held_usd, in_flight, period_used_tokens,
+           period_used_usd FROM keys
+) p
+LEFT JOIN LATERAL (
+    SELECT COALESCE(SUM(b.tokens), 0) AS wt, COALESCE(SUM(b.usd), 0) AS wu FROM usage_buckets b
+    WHERE b.kind = p.kind AND b.id = p.id AND b.bucket_end > %(now)s - p.window_s
+) w ON true
+LEFT JOIN LATERAL (
+    SELECT COALESCE(SUM(h.amount_tokens), 0) AS ht, COALESCE(SUM(h.amount_usd), 0) AS hu, COUNT(*) AS n
+    FROM holds h WHERE h.state = 'open' AND (CASE WHEN p.kind = 'key' THEN h.key_id ELSE h.account_id END) = p.id
+) o ON true
+LEFT JOIN LATERAL (
+    SELECT COALESCE(SUM(h.charged_tokens), 0) AS ct, COALESCE(SUM(h.charged_usd), 0) AS cu
+    FROM holds h WHERE h.state <> 'open' AND (CASE WHEN p.kind = 'key' THEN h.key_id ELSE h.account_id END) = p.id
+) c ON true
+WHERE NOT (
+    (p.balance_tokens IS NULL OR p.spent_tokens + p.held_tokens <= p.balance_tokens)
+    AND (p.balance_usd IS NULL OR p.spent_usd + p.held_usd <= p.balance_usd)
+    AND (p.window_tokens IS NULL OR w.wt + p.held_tokens <= p.window_tokens)
+    AND (p.window_usd IS NULL OR w.wu + p.held_usd <= p.window_usd)
+    AND (p.period_tokens IS NULL OR p.period_used_tokens + p.held_tokens <= p.period_tokens)
+    AND (p.period_usd IS NULL OR p.period_used_usd + p.held_usd <= p.period_usd)
+    AND (p.max_concurrency IS NULL OR p.in_flight <= p.max_concurrency)
+    AND p.held_tokens = o.ht AND p.held_usd = o.hu AND p.in_flight = o.n  -- held is the sum of the open holds
+    AND p.spent_tokens = c.ct AND p.spent_usd = c.cu  -- spent is the sum of the charges
+)
+"""
+
+reserve_op = st.tuples(st.just("reserve"), st.sampled_from(sorted(KEY_CAPS)), st.integers(0, 300), st.integers(0, 600))
+settle_op = st.tuples(st.just("settle"), st.integers(0, 10**6), st.integers(0, 400), st.integers(0, 800))
+release_op = st.tuples(st.just("release"), st.integers(0, 10**6))
+replica_ops = st.lists(st.one_of(reserve_op, reserve_op, settle_op, release_op), max_size=5)
+round_ = st.tuples(
+    st.lists(replica_ops, min_size=REPLICAS, max_size=REPLICAS),  # each replica's batch, run at the same time
+    st.sampled_from([0.0, 0.5, 3.0, 11.0]),  # the clock's advance after the round
+    st.sets(st.integers(0, REPLICAS - 1)),  # the replicas that reap after it
+    st.sets(st.integers(0, REPLICAS - 1)),  # the replicas that heartbeat after it
+)
+
+
+@dataclass
+class World:
+    ledgers: list[PgLedger]
+    check: psycopg.Connection[Any]
+    placed: list[str] = field(default_factory=list)
+    resolved: dict[str, int] = field(default_factory=dict)
+
+
+@pytest.fixture
+def world(url: str):
+    with pg_schema.connect(url) as check:
+        put(check, "account", "a", ACCOUNT_CAPS)
+        for key, caps in KEY_CAPS.items():
+            put(check, "key", key, caps, account="a")
+        ledgers = [replica(url, f"r{i}") for i in range(REPLICAS)]
+        yield World(ledgers, check)
+        for ledger in ledgers:
+            ledger.conn.close()
+
+
+def reset(world: World) -> None:
+    world.check.execute("TRUNCATE holds, usage_buckets")
+    for table in ("keys", "accounts"):
+        world.check.execute(f"UPDATE {table} SET spent_tokens = 0, spent_usd = 0, held_tokens = 0, held_usd = 0,"
+                            " in_flight = 0, period_start = NULL, period_end = NULL, period_spec = NULL,"
+                            " period_used_tokens = 0, period_used_usd = 0, buckets_window_s = NULL")
+    world.placed.clear()
+    world.resolved.clear()
+
+
+def run_batch(world: World, i: int, ops: list[tuple[Any, ...]], now: float, serial: int) -> list[str]:
+    resolutions, reserves = [], []
+    for n, op in enumerate(ops):
+        if op[0] == "reserve":
+            reserves.append(Reserve(f"h{serial}-{i}-{n}", op[1], op[2], TTL_S, op[3]))
+        elif world.placed:
+            hold_id = world.placed[op[1] % len(world.placed)]
+            state = "settled" if op[0] == "settle" else "released"
+            resolutions.append(Resolve(hold_id, state, *(op[2:4] if op[0] == "settle" else (0, 0))))
+    ok, placed = world.ledgers[i].step(resolutions, reserves, now)
+    return [r.hold_id for r, done in zip(resolutions, ok) if done] + ["+" + p.id for p in placed if isinstance(p, Hold)]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rounds=st.lists(round_, min_size=1, max_size=8))
+def test_random_interleavings_from_three_replicas_never_pass_a_cap_and_resolve_each_hold_at_most_once(world, rounds):
+    reset(world)
+    start, end = period_bounds(ACCOUNT_CAPS.period, NOW)
+    now = end - 20.0  # the rounds cross a period boundary
+    for serial, (batches, advance_s, reapers, beaters) in enumerate(rounds):
+        outcomes: list[list[str]] = [[] for _ in range(REPLICAS)]
+        barrier = threading.Barrier(REPLICAS)
+        errors: list[BaseException] = []
+
+        def go(i: int) -> None:
+            try:
+                barrier.wait()
+                outcomes[i] = run_batch(world, i, batches[i], now, serial)
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(REPLICAS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        for out in outcomes:
+            for item in out:
+                if item.startswith("+"):
+                    world.placed.append(item[1:])
+                else:
+                    world.resolved[item] = world.resolved.get(item, 0) + 1
+        now += advance_s
+        for i in sorted(beaters):
+            world.ledgers[i].heartbeat(now)
+        for i in sorted(reapers):
+            for hold_id in world.ledgers[i].reap(now + LEASE_S * (serial % 2)):  # every other round, leases pass
+                world.resolved[hold_id] = world.resolved.get(hold_id, 0) + 1
+        broken = world.check.execute(invariant_sql, {"now": now}).fetchall()
+        assert broken == [], broken
+        assert all(count == 1 for count in world.resolved.values()), world.resolved
+        closed = {r[0] for r in world.check.execute("SELECT id FROM holds WHERE state <> 'open'")}
+        assert closed == set(world.resolved)
+
+
+def test_three_replicas_hammering_one_key_admit_exactly_what_the_cap_allows(conn, url):
+    cap, amount = 1000, 7
+    put(conn, "account", "a", Caps(balance_tokens=10**9))
+    put(conn, "key", "k", Caps(balance_tokens=cap), account="a")
+    writers = [replica(url, f"r{i % 3}") for i in range(6)]  # 3 replicas, 2 writer connections each
+    admitted = [0] * len(writers)
+    barrier = threading.Barrier(len(writers))
+    errors: list[BaseException] = []
+
+    def hammer(i: int) -> None:
+        rng = random.Random(i)
+        open_holds: list[str] = []
+        n = 0
+        try:
+            barrier.wait()
+            while True:
+                batch = [Reserve(f"w{i}-{n + j}", "k", amount, TTL_S) for j in range(rng.randint(1, 8))]
+                n += len(batch)
+                settle = [Resolve(h, "settled", amount) for h in open_holds]
+                _, placed = writers[i].step(settle, batch, NOW)
+                open_holds = [p.id for p in placed if isinstance(p, Hold)]
+                admitted[i] += len(open_holds)
+                if not open_holds and all(p.reason == "balance" for p in placed):
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sum(admitted) == cap // amount
+    row = principal(conn, "key", "k")
+    assert (row["spent_tokens"], row["held_tokens"], row["in_flight"]) == (cap // amount * amount, 0, 0)
+    assert conn.execute("SELECT COUNT(*) FROM holds WHERE state = 'settled'").fetchone()[0] == cap // amount
