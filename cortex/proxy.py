@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -30,6 +31,7 @@ from common.errors import ApiError
 from common.openai_schema import GenerationRequest
 from cortex.api.surfaces import StreamShape
 from cortex.budget.estimate import Estimate, estimate, prompt_tokens_floor
+from cortex.budget.exact_count import Counters, counts_inline
 from cortex.budget.ledger import Hold
 from cortex.budget.meter import Meter, Settlement, usage_counts
 from cortex.budget.pricing import Prices
@@ -187,6 +189,10 @@ class Proxy:
         self.upstream = upstream
         self.budget = budget
         self._in_flight_by_key: dict[tuple[str, str], int] = {}  # (key id, model) -> requests
+        # Exact prompt counts for catalogue models that name a tokenizer; large prompts are
+        # counted in worker threads, at most one per core at once.
+        self.counters = Counters()
+        self._count_threads = trio.CapacityLimiter(os.cpu_count() or 1)
         self.lifecycle: Lifecycle | None = None  # cold loads on demand; set by the app
 
     def model_info(self, name: str) -> ModelInfo | None:
@@ -204,6 +210,18 @@ class Proxy:
             return info
         limit = apply_limits({"context": info.context_tokens, "output": info.output_tokens}, defined)
         return dataclasses.replace(info, context_tokens=limit["context"], output_tokens=limit["output"], limits_reported=True)
+
+    async def _exact_prompt_tokens(self, gen: GenerationRequest) -> int | None:
+        """The prompt's tokens on the model's own tokenizer (the catalogue's `tokenizer`), or None:
+        then the byte bound holds. Large prompts are counted off the event loop."""
+        defined = self.catalogue.model(gen.model)
+        counter = self.counters.get(gen.model, defined.tokenizer if defined is not None else None)
+        if counter is None:
+            return None
+        if counts_inline(gen):
+            return counter.count(gen)
+        # Abandoned on cancel: the thread finishes on its own, and the counter is thread-safe.
+        return await trio.to_thread.run_sync(counter.count, gen, limiter=self._count_threads, abandon_on_cancel=True)
 
     @contextmanager
     def _fair_share(self, key: KeyRecord | None, model: str) -> Iterator[None]:
@@ -239,8 +257,10 @@ class Proxy:
         if not self.fleet.knows(gen.model) and not (self.lifecycle is not None and self.lifecycle.loadable(gen.model)):
             raise errors.model_not_found(request.log.get("model_requested", gen.model))
         info = self._model_info(gen.model)
-        est = estimate(gen, info, self.config.budget.fallback_output_tokens)
-        request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens)
+        exact = await self._exact_prompt_tokens(gen)
+        est = estimate(gen, info, self.config.budget.fallback_output_tokens, exact_prompt_tokens=exact)
+        request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens,
+                           prompt_count="exact" if exact is not None else "bound")
         meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen, info))
         with self._fair_share(key, gen.model):
             await self._generate(request, gen, path, key, est, meter)

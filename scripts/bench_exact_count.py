@@ -81,7 +81,7 @@ def tool(rng: random.Random, name: str) -> dict[str, Any]:
                        "additionalProperties": False, "$schema": "http://json-schema.org/draft-07/schema#"}}}
 
 
-def claude_code_request(seed: int = 1, turns: int = 9) -> dict[str, Any]:
+def claude_code_request(seed: int = 1, turns: int = 7) -> dict[str, Any]:
     """~48 KB of JSON: 3 system blocks, 12 tools, `turns` rounds of user / tool call / tool result / reply."""
     rng = random.Random(seed)
     system = [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},

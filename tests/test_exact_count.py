@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from common.chat_template import ChatTemplate, TokenizerFiles, special_tokens
 from common.openai_schema import chat_request, completion_request
 from cortex.budget.estimate import prompt_tokens_bound
-from cortex.budget.exact_count import ENTRY_BYTES, Counters, ExactCounter
+from cortex.budget.exact_count import ENTRY_BYTES, INLINE_CHARS_MAX, Counters, ExactCounter, counts_inline
 from cortex.fleet.catalogue import CatalogueError, load, parse
 from cortex.fleet.kinds import KINDS
 from cortex.fleet.registry import model_info
@@ -324,3 +324,13 @@ def test_an_explicit_tokenizer_config_is_used(checkpoint, tmp_path):
     files = parse({"models": [{"id": "m", "tokenizer": str(directory / "tokenizer.json"),
                                "tokenizer_config": str(other)}]}).model("m").tokenizer
     assert ExactCounter(files).count_chat([{"role": "user", "content": "x"}]) == 2  # bos and "1"
+
+
+def test_small_prompts_count_on_the_event_loop_and_large_ones_in_a_thread():
+    def gen(text: str, **extra) -> object:
+        return chat_request({"model": "m", "messages": [{"role": "user", "content": text}], **extra})
+
+    assert counts_inline(gen("hi"))
+    assert not counts_inline(gen("x" * INLINE_CHARS_MAX))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert not counts_inline(gen("hi", tools=tools))

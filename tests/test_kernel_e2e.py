@@ -164,3 +164,29 @@ def test_tools_are_rendered_into_the_prompt_and_the_reply_is_text(pair):
     assert reply["usage"]["prompt_tokens"] > HI_PROMPT_TOKENS
     message = reply["choices"][0]["message"]
     assert "tool_calls" not in message and "reasoning_content" not in message and isinstance(message["content"], str)
+
+
+def test_a_catalogue_tokenizer_holds_the_exact_prompt_count_and_admits_what_the_byte_bound_would_refuse(shared_stack: Stack):
+    from common.counting import count_chat
+    from neuron.engines.kernel.checkpoint import make_checkpoint
+
+    neuron = shared_stack.neuron("--engine", "kernel", "--model", MODEL, "--backend", "numpy")
+    files = make_checkpoint(MODEL, str(shared_stack.tmp_path / "synth-tiny-files"))
+    catalogue = shared_stack.tmp_path / "exact.toml"
+    catalogue.write_text(f'[[models]]\nid = "{MODEL}"\ntokenizer = "{files}/tokenizer.json"\n')
+    cortex = budget_cortex(shared_stack, neuron, args_extra=("--models", str(catalogue)))
+    # A long prompt (counted off the event loop) whose exact count is below cortex's byte bound.
+    # synth-tiny's context is 2048 tokens: about 1,600 bytes of prompt.
+    messages = [{"role": "system", "content": "You are a careful coding agent. " * 12},
+                {"role": "user", "content": "Refactor the parser, keep the tests green, explain each step. " * 18}]
+    exact = len(TOKENIZER.encode_chat(messages))
+    bound = count_chat(messages)
+    assert exact < bound
+    max_tokens = 8
+    key_id, key = create_key(cortex, "exact", balance_tokens=exact + max_tokens)  # the byte bound would not fit
+    r = _post(cortex.url, key, {"messages": messages, "max_tokens": max_tokens, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == exact  # what the engine counted: the hold's prompt part, exactly
+    recent = wait_until(lambda: [x for x in usage(cortex, key_id)["recent"] if x["state"] == "settled"])
+    assert recent[0]["held_tokens"] == exact + max_tokens
+    assert recent[0]["charged_tokens"] == exact + r.json()["usage"]["completion_tokens"] <= exact + max_tokens

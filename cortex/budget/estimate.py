@@ -9,7 +9,9 @@ an engine may render into the prompt (tools, response formats) and
 non-text content parts are added at their JSON byte size. A neuron whose
 engine renders another template (the kernel engine renders the
 checkpoint's) advertises its per-message and reply-primer costs, and the
-bound uses those.
+bound uses those. Where the catalogue names the model's tokenizer, the
+caller counts the prompt exactly (cortex/budget/exact_count.py) and passes
+that count in: it replaces the bound.
 
 Output: `max_completion_tokens`, else `max_tokens`, else what the model
 could still write (its `limit.output`, but no more than the context left
@@ -76,9 +78,12 @@ def prompt_tokens_floor(gen: GenerationRequest, model: ModelInfo | None = None) 
     return counting.count_chat(gen.messages)
 
 
-def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_tokens: int = FALLBACK_OUTPUT_TOKENS) -> Estimate:
-    """The worst-case cost of `gen`, or 400 context_length_exceeded."""
-    prompt = prompt_tokens_bound(gen, model)
+def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_tokens: int = FALLBACK_OUTPUT_TOKENS,
+             exact_prompt_tokens: int | None = None) -> Estimate:
+    """The worst-case cost of `gen`, or 400 context_length_exceeded. `exact_prompt_tokens`: the
+    prompt counted on the model's own tokenizer and template, held instead of the byte bound."""
+    assert exact_prompt_tokens is None or exact_prompt_tokens >= 1
+    prompt = exact_prompt_tokens if exact_prompt_tokens is not None else prompt_tokens_bound(gen, model)
     asked = gen.max_output_tokens
     if model is None:
         return Estimate(prompt, asked if asked is not None else fallback_output_tokens)

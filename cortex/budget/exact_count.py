@@ -44,7 +44,9 @@ branch off), so a request adds O(chars / stride) entries.
 **Threads.** The counter is shared by every request for the model and is
 called from worker threads (`trio.to_thread.run_sync`) for large prompts:
 the template and tokenizer are used read-only, and the cache is guarded by
-a lock.
+a lock. A large text is encoded with `encode_batch`, which releases the GIL
+(`encode` holds it for the whole encoding, which would stall the event
+loop's thread as much as counting on it).
 
 **None** means "cannot count exactly here": a render error (the engine
 would refuse the request, or the template needs what cortex does not know),
@@ -75,6 +77,12 @@ ENTRY_BYTES = 224
 STRIDE_CHARS = 512
 TAIL_BOUNDARIES = 8  # of every request, cached whatever the stride
 DIGEST_BYTES = 32
+# Above this, encode through `encode_batch`, which releases the GIL (`encode` holds it throughout:
+# a worker thread counting a large prompt would otherwise stall the event loop just the same).
+GIL_FREE_CHARS_MIN = 4096
+# A prompt with fewer characters is counted on the event loop (cold, < ~1 ms at ~0.5 µs a
+# character); a larger one in a worker thread (scripts/bench_exact_count.py measures both).
+INLINE_CHARS_MAX = 2048
 # Fields some servers read to render differently (vLLM, SGLang): an exact count cannot know how.
 RENDER_FIELDS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
                  "documents")
@@ -157,7 +165,7 @@ class ExactCounter:
     def count_completion(self, prompt: str) -> int | None:
         """A legacy prompt: its tokens with the tokenizer's own specials (a BOS), no template."""
         try:
-            ids = self._tok.encode(prompt, add_special_tokens=True).ids
+            ids = self._encode(prompt, add_special_tokens=True).ids
         except Exception:  # tokenizers raises bare exceptions
             return self._refuse()
         self._note(len(prompt), hit=False)
@@ -196,7 +204,7 @@ class ExactCounter:
         return self._count_whole(text, boundaries, digests)
 
     def _count_whole(self, text: str, boundaries: list[_Boundary], digests: list[bytes]) -> int:
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._encode(text)
         self._note(len(text), hit=False)
         self._store(enc, boundaries, digests, 0, 0, 0)
         return len(enc.ids)
@@ -205,12 +213,17 @@ class ExactCounter:
                     prefix_tokens: int) -> int | None:
         """The count with text[:boundaries[index]] cached; None if the suffix disproves the cut."""
         cut = boundaries[index]
-        enc = self._tok.encode(text[cut.pos:], add_special_tokens=False)
+        enc = self._encode(text[cut.pos:])
         if not enc.ids or enc.ids[0] != cut.token_id:
             return None  # not the boundary it was taken for: count the whole text instead
         self._note(len(text) - cut.pos, hit=True)
         self._store(enc, boundaries, digests, index + 1, cut.pos, prefix_tokens)
         return prefix_tokens + len(enc.ids)
+
+    def _encode(self, text: str, add_special_tokens: bool = False) -> Any:
+        if len(text) < GIL_FREE_CHARS_MIN:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def _boundaries(self, text: str) -> list[_Boundary]:
         if self._added_re is None:
@@ -262,6 +275,27 @@ class ExactCounter:
         with self._lock:
             self.stats.refused += 1
         return None
+
+
+def prompt_chars(gen: GenerationRequest) -> int:
+    """The characters of a request's text and tools, cheaply (no JSON encoding): where to count it."""
+    if gen.kind == "completion":
+        return len(gen.prompt)
+    total = 0
+    for message in gen.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        if message.get("tool_calls"):
+            total += INLINE_CHARS_MAX  # unmeasured: send it to a thread
+    return total + (INLINE_CHARS_MAX if gen.tools else 0)
+
+
+def counts_inline(gen: GenerationRequest) -> bool:
+    """Cheap enough to count on the event loop."""
+    return prompt_chars(gen) < INLINE_CHARS_MAX
 
 
 def _text_only(messages: list[dict[str, Any]]) -> bool:
