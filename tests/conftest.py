@@ -161,4 +161,4 @@ def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05
 
 
 # One PostgreSQL server for the whole run (started on first use), shared by every module that needs it.
-from tests.postgres import pg_server, pg_url  # noqa: E402,F401 (fixtures)
+from tests.postgres import pg_ledger_url, pg_server, pg_url  # noqa: E402,F401 (fixtures)

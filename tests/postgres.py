@@ -311,3 +311,13 @@ def pg_url(pg_server: PgServer, monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in pg_server.env.items():
         monkeypatch.setenv(key, value)
     return pg_server.url(name)
+
+
+@pytest.fixture
+def pg_ledger_url(pg_url: str) -> str:
+    """A fresh database migrated to this cortex's schema."""
+    from cortex.budget import pg_schema
+
+    with pg_schema.connect(pg_url) as conn:
+        pg_schema.migrate(conn)
+    return pg_url

@@ -123,45 +123,7 @@ def test_the_shipped_template_is_the_presets() -> None:
 
 # -- cortex's reservation bound ------------------------------------------------------------------
 
-_text = st.one_of(
-    st.text(max_size=40),
-    st.text(alphabet=st.characters(min_codepoint=0x80, codec="utf-8"), max_size=40),  # multi-byte only; no lone surrogates: request parsing refuses them (common/openai_schema.py)
-    st.text(max_size=3000),  # long
-    st.sampled_from(["", "<|eot_id|>", "<|user|>hi", "\n\n", "{\"a\":1}"]),
-)
-_name = st.one_of(st.none(), st.text(alphabet=st.characters(categories=["L", "N"]), min_size=1, max_size=12))
-_call = st.builds(
-    lambda i, name, args: {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}},
-    st.integers(0, 99), st.text(alphabet=st.characters(categories=["L"]), min_size=1, max_size=10),
-    st.builds(json.dumps, st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=3)),
-)
-
-
-@st.composite
-def _message(draw: st.DrawFn) -> dict:
-    role = draw(st.sampled_from(["system", "developer", "user", "assistant", "tool"]))
-    message: dict = {"role": role}
-    if draw(st.booleans()):
-        message["content"] = draw(_text)
-    else:
-        message["content"] = [{"type": "text", "text": draw(_text)} for _ in range(draw(st.integers(1, 3)))]
-    name = draw(_name)
-    if name is not None and role in ("system", "user", "assistant"):
-        message["name"] = name
-    if role == "tool":
-        message["tool_call_id"] = "call_1"
-    if role == "assistant" and draw(st.booleans()):
-        message["tool_calls"] = draw(st.lists(_call, min_size=1, max_size=3))
-        if draw(st.booleans()):
-            message["content"] = None
-    return message
-
-
-_tools = st.one_of(st.none(), st.lists(st.builds(
-    lambda name, desc: {"type": "function", "function": {"name": name, "description": desc,
-                                                         "parameters": {"type": "object", "properties": {}}}},
-    st.text(alphabet=st.characters(categories=["L"]), min_size=1, max_size=8), st.text(max_size=30),
-), min_size=1, max_size=3))
+from tests.chat_strategies import _message, _text, _tools  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -52,10 +52,8 @@ def principal(conn: psycopg.Connection[Any], kind: str, pid: str) -> dict[str, A
 
 
 @pytest.fixture
-def url(pg_url: str) -> str:
-    with pg_schema.connect(pg_url) as conn:
-        pg_schema.migrate(conn)
-    return pg_url
+def url(pg_ledger_url: str) -> str:
+    return pg_ledger_url
 
 
 @pytest.fixture

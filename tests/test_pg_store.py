@@ -44,10 +44,8 @@ WHERE NOT ((p.balance_tokens IS NULL OR p.spent_tokens + p.held_tokens <= p.bala
 
 
 @pytest.fixture
-def url(pg_url: str) -> str:
-    with pg_schema.connect(pg_url) as conn:
-        pg_schema.migrate(conn)
-    return pg_url
+def url(pg_ledger_url: str) -> str:
+    return pg_ledger_url
 
 
 @pytest.fixture
