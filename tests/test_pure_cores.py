@@ -228,3 +228,40 @@ def test_the_fast_token_count_agrees_with_the_json_count(frame):
     for ensure_ascii in (False, True):
         data = json.dumps(frame, separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
         assert chunk_output_tokens(data) == output_tokens(frame)
+
+
+def test_only_an_exact_prompt_count_refuses_a_context_overflow_before_the_upstream():
+    from cortex.budget.estimate import estimate
+
+    gen = chat_request(parse_json_object(json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "word " * 100}], "max_tokens": 50}
+    ).encode()))
+    bound = counting.count_chat(gen.messages)
+    assert bound + 50 > 300
+    unknown = ModelInfo("m", 300, 300)  # a tokenizer cortex does not know: its bound is no count
+    assert estimate(gen, unknown).prompt_tokens == bound  # the upstream decides
+    for exact in (ModelInfo("m", 300, 300, bound_exact=True), None):
+        with pytest.raises(ApiError) as refused:
+            estimate(gen, exact or unknown, exact_prompt_tokens=None if exact else 260)
+        assert refused.value.code == "context_length_exceeded"
+    assert estimate(gen, unknown, exact_prompt_tokens=240).prompt_tokens == 240  # 240 + 50 fits
+    # Without max_tokens the output bound is what the context leaves after the bound, valid anywhere.
+    open_ended = chat_request(parse_json_object(json.dumps({"model": "m", "messages": gen.messages}).encode()))
+    assert estimate(open_ended, ModelInfo("m", 1000, 1000)).output_tokens == 1000 - bound
+
+
+def test_a_byte_level_fleet_counts_as_exact_and_a_real_tokenizer_does_not():
+    fleet = Fleet(["http://n1"])
+    entry = {"id": "m", "limit": {"context": 100, "output": 50}}
+
+    def advertise(e: dict) -> None:
+        entries = KINDS["neuron"].parse_models({"/v1/models": {"data": [e]}})
+        fleet.poll_succeeded("http://n1", {name: model_info(x, 0, 0) for name, x in entries.items()})
+
+    advertise(entry)
+    assert fleet.model_info("m").bound_exact
+    advertise({**entry, "tokenizer": {"kind": "byte-level", "message_overhead_tokens": counting.MESSAGE_OVERHEAD_TOKENS,
+                                      "reply_primer_tokens": counting.REPLY_PRIMER_TOKENS}})
+    assert fleet.model_info("m").bound_exact  # the mock neuron's own advertisement
+    advertise({**entry, "tokenizer": {"kind": "bpe", "message_overhead_tokens": 5, "reply_primer_tokens": 3}})
+    assert not fleet.model_info("m").bound_exact

@@ -73,16 +73,33 @@ def test_a_kind_that_reports_no_limits_uses_the_configured_defaults_and_says_so(
 
 
 @pytest.mark.parametrize("kind", ("vllm", "sglang", "llamacpp", "tgi"))
-def test_a_prompt_past_the_reported_context_is_refused_before_the_upstream_sees_it(stack: Stack, kind):
+def test_a_prompt_past_the_context_by_cortexs_bound_is_the_upstreams_decision_and_its_refusal_frees_the_hold(stack: Stack, kind):
+    # Over an unknown tokenizer cortex's byte bound is no count: the upstream, which knows its
+    # tokenizer, decides; its refusal is mapped to context_length_exceeded and nothing is charged.
     upstream, cortex = fronted(stack, kind, "--context", "300")
     key_id, key = create_key(cortex, balance_tokens=100_000)
     r = httpx.post(
         cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
         json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 5},
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert not [q for q in httpx.get(upstream.url + "/_standin/requests", timeout=10).json() if q["method"] == "POST"]
-    assert usage(cortex, key_id)["usage"]["spent_tokens"] == 0
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert [q for q in httpx.get(upstream.url + "/_standin/requests", timeout=10).json() if q["method"] == "POST"]
+    view = usage(cortex, key_id)["usage"]
+    assert view["spent_tokens"] == 0 and view["held_tokens"] == 0
+
+
+@pytest.mark.parametrize("kind", ("vllm", "llamacpp"))
+def test_a_prompt_that_fits_the_upstream_but_not_cortexs_byte_bound_is_served(stack: Stack, kind):
+    # 800 bytes of prompt: past a 300-token context by the byte bound, about 205 tokens by the
+    # stand-in's own tokenizer (4 bytes a token), so it fits.
+    upstream, cortex = fronted(stack, kind, "--context", "300")
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    r = httpx.post(
+        cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 160}], "max_tokens": 5},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] + 5 <= 300 < len("word " * 160)
 
 
 def test_an_overflow_only_the_upstream_knows_of_is_mapped_to_context_length_exceeded(stack: Stack):

@@ -17,7 +17,12 @@ Output: `max_completion_tokens`, else `max_tokens`, else what the model
 could still write (its `limit.output`, but no more than the context left
 after the prompt), else a configured fallback when the model's limits are
 unknown. A request that cannot fit the context is refused here, before any
-hold, exactly as the neuron would refuse it.
+hold, when the prompt count is exact (the model's own tokenizer, or a
+byte-level neuron); over an unknown tokenizer a request with its own
+`max_tokens` goes to the upstream, which decides (its refusal is mapped and
+the hold released), since the byte bound alone would refuse prompts that
+fit. Without `max_tokens`, the output bound is the context left after the
+bound, so the request is valid on any upstream.
 """
 
 from __future__ import annotations
@@ -96,7 +101,11 @@ def estimate(gen: GenerationRequest, model: ModelInfo | None, fallback_output_to
             param="max_completion_tokens" if gen.body.get("max_completion_tokens") is not None else "max_tokens",
         )
     if asked is not None:
-        if prompt + asked > model.context_tokens:
+        # Only an exact count may refuse a context overflow here. A byte bound over an unknown
+        # tokenizer is often several times the real count: the upstream decides, its refusal is
+        # mapped to context_length_exceeded and the hold released.
+        exact = exact_prompt_tokens is not None or model.bound_exact
+        if exact and prompt + asked > model.context_tokens:
             raise errors.context_length_exceeded(prompt, asked, model.context_tokens)
         return Estimate(prompt, asked)
     if prompt >= model.context_tokens:

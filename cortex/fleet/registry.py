@@ -30,6 +30,16 @@ class ModelInfo:
     # False: the server advertised its own costs, which are only upper bounds.
     template_exact: bool = True
     completion_prefix_tokens: int = 0  # special tokens a completion prompt gains (a BOS)
+    # The prompt bound is the exact count on every replica (a byte-level tokenizer and
+    # common/counting's template): cortex may then refuse a context overflow itself.
+    bound_exact: bool = False
+
+
+def _counts_as_cortex(info: ModelInfo) -> bool:
+    """The server renders common/counting's template (its own, or advertised at the same costs)."""
+    return (info.message_overhead_tokens, info.reply_primer_tokens, info.completion_prefix_tokens) == (
+        counting.MESSAGE_OVERHEAD_TOKENS, counting.REPLY_PRIMER_TOKENS, 0
+    )
 
 
 def model_info(entry: ModelEntry, default_context_tokens: int, default_output_tokens: int) -> ModelInfo:
@@ -157,8 +167,9 @@ class Fleet:
 
     def model_info(self, model: str) -> ModelInfo | None:
         """The tightest limits advertised for `model` by healthy nodes (any node if none)."""
-        infos = [n.models[model] for n in self.nodes if model in n.models and n.healthy]
-        infos = infos or [n.models[model] for n in self.nodes if model in n.models]
+        nodes = [n for n in self.nodes if model in n.models and n.healthy]
+        nodes = nodes or [n for n in self.nodes if model in n.models]
+        infos = [n.models[model] for n in nodes]
         if not infos:
             return None
         # Limits: the tightest, so any replica can take it. Template costs: the dearest, so the
@@ -169,6 +180,7 @@ class Fleet:
             reply_primer_tokens=max(i.reply_primer_tokens for i in infos),
             template_exact=all(i.template_exact for i in infos),
             completion_prefix_tokens=max(i.completion_prefix_tokens for i in infos),
+            bound_exact=all(_counts_as_cortex(i) and self.token_bytes_max(n, model) == 1 for n, i in zip(nodes, infos)),
         )
 
     def token_bytes_max(self, node: Node, model: str) -> int:
