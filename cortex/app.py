@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import re
 import time
@@ -320,7 +322,9 @@ class CortexApp:
         if not self.fleet.knows(self.catalogue.resolve(counted.gen.model)):
             raise errors.model_not_found(counted.gen.model)
         model = self.proxy.model_info(counted.gen.model)
-        await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted, model))
+        served = dataclasses.replace(counted.gen, model=self.catalogue.resolve(counted.gen.model))
+        exact = await self.proxy.exact_prompt_tokens(served)
+        await asgi.send_json(request.send, 200, anthropic.count_tokens_body(counted, model, exact))
 
     # --- everything else -------------------------------------------------------------
 

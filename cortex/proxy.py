@@ -211,7 +211,7 @@ class Proxy:
         limit = apply_limits({"context": info.context_tokens, "output": info.output_tokens}, defined)
         return dataclasses.replace(info, context_tokens=limit["context"], output_tokens=limit["output"], limits_reported=True)
 
-    async def _exact_prompt_tokens(self, gen: GenerationRequest) -> int | None:
+    async def exact_prompt_tokens(self, gen: GenerationRequest) -> int | None:
         """The prompt's tokens on the model's own tokenizer (the catalogue's `tokenizer`), or None:
         then the byte bound holds. Large prompts are counted off the event loop."""
         defined = self.catalogue.model(gen.model)
@@ -257,7 +257,7 @@ class Proxy:
         if not self.fleet.knows(gen.model) and not (self.lifecycle is not None and self.lifecycle.loadable(gen.model)):
             raise errors.model_not_found(request.log.get("model_requested", gen.model))
         info = self._model_info(gen.model)
-        exact = await self._exact_prompt_tokens(gen)
+        exact = await self.exact_prompt_tokens(gen)
         est = estimate(gen, info, self.config.budget.fallback_output_tokens, exact_prompt_tokens=exact)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens,
                            prompt_count="exact" if exact is not None else "bound")

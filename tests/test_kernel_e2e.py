@@ -190,3 +190,8 @@ def test_a_catalogue_tokenizer_holds_the_exact_prompt_count_and_admits_what_the_
     recent = wait_until(lambda: [x for x in usage(cortex, key_id)["recent"] if x["state"] == "settled"])
     assert recent[0]["held_tokens"] == exact + max_tokens
     assert recent[0]["charged_tokens"] == exact + r.json()["usage"]["completion_tokens"] <= exact + max_tokens
+    # Claude Code asks count_tokens before it sends: the answer is the same exact count.
+    counted = httpx.post(cortex.url + "/v1/messages/count_tokens", timeout=30,
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                         json={"model": MODEL, "system": messages[0]["content"], "messages": messages[1:]})
+    assert counted.status_code == 200 and counted.json() == {"input_tokens": exact}

@@ -119,9 +119,10 @@ def count_tokens_request(body: dict[str, Any]) -> AnthropicRequest:
     return _translate(body, count_only=True)
 
 
-def count_tokens_body(request: AnthropicRequest, model: ModelInfo | None = None) -> dict[str, int]:
-    """`{"input_tokens": N}`: the prompt bound the budget reserves for the same request."""
-    return {"input_tokens": prompt_tokens_bound(request.gen, model)}
+def count_tokens_body(request: AnthropicRequest, model: ModelInfo | None = None, exact: int | None = None) -> dict[str, int]:
+    """`{"input_tokens": N}`: what the budget reserves for the same request's prompt (the exact
+    count on the model's own tokenizer where the catalogue names it, else the bound)."""
+    return {"input_tokens": exact if exact is not None else prompt_tokens_bound(request.gen, model)}
 
 
 def _translate(body: dict[str, Any], count_only: bool) -> AnthropicRequest:
