@@ -27,16 +27,25 @@ The PostgreSQL figures exclude the Trio shell (not built yet: there is no
 BudgetService on PgLedger); the SQLite figures include it. So the ratio is
 the ledger's ceiling, not the full request path's.
 
+4. With --batch-cost, instead: the cost of one `cortex_batch` per reserve+settle
+   pair at batch sizes 16 to 1024 (one replica, the same durable server), to
+   show that it is flat in the batch size: the server's execution time
+   (EXPLAIN ANALYZE of the statement, commit excluded) and the client's wall
+   time of `step` (driver, round trip and durable commit included).
+
 Usage
 -----
-    python scripts/bench_pg_ledger.py            # 3 s per point
-    python scripts/bench_pg_ledger.py --quick    # 1 s per point
+    python scripts/bench_pg_ledger.py                # 3 s per point
+    python scripts/bench_pg_ledger.py --quick        # 1 s per point
+    python scripts/bench_pg_ledger.py --batch-cost   # per-pair cost by batch size
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 import threading
 import time
@@ -54,7 +63,7 @@ import bench_ledger  # noqa: E402
 import psycopg  # noqa: E402
 
 from cortex.budget import pg_schema  # noqa: E402
-from cortex.budget.pg_ledger import Hold, PgLedger, Reserve, Resolve  # noqa: E402
+from cortex.budget.pg_ledger import _BATCH_SQL, Hold, PgLedger, Reserve, Resolve  # noqa: E402
 from tests import postgres as pgfix  # noqa: E402
 
 BATCHES = (1, 16, 128)
@@ -64,6 +73,10 @@ ESTIMATE_TOKENS = 160
 ACTUAL_TOKENS = 120
 TTL_S = 600.0
 LEASE_S = 30.0
+COST_BATCHES = (16, 128, 256, 512, 1024)
+COST_PAIRS = 8192  # reserve+settle pairs measured per batch size (at least COST_MIN_STEPS steps)
+COST_MIN_STEPS = 8
+COST_WARM_STEPS = 3
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 
 
@@ -175,6 +188,69 @@ def run_pg_point(server: pgfix.PgServer, replicas: int, batch: int, seconds: flo
     return PgPoint(replicas, batch, sum(pairs), elapsed, tx, trips, server_total / client_total)
 
 
+def run_batch_cost(server: pgfix.PgServer, batch: int) -> tuple[float, float]:
+    """(server µs, client µs) per reserve+settle pair at `batch`: medians over the measured steps.
+
+    Each step settles the previous step's `batch` holds and reserves `batch`
+    new ones, alternately timed by the client around `PgLedger.step` and by
+    the server as EXPLAIN ANALYZE's execution time of the same statement
+    (which runs it for real: its holds are the ones the next step settles).
+    """
+    url = fresh_ledger(server)
+    ledger = PgLedger(pg_schema.connect(url), "replica-0", LEASE_S)
+    steps = max(COST_MIN_STEPS, COST_PAIRS // batch)
+    open_holds: list[str] = []
+    server_s: list[float] = []
+    client_s: list[float] = []
+    try:
+        for i in range(COST_WARM_STEPS + 2 * steps):
+            reserves = [Reserve(uuid.uuid4().hex, "bench", ESTIMATE_TOKENS, TTL_S) for _ in range(batch)]
+            settles = [Resolve(h, "settled", ACTUAL_TOKENS) for h in open_holds]
+            if i % 2:
+                params = ledger.batch_params(settles, reserves, time.time())
+                plan = ledger.conn.execute("EXPLAIN (ANALYZE, TIMING OFF) " + _BATCH_SQL, params).fetchall()
+                ms = next(float(m[1]) for (line,) in plan if (m := re.match(r"Execution Time: ([\d.]+) ms", line)))
+                if i >= COST_WARM_STEPS:
+                    server_s.append(ms / 1000)
+                open_holds = [q.hold_id for q in reserves]  # the fresh ledger's cap admits them all
+            else:
+                started = time.perf_counter()
+                done, placed = ledger.step(settles, reserves, time.time())
+                if i >= COST_WARM_STEPS:
+                    client_s.append(time.perf_counter() - started)
+                assert all(done) and all(isinstance(p, Hold) for p in placed)
+                open_holds = [p.id for p in placed]
+        ledger.step([Resolve(h, "settled", ACTUAL_TOKENS) for h in open_holds], [], time.time())
+        spent, held = ledger.conn.execute("SELECT spent_tokens, held_tokens FROM keys").fetchone()
+        assert held == 0 and spent % ACTUAL_TOKENS == 0
+    finally:
+        ledger.conn.close()
+    return statistics.median(server_s) / batch * 1e6, statistics.median(client_s) / batch * 1e6
+
+
+def batch_cost_main() -> int:
+    server = start_server()
+    try:
+        rows = []
+        for batch in COST_BATCHES:
+            server_us, client_us = run_batch_cost(server, batch)
+            rows.append((batch, server_us, client_us))
+            print(f"batch {batch:<5d} server {server_us:7.1f} us/pair  step {client_us:7.1f} us/pair",
+                  file=sys.stderr, flush=True)
+        version = psycopg.connect(server.url(), autocommit=True).execute("SHOW server_version").fetchone()[0]
+    finally:
+        server.stop()
+    print()
+    print(f"PostgreSQL {version} (durable), psycopg {psycopg.__version__}; {os.cpu_count()} CPUs; one replica,"
+          " one key and one account; each step settles the previous step's batch and reserves a new one")
+    print()
+    print("| batch | server µs / pair (cortex_batch, commit excluded) | client µs / pair (PgLedger.step, durable commit) |")
+    print("|---:|---:|---:|")
+    for batch, server_us, client_us in rows:
+        print(f"| {batch} | {server_us:.1f} | {client_us:.1f} |")
+    return 0
+
+
 def run_sqlite(seconds: float, modes: list[str]) -> dict[tuple[int, str], float]:
     async def main() -> dict[tuple[int, str], float]:
         out = {}
@@ -193,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 s per point")
     ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--batch-cost", action="store_true", help="per-pair cost of one cortex_batch by batch size")
     args = ap.parse_args(argv)
+    if args.batch_cost:
+        return batch_cost_main()
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     modes = ["full", "normal"]
     sqlite = run_sqlite(seconds, modes)

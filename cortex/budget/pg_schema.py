@@ -294,14 +294,22 @@ CREATE FUNCTION cortex_batch(
 LANGUAGE plpgsql AS $$
 -- One group commit: resolve `r_*` (each exactly once), then judge the reserves `q_*` in order.
 -- Lock order, always: the holds to resolve by id, then accounts by id, then keys by id.
+--
+-- Linear in the batch: every per-item lookup is set-based SQL (unnest ... WITH ORDINALITY joined
+-- by hash, once per batch) or an O(1) subscript of an expanded array indexed by input position or
+-- by principal; nothing searches an array inside a per-item loop, and no array grows by appending
+-- per item. The only per-item loop is the in-order judging of the reserves, which must see the
+-- holds of the reserves before it; its fast path is one comparison per principal against the
+-- room each cap leaves (exactly the per-cap checks, rearranged), and only a reserve that fails
+-- it takes the per-cap path that builds the refusal's details.
 #variable_conflict use_column
 DECLARE
     now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
     nr INTEGER := COALESCE(array_length(r_ids, 1), 0);
     nq INTEGER := COALESCE(array_length(q_ids, 1), 0);
     rec RECORD;
-    -- the open holds being resolved, locked
-    h_id TEXT[] := '{}'; h_key TEXT[] := '{}'; h_t BIGINT[] := '{}'; h_u BIGINT[] := '{}'; h_done BOOLEAN[] := '{}';
+    -- the open holds being resolved, locked, in id order
+    h_id TEXT[]; h_key TEXT[]; h_t BIGINT[]; h_u BIGINT[]; h_tid TID[];
     -- the principals, locked: accounts 1..na, keys na+1..n
     a_ids TEXT[]; k_ids TEXT[]; na INTEGER := 0; n INTEGER := 0;
     p_kind TEXT[] := '{}'; p_id TEXT[] := '{}'; p_acct INTEGER[] := '{}'; p_revoked BOOLEAN[] := '{}';
@@ -314,29 +322,37 @@ DECLARE
     wu_t BIGINT[] := '{}'; wu_u BIGINT[] := '{}'; ch_t BIGINT[] := '{}'; ch_u BIGINT[] := '{}';
     pu_t BIGINT[] := '{}'; pu_u BIGINT[] := '{}'; ps DOUBLE PRECISION[] := '{}'; pe DOUBLE PRECISION[] := '{}';
     pspec TEXT[] := '{}'; bws DOUBLE PRECISION[] := '{}';
-    -- what this batch writes
-    u_id TEXT[] := '{}'; u_state TEXT[] := '{}'; u_ct BIGINT[] := '{}'; u_cu BIGINT[] := '{}'; u_actual BIGINT[] := '{}';
-    i_id TEXT[] := '{}'; i_key TEXT[] := '{}'; i_acct TEXT[] := '{}'; i_t BIGINT[] := '{}'; i_u BIGINT[] := '{}';
-    i_ttl DOUBLE PRECISION[] := '{}'; i_rid TEXT[] := '{}'; i_model TEXT[] := '{}'; i_cid TEXT[] := '{}';
-    existing TEXT[];
+    -- what each cap leaves for more holds once this batch's resolutions are in (constant while judging)
+    room_t BIGINT[] := '{}'; room_u BIGINT[] := '{}'; room_c INTEGER[] := '{}';
+    -- the resolutions, by input position: resolved?, the charge, the hold's key (as a principal) and amounts
+    r_ok BOOLEAN[]; r_ct BIGINT[]; r_cu BIGINT[]; r_k INTEGER[]; r_ht BIGINT[]; r_hu BIGINT[]; r_tid TID[];
+    n_ok INTEGER;
+    -- the reserves, by input position: the key (as a principal), whether the id is already a hold, the
+    -- position of the id's first occurrence in the batch, and what judging decided
+    q_k INTEGER[]; q_exists BOOLEAN[]; q_first INTEGER[]; q_ok BOOLEAN[]; q_det JSONB[]; taken BOOLEAN[];
     b_kind TEXT[] := '{}'; b_id TEXT[] := '{}'; b_start DOUBLE PRECISION[] := '{}'; b_end DOUBLE PRECISION[] := '{}';
     b_t BIGINT[] := '{}'; b_u BIGINT[] := '{}';
-    i INTEGER; j INTEGER; k INTEGER; pi INTEGER; cnt INTEGER;
-    ct BIGINT; cu BIGINT; x BIGINT; y BIGINT; aged BIGINT; excess BIGINT;
+    i INTEGER; k INTEGER; ac INTEGER; pi INTEGER; cnt INTEGER;
+    qt BIGINT; qu BIGINT; x BIGINT; y BIGINT; aged BIGINT; excess BIGINT;
     spec TEXT; bounds DOUBLE PRECISION[]; bucket_s DOUBLE PRECISION; bstart DOUBLE PRECISION;
-    fails JSONB;
+    fails JSONB; seqscan TEXT;
 BEGIN
     IF nr <> COALESCE(array_length(r_states, 1), 0) OR nq <> COALESCE(array_length(q_keys, 1), 0) THEN
         RAISE EXCEPTION 'cortex_batch: arrays of different lengths';
     END IF;
-    o_now := now_s;  -- every row says which instant the batch was judged at
-    o_account := NULL;
     -- 1. Lock the holds to resolve, in id order; one resolved meanwhile is no longer 'open' and drops out.
-    FOR rec IN SELECT h.id, h.key_id, h.amount_tokens, h.amount_usd FROM holds h
-               WHERE h.id = ANY(r_ids) AND h.state = 'open' ORDER BY h.id FOR UPDATE LOOP
-        h_id := h_id || rec.id; h_key := h_key || rec.key_id;
-        h_t := h_t || rec.amount_tokens; h_u := h_u || rec.amount_usd; h_done := h_done || false;
-    END LOOP;
+    --    One primary-key probe per distinct id, in id order (a nested loop over the sorted ids; the
+    --    locking subquery cannot be flattened). `(state || '')` keeps the planner off the partial
+    --    indexes on open holds: a bitmap scan of those visits the entries of every hold resolved since
+    --    the last vacuum, a cost that grows with the history, not with the batch. The locked
+    --    version's ctid lets step 4 update it without searching again.
+    SELECT COALESCE(array_agg(l.id ORDER BY l.id), '{}'), COALESCE(array_agg(l.key_id ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.amount_tokens ORDER BY l.id), '{}'), COALESCE(array_agg(l.amount_usd ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.ctid ORDER BY l.id), '{}')
+    INTO h_id, h_key, h_t, h_u, h_tid
+    FROM (SELECT DISTINCT r.id FROM unnest(r_ids) AS r(id) WHERE r.id IS NOT NULL ORDER BY r.id) r
+    CROSS JOIN LATERAL (SELECT h.id, h.key_id, h.amount_tokens, h.amount_usd, h.ctid FROM holds h
+                        WHERE h.id = r.id AND (h.state || '') = 'open' FOR UPDATE) l;
     -- 2. Lock every principal either side touches: accounts by id, then keys by id.
     k_ids := ARRAY(SELECT DISTINCT x FROM unnest(h_key || q_keys) AS t(x) ORDER BY x);
     a_ids := ARRAY(SELECT DISTINCT account_id FROM keys WHERE id = ANY(k_ids) ORDER BY account_id);
@@ -370,9 +386,9 @@ BEGIN
         pu_t[n] := rec.period_used_tokens; pu_u[n] := rec.period_used_usd; bws[n] := rec.buckets_window_s;
         wu_t[n] := 0; wu_u[n] := 0; ch_t[n] := 0; ch_u[n] := 0;
     END LOOP;
-    FOR pi IN na + 1 .. n LOOP
-        p_acct[pi] := array_position(p_id[1:na], acct_of[pi]);
-    END LOOP;
+    -- Each key's account, as a principal's position (NULL for the accounts themselves): one hash join.
+    p_acct := ARRAY(SELECT pa.pos FROM unnest(acct_of) WITH ORDINALITY AS pk(acct, pos)
+                    LEFT JOIN unnest(p_id[1:na]) WITH ORDINALITY AS pa(id, pos) ON pa.id = pk.acct ORDER BY pk.pos);
     -- 3. Each principal's calendar period (rolled forward, never back) and sliding-window usage.
     FOR pi IN 1 .. n LOOP
         IF per_kind[pi] IS NULL THEN
@@ -424,51 +440,68 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
-    -- 4. Resolutions, in order; a hold named twice, or no longer open, reports false.
-    FOR i IN 1 .. nr LOOP
-        o_part := 'resolve'; o_idx := i; o_detail := NULL;
-        j := array_position(h_id, r_ids[i]);
-        IF j IS NULL OR h_done[j] THEN
-            o_ok := false; o_tokens := 0; o_usd := 0;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        h_done[j] := true;
-        IF r_states[i] = 'settled' THEN
-            ct := LEAST(r_tokens[i], h_t[j]); cu := LEAST(r_usd[i], h_u[j]);
-        ELSIF r_states[i] = 'released' THEN
-            ct := 0; cu := 0;
-        ELSIF r_states[i] IN ('expired', 'orphaned') THEN
-            ct := h_t[j]; cu := h_u[j];
-        ELSE
-            RAISE EXCEPTION 'cortex_batch: a hold cannot be resolved as %', r_states[i];
-        END IF;
-        IF ct < 0 OR cu < 0 THEN RAISE EXCEPTION 'cortex_batch: a negative charge'; END IF;
-        k := na + array_position(p_id[na + 1 : n], h_key[j]);
-        FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
-            held_t[pi] := held_t[pi] - h_t[j]; held_u[pi] := held_u[pi] - h_u[j]; infl[pi] := infl[pi] - 1;
-            IF held_t[pi] < 0 OR held_u[pi] < 0 OR infl[pi] < 0 THEN
-                RAISE EXCEPTION 'cortex_batch: % % holds less than its open holds', p_kind[pi], p_id[pi];
+    -- 4. Resolutions, set-based: the first mention of a locked open hold resolves it; a hold named
+    --    again, or no longer open, reports false. Charges are capped at the hold.
+    IF nr > 0 THEN
+        SELECT array_agg(c.ok ORDER BY c.pos), array_agg(c.ct ORDER BY c.pos), array_agg(c.cu ORDER BY c.pos),
+               array_agg(c.k ORDER BY c.pos), array_agg(c.ht ORDER BY c.pos), array_agg(c.hu ORDER BY c.pos),
+               array_agg(c.tid ORDER BY c.pos), COUNT(*) FILTER (WHERE c.ok)
+        INTO r_ok, r_ct, r_cu, r_k, r_ht, r_hu, r_tid, n_ok
+        FROM (SELECT m.pos, m.ok, m.k, m.ht, m.hu, m.tid,
+                     CASE WHEN NOT m.ok THEN 0 WHEN m.st = 'settled' THEN LEAST(m.t, m.ht) WHEN m.st = 'released' THEN 0
+                          WHEN m.st IN ('expired', 'orphaned') THEN m.ht END AS ct,
+                     CASE WHEN NOT m.ok THEN 0 WHEN m.st = 'settled' THEN LEAST(m.u, m.hu) WHEN m.st = 'released' THEN 0
+                          WHEN m.st IN ('expired', 'orphaned') THEN m.hu END AS cu
+              FROM (SELECT r.pos, r.st, r.t, r.u, h.t AS ht, h.u AS hu, h.tid, na + pk.pos AS k,
+                           (h.id IS NOT NULL AND row_number() OVER (PARTITION BY r.id ORDER BY r.pos) = 1) AS ok
+                    FROM unnest(r_ids, r_states, r_tokens, r_usd) WITH ORDINALITY AS r(id, st, t, u, pos)
+                    LEFT JOIN unnest(h_id, h_key, h_t, h_u, h_tid) AS h(id, key_id, t, u, tid) ON h.id = r.id
+                    LEFT JOIN unnest(p_id[na + 1 : n]) WITH ORDINALITY AS pk(id, pos) ON pk.id = h.key_id
+                    WHERE r.pos <= nr) m) c;
+        -- The first resolution (in order) that cannot be made aborts the batch, as it always did.
+        SELECT c.pos INTO i FROM unnest(r_ok, r_ct, r_cu, r_k) WITH ORDINALITY AS c(ok, ct, cu, k, pos)
+        WHERE c.ok AND (c.ct IS NULL OR c.ct < 0 OR c.cu < 0 OR c.k IS NULL) ORDER BY c.pos LIMIT 1;
+        IF i IS NOT NULL THEN
+            IF r_ct[i] IS NULL THEN
+                RAISE EXCEPTION 'cortex_batch: a hold cannot be resolved as %', r_states[i];
+            ELSIF r_k[i] IS NULL THEN
+                RAISE EXCEPTION 'cortex_batch: hold % names a key that is not in the ledger', r_ids[i];
             END IF;
-            spent_t[pi] := spent_t[pi] + ct; spent_u[pi] := spent_u[pi] + cu;
-            IF pspec[pi] IS NOT NULL THEN pu_t[pi] := pu_t[pi] + ct; pu_u[pi] := pu_u[pi] + cu; END IF;
-            IF bws[pi] IS NOT NULL THEN
-                wu_t[pi] := wu_t[pi] + ct; wu_u[pi] := wu_u[pi] + cu;
-                ch_t[pi] := ch_t[pi] + ct; ch_u[pi] := ch_u[pi] + cu;
-            END IF;
+            RAISE EXCEPTION 'cortex_batch: a negative charge';
+        END IF;
+        -- Per key, what its resolutions free and charge; each key's sums go to it and to its account.
+        FOR rec IN SELECT c.k, SUM(c.ht) AS ht, SUM(c.hu) AS hu, COUNT(*) AS cnt, SUM(c.ct) AS ct, SUM(c.cu) AS cu
+                   FROM unnest(r_ok, r_k, r_ht, r_hu, r_ct, r_cu) AS c(ok, k, ht, hu, ct, cu)
+                   WHERE c.ok GROUP BY c.k ORDER BY c.k LOOP
+            FOREACH pi IN ARRAY ARRAY[rec.k, p_acct[rec.k]] LOOP
+                held_t[pi] := held_t[pi] - rec.ht; held_u[pi] := held_u[pi] - rec.hu; infl[pi] := infl[pi] - rec.cnt;
+                IF held_t[pi] < 0 OR held_u[pi] < 0 OR infl[pi] < 0 THEN
+                    RAISE EXCEPTION 'cortex_batch: % % holds less than its open holds', p_kind[pi], p_id[pi];
+                END IF;
+                spent_t[pi] := spent_t[pi] + rec.ct; spent_u[pi] := spent_u[pi] + rec.cu;
+                IF pspec[pi] IS NOT NULL THEN pu_t[pi] := pu_t[pi] + rec.ct; pu_u[pi] := pu_u[pi] + rec.cu; END IF;
+                IF bws[pi] IS NOT NULL THEN
+                    wu_t[pi] := wu_t[pi] + rec.ct; wu_u[pi] := wu_u[pi] + rec.cu;
+                    ch_t[pi] := ch_t[pi] + rec.ct; ch_u[pi] := ch_u[pi] + rec.cu;
+                END IF;
+            END LOOP;
         END LOOP;
-        u_id := u_id || r_ids[i]; u_state := u_state || r_states[i]; u_ct := u_ct || ct; u_cu := u_cu || cu;
-        u_actual := u_actual || CASE WHEN r_states[i] = 'settled' THEN r_tokens[i] END;
-        o_ok := true; o_tokens := ct; o_usd := cu;
-        RETURN NEXT;
-    END LOOP;
-    IF array_length(u_id, 1) > 0 THEN
-        UPDATE holds h SET state = u.state, charged_tokens = u.ct, charged_usd = u.cu, actual_tokens = u.actual,
-                           resolved_at = now_s
-        FROM unnest(u_id, u_state, u_ct, u_cu, u_actual) AS u(id, state, ct, cu, actual)
-        WHERE h.id = u.id AND h.state = 'open';
-        GET DIAGNOSTICS cnt = ROW_COUNT;
-        IF cnt <> array_length(u_id, 1) THEN RAISE EXCEPTION 'cortex_batch: a locked hold was not open'; END IF;
+        IF n_ok > 0 THEN
+            -- The planner prices a TID scan at a random page per hold and may prefer to scan the whole
+            -- (young) table, a cost of the history: this statement alone runs with seq scans off.
+            seqscan := current_setting('enable_seqscan');
+            PERFORM set_config('enable_seqscan', 'off', true);
+            UPDATE holds h SET state = c.st, charged_tokens = c.ct, charged_usd = c.cu,
+                               actual_tokens = CASE WHEN c.st = 'settled' THEN c.t END, resolved_at = now_s
+            FROM unnest(r_tid, r_ids, r_states, r_tokens, r_ct, r_cu, r_ok) AS c(tid, id, st, t, ct, cu, ok)
+            -- The locked versions, by ctid (a TID scan: `(state || '')`, as in step 1, rules out the partial indexes).
+            WHERE h.ctid = ANY(r_tid) AND c.ok AND h.ctid = c.tid AND h.id = c.id AND (h.state || '') = 'open';
+            GET DIAGNOSTICS cnt = ROW_COUNT;
+            PERFORM set_config('enable_seqscan', seqscan, true);
+            IF cnt <> n_ok THEN RAISE EXCEPTION 'cortex_batch: a locked hold was not open'; END IF;
+        END IF;
+        RETURN QUERY SELECT 'resolve'::text, c.pos::integer, c.ok, c.ct, c.cu, NULL::jsonb, NULL::text, now_s
+                     FROM unnest(r_ok, r_ct, r_cu) WITH ORDINALITY AS c(ok, ct, cu, pos);
     END IF;
     -- Charges join the bucket that contains now; a bucket's end is never before a charge in it.
     FOR pi IN 1 .. n LOOP
@@ -487,75 +520,99 @@ BEGIN
             bucket_end = GREATEST(b.bucket_end, excluded.bucket_end);
     END IF;
     -- 5. Reserves, in order: each is judged against the holds of those before it.
-    existing := ARRAY(SELECT id FROM holds WHERE id = ANY(q_ids));
-    FOR i IN 1 .. nq LOOP
-        o_part := 'reserve'; o_idx := i; o_tokens := 0; o_usd := 0;
-        k := na + array_position(p_id[na + 1 : n], q_keys[i]);
-        IF k IS NULL THEN
-            fails := jsonb_build_array(jsonb_build_object('reason', 'unknown', 'kind', 'key', 'id', q_keys[i]));
-        ELSIF p_revoked[k] THEN
-            fails := jsonb_build_array(jsonb_build_object('reason', 'revoked', 'kind', 'key', 'id', q_keys[i]));
-        ELSIF q_ids[i] = ANY(existing) OR q_ids[i] = ANY(i_id) THEN
-            fails := jsonb_build_array(jsonb_build_object('reason', 'duplicate', 'kind', 'key', 'id', q_keys[i]));
-        ELSIF q_tokens[i] < 0 OR q_usd[i] < 0 OR NOT q_ttl[i] > 0 THEN
-            RAISE EXCEPTION 'cortex_batch: a reserve needs amounts >= 0 and a ttl > 0';
-        ELSE
-            fails := '[]'::jsonb;
-            FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
-                IF bal_t[pi] IS NOT NULL AND spent_t[pi] + held_t[pi] + q_tokens[i] > bal_t[pi] THEN
-                    fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'tokens', 'limit', bal_t[pi], 'used', spent_t[pi], 'held', held_t[pi], 'asked', q_tokens[i]);
-                END IF;
-                IF bal_u[pi] IS NOT NULL AND spent_u[pi] + held_u[pi] + q_usd[i] > bal_u[pi] THEN
-                    fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'usd', 'limit', bal_u[pi], 'used', spent_u[pi], 'held', held_u[pi], 'asked', q_usd[i]);
-                END IF;
-                IF win_t[pi] IS NOT NULL AND wu_t[pi] + held_t[pi] + q_tokens[i] > win_t[pi] THEN
-                    excess := wu_t[pi] + held_t[pi] + q_tokens[i] - win_t[pi];
-                    fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'tokens', 'limit', win_t[pi], 'used', wu_t[pi], 'held', held_t[pi], 'asked', q_tokens[i],
-                        'window_s', win_s[pi], 'excess', excess, 'wait_s',
-                        CASE WHEN excess <= wu_t[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, false) END);
-                END IF;
-                IF win_u[pi] IS NOT NULL AND wu_u[pi] + held_u[pi] + q_usd[i] > win_u[pi] THEN
-                    excess := wu_u[pi] + held_u[pi] + q_usd[i] - win_u[pi];
-                    fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'usd', 'limit', win_u[pi], 'used', wu_u[pi], 'held', held_u[pi], 'asked', q_usd[i],
-                        'window_s', win_s[pi], 'excess', excess, 'wait_s',
-                        CASE WHEN excess <= wu_u[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, true) END);
-                END IF;
-                IF per_t[pi] IS NOT NULL AND pu_t[pi] + held_t[pi] + q_tokens[i] > per_t[pi] THEN
-                    fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'tokens', 'limit', per_t[pi], 'used', pu_t[pi], 'held', held_t[pi], 'asked', q_tokens[i],
-                        'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
-                END IF;
-                IF per_u[pi] IS NOT NULL AND pu_u[pi] + held_u[pi] + q_usd[i] > per_u[pi] THEN
-                    fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'unit', 'usd', 'limit', per_u[pi], 'used', pu_u[pi], 'held', held_u[pi], 'asked', q_usd[i],
-                        'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
-                END IF;
-                IF maxc[pi] IS NOT NULL AND infl[pi] + 1 > maxc[pi] THEN
-                    fails := fails || jsonb_build_object('reason', 'concurrency', 'kind', p_kind[pi], 'id', p_id[pi],
-                        'limit', maxc[pi]);
-                END IF;
-            END LOOP;
-        END IF;
-        IF jsonb_array_length(fails) > 0 THEN
-            o_ok := false; o_detail := fails;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        FOREACH pi IN ARRAY ARRAY[k, p_acct[k]] LOOP
-            held_t[pi] := held_t[pi] + q_tokens[i]; held_u[pi] := held_u[pi] + q_usd[i];
-            infl[pi] := infl[pi] + 1; grew[pi] := true;
+    IF nq > 0 THEN
+        -- Per reserve, set-based: its key's position (NULL: unknown), whether its id is already a
+        -- hold, and the position of its id's first occurrence in the batch (for duplicates within it).
+        SELECT array_agg(s.k ORDER BY s.pos), array_agg(s.ex ORDER BY s.pos), array_agg(s.first ORDER BY s.pos)
+        INTO q_k, q_exists, q_first
+        -- The existing ids: one primary-key probe per reserve (OFFSET 0 keeps the probe a subquery, so
+        -- the planner cannot turn it into a hash of the whole holds table, a cost of the history).
+        FROM (SELECT q.pos, na + pk.pos AS k, e.id IS NOT NULL AS ex, MIN(q.pos) OVER (PARTITION BY q.id) AS first
+              FROM unnest(q_ids, q_keys) WITH ORDINALITY AS q(id, key_id, pos)
+              LEFT JOIN unnest(p_id[na + 1 : n]) WITH ORDINALITY AS pk(id, pos) ON pk.id = q.key_id
+              LEFT JOIN LATERAL (SELECT h.id FROM holds h WHERE h.id = q.id OFFSET 0) e ON true
+              WHERE q.pos <= nq) s;
+        -- What each principal's caps leave for holds: a reserve fits a cap iff used + held + amount
+        -- <= cap, i.e. amount <= (cap - used) - held; the least over the caps is the room.
+        FOR pi IN 1 .. n LOOP
+            room_t[pi] := COALESCE(LEAST(bal_t[pi] - spent_t[pi], win_t[pi] - wu_t[pi], per_t[pi] - pu_t[pi]),
+                                   9223372036854775807);
+            room_u[pi] := COALESCE(LEAST(bal_u[pi] - spent_u[pi], win_u[pi] - wu_u[pi], per_u[pi] - pu_u[pi]),
+                                   9223372036854775807);
+            room_c[pi] := COALESCE(maxc[pi], 2147483647);
         END LOOP;
-        i_id := i_id || q_ids[i]; i_key := i_key || q_keys[i]; i_acct := i_acct || p_id[p_acct[k]];
-        i_t := i_t || q_tokens[i]; i_u := i_u || q_usd[i]; i_ttl := i_ttl || q_ttl[i];
-        i_rid := i_rid || q_request_ids[i]; i_model := i_model || q_models[i]; i_cid := i_cid || q_client_ids[i];
-        o_ok := true; o_detail := NULL; o_account := p_id[p_acct[k]];
-        RETURN NEXT;
-        o_account := NULL;
-    END LOOP;
+        q_ok := array_fill(false, ARRAY[nq]); q_det := array_fill(NULL::jsonb, ARRAY[nq]);
+        taken := array_fill(false, ARRAY[nq]);
+        FOR i IN 1 .. nq LOOP
+            k := q_k[i];
+            IF k IS NULL THEN
+                q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'unknown', 'kind', 'key', 'id', q_keys[i]));
+                CONTINUE;
+            ELSIF p_revoked[k] THEN
+                q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'revoked', 'kind', 'key', 'id', q_keys[i]));
+                CONTINUE;
+            ELSIF q_exists[i] OR taken[q_first[i]] THEN  -- already a hold, or admitted earlier in this batch
+                q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'duplicate', 'kind', 'key', 'id', q_keys[i]));
+                CONTINUE;
+            ELSIF q_tokens[i] < 0 OR q_usd[i] < 0 OR NOT q_ttl[i] > 0 THEN
+                RAISE EXCEPTION 'cortex_batch: a reserve needs amounts >= 0 and a ttl > 0';
+            END IF;
+            ac := p_acct[k]; qt := q_tokens[i]; qu := q_usd[i];
+            IF (qt <= room_t[k] - held_t[k] AND qu <= room_u[k] - held_u[k] AND infl[k] < room_c[k]
+                AND qt <= room_t[ac] - held_t[ac] AND qu <= room_u[ac] - held_u[ac] AND infl[ac] < room_c[ac]) IS NOT TRUE THEN
+                -- Some cap refuses it: every failing cap, on the key and then on its account.
+                fails := '[]'::jsonb;
+                FOREACH pi IN ARRAY ARRAY[k, ac] LOOP
+                    IF bal_t[pi] IS NOT NULL AND spent_t[pi] + held_t[pi] + qt > bal_t[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', bal_t[pi], 'used', spent_t[pi], 'held', held_t[pi], 'asked', qt);
+                    END IF;
+                    IF bal_u[pi] IS NOT NULL AND spent_u[pi] + held_u[pi] + qu > bal_u[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', bal_u[pi], 'used', spent_u[pi], 'held', held_u[pi], 'asked', qu);
+                    END IF;
+                    IF win_t[pi] IS NOT NULL AND wu_t[pi] + held_t[pi] + qt > win_t[pi] THEN
+                        excess := wu_t[pi] + held_t[pi] + qt - win_t[pi];
+                        fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', win_t[pi], 'used', wu_t[pi], 'held', held_t[pi], 'asked', qt,
+                            'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                            CASE WHEN excess <= wu_t[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, false) END);
+                    END IF;
+                    IF win_u[pi] IS NOT NULL AND wu_u[pi] + held_u[pi] + qu > win_u[pi] THEN
+                        excess := wu_u[pi] + held_u[pi] + qu - win_u[pi];
+                        fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', win_u[pi], 'used', wu_u[pi], 'held', held_u[pi], 'asked', qu,
+                            'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                            CASE WHEN excess <= wu_u[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, true) END);
+                    END IF;
+                    IF per_t[pi] IS NOT NULL AND pu_t[pi] + held_t[pi] + qt > per_t[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', per_t[pi], 'used', pu_t[pi], 'held', held_t[pi], 'asked', qt,
+                            'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                    END IF;
+                    IF per_u[pi] IS NOT NULL AND pu_u[pi] + held_u[pi] + qu > per_u[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', per_u[pi], 'used', pu_u[pi], 'held', held_u[pi], 'asked', qu,
+                            'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                    END IF;
+                    IF maxc[pi] IS NOT NULL AND infl[pi] + 1 > maxc[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'concurrency', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'limit', maxc[pi]);
+                    END IF;
+                END LOOP;
+                IF jsonb_array_length(fails) > 0 THEN
+                    q_det[i] := fails;
+                    CONTINUE;
+                END IF;
+            END IF;
+            held_t[k] := held_t[k] + qt; held_u[k] := held_u[k] + qu; infl[k] := infl[k] + 1; grew[k] := true;
+            held_t[ac] := held_t[ac] + qt; held_u[ac] := held_u[ac] + qu; infl[ac] := infl[ac] + 1; grew[ac] := true;
+            q_ok[i] := true; taken[q_first[i]] := true;
+        END LOOP;
+        RETURN QUERY SELECT 'reserve'::text, c.pos::integer, c.ok, 0::bigint, 0::bigint, c.det,
+                            CASE WHEN c.ok THEN p_id[p_acct[c.k]] END, now_s
+                     FROM unnest(q_ok, q_det, q_k) WITH ORDINALITY AS c(ok, det, k, pos);
+    END IF;
     -- 6. Write the principals back. The guard re-checks, in SQL on the locked row, every cap of a
     --    principal whose holds grew: it cannot fail unless the judging above is wrong.
     UPDATE accounts a SET held_tokens = u.ht, held_usd = u.hu, in_flight = u.inf, spent_tokens = u.st,
@@ -585,13 +642,14 @@ BEGIN
         AND (a.max_concurrency IS NULL OR u.inf <= a.max_concurrency)));
     GET DIAGNOSTICS cnt = ROW_COUNT;
     IF cnt <> n - na THEN RAISE EXCEPTION 'cortex_batch: a key cap check failed at write-back'; END IF;
-    IF array_length(i_id, 1) > 0 THEN
+    IF nq > 0 THEN
         INSERT INTO holds (id, key_id, account_id, amount_tokens, amount_usd, created_at, expires_at, state,
                            request_id, model, client_request_id, replica_id, lease_deadline)
-        SELECT u.id, u.key_id, u.acct, u.t, u.u, now_s, now_s + u.ttl, 'open', u.rid, u.model, u.cid, p_replica,
-               now_s + p_lease_s
-        FROM unnest(i_id, i_key, i_acct, i_t, i_u, i_ttl, i_rid, i_model, i_cid)
-             AS u(id, key_id, acct, t, u, ttl, rid, model, cid);
+        SELECT c.id, c.key_id, p_id[p_acct[c.k]], c.t, c.u, now_s, now_s + c.ttl, 'open', c.rid, c.model, c.cid,
+               p_replica, now_s + p_lease_s
+        FROM unnest(q_ids, q_keys, q_tokens, q_usd, q_ttl, q_request_ids, q_models, q_client_ids, q_ok, q_k)
+             AS c(id, key_id, t, u, ttl, rid, model, cid, ok, k)
+        WHERE c.ok;
     END IF;
 END $$"""
 
