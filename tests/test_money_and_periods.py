@@ -336,3 +336,27 @@ async def test_a_balance_that_refuses_fires_its_full_threshold_though_spend_is_b
     assert sorted(rows) == [(0.9, "100"), (1.0, "100")]
     body = service.store.conn.execute("SELECT body FROM alert_outbox ORDER BY seq DESC LIMIT 1").fetchone()[0]
     assert b'"exhausted":true' in body and b'"spent":92' in body
+
+
+async def test_an_expired_hold_marks_its_key_and_account_for_the_alert_evaluator(tmp_path):
+    from cortex.budget.alerts import parse_alert_rules
+
+    clock = Clock(at("2026-12-01T12:00:00"))
+    service = await _service(tmp_path / "l.db", clock)
+    key, _ = await service.create_key("k", None, Caps(balance_tokens=100))
+    await service.start_alerts(parse_alert_rules([{"url": "http://127.0.0.1:9/hook"}], {}))
+    await service.reserve(key, Estimate(30, 30), "r1", "m")
+    assert not service._alert_dirty
+    clock.now += service.config.hold_ttl_s + 1
+    (expired,) = await service.expire_due()
+    assert expired.charged_tokens == 60
+    assert service._alert_dirty == {("key", key.id), ("account", "default")}
+
+
+def test_a_top_up_refuses_an_unknown_field():
+    from cortex.api.admin import _top_up_amounts
+
+    assert _top_up_amounts({"tokens": 5, "usd": "0.5"}) == (5, 500_000)
+    with pytest.raises(ApiError) as refused:
+        _top_up_amounts({"tokens": 5, "credits": 5})
+    assert refused.value.status == 400 and refused.value.param == "credits"

@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 PICO_PER_MICRO = 10**6
@@ -37,9 +38,9 @@ class Prices:
 
     @classmethod
     def from_cost(cls, cost: Any) -> "Prices":
-        """From the catalogue's `Cost` (USD per 1M tokens); an absent cached price is the input price."""
-        cached = cost.cached_input if cost.cached_input is not None else cost.input
-        return cls(_pico(cost.input), _pico(cost.output), _pico(cached))
+        """From the catalogue's `Cost` (USD per 1M tokens); an absent cached price is the input price.
+        Cached per Cost (frozen, hashable): the proxy asks once per request."""
+        return _prices_of(cost)
 
     def hold_usd(self, prompt_tokens_bound: int, output_tokens_max: int) -> int:
         """The worst case: every prompt token at the dearer of the two input prices."""
@@ -51,6 +52,12 @@ class Prices:
         cached = min(max(cached_tokens, 0), prompt_tokens)
         pico = (prompt_tokens - cached) * self.input_pusd + cached * self.cached_input_pusd + output_tokens * self.output_pusd
         return _micro_up(pico)
+
+
+@lru_cache(maxsize=4096)
+def _prices_of(cost: Any) -> Prices:
+    cached = cost.cached_input if cost.cached_input is not None else cost.input
+    return Prices(_pico(cost.input), _pico(cost.output), _pico(cached))
 
 
 def _pico(usd_per_million: float) -> int:
