@@ -27,6 +27,7 @@ from cortex.budget import datadir
 from cortex.budget.estimate import prompt_tokens_bound
 from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
+from cortex.budget.shared_service import SharedBudgetService
 from cortex.budget.store import PutMeta, ThreadedStore
 from cortex.config import Config
 from cortex.fleet.health import poll_forever
@@ -46,8 +47,18 @@ StoreFactory = Callable[[Config, GatewayMetrics], Any]
 
 
 @asynccontextmanager
-async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterator[ThreadedStore]:
-    """The production store: the data dir's lock, then SQLite behind the writer thread."""
+async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterator[Any]:
+    """The production store: the data dir's lock, then SQLite behind the writer thread;
+    or, with `budget.ledger`, this replica's handle on the shared PostgreSQL ledger."""
+    if config.budget.ledger:
+        from cortex.budget.pg_shared import PgShared
+
+        budget = config.budget
+        async with PgShared.open(
+            budget.ledger, budget.replica_id or None, budget.lease_s, on_commit=metrics.observe_commit
+        ) as shared:
+            yield shared
+        return
     lock = datadir.lock(config.budget.data_dir)
     try:
         path = datadir.ledger_path(config.budget.data_dir)
@@ -117,12 +128,14 @@ class CortexApp:
 
         try:
             async with self._store_factory(self.config, self.metrics) as store:
-                self.budget = await BudgetService.load(
+                service = SharedBudgetService if getattr(store, "shared", False) else BudgetService
+                self.budget = await service.load(
                     store, self._clock, self.config.budget, self.metrics, self._ledger_factory()
                 )
                 self.proxy.budget = self.budget
-                # The offline CLI reads the default period zone from the ledger, so both agree.
-                await store.commit([PutMeta("period_timezone", self.config.budget.period_timezone)])
+                if not getattr(store, "shared", False):
+                    # The offline CLI reads the default period zone from the ledger, so both agree.
+                    await store.commit([PutMeta("period_timezone", self.config.budget.period_timezone)])
                 if self.config.admin.token:
                     self._admin = AdminApi(
                         self.budget, self.config.admin.token, self.config.server.body_timeout_s, self.reload_catalogue,
@@ -131,7 +144,7 @@ class CortexApp:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(poll_forever, self.fleet, self.upstream, self.config.fleet)
                     await nursery.start(self.lifecycle.run)
-                    await nursery.start(self.budget.expire_forever)
+                    await nursery.start(self.budget.run_background)
                     if self.config.alerts:
                         budget = self.config.budget
                         sender = await self.budget.start_alerts(

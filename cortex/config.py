@@ -104,6 +104,11 @@ class BudgetConfig:
     alert_timeout_s: float = 10.0  # one webhook delivery attempt
     alert_retry_for_s: float = 86400.0  # an alert undelivered this long is given up (counted)
     alert_outbox_max: int = 10000  # undelivered alerts kept; past it the oldest are dropped (counted)
+    # The shared ledger of many replicas: a postgresql:// URL (the password in PGPASSWORD or .pgpass,
+    # never in the URL). Empty: the data dir's SQLite, for one process.
+    ledger: str = ""
+    replica_id: str = ""  # empty: host-pid-random, unique per process life
+    lease_s: float = 30.0  # a dead replica's holds are reaped this long after its last heartbeat
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,13 @@ def validate(config: Config) -> None:
         parse_period_spec("daily", config.budget.period_timezone)
     except PeriodError as exc:
         raise ConfigError(f"'budget.period_timezone': {exc}") from None
+    if config.budget.ledger:
+        from cortex.budget.pg_schema import LedgerUrlError, ledger_url
+
+        try:
+            ledger_url(config.budget.ledger)
+        except LedgerUrlError as exc:
+            raise ConfigError(f"'budget.ledger': {exc}") from None
     if config.budget.synchronous not in ("normal", "full", "extra"):
         raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
     if config.admin.token and len(config.admin.token) < 16:

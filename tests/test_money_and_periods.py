@@ -189,7 +189,7 @@ async def test_a_period_refusal_retries_exactly_at_the_boundary_and_is_admitted_
         await service.reserve(key, Estimate(10, 10), "r3", "m")
     clock.now = at(boundary)
     hold = await service.reserve(key, Estimate(10, 10), "r4", "m")  # usage reset by construction
-    usage = service.usage("key", key.id)
+    usage = await service.usage("key", key.id)
     assert usage["period"]["used_tokens"] == 0 and usage["remaining"]["period_tokens"] == 80
     assert usage["period"]["start"] == datetime.fromtimestamp(at(boundary), timezone.utc).isoformat().replace("+00:00", "Z")
 

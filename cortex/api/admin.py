@@ -191,20 +191,19 @@ class AdminApi:
         head, rest = parts[0], parts[1:]
         if head == "keys" and not rest:
             if method == "GET":
-                return 200, {"data": [self._key_view(k) for k in self.budget.keys.values()]}
+                return 200, {"data": await self._key_views(await self.budget.key_records())}
             if method == "POST":
                 return await self._create_key(await self._body(request))
         elif head == "accounts" and not rest:
             if method == "GET":
-                ids = sorted(pid for kind, pid in self.budget.ledger.principals if kind == "account")
-                return 200, {"data": [self.budget.usage("account", i) for i in ids]}
+                return 200, {"data": await self.budget.usages("account", self.budget.account_ids())}
             if method == "POST":
                 body = await self._body(request)
                 account_id = body.get("id")
                 if not isinstance(account_id, str):
                     raise errors.invalid_request("'id' must be a string.", param="id")
                 await self.budget.create_account(account_id, caps_from(body, self.budget.config.period_timezone, ("id",)))
-                return 201, self.budget.usage("account", account_id)
+                return 201, await self.budget.usage("account", account_id)
         elif head in ("keys", "accounts") and rest:
             return await self._principal(request, "key" if head == "keys" else "account", rest)
         elif head == "fleet" and rest == ["reload"]:
@@ -232,9 +231,10 @@ class AdminApi:
                     return 200, await self._key_detail(rest[0], _recent_limit(request))
                 if "recent" in request.query:
                     recent = _recent_limit(request)
-                    ids = list(self.budget.keys)  # a snapshot: keys created while this awaits come next time
+                    # A snapshot: keys created while this awaits come next time.
+                    ids = [k.id for k in await self.budget.key_records()]
                     return 200, {"data": [await self._key_detail(i, recent) for i in ids]}
-                return 200, {"data": [self._key_view(k) for k in self.budget.keys.values()]}
+                return 200, {"data": await self._key_views(await self.budget.key_records())}
         else:
             raise errors.not_found(request.path)
         raise errors.method_not_allowed(method, request.path, ["GET", "POST"])
@@ -260,7 +260,7 @@ class AdminApi:
                 raise errors.method_not_allowed(request.method, request.path, ["GET"])
             if kind == "key":
                 return 200, await self._key_detail(principal_id, _recent_limit(request))
-            return 200, {**self.budget.usage("account", principal_id), "spend": await self.budget.spend("account", principal_id)}
+            return 200, {**await self.budget.usage("account", principal_id), "spend": await self.budget.spend("account", principal_id)}
         if request.method != "POST":
             raise errors.method_not_allowed(request.method, request.path, ["POST"])
         if action == "topup":
@@ -273,7 +273,7 @@ class AdminApi:
             raise errors.not_found(request.path)
         if kind == "key":
             return 200, await self._key_detail(principal_id)
-        return 200, self.budget.usage("account", principal_id)
+        return 200, await self.budget.usage("account", principal_id)
 
     async def _create_key(self, body: dict[str, Any]) -> tuple[int, Any]:
         name, account = body.get("name"), body.get("account")
@@ -282,21 +282,21 @@ class AdminApi:
         if account is not None and not isinstance(account, str):
             raise errors.invalid_request("'account' must be a string.", param="account")
         record, plaintext = await self.budget.create_key(name, account, caps_from(body, self.budget.config.period_timezone, ("name", "account")))
-        return 201, {**self._key_view(record), "key": plaintext}
+        return 201, {**(await self._key_views([record]))[0], "key": plaintext}
 
-    def _key_view(self, record: Any) -> dict[str, Any]:
-        usage = self.budget.usage("key", record.id)
-        return {**record.view(), "limits": usage["limits"], "usage": usage}
+    async def _key_views(self, records: list[Any]) -> list[dict[str, Any]]:
+        usages = await self.budget.usages("key", [r.id for r in records])
+        return [{**r.view(), "limits": u["limits"], "usage": u} for r, u in zip(records, usages)]
 
     async def _key_detail(self, key_id: str, recent: int = RECENT_DEFAULT) -> dict[str, Any]:
-        if key_id not in self.budget.keys:
+        record = await self.budget.key_record(key_id)
+        if record is None:
             raise ApiError(404, f"No key {key_id!r}.", code="not_found")
-        record = self.budget.keys[key_id]
-        view = self._key_view(record)
+        view = (await self._key_views([record]))[0]
         view["usage"]["spend"] = await self.budget.spend("key", key_id)
         return {
             **view,
-            "account_usage": self.budget.usage("account", record.account_id),
+            "account_usage": await self.budget.usage("account", record.account_id),
             "recent": await self.budget.recent(key_id, recent),
         }
 

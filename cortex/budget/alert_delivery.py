@@ -100,12 +100,16 @@ class FireAlert:
 
     def apply_sql(self, conn: sqlite3.Connection) -> None:
         assert self.outbox_max >= 1 and self.key[0] == self.rule_id
-        conn.execute(
+        # Conditional, so that of replicas sharing a ledger only one fires a crossing (and a replay fires none).
+        fired = conn.execute(
             "INSERT INTO alert_state (rule_id, principal_kind, principal_id, cap, threshold, epoch, fired_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, principal_kind, principal_id, cap, threshold)"
-            " DO UPDATE SET epoch = excluded.epoch, fired_at = excluded.fired_at",
+            " DO UPDATE SET epoch = excluded.epoch, fired_at = excluded.fired_at WHERE alert_state.epoch <> excluded.epoch"
+            " RETURNING epoch",
             (*self.key, self.epoch, self.created_at),
-        )
+        ).fetchone()
+        if fired is None:
+            return
         conn.execute(  # idempotent: applying the same op twice queues one event
             "INSERT INTO alert_outbox (event_id, rule_id, url, body, created_at, attempts, next_attempt_at)"
             " VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (event_id) DO NOTHING",

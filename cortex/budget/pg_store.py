@@ -196,6 +196,11 @@ class PgAdmission:
         await trio.lowlevel.checkpoint()
         return None
 
+    def resolve_soon(self, res: Resolve) -> None:
+        """Queue a resolution without a checkpoint (settlement paths that must not be interrupted)."""
+        self._check_open()
+        self._defer(res)
+
     async def release(self, hold_id: str, durable: bool = False) -> bool | None:
         return await self.resolve(Resolve(hold_id, "released"), durable)
 

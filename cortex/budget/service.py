@@ -145,8 +145,12 @@ class BudgetService:
         self._alert_dirty_event = trio.Event()
         # (kind, id, cap) -> epoch: caps that refused a request (spent for practical purposes).
         self._alert_exhausted: dict[tuple[str, str, str], str] = {}
-        metrics.holds_outstanding.set_function(lambda: len(ledger.holds))
-        metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in ledger.holds.values()))
+        metrics.holds_outstanding.set_function(lambda: len(self.open_holds()))
+        metrics.held_tokens.set_function(lambda: sum(h.amount_tokens for h in self.open_holds()))
+
+    def open_holds(self) -> list[Hold]:
+        """The holds this process has open (for the gauges)."""
+        return list(self.ledger.holds.values())
 
     @classmethod
     async def load(
@@ -210,15 +214,7 @@ class BudgetService:
         its worst case at them, held on every money cap in the same reserve.
         """
         now = self.clock()
-        if prices is None and self.config.unpriced != "free" and self._money_capped(key):
-            self.metrics.refusals.inc(reason="unpriced")
-            raise ApiError(
-                403,
-                f"The model {model!r} has no price in the catalogue, and this key's budget is in USD, so the request"
-                " cannot be charged. Ask the operator to price the model (cost.input and cost.output in the catalogue),"
-                " or use a priced model.",
-                type="permission_error", code="model_not_priced",
-            )
+        self._refuse_unpriced(key, model, prices)
         amount_usd = prices.hold_usd(estimate.prompt_tokens, estimate.output_tokens) if prices is not None else 0
         hold_id = f"hold_{self._id_prefix}{next(self._hold_seq):x}"
         result = self.ledger.reserve(
@@ -243,6 +239,17 @@ class BudgetService:
             await self.release(hold)  # cancelled while the hold was being written
             raise
         return hold
+
+    def _refuse_unpriced(self, key: KeyRecord, model: str, prices: Prices | None) -> None:
+        if prices is None and self.config.unpriced != "free" and self._money_capped(key):
+            self.metrics.refusals.inc(reason="unpriced")
+            raise ApiError(
+                403,
+                f"The model {model!r} has no price in the catalogue, and this key's budget is in USD, so the request"
+                " cannot be charged. Ask the operator to price the model (cost.input and cost.output in the catalogue),"
+                " or use a priced model.",
+                type="permission_error", code="model_not_priced",
+            )
 
     def _money_capped(self, key: KeyRecord) -> bool:
         return any(self.ledger.principal(kind, pid).caps.money for kind, pid in (("key", key.id), ("account", key.account_id)))
@@ -312,9 +319,13 @@ class BudgetService:
             self._alert_dirty_event = trio.Event()
             dirty, self._alert_dirty = self._alert_dirty, set()
             try:
+                await self._refresh_for_alerts(dirty)
                 await self._commit_alerts(self._alert_ops(sorted(dirty)))
             except StoreError as exc:  # the next start-up's sweep fires what this lost
                 logs.event("ledger_write_failed", logging.ERROR, alerts=len(dirty), error=str(exc))
+
+    async def _refresh_for_alerts(self, principals: set[tuple[str, str]]) -> None:
+        """The ledger in memory is the truth here; a shared ledger's service reads it first."""
 
     def _mark_exhausted(self, refusal: Refusal) -> None:
         kind, principal_id, cap = refusal.principal_kind, refusal.principal_id, f"{refusal.reason}_{refusal.unit}"
@@ -354,6 +365,10 @@ class BudgetService:
         return self.ledger.headroom(key.id, self.clock())
 
     # --- background ------------------------------------------------------------------
+
+    async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """What the service runs beside the requests, in the app's nursery: here, hold expiry."""
+        await self.expire_forever(task_status=task_status)
 
     async def expire_forever(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -484,9 +499,21 @@ class BudgetService:
                 record.revoked_at = at
         return record
 
-    def usage(self, kind: str, principal_id: str) -> dict[str, Any]:
+    async def usage(self, kind: str, principal_id: str) -> dict[str, Any]:
         self._principal_or_404(kind, principal_id)
         return principal_usage(self.ledger, kind, principal_id, self.clock())
+
+    async def usages(self, kind: str, ids: list[str]) -> list[dict[str, Any]]:
+        return [await self.usage(kind, i) for i in ids]
+
+    def account_ids(self) -> list[str]:
+        return sorted(pid for kind, pid in self.ledger.principals if kind == "account")
+
+    async def key_records(self) -> list[KeyRecord]:
+        return list(self.keys.values())
+
+    async def key_record(self, key_id: str) -> KeyRecord | None:
+        return self.keys.get(key_id)
 
     async def recent(self, key_id: str, limit: int = 20) -> list[dict[str, Any]]:
         return await self.store.query(lambda conn: recent_requests(conn, key_id, limit))

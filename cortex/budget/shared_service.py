@@ -1,0 +1,348 @@
+"""The budget service of one replica among many, on a shared ledger (PostgreSQL).
+
+The database is the judge: every reserve and resolution goes through the
+shared ledger's admission (pg_ledger.py's `cortex_batch`, group-committed by
+pg_store.py), so `spent + held <= cap` holds across replicas. What this
+replica keeps in memory is a VIEW of the directory (keys, accounts, caps and
+their usage, in a pure `Ledger` used only for reading), for authentication,
+the unpriced-model check, the rate-limit headers and the alert levels:
+  * an administrative change is written in one transaction that NOTIFYs the
+    change, and every replica (this one included) re-reads that principal at
+    once; a lost notice is made good by a full re-read every
+    `SYNC_INTERVAL_S` and whenever the listening connection comes back;
+  * the usage views and alert levels re-read what they show first;
+  * a key revoked elsewhere and not yet seen here is still refused: the
+    database refuses every reserve of a revoked key.
+
+Own holds: the holds this replica placed are kept with a local deadline
+(`hold_ttl_s`); one still open after it is expired, charged in full, as on
+SQLite. A replica that dies leaves its holds to the other replicas' reapers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from cortex import logs
+from common import errors
+from common.errors import ApiError
+from cortex.budget import keys as keys_mod
+from cortex.budget.estimate import Estimate
+from cortex.budget.ledger import Caps, Hold, HoldState, Ledger, Principal, Refusal, Resolution, topped_up
+from cortex.budget.periods import PeriodSpec, period_bounds
+from cortex.budget.pg_ledger import Reserve, Resolve
+from cortex.budget.pricing import USD_MICRO_MAX, Prices
+from cortex.budget.service import (
+    ACTUAL_TOKENS_STORED_MAX, DEFAULT_ACCOUNT, SPEND_DAYS, TOKENS_MAX, BudgetService, KeyRecord,
+    _check_name, principal_usage, refusal_error, spend_view,
+)
+from cortex.budget.store import StoreError
+
+EVERYTHING = "*"  # a change notice that asks for a full re-read
+from cortex.config import BudgetConfig
+from cortex.metrics import GatewayMetrics
+
+SYNC_INTERVAL_S = 10.0  # a full re-read of the directory, in case a change notice was lost
+
+
+class SharedBudgetService(BudgetService):
+    def __init__(
+        self, ledger: Ledger, shared: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
+    ) -> None:
+        super().__init__(ledger, shared, clock, config, metrics)
+        self.shared = shared
+        self._own: dict[str, tuple[Hold, float]] = {}  # this replica's open holds and their local deadlines
+        self._pending: set[str] = set()  # "kind:id" (or "*") changed elsewhere, not yet re-read
+        self._pending_event = trio.Event()
+
+    def open_holds(self) -> list[Hold]:
+        return [hold for hold, _ in self._own.values()]
+
+    @classmethod
+    async def load(  # type: ignore[override]
+        cls, store: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics,
+        ledger: Ledger | None = None,
+    ) -> "SharedBudgetService":
+        service = cls(ledger or Ledger(), store, clock, config, metrics)
+        await service.refresh(None)
+        return service
+
+    # --- the view of the directory -----------------------------------------------------------
+
+    async def refresh(self, principals: set[tuple[str, str]] | None) -> None:
+        """Re-read `principals` ((kind, id) pairs; None: everything) into the view."""
+        now = self.clock()
+        if principals is not None:
+            keys = sorted(pid for kind, pid in principals if kind == "key")
+            accounts = sorted(pid for kind, pid in principals if kind == "account")
+            if not keys and not accounts:
+                return
+        else:
+            keys = accounts = None
+        read = await self.shared.read_directory(now, accounts, keys)
+        self._install(read, complete=principals is None)
+
+    def _install(self, read: "Directory", complete: bool) -> None:
+        ledger = self.ledger
+        if complete:
+            ledger.principals.clear()
+            ledger.key_accounts.clear()
+            self.keys.clear()
+            self._by_hash.clear()
+        for p in read.accounts:
+            ledger.principals[("account", p.id)] = p
+        for p, record in read.keys:
+            if ("account", record.account_id) not in ledger.principals:
+                ledger.principals[("account", record.account_id)] = Principal(record.account_id, "account", Caps())
+            ledger.principals[("key", p.id)] = p
+            ledger.key_accounts[p.id] = record.account_id
+            old = self.keys.get(record.id)
+            if old is not None:
+                self._by_hash.pop(old.key_hash, None)
+            self._index(record)
+
+    def _changed(self, payload: str) -> None:
+        """A change notice (called in Trio's thread by the listener)."""
+        self._pending.add(payload)
+        self._pending_event.set()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            with trio.move_on_after(SYNC_INTERVAL_S):
+                await self._pending_event.wait()
+            self._pending_event = trio.Event()
+            pending, self._pending = self._pending, set()
+            try:
+                if not pending or EVERYTHING in pending:
+                    await self.refresh(None)
+                else:
+                    await self.refresh({tuple(p.split(":", 1)) for p in pending if ":" in p})  # type: ignore[misc]
+            except StoreError as exc:
+                self._pending |= pending or {EVERYTHING}
+                logs.event("ledger_read_failed", logging.ERROR, error=str(exc))
+                await trio.sleep(1.0)
+
+    async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.shared.run_background, self._changed)
+            await nursery.start(self.expire_forever)
+            nursery.start_soon(self._sync_forever)
+            task_status.started()
+
+    # --- the request path ---------------------------------------------------------------------
+
+    async def reserve(
+        self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None,
+        prices: Prices | None = None,
+    ) -> Hold:
+        self._refuse_unpriced(key, model, prices)
+        amount_usd = prices.hold_usd(estimate.prompt_tokens, estimate.output_tokens) if prices is not None else 0
+        ttl_s = self.config.hold_ttl_s
+        req = Reserve(
+            f"hold_{uuid.uuid4().hex}", key.id, estimate.total_tokens, ttl_s, amount_usd, request_id, model,
+            client_request_id,
+        )
+        try:
+            with trio.fail_after(self.config.ledger_timeout_s):
+                result = await self.shared.reserve(req)
+        except (StoreError, trio.TooSlowError) as exc:
+            self._release_unknown(req.hold_id)  # it may have been placed; releasing one that was not is a no-op
+            logs.event("ledger_write_failed", logging.ERROR, request_id=request_id, error=str(exc) or "timed out")
+            raise errors.service_unavailable("The budget ledger is unavailable; try again shortly.", 1) from None
+        except BaseException:
+            self._release_unknown(req.hold_id)
+            raise
+        if isinstance(result, Refusal):
+            raise self._refused(result)
+        self._own[result.id] = (result, self.clock() + ttl_s)
+        return result
+
+    def _refused(self, refusal: Refusal) -> ApiError:
+        if refusal.reason in ("unknown", "revoked"):
+            self._changed(f"key:{refusal.principal_id}")  # this view is behind the database: catch up
+            self.metrics.refusals.inc(reason="revoked")
+            return ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key")
+        if refusal.reason == "duplicate":  # a uuid4 collision: not in this universe, but never a double hold
+            return errors.service_unavailable("The budget ledger refused the hold id; try again.", 1)
+        self.metrics.refusals.inc(reason=refusal.reason if refusal.unit == "tokens" else f"{refusal.reason}_usd")
+        if self.alert_rules and refusal.reason in ("balance", "period") and (refusal.principal_kind, refusal.principal_id) in self.ledger.principals:
+            self._mark_exhausted(refusal)
+        return refusal_error(refusal, self.config.retry_hint_s)
+
+    def _release_unknown(self, hold_id: str) -> None:
+        try:
+            self.shared.resolve_soon(Resolve(hold_id, "released"))
+        except StoreError:
+            pass  # closed: the hold (if placed) is this replica's, and a reaper charges it in full
+
+    async def settle(self, hold: Hold, actual_tokens: int, actual_usd: int = 0) -> Resolution | None:
+        return await self._resolve_own(hold, "settled", actual_tokens, actual_usd)
+
+    async def release(self, hold: Hold) -> Resolution | None:
+        return await self._resolve_own(hold, "released", 0, 0)
+
+    async def charge_hold(self, hold: Hold) -> Resolution | None:
+        return await self._resolve_own(hold, "settled", hold.amount_tokens, hold.amount_usd)
+
+    async def _resolve_own(self, hold: Hold, state: str, actual_tokens: int, actual_usd: int) -> Resolution | None:
+        # Synchronous to the end, so cancellation cannot interrupt it: the resolution is queued
+        # for the next group commit, and a crash before that leaves the hold to a reaper.
+        resolution = self._resolve_now(hold, state, actual_tokens, actual_usd, self.clock())
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return resolution
+
+    def _resolve_now(self, hold: Hold, state: str, actual_tokens: int, actual_usd: int, now: float) -> Resolution | None:
+        if self._own.pop(hold.id, None) is None:
+            logs.event("settle_skipped", logging.WARNING, hold_id=hold.id, error="the hold is no longer open here")
+            return None
+        actual_tokens = min(max(0, int(actual_tokens)), ACTUAL_TOKENS_STORED_MAX)
+        actual_usd = min(max(0, int(actual_usd)), ACTUAL_TOKENS_STORED_MAX)
+        if state == "settled":
+            charged_tokens, charged_usd = min(actual_tokens, hold.amount_tokens), min(actual_usd, hold.amount_usd)
+        elif state == "expired":
+            charged_tokens, charged_usd = hold.amount_tokens, hold.amount_usd
+        else:
+            charged_tokens = charged_usd = 0
+        resolved = dataclasses.replace(
+            hold, state=HoldState(state), charged_tokens=charged_tokens, charged_usd=charged_usd,
+            actual_tokens=actual_tokens if state == "settled" else None, resolved_at=now,
+        )
+        resolution = Resolution(resolved, charged_tokens, max(0, actual_tokens - hold.amount_tokens), charged_usd)
+        self._count(resolution)
+        if self.alert_rules and (charged_tokens or charged_usd):
+            self._alert_dirty.update((("key", hold.key_id), ("account", hold.account_id)))
+            self._alert_dirty_event.set()
+        try:
+            self.shared.resolve_soon(Resolve(hold.id, state, actual_tokens, actual_usd))
+        except StoreError as exc:
+            logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc))
+        return resolution
+
+    async def expire_due(self) -> list[Resolution]:
+        now = self.clock()
+        due = [hold for hold, deadline in self._own.values() if deadline <= now]
+        resolutions = []
+        for hold in due:
+            r = self._resolve_now(hold, "expired", 0, 0, now)
+            if r is not None:
+                resolutions.append(r)
+                logs.event("hold_expired", logging.WARNING, hold_id=hold.id, key_id=hold.key_id,
+                           charged_tokens=r.charged_tokens)
+        await trio.lowlevel.checkpoint()
+        return resolutions
+
+    async def _refresh_for_alerts(self, principals: set[tuple[str, str]]) -> None:
+        await self.refresh(principals)
+
+    # --- administration: one transaction each, NOTIFYing the change --------------------------------
+
+    async def create_account(self, account_id: str, caps: Caps) -> None:
+        _check_name(account_id, "account")
+        if not await self.shared.create_account(account_id, caps, self.clock()):
+            raise ApiError(409, f"Account {account_id!r} already exists.", code="conflict")
+        await self.refresh({("account", account_id)})
+
+    async def create_key(self, name: str, account_id: str | None, caps: Caps) -> tuple[KeyRecord, str]:
+        _check_name(name, "name")
+        account_id = account_id or DEFAULT_ACCOUNT
+        _check_name(account_id, "account")
+        plaintext = keys_mod.generate_key()
+        record = KeyRecord(
+            keys_mod.new_key_id(), account_id, name, keys_mod.key_hash(plaintext), keys_mod.key_prefix(plaintext),
+            self.clock(),
+        )
+        await self.shared.create_key(record, caps)
+        await self.refresh({("key", record.id), ("account", account_id)})
+        return record, plaintext
+
+    async def set_caps(self, kind: str, principal_id: str, caps: Caps) -> None:
+        if not await self.shared.set_caps(kind, principal_id, caps):
+            raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
+        await self._after_change(kind, principal_id)
+
+    async def top_up(self, kind: str, principal_id: str, tokens: int = 0, usd: int = 0) -> Caps:
+        if not (tokens or usd):
+            raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
+        if not 0 <= tokens <= TOKENS_MAX:
+            raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
+        if not 0 <= usd <= USD_MICRO_MAX:
+            raise errors.invalid_request(f"'usd' must be from 0.000001 to {USD_MICRO_MAX // 10**6}.", param="usd")
+
+        def raised(caps: Caps | None) -> Caps:
+            """The new caps from the old (read under the row's lock), or the error that refuses the top-up."""
+            if caps is None:
+                raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
+            new = topped_up(caps, tokens, usd)
+            if isinstance(new, str):
+                raise errors.invalid_request(f"{kind} {principal_id} {new}.")
+            if (new.balance_tokens or 0) > TOKENS_MAX:
+                raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
+            if (new.balance_usd or 0) > USD_MICRO_MAX:
+                raise errors.invalid_request(f"The balance would pass the limit of {USD_MICRO_MAX // 10**6} USD.", param="usd")
+            return new
+
+        caps = await self.shared.update_caps(kind, principal_id, raised)
+        await self._after_change(kind, principal_id)
+        return caps
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        if not await self.shared.revoke(key_id, self.clock()):
+            raise ApiError(404, f"No key {key_id!r}.", code="not_found")
+        await self.refresh({("key", key_id)})
+        return self.keys[key_id]
+
+    async def _after_change(self, kind: str, principal_id: str) -> None:
+        await self.refresh({(kind, principal_id)})
+        await self._alert_after_caps(kind, principal_id)
+
+    # --- views: re-read first -------------------------------------------------------------------
+
+    async def usage(self, kind: str, principal_id: str) -> dict[str, Any]:
+        return (await self.usages(kind, [principal_id]))[0]
+
+    async def usages(self, kind: str, ids: list[str]) -> list[dict[str, Any]]:
+        await self.refresh({(kind, i) for i in ids})
+        now = self.clock()
+        for i in ids:
+            self._principal_or_404(kind, i)
+        return [principal_usage(self.ledger, kind, i, now) for i in ids]
+
+    async def key_records(self) -> list[KeyRecord]:
+        await self.refresh(None)
+        return list(self.keys.values())
+
+    async def key_record(self, key_id: str) -> KeyRecord | None:
+        await self.refresh({("key", key_id)})
+        return self.keys.get(key_id)
+
+    def account_ids(self) -> list[str]:
+        return sorted(pid for kind, pid in self.ledger.principals if kind == "account")
+
+    async def recent(self, key_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        return await self.shared.recent(key_id, limit)
+
+    async def spend(self, kind: str, principal_id: str, days: int = SPEND_DAYS) -> dict[str, Any]:
+        await self.refresh({(kind, principal_id)})
+        self._principal_or_404(kind, principal_id)
+        spec = self.ledger.principal(kind, principal_id).caps.period
+        zone = spec.timezone if spec is not None else "UTC"
+        since, _ = period_bounds(PeriodSpec("daily", zone), self.clock() - (days - 1) * 86400.0)
+        rows = await self.shared.spend_buckets(kind, principal_id, since)
+        return spend_view(rows, zone, since)
+
+
+# --- the seam: what a shared ledger gives the service (PgShared; the simulator's model) ------------
+
+
+@dataclasses.dataclass
+class Directory:
+    """Principals as the shared ledger has them, with their window and period usage filled in."""
+
+    accounts: list[Principal]
+    keys: list[tuple[Principal, KeyRecord]]
