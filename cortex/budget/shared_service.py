@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -53,7 +53,7 @@ SYNC_INTERVAL_S = 10.0  # a full re-read of the directory, in case a change noti
 
 class SharedBudgetService(BudgetService):
     def __init__(
-        self, ledger: Ledger, shared: Any, clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
+        self, ledger: Ledger, shared: "SharedLedger", clock: Callable[[], float], config: BudgetConfig, metrics: GatewayMetrics
     ) -> None:
         super().__init__(ledger, shared, clock, config, metrics)
         self.shared = shared
@@ -346,3 +346,34 @@ class Directory:
 
     accounts: list[Principal]
     keys: list[tuple[Principal, KeyRecord]]
+
+
+class SharedLedger(Protocol):
+    """One replica's handle on a ledger shared by replicas: pg_shared.PgShared, or the simulator's model.
+
+    The request path is the judge's: `reserve` places a hold durably or says why not
+    (a Refusal, with the extra reasons "unknown", "revoked" and "duplicate" beside the
+    pure ledger's), `resolve_soon` queues a resolution for the next commit without a
+    checkpoint (a second one of the same hold does nothing). The rest is the directory
+    and the alert store; `run_background` calls `on_change("kind:id")` (or "*") when
+    another replica changed something.
+    """
+
+    shared: bool  # True: the app builds a SharedBudgetService on it
+    replica_id: str | None
+
+    async def reserve(self, req: Reserve) -> Hold | Refusal: ...
+    def resolve_soon(self, res: Resolve) -> None: ...
+    async def read_directory(self, now: float, accounts: list[str] | None, keys: list[str] | None) -> Directory: ...
+    async def create_account(self, account_id: str, caps: Caps, now: float) -> bool: ...
+    async def create_key(self, record: KeyRecord, caps: Caps) -> None: ...
+    async def set_caps(self, kind: str, principal_id: str, caps: Caps) -> bool: ...
+    async def update_caps(self, kind: str, principal_id: str, change: Callable[[Caps | None], Caps]) -> Caps: ...
+    async def revoke(self, key_id: str, at: float) -> bool: ...
+    async def recent(self, key_id: str, limit: int) -> list[dict[str, Any]]: ...
+    async def spend_buckets(self, kind: str, principal_id: str, since: float) -> list[tuple[Any, ...]]: ...
+    async def query(self, fn: Callable[[Any], Any]) -> Any: ...
+    async def commit(self, ops: Any, durable: bool = True) -> None: ...
+    async def run_background(
+        self, on_change: Callable[[str], None], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
