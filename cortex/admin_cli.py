@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from cortex.api.admin import LIMIT_FIELDS, PERIOD_FIELDS, RECENT_DEFAULT, USD_FI
 from cortex.budget import datadir
 from cortex.budget.keys import NAME_RE
 from cortex.budget.service import BudgetService
-from cortex.budget.store import SyncStore, connect, read_meta
+from cortex.budget.store import StoreError, SyncStore, connect, read_meta
 from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
 
@@ -66,6 +67,10 @@ def add_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=".cortex", help="the data dir (default .cortex)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--ledger", metavar="URL", default=os.environ.get("CORTEX_LEDGER") or None,
+        help="a shared PostgreSQL ledger (or CORTEX_LEDGER): act on it directly; every replica sees the change within a second",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", parents=[common], help="create a key; it is printed once")
@@ -153,7 +158,10 @@ def result_of(args: argparse.Namespace, body: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     try:
         request = call_for(args)
-        reply = trio.run(perform, args.data_dir, request)
+        if args.ledger:
+            reply = trio.run(perform_shared, args.ledger, request)
+        else:
+            reply = trio.run(perform, args.data_dir, request)
     except ApiError as exc:  # refused before any I/O: the arguments themselves
         return _fail(exc.message)
     except CliError as exc:
@@ -215,6 +223,22 @@ async def offline(data_dir: str, request: Call, writable: bool) -> Reply:
         return await admin_socket.call(admin_socket.local_transport(admin), request)
     finally:
         conn.close()
+
+
+async def perform_shared(url: str, request: Call) -> Reply:
+    """The admin handlers in this process, on the shared ledger: no replica is registered, nothing is admitted;
+    the change is one transaction that every replica hears of (LISTEN/NOTIFY)."""
+    from cortex.budget.pg_shared import PgShared
+    from cortex.budget.shared_service import SharedBudgetService
+
+    try:
+        async with PgShared.open(url, admission=False) as shared:
+            config = BudgetConfig(period_timezone=await shared.read_meta("period_timezone") or "UTC")
+            service = await SharedBudgetService.load(shared, time.time, config, GatewayMetrics())
+            admin = AdminApi(service, None, authorize=data_dir_owner)
+            return await admin_socket.call(admin_socket.local_transport(admin), request)
+    except StoreError as exc:
+        raise CliError(f"the ledger: {exc}") from None
 
 
 # --- human output -------------------------------------------------------------------

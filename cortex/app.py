@@ -50,17 +50,17 @@ StoreFactory = Callable[[Config, GatewayMetrics], Any]
 async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterator[Any]:
     """The production store: the data dir's lock, then SQLite behind the writer thread;
     or, with `budget.ledger`, this replica's handle on the shared PostgreSQL ledger."""
-    if config.budget.ledger:
-        from cortex.budget.pg_shared import PgShared
-
-        budget = config.budget
-        async with PgShared.open(
-            budget.ledger, budget.replica_id or None, budget.lease_s, on_commit=metrics.observe_commit
-        ) as shared:
-            yield shared
-        return
-    lock = datadir.lock(config.budget.data_dir)
+    lock = datadir.lock(config.budget.data_dir)  # on PostgreSQL too: the admin socket and fleet state live there
     try:
+        if config.budget.ledger:
+            from cortex.budget.pg_shared import PgShared
+
+            budget = config.budget
+            async with PgShared.open(
+                budget.ledger, budget.replica_id or None, budget.lease_s, on_commit=metrics.observe_commit
+            ) as shared:
+                yield shared
+            return
         path = datadir.ledger_path(config.budget.data_dir)
         async with ThreadedStore.open(path, config.budget.synchronous, metrics.observe_commit) as store:
             yield store
@@ -133,8 +133,10 @@ class CortexApp:
                     store, self._clock, self.config.budget, self.metrics, self._ledger_factory()
                 )
                 self.proxy.budget = self.budget
-                if not getattr(store, "shared", False):
-                    # The offline CLI reads the default period zone from the ledger, so both agree.
+                # The offline CLI reads the default period zone from the ledger, so both agree.
+                if getattr(store, "shared", False):
+                    await store.put_meta("period_timezone", self.config.budget.period_timezone)
+                else:
                     await store.commit([PutMeta("period_timezone", self.config.budget.period_timezone)])
                 if self.config.admin.token:
                     self._admin = AdminApi(

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="TOML config file; flags override it")
     s.add_argument("--models", metavar="FILE", help="the model catalogue, models.toml (fleet.models_file)")
     s.add_argument("--data-dir", help="where the ledger lives (budget.data_dir; default .cortex)")
+    s.add_argument(
+        "--ledger", metavar="URL",
+        help="a shared PostgreSQL ledger, postgresql://USER@HOST/DB, for many replicas (budget.ledger); the password"
+        " from PGPASSWORD or .pgpass, never in the URL",
+    )
     s.add_argument("--admin-token", help="enables /admin/v1/ (admin.token; or CORTEX_ADMIN_TOKEN)")
     s.add_argument("--no-auth", action="store_true", help="serve requests without a key, unbudgeted (development only)")
     s.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="log.level")
@@ -79,7 +84,9 @@ def serve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"listen": args.listen},
         "fleet": {"neurons": args.neurons, "upstreams": args.upstreams, "models_file": args.models},
-        "budget": {"data_dir": args.data_dir, "auth_required": False if args.no_auth else None},
+        "budget": {
+            "data_dir": args.data_dir, "auth_required": False if args.no_auth else None, "ledger": args.ledger,
+        },
         "admin": {"token": args.admin_token or os.environ.get("CORTEX_ADMIN_TOKEN") or None},
         "log": {"level": args.log_level},
     }

@@ -101,7 +101,7 @@ class PgShared:
                 raise StoreError(str(exc)) from None
             shared = cls(url, None)
             try:
-                await shared.run(pg_schema.check)
+                await shared.run(_checked)
                 yield shared
             finally:
                 await shared._close()
@@ -238,6 +238,15 @@ class PgShared:
 
         return await self.run(write)
 
+    async def put_meta(self, k: str, v: str) -> None:
+        await self.run(lambda conn: conn.execute(
+            "INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = excluded.v", (k, v)
+        ))
+
+    async def read_meta(self, k: str) -> str | None:
+        row = await self.run(lambda conn: conn.execute("SELECT v FROM meta WHERE k = %s", (k,)).fetchone())
+        return row["v"] if row is not None else None
+
     async def recent(self, key_id: str, limit: int) -> list[dict[str, Any]]:
         return await self.run(lambda conn: recent_requests(conn, key_id, limit))
 
@@ -309,6 +318,15 @@ class PgShared:
                 backoff_s = min(backoff_s * 2, LISTEN_BACKOFF_S[1])
             except RuntimeError:  # the Trio run ended under the thread
                 return
+
+
+def _checked(conn: psycopg.Connection[Any]) -> int:
+    """pg_schema.check, which reads tuples, on a dict-row connection."""
+    conn.row_factory = psycopg.rows.tuple_row
+    try:
+        return pg_schema.check(conn)
+    finally:
+        conn.row_factory = dict_row
 
 
 def _tuple_rows(conn: psycopg.Connection[Any]) -> Any:
