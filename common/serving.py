@@ -90,6 +90,22 @@ def bind_unix(path: str) -> socket.socket:
     return sock
 
 
+def bind_tcp_reuse_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound at (host, port) with SO_REUSEPORT, not yet listening: several
+    processes bound so share the port, and the kernel spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class JsonLines(logging.Formatter):
     """One JSON object per line, as cortex logs. Never a traceback."""
 
@@ -208,9 +224,13 @@ async def serve(
     backlog: int = DEFAULT_BACKLOG,
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
     write_timeout_s: float | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown_trigger` returns; `started()` reports the bound URLs.
+
+    `reuse_port`: bind HOST:PORT with SO_REUSEPORT, to share it with other
+    processes (`cortex serve --workers N`).
 
     `listen` is HOST:PORT, or "unix:PATH" for a Unix socket (`bind_unix`:
     mode 0600, a stale one replaced). Every connection gets the fixes in
@@ -226,6 +246,8 @@ async def serve(
     if listen.startswith(UNIX_PREFIX):
         # Hypercorn wraps the descriptor in a socket of its own, so ours lets go of it.
         listen = f"fd://{bind_unix(listen[len(UNIX_PREFIX):]).detach()}"
+    elif reuse_port:
+        listen = f"fd://{bind_tcp_reuse_port(*parse_listen(listen)).detach()}"
     config = hypercorn_config(listen, graceful_timeout_s, backlog, keep_alive_timeout_s, write_timeout_s)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 

@@ -30,6 +30,7 @@ from cortex.app import CortexApp
 from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
+from cortex.workers import WorkerFailed, supervise
 from cortex.config import Config, ConfigError
 from cortex.fleet.catalogue import CatalogueError
 from cortex.fleet.kinds import KINDS
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a shared PostgreSQL ledger, postgresql://USER@HOST/DB, for many replicas (budget.ledger); the password"
         " from PGPASSWORD or .pgpass, never in the URL",
     )
+    s.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="run N cortex processes on the port (SO_REUSEPORT), one core each, sharing the --ledger",
+    )
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
     s.add_argument("--admin-token", help="enables /admin/v1/ (admin.token; or CORTEX_ADMIN_TOKEN)")
     s.add_argument("--no-auth", action="store_true", help="serve requests without a key, unbudgeted (development only)")
     s.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="log.level")
@@ -82,7 +88,7 @@ def _upstream_flag(value: str) -> dict[str, str]:
 
 def serve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
-        "server": {"listen": args.listen},
+        "server": {"listen": args.listen, "reuse_port": True if args.reuse_port else None},
         "fleet": {"neurons": args.neurons, "upstreams": args.upstreams, "models_file": args.models},
         "budget": {
             "data_dir": args.data_dir, "auth_required": False if args.no_auth else None, "ledger": args.ledger,
@@ -139,6 +145,7 @@ async def run_gateway(config: Config) -> None:
                     backlog=config.server.backlog,
                     keep_alive_timeout_s=config.server.keep_alive_timeout_s,
                     write_timeout_s=config.server.client_write_timeout_s,
+                    reuse_port=config.server.reuse_port,
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # served out: the drain timer has nothing left to do
@@ -234,6 +241,23 @@ Press Ctrl+C to stop.
 """
 
 
+WORKERS_MAX = 256
+
+
+def serve_workers(args: argparse.Namespace, config: Config, argv: list[str], expected: tuple[type[BaseException], ...]) -> int:
+    if not 1 <= args.workers <= WORKERS_MAX:
+        raise ConfigError(f"--workers must be from 1 to {WORKERS_MAX}, got {args.workers}")
+    if not config.budget.ledger:
+        # The SQLite ledger's judge is one process's memory: workers must share the PostgreSQL one.
+        raise ConfigError("--workers N needs a shared ledger: --ledger postgresql://... (budget.ledger)")
+    if config.server.listen.startswith("unix:"):
+        raise ConfigError("--workers N needs a TCP --listen HOST:PORT")
+    return run_daemon(
+        supervise, argv, args.workers, config.server.listen, config.budget.data_dir,
+        prog="cortex", expected=(*expected, WorkerFailed),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("keys", "accounts", "usage"):
@@ -247,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             config = serve_config(args)
             logs.configure(config.log.level)
+            if args.workers != 1:
+                return serve_workers(args, config, argv if argv is not None else sys.argv[1:], expected)
             return run_daemon(run_gateway, config, prog="cortex", expected=expected)
         config_mod.from_mapping({"server": {"listen": args.listen}})  # validate early
         logs.configure(args.log_level)

@@ -38,6 +38,7 @@ class ServerConfig:
     client_write_timeout_s: float = 30.0  # longest a response write may block on a client that does not read
     # Anthropic streams: a ping after this much silence (Claude Code gives up after 300 s without a byte).
     stream_ping_interval_s: float = 10.0
+    reuse_port: bool = False  # share `listen` with other processes (SO_REUSEPORT): set by `--workers N`
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ USD_CAP_MAX = 10**6  # USD: a scenario's money caps stay far below the ledger's 
 START_MAX = datetime(2999, 12, 24, tzinfo=timezone.utc)
 CATALOGUE_MODELS_MAX = 1_000  # [[models]] entries: each becomes a catalogue model cortex may load
 WORKLOAD_MODELS_MAX = 1_000  # models one workload's demand spreads over
+REPLICAS_MAX = 16  # cortex replicas on one shared ledger
 
 
 class ScenarioError(ValueError):
@@ -199,6 +200,18 @@ class CortexSpec:
     load_timeout_s: float = 600.0  # a cold load's deadline
     unload_drain_s: float = 30.0  # an eviction lets other replicas' requests drain this long
     unpriced: str = "refuse"  # a money-capped key on an unpriced model: refused (403 model_not_priced) or free
+    replicas: int = 1  # more than one: that many cortexes on one shared ledger (sim/shared_ledger.py)
+
+
+@dataclass(frozen=True)
+class SharedLedgerSpec:
+    """`[shared_ledger]`: the replicas' database, as sim/shared_ledger.py models it."""
+
+    round_trip_ms: float = 1.0  # one statement's round trip between a replica and the database
+    notice_delay_ms: float = 1.0  # from a directory change's commit to the other replicas' notice
+    lease_s: float = 30.0  # a dead replica's holds are reaped this long after its last heartbeat
+    batch_window_ms: float = 0.0  # a replica's writer waits this long after the first reserve before sending
+    batch_max: int = 512  # reserves (and resolutions) per batch
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,14 @@ class Scenario:
     models: tuple[ModelSpec, ...] = ()  # the catalogue: prices, and the models cortex loads on demand
     start_s: float = 0.0  # the virtual clock's start, POSIX seconds (0: 1970-01-01T00:00:00Z)
     source: str = ""
+    shared_ledger: SharedLedgerSpec | None = None  # None: one cortex on its SQLite ledger, as ever
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        """The cortex hosts: `cortex` alone, or `cortex-1` .. `cortex-N` on a shared ledger."""
+        if self.shared_ledger is None:
+            return ("cortex",)
+        return tuple(f"cortex-{i + 1}" for i in range(self.cortex.replicas))
 
     def catalogue(self) -> dict[str, Any]:
         """cortex's catalogue, TOML-shaped (`cortex.fleet.catalogue.parse` checks it like a models.toml)."""
@@ -568,7 +589,8 @@ FAULT_ONLY = {
 }
 
 
-def _faults(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[FaultSpec, ...]:
+def _faults(data: Any, upstreams: tuple[UpstreamSpec, ...], replicas: tuple[str, ...] = ()) -> tuple[FaultSpec, ...]:
+    """`replicas`: the cortex replicas' names on a shared ledger, which a cortex_restart must target (none: one cortex)."""
     out = []
     names = {n.name for n in upstreams}
     for i, raw in enumerate(_array("faults", data)):
@@ -577,6 +599,10 @@ def _faults(data: Any, upstreams: tuple[UpstreamSpec, ...]) -> tuple[FaultSpec, 
         kind = values.get("kind")
         if kind not in FAULT_KINDS:
             raise ScenarioError(f"'{key}.kind' must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+        if kind == "cortex_restart" and replicas and values.get("target") not in replicas:
+            raise ScenarioError(f"'{key}.target' must name the cortex replica to kill ({', '.join(replicas)})")
+        if kind == "cortex_restart" and not replicas and "target" in values:
+            raise ScenarioError(f"'{key}.target': one cortex, no replicas to choose from (set [cortex] replicas)")
         if kind != "cortex_restart" and values.get("target") not in names:
             raise ScenarioError(f"'{key}.target' must name an upstream ({', '.join(sorted(names))})")
         if kind in ("partition", "delay", "overload") and not values.get("for_s"):
@@ -603,7 +629,22 @@ CORTEX_FIELDS = {
     "load_timeout_s": _number(strict=True),
     "unload_drain_s": _number(),
     "unpriced": lambda k, v: _choice(k, v, ("refuse", "free")),
+    "replicas": _integer(1, REPLICAS_MAX),
 }
+SHARED_LEDGER_FIELDS = {
+    "round_trip_ms": _number(),
+    "notice_delay_ms": _number(),
+    "lease_s": _number(strict=True),
+    "batch_window_ms": _number(),
+    "batch_max": _integer(1, 4096),
+}
+
+
+def _shared_ledger(top: dict[str, Any], cortex: CortexSpec) -> SharedLedgerSpec | None:
+    """`[shared_ledger]`, or its defaults when `[cortex] replicas` asks for more than one cortex."""
+    if "shared_ledger" not in top:
+        return SharedLedgerSpec() if cortex.replicas > 1 else None
+    return SharedLedgerSpec(**_table("shared_ledger", top["shared_ledger"], SHARED_LEDGER_FIELDS))
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -697,7 +738,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         "name": _string, "description": _string, "horizon_s": _number(strict=True),
         "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "upstreams": lambda k, v: v, "workload": lambda k, v: v,
         "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
-        "models": lambda k, v: v, "start": _start,
+        "models": lambda k, v: v, "start": _start, "shared_ledger": lambda k, v: v,
     })
     for required in ("name", "description"):
         if required not in top:
@@ -707,6 +748,12 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
     keys = _keys(top.get("keys"), accounts)
     upstreams = _upstreams(top)
     workloads = _workloads(top.get("workload"), keys)
+    cortex = CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS))
+    shared = _shared_ledger(top, cortex)
+    replicas = tuple(f"cortex-{i + 1}" for i in range(cortex.replicas)) if shared is not None else ()
+    taken = set(replicas) & {u.name for u in upstreams}
+    if taken:
+        raise ScenarioError(f"'upstreams': the name {sorted(taken)[0]!r} is taken by a cortex replica")
     scenario = Scenario(
         name=top["name"],
         description=top["description"],
@@ -717,13 +764,17 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         keys=keys,
         upstreams=upstreams,
         workloads=workloads,
-        faults=_faults(top.get("faults"), upstreams),
-        cortex=CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS)),
+        faults=_faults(top.get("faults"), upstreams, replicas),
+        cortex=cortex,
         expect=_expect(top.get("expect")),
         models=_models(top.get("models"), upstreams),
         start_s=top.get("start", 0.0),
         source=source,
+        shared_ledger=shared,
     )
+    if cortex.replicas > 1 and any(m.memory_mb is not None for m in scenario.models):
+        raise ScenarioError("'models': the fleet lifecycle across cortex replicas is not modelled: with [cortex] replicas > 1,"
+                            " give models a cost only (no memory_mb)")
     if scenario.horizon_s > HORIZON_MAX_S:
         raise ScenarioError(f"'horizon_s' must be at most {HORIZON_MAX_S:g}")
     expected = sum(w.expected_requests() for w in workloads)

@@ -10,6 +10,12 @@ sim/upstream_kinds.py. cortex reaches all of them as `[[fleet.upstreams]]`
 through the same transport seam. A scenario's `[[models]]` are cortex's
 catalogue, parsed by the real catalogue parser, so cortex's real lifecycle
 loads and evicts them on the mock neurons' pretend memory.
+
+With `[cortex] replicas` (or `[shared_ledger]`), the world runs that many
+real `CortexApp`s instead, hosts `cortex-1` .. `cortex-N`, each on its own
+handle of one shared-ledger model (sim/shared_ledger.py), so each builds the
+real `SharedBudgetService`; the simulated clients reach them round-robin,
+skipping replicas that are down, as a health-checking load balancer would.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from neuron.engines.mock import MockEngine, Pacing
 from sim.invariants import Checker, RequestRecord
 from sim.network import Host, SimNetwork
 from sim.scenario import NEURON_OUTPUT_TOKENS, FaultSpec, Scenario, UpstreamSpec, WorkloadSpec
+from sim.shared_ledger import LinkSpec, ReplicaHandle, SharedDb, SharedLedgerModel
 from sim.trace import Trace
 from sim.upstream_kinds import KindApp, NeuronGate, ServerFaults
 
@@ -55,6 +62,9 @@ class LedgerFaults:
     double_charge: bool = False
     window_amnesia: bool = False
     evict_busy: bool = False  # not the ledger's: cortex's lifecycle evicts models with requests in flight
+    # On a shared ledger: the first replica admits against its own view (its own holds and charges
+    # only) instead of the database's, which places what it admits unjudged.
+    local_admission: bool = False
 
 
 class _Lifespan:
@@ -103,7 +113,8 @@ class World:
         self.network.on_open = self._on_open
         self.network.on_close = self._on_close
         self.db = connect(":memory:")
-        self.cortex_host = self.network.add_host("cortex")
+        self.cortex_hosts = {name: self.network.add_host(name) for name in scenario.replica_names}
+        self.cortex_host = self.cortex_hosts[scenario.replica_names[0]]
         self.upstream_hosts = {u.name: self.network.add_host(u.name) for u in scenario.upstreams}
         self.upstream_specs = {u.name: u for u in scenario.upstreams}
         self.server_faults = {u.name: ServerFaults(self._rng(f"server:{u.name}")) for u in scenario.upstreams}
@@ -115,12 +126,23 @@ class World:
         self.neurons: dict[str, NeuronApp] = {}  # the live incarnation of each neuron
         self.gates: list[NeuronGate] = []
         self.cold_waits = 0  # client requests that waited on a cold load (every cortex incarnation)
-        self.cortex: CortexApp | None = None
+        self.cortex: CortexApp | None = None  # the first replica's live incarnation: it creates the principals
+        self.cortexes: dict[str, CortexApp] = {}  # each replica's live incarnation
+        self.shared: SharedLedgerModel | None = None
+        self.handles: dict[str, ReplicaHandle] = {}  # each replica's handle on the shared ledger, this life's
+        self._lives: Counter[str] = Counter()
+        if scenario.shared_ledger is not None:
+            spec = scenario.shared_ledger
+            shared_db = SharedDb(self._ledger(), spec.lease_s)
+            link = LinkSpec(spec.round_trip_ms / 1000, spec.notice_delay_ms / 1000, spec.batch_window_ms / 1000, spec.batch_max)
+            self.shared = SharedLedgerModel(shared_db, link, seed)
+            self.checker.ledger = shared_db.ledger
         self.keys: dict[str, str] = {}  # name -> plaintext
         self.key_ids: dict[str, str] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._lifespans: dict[str, _Lifespan] = {}
         self._request_counter = 0
+        self._next_replica = 0  # the clients' round-robin over the replicas
         self.client: httpx.AsyncBaseTransport = self.network.transport()
         self.base_url = "http://cortex"
         self.virtual_end_s = 0.0
@@ -172,36 +194,72 @@ class World:
         await nursery.start(self._host, self.upstream_hosts[name], served, spec.kind == "neuron")
 
     async def start_cortex(self, nursery: trio.Nursery) -> None:
+        """The cortex, or on a shared ledger every replica, in order."""
+        if self.shared is None:
+            app = self._cortex_app(self._store, self._ledger, "placement")
+            await nursery.start(self._host, self.cortex_host, app, True)
+            self.cortex = app
+            assert app.budget is not None
+            self.checker.ledger = app.budget.ledger
+            return
+        for name in self.cortex_hosts:
+            await self.start_replica(nursery, name)
+
+    async def start_replica(self, nursery: trio.Nursery, name: str) -> None:
+        """One replica's life on a handle of its own: a replica id names one life, as on PostgreSQL."""
+        assert self.shared is not None
+        self._lives[name] += 1
+        life = self._lives[name]
+        handle = self.shared.handle(name if life == 1 else f"{name}.{life}",
+                                    self.ledger_faults.local_admission and name == next(iter(self.cortex_hosts)))
+        self.handles[name] = handle
+
+        @asynccontextmanager
+        async def store(config: Any, metrics: Any) -> AsyncIterator[ReplicaHandle]:
+            try:
+                yield handle
+            finally:
+                await handle.close()  # a graceful stop's last batch; nothing after a crash
+
+        # The replica's view of the directory is a plain Ledger: the checker watches the database's.
+        app = self._cortex_app(store, Ledger, f"placement:{name}")
+        await nursery.start(self._host, self.cortex_hosts[name], app, True)
+        self.cortexes[name] = app
+        if name == next(iter(self.cortex_hosts)):
+            self.cortex = app
+
+    def _cortex_app(self, store: Any, ledger: Any, placement: str) -> CortexApp:
         app = CortexApp(
             self._cortex_config(),
             transport_factory=lambda url: self.network.transport(),
-            store_factory=self._store,
+            store_factory=store,
             clock=trio.current_time,
-            ledger_factory=self._ledger,
+            ledger_factory=ledger,
             # The simulated clients send unique ids; reusing them keeps runs reproducible
             # and lets the checker follow each request to the neuron and the ledger.
             request_ids=lambda offered: offered or self.next_request_id(),
         )
-        self._lifecycle_seams(app)
-        await nursery.start(self._host, self.cortex_host, app, True)
-        self.cortex = app
-        assert app.budget is not None
-        self.checker.ledger = app.budget.ledger
+        self._lifecycle_seams(app, placement)
+        return app
 
     async def stop_cortex(self) -> None:
-        """Graceful: the lifespan shuts down (background tasks end), then the host."""
-        span = self._lifespans["cortex"]
-        span.stop.set()
-        await span.stopped.wait()
-        self._scopes["cortex"].cancel()
+        """Graceful, for every replica that is up: the lifespan shuts down (background tasks end, a
+        replica's last batch commits), then the host."""
+        for name, host in self.cortex_hosts.items():
+            if not host.up:
+                continue
+            span = self._lifespans[name]
+            span.stop.set()
+            await span.stopped.wait()
+            self._scopes[name].cancel()
 
-    def _lifecycle_seams(self, app: CortexApp) -> None:
+    def _lifecycle_seams(self, app: CortexApp, placement: str) -> None:
         """The scenario's catalogue, in force as a reload would put it; the eviction policy and the
         planted bug; and a count of the requests that wait on a cold load."""
         app.catalogue = app.proxy.catalogue = self.catalogue
         lifecycle = app.lifecycle
         lifecycle.placement_policy = self.policy
-        lifecycle.placement_rng = self._rng("placement")
+        lifecycle.placement_rng = self._rng(placement)
         lifecycle.fault_evict_busy = self.ledger_faults.evict_busy
         ensure = lifecycle.ensure
 
@@ -239,10 +297,15 @@ class World:
         self._cortex_store = _MortalStore(self.db)
         yield self._cortex_store
 
-    def crash_cortex(self) -> None:
+    def crash_cortex(self, name: str = "cortex") -> None:
         """kill -9: the process stops mid-flight. Trio still unwinds the dead
         incarnation's tasks, so its store and ledger go deaf first: nothing it
-        does while unwinding reaches the disk or the checker."""
+        does while unwinding reaches the disk or the checker. A replica's handle
+        goes deaf instead: a batch already on the wire still commits."""
+        if self.shared is not None:
+            self.handles[name].dead = True
+            self.crash(name)
+            return
         self._cortex_store.dead = True
         if self.cortex is not None and self.cortex.budget is not None:
             self.cortex.budget.ledger.observer = None
@@ -271,14 +334,17 @@ class World:
 
     # --- what the network reports (generation requests only) ------------------------------
 
+    def _is_cortex(self, host: Host) -> bool:
+        return host.name in self.cortex_hosts
+
     def _on_deliver(self, host: Host, request: httpx.Request) -> None:
-        if host is not self.cortex_host:
+        if not self._is_cortex(host):
             headers = request.headers
             self.deliveries[host.name] += 1
             self.checker.on_deliver(host.name, headers.get("x-request-id", "?"), headers.get("authorization"))
 
     def _on_attempt(self, host: Host, request: httpx.Request, result: str) -> None:
-        if host is not self.cortex_host:
+        if not self._is_cortex(host):
             self.checker.on_attempt(host.name, request.headers.get("x-request-id", "?"), result)
 
     def _on_head(self, host: Host, request: httpx.Request, status: int) -> None:
@@ -287,10 +353,10 @@ class World:
             self.checker.lifecycle.on_answer(host.name, path, _model_of(request), status)
             self.check_memory()
             return
-        self.checker.on_head(host.name, request.headers.get("x-request-id", "?"), status, host is self.cortex_host)
+        self.checker.on_head(host.name, request.headers.get("x-request-id", "?"), status, self._is_cortex(host))
 
     def _on_body(self, host: Host, request: httpx.Request, chunk: bytes) -> None:
-        if host is not self.cortex_host:
+        if not self._is_cortex(host):
             self.checker.on_body(host.name, request.headers.get("x-request-id", "?"), chunk)
 
     def _on_open(self, host: Host, request: httpx.Request) -> None:
@@ -301,7 +367,7 @@ class World:
 
     def _lifecycle_event(self, host: Host, request: httpx.Request, opened: bool) -> None:
         """A POST from cortex to an upstream: a load, an unload, or a generation on a model."""
-        if host is self.cortex_host:
+        if self._is_cortex(host):
             return
         lc, path, model = self.checker.lifecycle, request.url.path, _model_of(request)
         if path == LOAD_PATH:
@@ -337,6 +403,12 @@ class World:
     async def run_fault(self, fault: FaultSpec, nursery: trio.Nursery) -> None:
         await trio.sleep_until(self.t0 + fault.at_s)
         self.trace.event("fault", kind=fault.kind, target=fault.target or "cortex")
+        if fault.kind == "cortex_restart" and self.shared is not None:
+            self.crash_cortex(fault.target)
+            await trio.sleep(fault.for_s)  # its holds wait for a reaper: the new life has a new replica id
+            await self.start_replica(nursery, fault.target)
+            self.trace.event("recovered", target=fault.target)
+            return
         if fault.kind == "cortex_restart":
             self.crash_cortex()
             crashed_at = trio.current_time()
@@ -438,12 +510,14 @@ class World:
         rid = self.next_request_id()
         record = self.checker.requests[rid] = RequestRecord(rid, key_name, model)
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
+        replica = self._pick_replica()
         request = httpx.Request(
-            "POST", self.base_url + "/v1/chat/completions", content=payload,
+            "POST", f"http://{replica}/v1/chat/completions", content=payload,
             headers={"authorization": f"Bearer {key}", "x-request-id": rid, "content-type": "application/json"},
         )
         started = trio.current_time()
-        self.trace.event("send", req=rid, key=key_name, stream=stream, attempt=attempt)
+        on_replica = {"replica": replica} if self.shared is not None else {}
+        self.trace.event("send", req=rid, key=key_name, stream=stream, attempt=attempt, **on_replica)
         retry_after: float | None = None
         with trio.move_on_after(cancel_s if cancel_s is not None else float("inf")) as scope:
             try:
@@ -460,6 +534,20 @@ class World:
         self.trace.event("done", req=rid, outcome=record.outcome, status=record.status, code=record.code,
                          bytes=record.received_bytes, **extra)
         return retry_after
+
+    def _pick_replica(self) -> str:
+        """The next replica that is up, round-robin (the first in turn when none is); `cortex` alone."""
+        if self.shared is None:
+            return "cortex"
+        names = list(self.cortex_hosts)
+        for i in range(len(names)):
+            name = names[(self._next_replica + i) % len(names)]
+            if self.cortex_hosts[name].up:
+                self._next_replica = (self._next_replica + i + 1) % len(names)
+                return name
+        name = names[self._next_replica]
+        self._next_replica = (self._next_replica + 1) % len(names)
+        return name
 
     async def _exchange(self, request: httpx.Request, record: RequestRecord, stream: bool, cancel_tokens: int | None) -> float | None:
         response = await self.client.handle_async_request(request)
@@ -504,13 +592,15 @@ class World:
         """Tasks still alive on any host once every client is done (the lifespan aside)."""
         return [
             f"{host.name}:{task.name}"
-            for host in [self.cortex_host, *self.upstream_hosts.values()]
+            for host in [*self.cortex_hosts.values(), *self.upstream_hosts.values()]
             if host.nursery is not None
             for task in host.nursery.child_tasks
             if task.name != "lifespan"
         ]
 
     def store_states(self) -> tuple[int, dict[str, str]]:
+        if self.shared is not None:
+            return self.shared.db.states()
         rows = self.db.execute("SELECT request_id, state FROM holds").fetchall()
         return sum(1 for _, s in rows if s == "open"), {rid: state for rid, state in rows}
 
