@@ -248,13 +248,17 @@ class Cell:
         return statistics.median(vals) if vals else float("nan")
 
 
-async def bench(args) -> list[Cell]:
+async def bench(args, pg: "PgBench | None" = None) -> tuple[list[Cell], list[PgCell]]:
     cells = {(c, m): Cell(c, m) for c in args.concurrency for m in args.modes}
+    pg_cells = {(c, n): PgCell(c, n) for c in args.concurrency for n in args.pg_replicas} if pg else {}
     for r in range(args.repeats):
         order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
         if not args.baseline:
             order = tuple(v for v in order if v != "single")
         for c in args.concurrency:
+            sqlite_first = r % 2 == 0
+            if not sqlite_first:
+                await _pg_points(args, pg, pg_cells, r, c, reverse=True)
             for m in args.modes:
                 for variant in order:
                     s = await run_point(variant, c, m, args.seconds)
@@ -266,7 +270,384 @@ async def bench(args) -> list[Cell]:
                         f"cpu writer {s.pct(s.writer_cpu_s):3.0f}% trio {s.pct(s.trio_cpu_s):3.0f}%",
                         file=sys.stderr, flush=True,
                     )
-    return list(cells.values())
+            if sqlite_first:
+                await _pg_points(args, pg, pg_cells, r, c, reverse=False)
+    return list(cells.values()), list(pg_cells.values())
+
+
+async def _pg_points(args, pg: "PgBench | None", pg_cells: dict, r: int, c: int, reverse: bool) -> None:
+    if pg is None:
+        return
+    for n in (reversed(args.pg_replicas) if reverse else args.pg_replicas):
+        s = await run_pg_point(pg, n, c, args.seconds)
+        pg_cells[(c, n)].samples.append(s)
+        print(
+            f"[{r + 1}/{args.repeats}] c={c:<4d} postgres R={n} {sum(x['pairs'] for x in s.results):7d} pairs "
+            f"{s.pairs_s:9,.0f} pairs/s  admit p50 {s.admit_ms(0.5):7.3f} p99 {s.admit_ms(0.99):7.3f} ms  "
+            f"batch {s.mean_batch:6.1f}  tx/adm {s.tx_per_admitted:.3f}  trips/adm {s.trips_per_admitted:.3f}  "
+            f"server/client commits {s.server_per_client:.3f}  cpu writer {s.pct('writer_cpu_s'):3.0f}% "
+            f"trio {s.pct('trio_cpu_s'):3.0f}% process {s.pct('process_cpu_s'):3.0f}% postgres {s.postgres_pct:3.0f}%",
+            file=sys.stderr, flush=True,
+        )
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: replicas of SharedBudgetService on one shared ledger
+# --------------------------------------------------------------------------
+#
+# Each replica is a child process (this script with --replica URL), so replicas
+# do not share a GIL: PgShared + SharedBudgetService with its background tasks
+# (heartbeat, reaper, change listener, hold expiry), then `concurrency` Trio
+# tasks looping over service.reserve / service.settle exactly as run_point does
+# on SQLite. The parent starts a durable PostgreSQL (scripts/bench_pg_ledger.py's
+# settings), makes a fresh database per point with the same one key and one
+# account, starts every replica, waits until all have warmed up, tells them one
+# wall-clock start time, and collects one JSON line of figures from each.
+
+PG_REPLICAS = (1, 2, 3)
+PG_DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+PG_STATS_FLUSH_S = 0.6  # a backend that exited has flushed its statistics by then
+PG_START_DELAY_S = 0.3  # between "go" and the common start time
+REPLICA_READY_TIMEOUT_S = 60.0
+TARGET_TX_PER_ADMITTED = 0.2  # at TARGET_C, amortised
+COMMIT_RATE_CONNECTIONS = (1, 8, 32)
+COMMIT_RATE_SECONDS = 2.0
+
+
+async def replica_main(url: str, concurrency: int, warm_s: float) -> None:
+    """One replica (a child process): load, warm up, say ready, wait for the start time, measure, report."""
+    from cortex.budget.pg_shared import PgShared
+    from cortex.budget.shared_service import SharedBudgetService
+
+    batches: list[int] = []
+    commit_s: list[float] = []
+    measuring = False
+
+    def on_commit(batch_size: int, seconds_: float) -> None:
+        if measuring:
+            batches.append(batch_size)
+            commit_s.append(seconds_)
+
+    def say(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    perf = time.perf_counter
+    total_pairs = 0
+    async with PgShared.open(url, on_commit=on_commit) as shared:
+        adm = shared.admission
+        service = await SharedBudgetService.load(shared, time.time, BudgetConfig(), GatewayMetrics())
+        async with trio.open_nursery() as background:
+            await background.start(service.run_background)
+            key = next(k for k in service.keys.values() if k.name == "bench")
+            admit: list[float] = []
+            deadline = 0.0
+            timed = False
+            pairs = 0
+
+            async def worker(i: int) -> None:
+                nonlocal pairs, total_pairs
+                n = 0
+                while perf() < deadline:
+                    t0 = perf()
+                    hold = await service.reserve(key, ESTIMATE, f"req-{i}-{n}", "bench-model")
+                    t1 = perf()
+                    await service.settle(hold, ACTUAL_TOKENS)
+                    n += 1
+                    total_pairs += 1
+                    if timed:
+                        admit.append(t1 - t0)
+                        pairs += 1
+
+            async def run_workers() -> None:
+                async with trio.open_nursery() as workers:
+                    for i in range(concurrency):
+                        workers.start_soon(worker, i)
+
+            deadline = perf() + warm_s
+            await run_workers()
+            say({"event": "ready"})
+            go = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))
+            await trio.sleep(max(0.0, go["start"] - time.time()))
+            writer_tid, trio_tid = adm._thread.native_id, threading.get_native_id()
+            c0 = adm.counters
+            before = (c0.transactions, c0.round_trips, c0.admitted)
+            cpu0 = (lg.thread_cpu_s(writer_tid), lg.thread_cpu_s(trio_tid), time.process_time())
+            measuring, timed = True, True
+            start = perf()
+            deadline = start + go["seconds"]
+            await run_workers()
+            elapsed = perf() - start
+            measuring = False
+            c1 = adm.counters
+            cpu1 = (lg.thread_cpu_s(writer_tid), lg.thread_cpu_s(trio_tid), time.process_time())
+            if service.open_holds():
+                raise RuntimeError(f"{len(service.open_holds())} holds left open")
+            say({
+                "event": "result", "pairs": pairs, "elapsed_s": elapsed,
+                "admit_us": [round(a * 1e6, 1) for a in admit], "batches": len(batches),
+                "batch_items": sum(batches), "commit_s": sum(commit_s),
+                "transactions": c1.transactions - before[0], "round_trips": c1.round_trips - before[1],
+                "admitted": c1.admitted - before[2],
+                "writer_cpu_s": cpu1[0] - cpu0[0], "trio_cpu_s": cpu1[1] - cpu0[1], "process_cpu_s": cpu1[2] - cpu0[2],
+            })
+            background.cancel_scope.cancel()
+    # Closed: the deferred settlements are flushed; these totals are the whole life's.
+    say({"event": "closed", "total_pairs": total_pairs, "transactions": adm.counters.transactions,
+         "maintenance_transactions": adm.maintenance_counters.transactions})
+
+
+@dataclass
+class PgSample:
+    replicas: int
+    results: list[dict[str, Any]]  # one per replica
+    server_commits: int  # pg_stat_database xact_commit over the whole point (set-up excluded)
+    client_transactions: int  # the replicas' own count over their whole lives (writer + reaper)
+    total_pairs: int  # over the replicas' whole lives (warm-up included)
+    postgres_cpu_s: float  # every postgres process, over the measured window
+    window_s: float
+
+    @property
+    def pairs_s(self) -> float:
+        return sum(r["pairs"] / r["elapsed_s"] for r in self.results if r["elapsed_s"])
+
+    def admit_ms(self, q: float) -> float:
+        return lg.percentile_ms([a / 1e6 for r in self.results for a in r["admit_us"]], q)
+
+    def _sum(self, name: str) -> float:
+        return sum(r[name] for r in self.results)
+
+    @property
+    def tx_per_admitted(self) -> float:
+        return self._sum("transactions") / self._sum("admitted") if self._sum("admitted") else float("nan")
+
+    @property
+    def trips_per_admitted(self) -> float:
+        return self._sum("round_trips") / self._sum("admitted") if self._sum("admitted") else float("nan")
+
+    @property
+    def mean_batch(self) -> float:
+        return self._sum("batch_items") / self._sum("batches") if self._sum("batches") else float("nan")
+
+    @property
+    def commit_ms(self) -> float:
+        return 1000.0 * self._sum("commit_s") / self._sum("batches") if self._sum("batches") else float("nan")
+
+    @property
+    def server_per_client(self) -> float:
+        return self.server_commits / self.client_transactions if self.client_transactions else float("nan")
+
+    @property
+    def server_commits_per_pair(self) -> float:
+        return self.server_commits / self.total_pairs if self.total_pairs else float("nan")
+
+    def pct(self, name: str) -> float:
+        """Mean over replicas of a thread's CPU as % of its wall time (process_cpu_s: the whole process)."""
+        return statistics.fmean(100.0 * r[name] / r["elapsed_s"] for r in self.results)
+
+    @property
+    def postgres_pct(self) -> float:
+        return 100.0 * self.postgres_cpu_s / self.window_s if self.window_s else float("nan")
+
+
+@dataclass
+class PgCell:
+    concurrency: int
+    replicas: int
+    samples: list[PgSample] = field(default_factory=list)
+
+    def med(self, fn) -> float:
+        return lg.median([fn(s) for s in self.samples])
+
+
+class PgBench:
+    """The durable PostgreSQL server of the run, and one point on it."""
+
+    def __init__(self) -> None:
+        import psycopg  # noqa: F401  (a clear failure before any server starts)
+
+        from tests import postgres as pgfix
+
+        bindir, why = pgfix.find_bindir(os.environ)
+        if bindir is None:
+            raise SystemExit(f"no PostgreSQL for the --pg points: {why} (or run with --no-pg)")
+        pgfix.SERVER_SETTINGS = {**pgfix.SERVER_SETTINGS, **PG_DURABLE}
+        self.server = pgfix.PgServer.start(bindir, os.environ)
+        self.env = {**os.environ, **self.server.env,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        os.environ.update(self.server.env)
+        self.logdir = Path(tempfile.mkdtemp(prefix="bench_ledger_pg_"))
+
+    def close(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+    @property
+    def version(self) -> str:
+        with self._connect(self.server.url()) as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+
+    def _connect(self, url: str) -> Any:
+        from cortex.budget import pg_schema
+
+        return pg_schema.connect(url)
+
+    def server_commits(self, url: str) -> int:
+        with self._connect(url) as conn:
+            return int(conn.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0])
+
+    def postgres_cpu(self) -> dict[int, float]:
+        """CPU seconds of the postmaster and each of its children (backends, WAL writer, checkpointer...)."""
+        root = self.server.process.pid
+        out = {root: lg.proc_cpu_s(root)}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == root:
+                out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / lg._CLK_TCK
+        return out
+
+    async def fresh_ledger(self) -> str:
+        """A migrated database with the one key (and its account) every replica uses, made through the service."""
+        from cortex.budget import pg_schema
+        from cortex.budget.pg_shared import PgShared
+        from cortex.budget.shared_service import SharedBudgetService
+
+        url = self.server.url(self.server.create_database())
+        with self._connect(url) as conn:
+            pg_schema.migrate(conn)
+        async with PgShared.open(url, admission=False) as shared:
+            service = await SharedBudgetService.load(shared, time.time, BudgetConfig(), GatewayMetrics())
+            await service.create_key("bench", "team", Caps(balance_tokens=10**15))
+        return url
+
+    def key_totals(self, url: str) -> tuple[int, int]:
+        with self._connect(url) as conn:
+            return conn.execute("SELECT spent_tokens, held_tokens FROM keys WHERE name = 'bench'").fetchone()
+
+    def run_point(self, url: str, replicas: int, concurrency: int, seconds: float, warm_s: float) -> PgSample:
+        time.sleep(PG_STATS_FLUSH_S)  # the set-up's backends have exited and flushed their statistics
+        commits0 = self.server_commits(url)
+        procs = []
+        try:
+            for i in range(replicas):
+                err = open(self.logdir / f"replica-{i}.log", "wb")
+                procs.append((subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "--replica", url, "--concurrency", str(concurrency),
+                     "--warm-seconds", str(warm_s)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=self.env, cwd=str(REPO_ROOT),
+                ), err))
+            for i, (p, _) in enumerate(procs):
+                self._expect(p, i, "ready", REPLICA_READY_TIMEOUT_S)
+            start = time.time() + PG_START_DELAY_S
+            for p, _ in procs:
+                p.stdin.write((json.dumps({"start": start, "seconds": seconds}) + "\n").encode())
+                p.stdin.flush()
+            time.sleep(max(0.0, start - time.time()))
+            pg0 = self.postgres_cpu()
+            t0 = time.perf_counter()
+            time.sleep(seconds)
+            pg1 = self.postgres_cpu()
+            window_s = time.perf_counter() - t0
+            results = [self._expect(p, i, "result", seconds + 60) for i, (p, _) in enumerate(procs)]
+            closed = [self._expect(p, i, "closed", 60) for i, (p, _) in enumerate(procs)]
+            for i, (p, _) in enumerate(procs):
+                if p.wait(30) != 0:
+                    raise RuntimeError(f"replica {i} exited with {p.returncode}{self._tail(i)}")
+        finally:
+            for p, err in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                err.close()
+        time.sleep(PG_STATS_FLUSH_S)  # the replicas' backends have exited and flushed their statistics
+        server = self.server_commits(url) - commits0 - 1  # less the first probe's own
+        total_pairs = sum(c["total_pairs"] for c in closed)
+        spent, held = self.key_totals(url)
+        if held != 0 or spent != total_pairs * ACTUAL_TOKENS:
+            raise RuntimeError(f"ledger disagrees: held {held}, spent {spent}, expected {total_pairs * ACTUAL_TOKENS}")
+        client = sum(c["transactions"] + c["maintenance_transactions"] for c in closed)
+        cpu = sum(v - pg0.get(pid, 0.0) for pid, v in pg1.items())
+        return PgSample(replicas, results, server, client, total_pairs, cpu, window_s)
+
+    def _tail(self, i: int) -> str:
+        try:
+            text = (self.logdir / f"replica-{i}.log").read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+        return f"\n--- replica {i} stderr (tail) ---\n{text}"
+
+    def _expect(self, p: subprocess.Popen[bytes], i: int, event: str, timeout_s: float) -> dict[str, Any]:
+        """The next JSON line of replica i's stdout, which must be `event`."""
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], timeout_s)
+        line = p.stdout.readline() if ready else b""
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = {}
+        if msg.get("event") != event:
+            raise RuntimeError(f"replica {i}: expected {event!r}, got {line[:200]!r}{self._tail(i)}")
+        return msg
+
+    def commit_rate(self, connections: int, seconds: float) -> float:
+        """Durable commits/s the server takes from `connections` clients at once, none contending on a row:
+        each connection loops over cortex_batch(settle its previous hold, reserve one new one) on a key and an
+        account of its own -- the real statement, one transaction each. From pg_stat_database."""
+        from cortex.budget import pg_schema
+        from cortex.budget.pg_ledger import Hold, PgLedger, Reserve, Resolve
+
+        url = self.server.url(self.server.create_database())
+        with self._connect(url) as conn:
+            pg_schema.migrate(conn)
+            for i in range(connections):
+                conn.execute("INSERT INTO accounts (id, created_at) VALUES (%s, 0)", (f"a{i}",))
+                conn.execute("INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at, balance_tokens)"
+                             " VALUES (%s, %s, %s, %s, 'sk', 0, %s)", (f"k{i}", f"a{i}", f"k{i}", f"h{i}".encode(), 10**15))
+        time.sleep(PG_STATS_FLUSH_S)
+        commits0 = self.server_commits(url)
+        ledgers = [PgLedger(pg_schema.connect(url), f"rate-{i}", 30.0) for i in range(connections)]
+        stop = [0.0]
+        barrier = threading.Barrier(connections + 1)
+        errors: list[BaseException] = []
+
+        def loop(ledger: PgLedger, i: int) -> None:
+            try:
+                held: list[str] = []
+                barrier.wait()
+                while time.perf_counter() < stop[0]:
+                    _, placed = ledger.step([Resolve(h, "settled", ACTUAL_TOKENS) for h in held],
+                                            [Reserve(f"h{i}-{ledger.counters.transactions}", f"k{i}", 160, 600.0)], None)
+                    assert all(isinstance(p, Hold) for p in placed)
+                    held = [p.id for p in placed]
+                ledger.step([Resolve(h, "settled", ACTUAL_TOKENS) for h in held], [], None)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=loop, args=(lgr, i)) for i, lgr in enumerate(ledgers)]
+        for t in threads:
+            t.start()
+        stop[0] = time.perf_counter() + 10**6
+        barrier.wait()
+        t0 = time.perf_counter()
+        stop[0] = t0 + seconds
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        for lgr in ledgers:
+            lgr.conn.close()
+        if errors:
+            raise errors[0]
+        time.sleep(PG_STATS_FLUSH_S)
+        return (self.server_commits(url) - commits0 - 1) / elapsed
+
+
+async def run_pg_point(pg: PgBench, replicas: int, concurrency: int, seconds: float) -> PgSample:
+    url = await pg.fresh_ledger()
+    return await trio.to_thread.run_sync(pg.run_point, url, replicas, concurrency, seconds, min(0.3, seconds / 4))
 
 
 # --------------------------------------------------------------------------

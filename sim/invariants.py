@@ -414,16 +414,26 @@ class Checker:
 
     # --- at the end ---------------------------------------------------------------------
 
-    def check_end(self, open_in_store: int, store_states: dict[str, str], admitted: int, refused: int, leaked: list[str]) -> None:
+    def check_end(
+        self, open_in_store: int, store_states: dict[str, str], admitted: int, refused: int, leaked: list[str],
+        by_upstream: dict[str, tuple[int, int, int]] | None = None,
+    ) -> None:
+        """`by_upstream`: name -> (admitted, refused, delivered) of each upstream, every incarnation together."""
         if leaked:
             self.fail(f"tasks still running after the scenario: {', '.join(leaked)}")
         if open_in_store:
             self.fail(f"{open_in_store} holds still open in the ledger store at the end")
         if admitted + refused != self.deliveries:
             self.fail(f"upstreams admitted {admitted} and refused {refused}, but cortex dispatched {self.deliveries}")
+        for name, (up_admitted, up_refused, delivered) in (by_upstream or {}).items():
+            if up_admitted + up_refused != delivered:
+                self.fail(f"{name} admitted {up_admitted} and refused {up_refused}, but cortex dispatched {delivered} to it")
         for rid, record in self.requests.items():
             if record.outcome == "served" and record.served_by is None:
                 self.fail(f"{rid} was served, but no upstream sent its body")
+            if record.outcome == "served" and (self.reservations[rid], self.resolutions[rid]) != (1, 1):
+                self.fail(f"{rid} was served, and reserved {self.reservations[rid]} times and resolved "
+                          f"{self.resolutions[rid]} times; once each is right")
             state = store_states.get(rid)
             if record.hold_amount is None:
                 continue

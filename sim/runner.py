@@ -91,10 +91,9 @@ async def _main(world: World) -> None:
             world.virtual_end_s = world.trace.now()
             world.check_memory()
             leaked = world.leaked_tasks()
-            if world.cortex_host.up:
-                await world.stop_cortex()
+            await world.stop_cortex()  # every replica that is up
             open_count, states = world.store_states()
-            world.checker.check_end(open_count, states, *world.upstream_counts(), leaked)
+            world.checker.check_end(open_count, states, *world.upstream_counts(), leaked, world.upstream_counts_by_name())
             hosts.cancel_scope.cancel()
 
 
@@ -177,6 +176,7 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         "requests_per_wall_s": round(len(requests) / wall_s, 1) if wall_s else 0.0,
         "trace_events": world.trace.count,
         "trace_sha256": world.trace.sha256,
+        **world.shared_summary(),
     }
 
 

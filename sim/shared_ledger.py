@@ -88,6 +88,7 @@ class HoldRow:
 @dataclass
 class DbCounters:
     batches: int = 0
+    reserve_batches: int = 0  # batches with a reserve in them
     batch_items_max: int = 0
     reserves: int = 0
     admitted: int = 0
@@ -120,6 +121,7 @@ class SharedDb:
         (the planted bug's replica judged it itself). Holds come back as copies."""
         assert len(resolutions) <= BATCH_MAX and len(reserves) <= BATCH_MAX
         self.counters.batches += 1
+        self.counters.reserve_batches += bool(reserves)
         self.counters.batch_items_max = max(self.counters.batch_items_max, len(resolutions) + len(reserves))
         resolved = [self._resolve(r, now) for r in resolutions]
         placed = [self._reserve(replica_id, q, now, judged is None or judged[i]) for i, q in enumerate(reserves)]

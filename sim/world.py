@@ -119,6 +119,9 @@ class World:
         self.upstream_specs = {u.name: u for u in scenario.upstreams}
         self.server_faults = {u.name: ServerFaults(self._rng(f"server:{u.name}")) for u in scenario.upstreams}
         self.upstream_apps: list[NeuronApp | KindApp] = []  # every incarnation, for the admitted counts
+        self.incarnations: dict[str, list[tuple[NeuronApp | KindApp, NeuronGate | None]]] = {
+            u.name: [] for u in scenario.upstreams
+        }  # the same, by upstream, each with its gate
         self.deliveries: Counter[str] = Counter()  # generation requests each upstream received
         self.checker.token_bytes = {u.name: u.token_bytes for u in scenario.upstreams}
         self.checker.lifecycle.pinned = {(name, m.id) for m in scenario.models for name in m.pinned_on}
@@ -144,6 +147,7 @@ class World:
         self._request_counter = 0
         self._next_replica = 0  # the clients' round-robin over the replicas
         self.client: httpx.AsyncBaseTransport = self.network.transport()
+        self._simulated_client = self.client  # live mode swaps in a real one, and a base_url
         self.base_url = "http://cortex"
         self.virtual_end_s = 0.0
 
@@ -190,6 +194,7 @@ class World:
         else:
             app = served = KindApp(spec, self.seed, faults, ready_at=trio.current_time() + spec.load_s)
         self.upstream_apps.append(app)
+        self.incarnations[name].append((app, served if spec.kind == "neuron" else None))
         # A neuron runs its lifespan, as under a server: its loads and unloads live in that nursery.
         await nursery.start(self._host, self.upstream_hosts[name], served, spec.kind == "neuron")
 
@@ -512,11 +517,11 @@ class World:
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
         replica = self._pick_replica()
         request = httpx.Request(
-            "POST", f"http://{replica}/v1/chat/completions", content=payload,
+            "POST", (self.base_url if replica is None else f"http://{replica}") + "/v1/chat/completions", content=payload,
             headers={"authorization": f"Bearer {key}", "x-request-id": rid, "content-type": "application/json"},
         )
         started = trio.current_time()
-        on_replica = {"replica": replica} if self.shared is not None else {}
+        on_replica = {"replica": replica} if replica is not None else {}
         self.trace.event("send", req=rid, key=key_name, stream=stream, attempt=attempt, **on_replica)
         retry_after: float | None = None
         with trio.move_on_after(cancel_s if cancel_s is not None else float("inf")) as scope:
@@ -535,10 +540,11 @@ class World:
                          bytes=record.received_bytes, **extra)
         return retry_after
 
-    def _pick_replica(self) -> str:
-        """The next replica that is up, round-robin (the first in turn when none is); `cortex` alone."""
-        if self.shared is None:
-            return "cortex"
+    def _pick_replica(self) -> str | None:
+        """The next replica that is up, round-robin (the next in turn when none is); None: the one
+        cortex at `base_url` (a simulated one, or a real one in live mode)."""
+        if self.shared is None or self.client is not self._simulated_client:
+            return None
         names = list(self.cortex_hosts)
         for i in range(len(names)):
             name = names[(self._next_replica + i) % len(names)]
@@ -611,6 +617,29 @@ class World:
             sum(a.counters.rejected_total for a in self.upstream_apps) + sum(f.refused_total for f in self.server_faults.values())
             - sum(g.control_refused_total for g in self.gates),  # the neuron counts its lifecycle refusals too
         )
+
+    def upstream_counts_by_name(self) -> dict[str, tuple[int, int, int]]:
+        """Per upstream: the generation requests it admitted, those it (or its overload fault) refused,
+        and those the cortexes delivered to it."""
+        out = {}
+        for name, lives in self.incarnations.items():
+            admitted = sum(app.counters.requests_total for app, _ in lives)
+            refused = (sum(app.counters.rejected_total for app, _ in lives) + self.server_faults[name].refused_total
+                       - sum(gate.control_refused_total for _, gate in lives if gate is not None))
+            out[name] = (admitted, refused, self.deliveries[name])
+        return out
+
+    def shared_summary(self) -> dict[str, Any]:
+        """The shared ledger's figures (nothing for one cortex on SQLite)."""
+        if self.shared is None:
+            return {}
+        c = self.shared.db.counters
+        return {"shared_ledger": {
+            "replicas": len(self.cortex_hosts), "replica_lives": len(self.shared.handles), "batches": c.batches,
+            "reserves": c.reserves, "admitted": c.admitted, "reserves_per_batch": round(c.reserves / c.reserve_batches, 2) if c.reserve_batches else 0.0,
+            "batch_items_max": c.batch_items_max, "round_trips": c.round_trips, "heartbeats": c.heartbeats,
+            "reaped": c.reaped, "notices": c.notices,
+        }}
 
 
 class _MortalStore(SyncStore):
