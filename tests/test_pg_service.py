@@ -192,3 +192,58 @@ async def test_recent_and_spend_read_the_shared_ledger(pg_ledger_url: str) -> No
         spend = await a.spend("key", record.id)
         assert spend["by_model"] == [{"model": "llama", "requests": 1, "tokens": 7, "micro_usd": 0, "usd": 0.0}]
         assert math.isclose(sum(d["tokens"] for d in spend["by_day"]), 7)
+
+
+async def test_window_and_period_refusals_on_a_shared_ledger_say_when_to_retry(pg_ledger_url: str) -> None:
+    from cortex.budget.periods import PeriodSpec
+
+    async with replicas(pg_ledger_url, 2) as (a, b):
+        record, plaintext = await a.create_key("k", "acct", Caps(window_tokens=100, window_s=30.0))
+        await eventually(lambda: record.id in b.keys)
+        hold = await a.reserve(a.authenticate(headers(plaintext)), Estimate(30, 30), "r1", "m")
+        await a.settle(hold, 60)
+        await a.shared.admission.heartbeat()
+        with pytest.raises(ApiError) as refused:
+            await b.reserve(b.authenticate(headers(plaintext)), Estimate(30, 30), "r2", "m")
+        err = refused.value
+        assert err.status == 429 and err.code == "rate_limit_exceeded"
+        wait_ms = int(dict(err.headers)[b"retry-after-ms"])
+        # When the first charge's bucket leaves the window: conservative by at most one bucket (window / 64).
+        assert 0 < wait_ms <= 30_000 * (1 + 1 / 64) + 5
+        usage = await b.usage("key", record.id)
+        assert usage["window_used_tokens"] == 60 and usage["remaining"]["window_tokens"] == 40
+
+        await a.set_caps("account", "acct", Caps(period=PeriodSpec("daily", "UTC"), period_tokens=70))
+        with pytest.raises(ApiError) as period:  # the period's usage is summed from the ledger: 60 of 70 used
+            await b.reserve(b.authenticate(headers(plaintext)), Estimate(5, 10), "r3", "m")
+        assert period.value.status == 429 and b"retry-after" in dict(period.value.headers)
+        account = await b.usage("account", "acct")
+        assert account["period"]["used_tokens"] == 60 and account["remaining"]["period_tokens"] == 10
+
+
+async def test_an_alert_crossing_seen_by_two_replicas_fires_once(pg_ledger_url: str) -> None:
+    from cortex.budget.alerts import parse_alert_rules
+
+    rules = parse_alert_rules([{"url": "http://127.0.0.1:9/hook", "name": "ops", "thresholds": [0.5]}], {})
+    async with replicas(pg_ledger_url, 2) as (a, b):
+        record, plaintext = await a.create_key("k", "acct", Caps(balance_tokens=100))
+        await eventually(lambda: record.id in b.keys)
+        for s in (a, b):
+            await s.start_alerts(rules)  # no sender started: the outbox keeps what fires
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(s.evaluate_alerts_forever)
+            holds = [await s.reserve(s.authenticate(headers(plaintext)), Estimate(15, 15), f"r{i}", "m")
+                     for i, s in enumerate((a, b))]
+            for s, h in zip((a, b), holds):
+                await s.settle(h, 30)  # 60 of 100: both replicas see the key past 0.5
+            for s in (a, b):
+                await s.shared.admission.heartbeat()
+                s._alert_dirty.update({("key", record.id)})
+                s._alert_dirty_event.set()
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        events = await a.shared.run(lambda conn: conn.execute(
+            "SELECT rule_id, body FROM alert_outbox ORDER BY seq").fetchall())
+        key_events = [e for e in events if b'"kind":"key"' in bytes(e["body"])]
+        assert len(key_events) == 1, events
