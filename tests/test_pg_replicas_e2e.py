@@ -217,3 +217,32 @@ def test_the_cli_acts_on_a_shared_ledger_directly(stack: Stack, pg_ledger_url, t
                                   json={"model": MODEL, "messages": HI, "max_tokens": 10},
                                   headers={"authorization": f"Bearer {made['key']}"}, timeout=30).status_code == 401,
                timeout_s=1.0)
+
+
+def test_moving_a_sqlite_ledger_to_postgresql_keeps_keys_spend_and_caps(stack: Stack, pg_ledger_url):
+    import subprocess
+    import sys
+
+    neuron = stack.neuron()
+    single = budget_cortex(stack, neuron)
+    key_id, key = create_key(single, balance_tokens=3 * COST)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 10}
+    headers = {"authorization": f"Bearer {key}"}
+    assert httpx.post(single.url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
+    wait_until(lambda: key_usage(single, key_id)["usage"]["held_tokens"] == 0)
+    single.stop()
+    moved = subprocess.run(
+        [sys.executable, "-m", "cortex", "db", "import", "--from-data-dir", str(single.data_dir), "--ledger", pg_ledger_url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert moved.returncode == 0, moved.stderr
+    (a, b) = replicas(stack, neuron, pg_ledger_url, n=2)
+    u = key_usage(b, key_id)
+    assert u["usage"]["spent_tokens"] == COST and u["limits"]["balance_tokens"] == 3 * COST
+    assert [r["state"] for r in u["recent"]] == ["settled"]
+    # The same key works on both replicas, and the cap carried over binds: two more requests fit, a third does not.
+    statuses = [httpx.post(c.url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+                for c in (a, b, a)]
+    assert statuses == [200, 200, 429]
+    metrics = httpx.get(a.url + "/metrics", timeout=10).text  # /metrics works the same on either store
+    assert "cortex_holds_outstanding" in metrics and 'cortex_budget_refusals_total{reason="balance"}' in metrics
