@@ -29,7 +29,7 @@ from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
 from cortex.budget.shared_service import SharedBudgetService
 from cortex.budget.store import PutMeta, ThreadedStore
-from cortex.config import Config
+from cortex.config import SQLITE_LEDGER, Config
 from cortex.fleet.health import poll_forever
 from cortex.fleet import catalogue
 from cortex.fleet.lifecycle import Lifecycle
@@ -52,6 +52,16 @@ async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterato
     or, with `budget.ledger`, this replica's handle on the shared PostgreSQL ledger."""
     lock = datadir.lock(config.budget.data_dir)  # on PostgreSQL too: the admin socket and fleet state live there
     try:
+        if config.budget.ledger.startswith(SQLITE_LEDGER):
+            from cortex.budget.sqlite_shared import SqliteShared
+
+            budget = config.budget
+            async with SqliteShared.open(
+                budget.ledger[len(SQLITE_LEDGER):], budget.replica_id or None, budget.lease_s, budget.synchronous,
+                metrics.observe_commit,
+            ) as shared:
+                yield shared
+            return
         if config.budget.ledger:
             from cortex.budget.pg_shared import PgShared
 
@@ -282,11 +292,11 @@ class CortexApp:
 
     # --- generation ---------------------------------------------------------------
 
-    def _authenticate(self, request: asgi.Request) -> KeyRecord | None:
+    async def _authenticate(self, request: asgi.Request) -> KeyRecord | None:
         if self.budget is None:
             raise errors.service_unavailable("cortex is starting; try again shortly.", 1)
         try:
-            return self.budget.authenticate(request.headers)
+            return await self.budget.authenticate_async(request.headers)
         except ApiError:
             if self.config.budget.auth_required:
                 raise
@@ -306,12 +316,12 @@ class CortexApp:
         return parse_json_object(raw)
 
     async def _chat(self, request: asgi.Request) -> None:
-        key = self._authenticate(request)
+        key = await self._authenticate(request)
         gen = chat_request(await self._body(request))
         await self.proxy.generate(request, gen, "/v1/chat/completions", key)
 
     async def _completion(self, request: asgi.Request) -> None:
-        key = self._authenticate(request)
+        key = await self._authenticate(request)
         gen = completion_request(await self._body(request))
         await self.proxy.generate(request, gen, "/v1/completions", key)
 
@@ -324,7 +334,7 @@ class CortexApp:
 
     async def _messages(self, request: asgi.Request) -> None:
         surface = self._anthropic(request)
-        key = self._authenticate(request)
+        key = await self._authenticate(request)
         surface.request = anthropic.to_openai(await self._body(request))
         gen = surface.request.gen
         surface.input_tokens = prompt_tokens_bound(gen, self.proxy.model_info(gen.model))
@@ -332,7 +342,7 @@ class CortexApp:
 
     async def _count_tokens(self, request: asgi.Request) -> None:
         self._anthropic(request)
-        self._authenticate(request)
+        await self._authenticate(request)
         counted = anthropic.count_tokens_request(await self._body(request))
         if not self.fleet.knows(self.catalogue.resolve(counted.gen.model)):
             raise errors.model_not_found(counted.gen.model)

@@ -27,11 +27,12 @@ from cortex import config as config_mod
 from cortex.admin_socket import AdminSocket
 from cortex.api.admin import AdminApi, data_dir_owner
 from cortex.app import CortexApp
+from cortex.budget import datadir
 from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
 from cortex.workers import WorkerFailed, supervise
-from cortex.config import Config, ConfigError
+from cortex.config import SQLITE_LEDGER, Config, ConfigError
 from cortex.fleet.catalogue import CatalogueError
 from cortex.fleet.kinds import KINDS
 from common.serving import announce, leaf_error, run_daemon, serve, shutdown_signals
@@ -247,13 +248,13 @@ WORKERS_MAX = 256
 def serve_workers(args: argparse.Namespace, config: Config, argv: list[str], expected: tuple[type[BaseException], ...]) -> int:
     if not 1 <= args.workers <= WORKERS_MAX:
         raise ConfigError(f"--workers must be from 1 to {WORKERS_MAX}, got {args.workers}")
-    if not config.budget.ledger:
-        # The SQLite ledger's judge is one process's memory: workers must share the PostgreSQL one.
-        raise ConfigError("--workers N needs a shared ledger: --ledger postgresql://... (budget.ledger)")
-    if config.server.listen.startswith("unix:"):
-        raise ConfigError("--workers N needs a TCP --listen HOST:PORT")
+    ledger = config.budget.ledger
+    if not ledger:
+        # One process's ledger judges in its memory; workers share the data dir's file through the
+        # cross-replica protocol instead (cortex/budget/sqlite_shared.py).
+        ledger = SQLITE_LEDGER + str((Path(config.budget.data_dir) / datadir.LEDGER_FILE).resolve())
     return run_daemon(
-        supervise, argv, args.workers, config.server.listen, config.budget.data_dir,
+        supervise, argv, args.workers, config.server.listen, config.budget.data_dir, ledger,
         prog="cortex", expected=(*expected, WorkerFailed),
     )
 

@@ -106,7 +106,8 @@ class BudgetConfig:
     alert_retry_for_s: float = 86400.0  # an alert undelivered this long is given up (counted)
     alert_outbox_max: int = 10000  # undelivered alerts kept; past it the oldest are dropped (counted)
     # The shared ledger of many replicas: a postgresql:// URL (the password in PGPASSWORD or .pgpass,
-    # never in the URL). Empty: the data dir's SQLite, for one process.
+    # never in the URL), or "sqlite:PATH" for the workers of one host (what --workers N uses without
+    # a URL). Empty: the data dir's SQLite, judged in one process's memory.
     ledger: str = ""
     replica_id: str = ""  # empty: host-pid-random, unique per process life
     lease_s: float = 30.0  # a dead replica's holds are reaped this long after its last heartbeat
@@ -134,6 +135,7 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SQLITE_LEDGER = "sqlite:"  # budget.ledger = "sqlite:PATH": a SQLite file shared by the workers of one host
 INT_MAX = 2**40  # far above any sane size or count
 SECONDS_MAX = 7 * 24 * 3600.0  # also refuses nan and inf
 
@@ -284,7 +286,10 @@ def validate(config: Config) -> None:
         parse_period_spec("daily", config.budget.period_timezone)
     except PeriodError as exc:
         raise ConfigError(f"'budget.period_timezone': {exc}") from None
-    if config.budget.ledger:
+    if config.budget.ledger.startswith(SQLITE_LEDGER):
+        if not config.budget.ledger[len(SQLITE_LEDGER):]:
+            raise ConfigError("'budget.ledger': sqlite: needs the ledger file's path, as sqlite:/path/ledger.db")
+    elif config.budget.ledger:
         from cortex.budget.pg_schema import LedgerUrlError, ledger_url
 
         try:

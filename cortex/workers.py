@@ -5,7 +5,8 @@ reserves the port, starts N workers that each bind it with SO_REUSEPORT (the
 kernel spreads new connections over them), and announces one URL once every
 worker listens. Each worker is a whole replica: its own event loop, upstream
 pools and hold expiry, and the shared ledger's cross-replica protocol for its
-budgets, so N workers keep the same promise as N hosts.
+budgets (PostgreSQL with --ledger, else the data dir's SQLite file through
+cortex/budget/sqlite_shared.py), so N workers keep the same promise as N hosts.
 
 Data dirs: worker 0 uses the data dir itself (so `cortex keys ...` finds its
 admin socket), worker i > 0 uses `DATA_DIR/workers/i`. A worker that dies is
@@ -41,8 +42,8 @@ def worker_data_dir(data_dir: str, index: int) -> str:
     return data_dir if index == 0 else str(Path(data_dir) / "workers" / str(index))
 
 
-def worker_argv(argv: list[str], index: int, listen: str, data_dir: str) -> list[str]:
-    """The worker's command line: the supervisor's, with its own port, data dir and no --workers."""
+def worker_argv(argv: list[str], index: int, listen: str, data_dir: str, ledger: str) -> list[str]:
+    """The worker's command line: the supervisor's, with its own port, data dir, the shared ledger and no --workers."""
     out: list[str] = []
     skip = False
     for i, arg in enumerate(argv):
@@ -50,12 +51,12 @@ def worker_argv(argv: list[str], index: int, listen: str, data_dir: str) -> list
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--workers", "--listen", "--data-dir"):
+        if name in ("--workers", "--listen", "--data-dir", "--ledger"):
             skip = "=" not in arg
             continue
         out.append(arg)
     return [sys.executable, "-m", "cortex", *out, "--listen", listen, "--data-dir", worker_data_dir(data_dir, index),
-            "--reuse-port"]
+            "--ledger", ledger, "--reuse-port"]
 
 
 class Worker:
@@ -67,7 +68,7 @@ class Worker:
         self.starts = 0
 
 
-async def supervise(argv: list[str], workers: int, listen: str, data_dir: str) -> None:
+async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, ledger: str) -> None:
     """Run `workers` workers until SIGTERM/SIGINT; announce once all of them listen."""
     host, port = parse_listen(listen)
     # Held (bound, never listening) for the supervisor's life: the port stays ours between worker restarts,
@@ -76,7 +77,7 @@ async def supervise(argv: list[str], workers: int, listen: str, data_dir: str) -
     try:
         port = reserve.getsockname()[1]
         shared_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir)) for i in range(workers)]
+        pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger)) for i in range(workers)]
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             ready = [trio.Event() for _ in pool]

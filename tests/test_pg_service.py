@@ -247,3 +247,26 @@ async def test_an_alert_crossing_seen_by_two_replicas_fires_once(pg_ledger_url: 
             "SELECT rule_id, body FROM alert_outbox ORDER BY seq").fetchall())
         key_events = [e for e in events if b'"kind":"key"' in bytes(e["body"])]
         assert len(key_events) == 1, events
+
+
+async def test_a_key_made_a_moment_ago_elsewhere_is_found_in_the_ledger_and_bad_keys_are_looked_up_once(
+    pg_ledger_url: str,
+) -> None:
+    async with replicas(pg_ledger_url, 2) as (a, b):
+        record, plaintext = await a.create_key("k", None, Caps())
+        b.keys.pop(record.id, None)  # as if b had not heard of it yet: only the ledger can tell it
+        b._by_hash.pop(record.key_hash, None)
+        assert (await b.authenticate_async(headers(plaintext))).id == record.id
+        lookups = []
+        real = b.shared.key_id_by_hash
+
+        async def counted(digest: bytes) -> str | None:
+            lookups.append(digest)
+            return await real(digest)
+
+        b.shared.key_id_by_hash = counted
+        for _ in range(5):
+            with pytest.raises(ApiError) as refused:
+                await b.authenticate_async(headers("sk-cortex-not-a-key"))
+            assert refused.value.status == 401
+        assert len(lookups) == 1  # a flood of one bad key costs one lookup a second

@@ -1,21 +1,27 @@
-"""`cortex serve --workers N`: N processes on one port (SO_REUSEPORT) sharing one PostgreSQL ledger."""
+"""`cortex serve --workers N`: N processes on one port (SO_REUSEPORT) sharing one ledger, on PostgreSQL or on
+the data dir's SQLite file."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
+import pytest
 
 from tests.budget_helpers import ADMIN_TOKEN, HI_PROMPT_TOKENS, admin, create_key
 from tests.conftest import Proc, Stack, wait_until
 from tests.test_pg_replicas_e2e import ledger, spread
-from tests.test_pg_store import INVARIANT_SQL
+from tests.test_pg_store import INVARIANT_SQL as PG_INVARIANT_SQL
+from tests.test_sqlite_shared import INVARIANT_SQL as SQLITE_INVARIANT_SQL
 
 COST = HI_PROMPT_TOKENS + 10
+Query = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
 
 
 def children(pid: int) -> list[int]:
@@ -24,19 +30,38 @@ def children(pid: int) -> list[int]:
     return [p for p in pids if "zombie" not in Path(f"/proc/{p}/status").read_text()]
 
 
-def workers(stack: Stack, neuron: Proc, url: str, n: int) -> Proc:
-    data_dir = stack.tmp_path / f"data-{len(stack.procs)}"
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], Query, str]:
+    """The --ledger flags, a query on the shared ledger (%s placeholders), and its invariant's SQL."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_ledger_url")
+        return ["--ledger", url], lambda sql, params=(): ledger(url, sql, params), PG_INVARIANT_SQL
+    path = tmp_path / "data-workers" / "ledger.db"
+
+    def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute(sql.replace("%s", "?"), params).fetchall()
+        finally:
+            conn.close()
+
+    return [], query, SQLITE_INVARIANT_SQL
+
+
+def workers(stack: Stack, neuron: Proc, ledger_args: list[str], n: int) -> Proc:
+    data_dir = stack.tmp_path / "data-workers"
     proc = stack._start("cortex", [
         "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--neuron", neuron.url,
-        "--admin-token", ADMIN_TOKEN, "--ledger", url, "--workers", str(n),
+        "--admin-token", ADMIN_TOKEN, *ledger_args, "--workers", str(n),
     ])
     proc.data_dir = data_dir
     return proc
 
 
-async def test_workers_share_one_port_and_one_ledger_and_the_cap_holds(stack: Stack, pg_ledger_url):
+async def test_workers_share_one_port_and_one_ledger_and_the_cap_holds(stack: Stack, store):
+    ledger_args, query, invariant = store
     neuron = stack.neuron("--token-interval-ms", "5")
-    cortex = workers(stack, neuron, pg_ledger_url, 3)
+    cortex = workers(stack, neuron, ledger_args, 3)
     assert cortex.announcement["workers"] == 3 and len(cortex.announcement["worker_pids"]) == 3
     assert sorted(children(cortex.popen.pid)) == sorted(cortex.announcement["worker_pids"])
     key_id, key = create_key(cortex, balance_tokens=150 * COST + COST - 1)
@@ -45,20 +70,21 @@ async def test_workers_share_one_port_and_one_ledger_and_the_cap_holds(stack: St
     statuses = sorted(r[0] for r in results)
     assert statuses.count(200) == 150 and statuses.count(429) == 150, set(statuses)
     assert neuron.get_json("/health")["requests_total"] == 150
-    wait_until(lambda: ledger(pg_ledger_url, "SELECT held_tokens FROM keys WHERE id = %s", (key_id,))[0][0] == 0)
-    (spent,), = ledger(pg_ledger_url, "SELECT spent_tokens FROM keys WHERE id = %s", (key_id,))
+    wait_until(lambda: query("SELECT COUNT(*) FROM holds WHERE state = 'open'")[0][0] == 0)
+    (spent,), = query("SELECT spent_tokens FROM keys WHERE id = %s", (key_id,))
     assert spent == 150 * COST
-    assert ledger(pg_ledger_url, INVARIANT_SQL) == []
+    assert query(invariant) == []
     # The kernel spread the connections: more than one worker admitted requests.
-    assert ledger(pg_ledger_url, "SELECT COUNT(DISTINCT replica_id) FROM holds")[0][0] >= 2
+    assert query("SELECT COUNT(DISTINCT replica_id) FROM holds")[0][0] >= 2
     # Administration through the one port answers alike whichever worker takes the connection.
     for _ in range(6):
         assert admin(cortex, "GET", f"keys/{key_id}").json()["usage"]["spent_tokens"] == spent
 
 
-def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack, pg_ledger_url):
+def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack, store):
+    ledger_args, query, _ = store
     neuron = stack.neuron()
-    cortex = workers(stack, neuron, pg_ledger_url, 2)
+    cortex = workers(stack, neuron, ledger_args, 2)
     first = sorted(cortex.announcement["worker_pids"])
     os.kill(first[0], signal.SIGKILL)
     wait_until(lambda: len(children(cortex.popen.pid)) == 2 and first[0] not in children(cortex.popen.pid), timeout_s=20)
@@ -75,9 +101,24 @@ def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack,
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
-def test_workers_need_a_shared_ledger(tmp_path):
+def test_the_cli_reaches_the_workers_through_the_data_dir(stack: Stack):
+    neuron = stack.neuron()
+    cortex = workers(stack, neuron, [], 2)
     out = subprocess.run(
-        [sys.executable, "-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--workers", "2"],
+        [sys.executable, "-m", "cortex", "keys", "create", "--name", "cli", "--balance", "500", "--data-dir",
+         str(cortex.data_dir), "--json"], capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    made = json.loads(out.stdout)
+    for _ in range(6):  # every worker knows it within its poll
+        wait_until(lambda: admin(cortex, "GET", f"keys/{made['id']}").status_code == 200, timeout_s=2)
+
+
+def test_workers_must_be_a_sane_count(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--workers", "0"],
         capture_output=True, text=True, timeout=60,
     )
-    assert out.returncode == 2 and "--ledger" in out.stderr, out.stderr
+    assert out.returncode == 2 and "--workers" in out.stderr, out.stderr

@@ -920,6 +920,7 @@ IMPORT_COLUMNS: dict[str, dict[str, type]] = {
         "id": _TEXT, "key_id": _TEXT, "account_id": _TEXT, "amount_tokens": _INT, "amount_usd": _INT, "created_at": _FLOAT,
         "expires_at": _FLOAT, "state": _TEXT, "charged_tokens": _INT, "charged_usd": _INT, "actual_tokens": _INT,
         "resolved_at": _FLOAT, "request_id": _TEXT, "model": _TEXT, "client_request_id": _TEXT,
+        "replica_id": _TEXT, "lease_deadline": _FLOAT,  # a --workers ledger's
     },
     "alert_state": {
         "rule_id": _TEXT, "principal_kind": _TEXT, "principal_id": _TEXT, "cap": _TEXT, "threshold": _FLOAT,

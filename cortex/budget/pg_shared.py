@@ -38,16 +38,11 @@ from cortex.budget.pg_ledger import Reserve, Resolve
 from cortex.budget.pg_store import PgAdmission
 from cortex.budget.service import SPEND_BUCKET_S, KeyRecord
 from cortex.budget.shared_service import EVERYTHING, Directory
-from cortex.budget.store import StoreError, caps_of
+from cortex.budget.store import CAPS_FIELDS, TABLES, StoreError, caps_of, caps_row
 
 log = logging.getLogger("cortex")
 
 CHANNEL = "cortex_ledger"
-TABLES = {"key": "keys", "account": "accounts"}
-CAP_FIELDS = (
-    "balance_tokens", "window_tokens", "window_s", "max_concurrency", "balance_usd", "window_usd", "period",
-    "period_timezone", "period_anchor_day", "period_tokens", "period_usd",
-)
 POOL_SIZE = 4  # directory connections; administrative traffic and views are light
 LISTEN_POLL_S = 0.25  # how often the listening thread looks up from its socket to see whether to stop
 LISTEN_BACKOFF_S = (0.05, 2.0)
@@ -200,8 +195,8 @@ class PgShared:
         def write(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
                 row = conn.execute(
-                    f"UPDATE {TABLES[kind]} SET {', '.join(f'{f} = %s' for f in CAP_FIELDS)} WHERE id = %s RETURNING id",
-                    (*_cap_values(caps), principal_id),
+                    f"UPDATE {TABLES[kind]} SET {', '.join(f'{f} = %s' for f in CAPS_FIELDS)} WHERE id = %s RETURNING id",
+                    (*caps_row(caps), principal_id),
                 ).fetchone()
                 if row is not None:
                     notify(conn, kind, principal_id)
@@ -217,8 +212,8 @@ class PgShared:
                 row = conn.execute(f"SELECT * FROM {TABLES[kind]} WHERE id = %s FOR UPDATE", (principal_id,)).fetchone()
                 caps = change(caps_of(row) if row is not None else None)
                 conn.execute(
-                    f"UPDATE {TABLES[kind]} SET {', '.join(f'{f} = %s' for f in CAP_FIELDS)} WHERE id = %s",
-                    (*_cap_values(caps), principal_id),
+                    f"UPDATE {TABLES[kind]} SET {', '.join(f'{f} = %s' for f in CAPS_FIELDS)} WHERE id = %s",
+                    (*caps_row(caps), principal_id),
                 )
                 notify(conn, kind, principal_id)
                 return caps
@@ -237,6 +232,10 @@ class PgShared:
                 return row is not None
 
         return await self.run(write)
+
+    async def key_id_by_hash(self, key_hash: bytes) -> str | None:
+        row = await self.run(lambda conn: conn.execute("SELECT id FROM keys WHERE key_hash = %s", (key_hash,)).fetchone())
+        return row["id"] if row is not None else None
 
     async def put_meta(self, k: str, v: str) -> None:
         await self.run(lambda conn: conn.execute(
@@ -422,22 +421,13 @@ def _principal(conn: Any, kind: str, row: dict[str, Any], buckets: dict[Any, Any
     return p
 
 
-def _cap_values(caps: Caps) -> tuple[Any, ...]:
-    spec = caps.period
-    return (
-        caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency, caps.balance_usd, caps.window_usd,
-        spec.kind if spec else None, spec.timezone if spec else None, spec.anchor_day if spec else None,
-        caps.period_tokens, caps.period_usd,
-    )
-
-
 def _insert_principal(conn: Any, table: str, fields: dict[str, Any], caps: Caps) -> bool:
     """Insert a key or an account with its caps; False if one with that id is there already."""
-    columns = [*fields, *CAP_FIELDS]
+    columns = [*fields, *CAPS_FIELDS]
     row = conn.execute(
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
         " ON CONFLICT (id) DO NOTHING RETURNING id",
-        (*fields.values(), *_cap_values(caps)),
+        (*fields.values(), *caps_row(caps)),
     ).fetchone()
     return row is not None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
-import math
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -203,6 +202,10 @@ class BudgetService:
         if record is None or not hmac.compare_digest(record.key_hash, digest) or record.revoked_at is not None:
             raise ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key")
         return record
+
+    async def authenticate_async(self, headers: dict[str, str]) -> KeyRecord:
+        """`authenticate`, for a service whose view of the keys may need a look at the ledger first."""
+        return self.authenticate(headers)
 
     async def reserve(
         self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None,

@@ -49,6 +49,8 @@ from cortex.config import BudgetConfig
 from cortex.metrics import GatewayMetrics
 
 SYNC_INTERVAL_S = 10.0  # a full re-read of the directory, in case a change notice was lost
+UNKNOWN_KEY_RECHECK_S = 1.0  # a key the ledger did not have is looked up again no sooner than this
+UNKNOWN_KEYS_MAX = 4096  # remembered misses; past it the oldest are forgotten
 
 
 class SharedBudgetService(BudgetService):
@@ -60,6 +62,9 @@ class SharedBudgetService(BudgetService):
         self._own: dict[str, tuple[Hold, float]] = {}  # this replica's open holds and their local deadlines
         self._pending: set[str] = set()  # "kind:id" (or "*") changed elsewhere, not yet re-read
         self._pending_event = trio.Event()
+        # Key hashes the ledger did not have, and when it was asked: a flood of bad keys costs one lookup per
+        # key per second, not one per request.
+        self._unknown: dict[bytes, float] = {}
 
     def open_holds(self) -> list[Hold]:
         return [hold for hold, _ in self._own.values()]
@@ -136,6 +141,34 @@ class SharedBudgetService(BudgetService):
             task_status.started()
 
     # --- the request path ---------------------------------------------------------------------
+
+    async def authenticate_async(self, headers: dict[str, str]) -> KeyRecord:
+        """A key made on another replica a moment ago, not yet in this view, is looked up in the ledger."""
+        try:
+            return self.authenticate(headers)
+        except ApiError:
+            presented = keys_mod.presented_key(headers)
+            if presented is None:
+                raise
+            digest = keys_mod.key_hash(presented)
+            if digest in self._by_hash:
+                raise  # known here, and revoked
+            now = trio.current_time()
+            asked = self._unknown.get(digest)
+            if asked is not None and now - asked < UNKNOWN_KEY_RECHECK_S:
+                raise
+            try:
+                found = await self.shared.key_id_by_hash(digest)
+            except StoreError:
+                raise ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key") from None
+            if found is None:
+                self._unknown.pop(digest, None)
+                self._unknown[digest] = now
+                while len(self._unknown) > UNKNOWN_KEYS_MAX:
+                    del self._unknown[next(iter(self._unknown))]
+                raise
+            await self.refresh({("key", found)})
+            return self.authenticate(headers)
 
     async def reserve(
         self, key: KeyRecord, estimate: Estimate, request_id: str, model: str, client_request_id: str | None = None,
@@ -370,6 +403,7 @@ class SharedLedger(Protocol):
     async def set_caps(self, kind: str, principal_id: str, caps: Caps) -> bool: ...
     async def update_caps(self, kind: str, principal_id: str, change: Callable[[Caps | None], Caps]) -> Caps: ...
     async def revoke(self, key_id: str, at: float) -> bool: ...
+    async def key_id_by_hash(self, key_hash: bytes) -> str | None: ...
     async def put_meta(self, k: str, v: str) -> None: ...  # server defaults the offline CLI reads
     async def read_meta(self, k: str) -> str | None: ...
     async def recent(self, key_id: str, limit: int) -> list[dict[str, Any]]: ...

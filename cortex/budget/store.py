@@ -29,7 +29,7 @@ import trio
 from cortex.budget.ledger import Caps, Hold
 from cortex.budget.periods import PeriodSpec, period_bounds
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 _MONEY_AND_PERIOD_COLUMNS = (
     "balance_usd INTEGER", "window_usd INTEGER", "period TEXT", "period_timezone TEXT", "period_anchor_day INTEGER",
     "period_tokens INTEGER", "period_usd INTEGER", "spent_usd INTEGER NOT NULL DEFAULT 0",
@@ -38,6 +38,14 @@ _PRINCIPAL_INDEXES = (
     # A calendar period's usage is summed from the holds resolved in it.
     "CREATE INDEX IF NOT EXISTS holds_key_resolved ON holds(key_id, resolved_at) WHERE charged_tokens > 0 OR charged_usd > 0",
     "CREATE INDEX IF NOT EXISTS holds_account_resolved ON holds(account_id, resolved_at) WHERE charged_tokens > 0 OR charged_usd > 0",
+)
+# Holds of the workers sharing the file (`cortex serve --workers N`, cortex/budget/sqlite_shared.py): whose
+# they are and until when, and what each principal holds open, found without scanning its history.
+_SHARED_COLUMNS_AND_INDEXES = (
+    "ALTER TABLE holds ADD COLUMN replica_id TEXT",
+    "ALTER TABLE holds ADD COLUMN lease_deadline REAL",
+    "CREATE INDEX IF NOT EXISTS holds_open_key ON holds(key_id) WHERE state = 'open'",
+    "CREATE INDEX IF NOT EXISTS holds_open_account ON holds(account_id) WHERE state = 'open'",
 )
 # Each step takes a ledger from the version before it to the next one.
 MIGRATIONS = {
@@ -48,6 +56,7 @@ MIGRATIONS = {
         "ALTER TABLE holds ADD COLUMN charged_usd INTEGER NOT NULL DEFAULT 0",
         *_PRINCIPAL_INDEXES,
     ),
+    "3": _SHARED_COLUMNS_AND_INDEXES,
 }
 _CAPS_COLUMNS = (
     "balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER, "
@@ -87,13 +96,15 @@ CREATE TABLE IF NOT EXISTS holds (
     model TEXT,
     client_request_id TEXT,  -- the client's x-request-id, if it sent one; not unique
     amount_usd INTEGER NOT NULL DEFAULT 0,  -- micro-USD
-    charged_usd INTEGER NOT NULL DEFAULT 0
+    charged_usd INTEGER NOT NULL DEFAULT 0,
+    replica_id TEXT,  -- the worker that opened it, when workers share the file
+    lease_deadline REAL  -- after which another worker may reap it
 );
 CREATE INDEX IF NOT EXISTS holds_open ON holds(state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS holds_resolved_at ON holds(resolved_at);
 CREATE INDEX IF NOT EXISTS holds_key_created ON holds(key_id, created_at);
 """
-SCHEMA_INDEXES = ";\n".join(_PRINCIPAL_INDEXES) + ";"
+SCHEMA_INDEXES = ";\n".join((*_PRINCIPAL_INDEXES, *_SHARED_COLUMNS_AND_INDEXES[2:])) + ";"
 
 BATCH_OPS_MAX = 4096
 DEFER_FLUSH_S = 0.05  # the longest a settlement waits for a durable commit to ride along with
@@ -179,18 +190,18 @@ class ResolveHold:
 
 Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold | PutMeta
 
-_TABLES = {"key": "keys", "account": "accounts"}
+TABLES = {"key": "keys", "account": "accounts"}
 
 
-_CAPS_FIELDS = (
+CAPS_FIELDS = (
     "balance_tokens", "window_tokens", "window_s", "max_concurrency", "balance_usd", "window_usd", "period",
     "period_timezone", "period_anchor_day", "period_tokens", "period_usd",
 )
-_CAPS_PLACEHOLDERS = ", ".join("?" * len(_CAPS_FIELDS))
-_CAPS_ASSIGN = ", ".join(f"{name} = ?" for name in _CAPS_FIELDS)
+_CAPS_PLACEHOLDERS = ", ".join("?" * len(CAPS_FIELDS))
+_CAPS_ASSIGN = ", ".join(f"{name} = ?" for name in CAPS_FIELDS)
 
 
-def _caps_row(caps: Caps) -> tuple[Any, ...]:
+def caps_row(caps: Caps) -> tuple[Any, ...]:
     spec = caps.period
     return (
         caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency, caps.balance_usd, caps.window_usd,
@@ -228,17 +239,17 @@ def apply(conn: sqlite3.Connection, op: Op) -> None:
             )
     elif isinstance(op, PutAccount):
         conn.execute(
-            f"INSERT INTO accounts (id, created_at, {', '.join(_CAPS_FIELDS)}) VALUES (?, ?, {_CAPS_PLACEHOLDERS})",
-            (op.id, op.created_at, *_caps_row(op.caps)),
+            f"INSERT INTO accounts (id, created_at, {', '.join(CAPS_FIELDS)}) VALUES (?, ?, {_CAPS_PLACEHOLDERS})",
+            (op.id, op.created_at, *caps_row(op.caps)),
         )
     elif isinstance(op, PutKey):
         conn.execute(
-            f"INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at, {', '.join(_CAPS_FIELDS)})"
+            f"INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at, {', '.join(CAPS_FIELDS)})"
             f" VALUES (?, ?, ?, ?, ?, ?, {_CAPS_PLACEHOLDERS})",
-            (op.id, op.account_id, op.name, op.key_hash, op.key_prefix, op.created_at, *_caps_row(op.caps)),
+            (op.id, op.account_id, op.name, op.key_hash, op.key_prefix, op.created_at, *caps_row(op.caps)),
         )
     elif isinstance(op, SetCaps):
-        conn.execute(f"UPDATE {_TABLES[op.kind]} SET {_CAPS_ASSIGN} WHERE id = ?", (*_caps_row(op.caps), op.id))
+        conn.execute(f"UPDATE {TABLES[op.kind]} SET {_CAPS_ASSIGN} WHERE id = ?", (*caps_row(op.caps), op.id))
     elif isinstance(op, RevokeKey):
         conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (op.at, op.id))
     elif isinstance(op, PutMeta):
