@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cortex", help="live: the cortex base URL")
     r.add_argument("--admin-token", default=os.environ.get("CORTEX_ADMIN_TOKEN"), help="live: the admin token")
     # Test-only: break the ledger on purpose, to prove a violation is caught.
-    r.add_argument("--plant-bug", choices=["skip_cap_check", "double_charge", "window_amnesia", "evict_busy"],
+    r.add_argument("--plant-bug", choices=["skip_cap_check", "double_charge", "window_amnesia", "evict_busy", "local_admission"],
                    help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("fuzz", help="run one scenario over many seeds")

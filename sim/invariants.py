@@ -63,6 +63,7 @@ class RequestRecord:
     deliveries: int = 0  # of those, the ones the request reached
     served_by: str | None = None  # the upstream whose 200 body reached cortex
     committed: bool = False  # cortex's 200 head reached the client: no upstream may be tried after it
+    replica: str | None = None  # the cortex replica the client sent it to (on a shared ledger)
 
 
 @dataclass(frozen=True)
@@ -432,8 +433,9 @@ class Checker:
             if record.outcome == "served" and record.served_by is None:
                 self.fail(f"{rid} was served, but no upstream sent its body")
             if record.outcome == "served" and (self.reservations[rid], self.resolutions[rid]) != (1, 1):
-                self.fail(f"{rid} was served, and reserved {self.reservations[rid]} times and resolved "
-                          f"{self.resolutions[rid]} times; once each is right")
+                holds = self.reservations[rid]
+                self.fail(f"{rid} was served with {holds} hold{'' if holds == 1 else 's'} reserved and "
+                          f"{self.resolutions[rid]} resolutions; one of each is right")
             state = store_states.get(rid)
             if record.hold_amount is None:
                 continue

@@ -72,6 +72,17 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"(hit rate {summary['hit_rate']:.1%})",
             "",
         ]
+    shared = summary.get("shared_ledger")
+    if shared:
+        by_replica = ", ".join(f"{name} {n:,} ({shared['served_by_replica'].get(name, 0):,} served)"
+                               for name, n in shared["requests_by_replica"].items())
+        lines += [
+            f"shared ledger: {shared['replicas']} replicas ({shared['replica_lives']} lives); {shared['batches']:,} batches, "
+            f"{shared['reserves_per_batch']:g} reserves per batch with any, at most {shared['batch_items_max']:,} items; "
+            f"{shared['round_trips']:,} round trips; {shared['reaped']:,} holds reaped; {shared['notices']:,} change notices",
+            f"requests by replica: {by_replica}",
+            "",
+        ]
     if len(summary.get("upstreams", ())) > 1 or any(u["kind"] != "neuron" for u in summary.get("upstreams", ())):
         lines += ["| upstream | kind | requests received | served |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {u['name']} | {u['kind']} | {u['delivered']:,} | {u['served']:,} |" for u in summary["upstreams"]]

@@ -109,6 +109,7 @@ class SharedDb:
         self.records: dict[str, KeyRecord] = {}
         self.rows: dict[str, HoldRow] = {}  # every hold ever placed, in the order placed
         self.open: dict[str, HoldRow] = {}  # the open ones, in the order placed
+        self.meta: dict[str, str] = {}  # server defaults the offline CLI reads (the meta table)
         self.counters = DbCounters()
 
     # --- the request path: one batch is one transaction ------------------------------------
@@ -634,6 +635,17 @@ class ReplicaHandle:
             return done, [f"key:{key_id}"] if done else []
 
         return await self._change(write)
+
+    async def key_id_by_hash(self, key_hash: bytes) -> str | None:
+        return await self._round_trip(
+            lambda _: next((r.id for r in self.db.records.values() if r.key_hash == key_hash), None)
+        )
+
+    async def put_meta(self, k: str, v: str) -> None:
+        await self._round_trip(lambda _: self.db.meta.__setitem__(k, v))
+
+    async def read_meta(self, k: str) -> str | None:
+        return await self._round_trip(lambda _: self.db.meta.get(k))
 
     async def recent(self, key_id: str, limit: int) -> list[dict[str, Any]]:
         return await self._round_trip(lambda _: self.db.recent(key_id, limit))

@@ -52,6 +52,8 @@ PROMPT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 SETTLE_GRACE_S = 5.0  # virtual time for in-flight settlements after the workload ends
 # A client's request refused by policy, not failed: bad request, bad key, an unpriced model for a money cap, a cap.
 REFUSAL_STATUSES = (400, 401, 403, 429)
+NOTICES_WAIT_MAX_S = 30.0  # on a shared ledger: the longest the clients wait for every replica to know the keys
+NOTICES_POLL_S = 0.001
 
 
 @dataclass
@@ -402,6 +404,17 @@ class World:
             self.checker.client_keys.add(f"Bearer {plaintext}")
             self.key_ids[key.name] = record.id
             self.checker.names[record.id] = key.name
+        if self.shared is not None:
+            await self._until_every_replica_knows_the_keys()
+
+    async def _until_every_replica_knows_the_keys(self) -> None:
+        """The other replicas learn the new keys from change notices; the clients start once they have."""
+        wanted = set(self.key_ids.values())
+        with trio.move_on_after(NOTICES_WAIT_MAX_S) as scope:
+            while not all(app.budget is not None and wanted <= set(app.budget.keys) for app in self.cortexes.values()):
+                await trio.sleep(NOTICES_POLL_S)
+        if scope.cancelled_caught:
+            self.checker.fail(f"the replicas did not learn the scenario's keys within {NOTICES_WAIT_MAX_S:g} s")
 
     # --- faults -----------------------------------------------------------------------
 
@@ -515,7 +528,7 @@ class World:
         rid = self.next_request_id()
         record = self.checker.requests[rid] = RequestRecord(rid, key_name, model)
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
-        replica = self._pick_replica()
+        replica = record.replica = self._pick_replica()
         request = httpx.Request(
             "POST", (self.base_url if replica is None else f"http://{replica}") + "/v1/chat/completions", content=payload,
             headers={"authorization": f"Bearer {key}", "x-request-id": rid, "content-type": "application/json"},
@@ -634,11 +647,15 @@ class World:
         if self.shared is None:
             return {}
         c = self.shared.db.counters
+        requests = list(self.checker.requests.values())
         return {"shared_ledger": {
             "replicas": len(self.cortex_hosts), "replica_lives": len(self.shared.handles), "batches": c.batches,
             "reserves": c.reserves, "admitted": c.admitted, "reserves_per_batch": round(c.reserves / c.reserve_batches, 2) if c.reserve_batches else 0.0,
             "batch_items_max": c.batch_items_max, "round_trips": c.round_trips, "heartbeats": c.heartbeats,
             "reaped": c.reaped, "notices": c.notices,
+            "requests_by_replica": {name: sum(r.replica == name for r in requests) for name in self.cortex_hosts},
+            "served_by_replica": {name: sum(r.replica == name and r.outcome == "served" for r in requests)
+                                  for name in self.cortex_hosts},
         }}
 
 
