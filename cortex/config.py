@@ -108,6 +108,12 @@ class BudgetConfig:
     # The shared ledger of many replicas: a postgresql:// URL (the password in PGPASSWORD or .pgpass,
     # never in the URL), or "sqlite:PATH" for the workers of one host (what --workers N uses without
     # a URL). Empty: the data dir's SQLite, judged in one process's memory.
+    # Output holds: "worst_case" holds a request's whole output bound before dispatch; "incremental"
+    # holds the prompt and a first slice, then extends the hold a slice at a time as tokens stream, and
+    # ends the reply early (finish_reason "length") when a cap refuses the next slice. Keys and
+    # accounts may choose their own (their limits' output_holds).
+    output_holds: str = "worst_case"
+    output_slice_tokens: int = 1024
     ledger: str = ""
     replica_id: str = ""  # empty: host-pid-random, unique per process life
     lease_s: float = 30.0  # a dead replica's holds are reaped this long after its last heartbeat
@@ -135,6 +141,7 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+OUTPUT_HOLDS = ("worst_case", "incremental")
 SQLITE_LEDGER = "sqlite:"  # budget.ledger = "sqlite:PATH": a SQLite file shared by the workers of one host
 INT_MAX = 2**40  # far above any sane size or count
 SECONDS_MAX = 7 * 24 * 3600.0  # also refuses nan and inf
@@ -296,6 +303,8 @@ def validate(config: Config) -> None:
             ledger_url(config.budget.ledger)
         except LedgerUrlError as exc:
             raise ConfigError(f"'budget.ledger': {exc}") from None
+    if config.budget.output_holds not in OUTPUT_HOLDS:
+        raise ConfigError(f"'budget.output_holds' must be one of {', '.join(OUTPUT_HOLDS)}, got {config.budget.output_holds!r}")
     if config.budget.synchronous not in ("normal", "full", "extra"):
         raise ConfigError(f"'budget.synchronous' must be normal, full or extra, got {config.budget.synchronous!r}")
     if config.admin.token and len(config.admin.token) < 16:

@@ -337,6 +337,17 @@ class GatewayMetrics:
         self.held_tokens = r.gauge("cortex_held_tokens", "Tokens held by open holds.")
         self.holds_resolved = r.counter("cortex_holds_resolved_total", "Holds resolved, by how.", ("state",))
         self.overruns = r.counter("cortex_settle_overruns_total", "Settlements whose actual usage exceeded the hold.")
+        self.extensions = r.counter(
+            "cortex_hold_extensions_total", "Incremental output holds' extensions, by result (granted, refused, unavailable).",
+            ("result",),
+        )
+        self.budget_truncations = r.counter(
+            "cortex_budget_truncations_total", "Responses ended early because an output hold could not be extended."
+        )
+        self.truncation_waste_tokens = r.counter(
+            "cortex_budget_truncation_waste_tokens_total",
+            "Output the upstream generated past a refused extension: cut in transit, neither forwarded nor charged.",
+        )
         self.usage_disagreements = r.counter(
             "cortex_usage_disagreements_total",
             "Settlements where the upstream's usage was missing, malformed or below what cortex relayed, by reason.",

@@ -50,6 +50,7 @@ from cortex.fleet.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from cortex.assemble import StreamAssembler, cut_events
 from cortex.relay import SSEDecoder, SSEProtocolError, StreamRelay, event_data, output_tokens
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
@@ -88,6 +89,35 @@ class _ClientStream:
 
     shape: StreamShape
     started: bool = False
+
+
+@dataclass
+class OutputGrant:
+    """How much of a request's output its hold covers, and how that grows.
+
+    Worst case: the hold covers the request's whole output bound from the start
+    (`slice_tokens` 0). Incremental: it covers `slice_tokens` at first and is
+    extended a slice at a time, ahead of the output, each extension checked
+    against every cap and durable before what it covers is forwarded; once one
+    is refused the output ends where the hold does.
+    """
+
+    hold: Hold | None
+    prompt_tokens: int  # the hold's prompt part
+    output_max: int  # the request's own output bound
+    granted: int  # output tokens the hold covers now
+    slice_tokens: int = 0
+    prices: Prices | None = None
+    refused: bool = False  # an extension was refused (or could not be made durable): no more
+    cut: bool = False  # the output was ended where the hold ends
+
+    @property
+    def incremental(self) -> bool:
+        return self.slice_tokens > 0
+
+    @property
+    def can_grow(self) -> bool:
+        return self.incremental and not self.refused and self.granted < self.output_max
 
 
 class _FirstRead:
@@ -261,28 +291,44 @@ class Proxy:
         est = estimate(gen, info, self.config.budget.fallback_output_tokens, exact_prompt_tokens=exact)
         request.log.update(model=gen.model, stream=gen.stream, estimate_tokens=est.total_tokens,
                            prompt_count="exact" if exact is not None else "bound")
-        meter = Meter(gen.stream, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen, info))
+        grant = self._grant(key, est)
+        # Under incremental holds the upstream always streams, so the output can be cut where the hold ends.
+        meter = Meter(gen.stream or grant.incremental, est.prompt_tokens, prompt_tokens_floor=prompt_tokens_floor(gen, info))
         with self._fair_share(key, gen.model):
-            await self._generate(request, gen, path, key, est, meter)
+            await self._generate(request, gen, path, key, est, meter, grant)
+
+    def _grant(self, key: KeyRecord | None, est: Estimate) -> OutputGrant:
+        budget = self.config.budget
+        policy = self.budget.output_holds(key) if key is not None and self.budget is not None else "worst_case"
+        slice_tokens = budget.output_slice_tokens
+        if policy == "incremental" and est.output_tokens > slice_tokens:
+            return OutputGrant(None, est.prompt_tokens, est.output_tokens, slice_tokens, slice_tokens)
+        return OutputGrant(None, est.prompt_tokens, est.output_tokens, est.output_tokens)
 
     async def _generate(
-        self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None, est: Estimate, meter: Meter
+        self, request: asgi.Request, gen: GenerationRequest, path: str, key: KeyRecord | None, est: Estimate, meter: Meter,
+        grant: OutputGrant,
     ) -> None:
         async with asgi.disconnect_watch(request.receive) as watch:
             if key is None or self.budget is None:
-                await self._dispatch(request, gen, path, est, watch, meter)
+                await self._dispatch(request, gen, path, est, watch, meter, grant)
             else:
                 request.log["key_id"] = key.id
-                prices = self._prices(gen.model)
-                hold = await self.budget.reserve(
-                    key, est, request.request_id, gen.model, request.log.get("client_request_id"), prices
+                grant.prices = prices = self._prices(gen.model)
+                held = Estimate(est.prompt_tokens, grant.granted)  # the whole estimate, or its first slice
+                if grant.incremental:
+                    request.log.update(output_holds="incremental", output_slice_tokens=grant.slice_tokens)
+                grant.hold = await self.budget.reserve(
+                    key, held, request.request_id, gen.model, request.log.get("client_request_id"), prices
                 )
                 try:
                     request.response_headers += request.surface.ratelimit_headers(self.budget.headroom(key))
-                    await self._dispatch(request, gen, path, est, watch, meter)
+                    await self._dispatch(request, gen, path, est, watch, meter, grant)
                 finally:
                     meter.client_gone = watch.disconnected
-                    await self._settle(request, hold, meter, prices)
+                    await self._settle(request, grant.hold, meter, prices)
+                    if grant.incremental:
+                        request.log.update(output_granted_tokens=grant.granted, budget_truncated=grant.cut)
         if watch.disconnected:
             request.log["outcome"] = "client_disconnected"
         else:
@@ -342,10 +388,11 @@ class Proxy:
         est: Estimate,
         watch: asgi.Disconnect,
         meter: Meter,
+        grant: OutputGrant,
     ) -> None:
         client = _ClientStream(request.surface.stream()) if gen.stream else None
         try:
-            await self._dispatch_to_a_replica(request, gen, path, est, watch, meter, client)
+            await self._dispatch_to_a_replica(request, gen, path, est, watch, meter, client, grant)
         except ApiError as err:
             if client is None or not client.started:
                 raise
@@ -357,7 +404,7 @@ class Proxy:
 
     async def _dispatch_to_a_replica(
         self, request: asgi.Request, gen: GenerationRequest, path: str, est: Estimate, watch: asgi.Disconnect,
-        meter: Meter, client: "_ClientStream | None",
+        meter: Meter, client: "_ClientStream | None", grant: OutputGrant,
     ) -> None:
         tried: set[str] = set()
         failovers = 0
@@ -381,12 +428,14 @@ class Proxy:
             request.log["neuron"] = node.url
             # The output bound the hold covers goes upstream, in this kind's own fields, so no
             # upstream may write more than the client is charged for; its key, never the client's.
-            body = node.kind.prepare_body(gen.body, output_tokens_max=est.output_tokens, stream=gen.stream, chat=gen.kind == "chat")
+            body = node.kind.prepare_body(
+                gen.body, output_tokens_max=est.output_tokens, stream=gen.stream or grant.incremental, chat=gen.kind == "chat"
+            )
             headers = {"content-type": "application/json", "x-request-id": request.request_id}
             if node.api_key:
                 headers["authorization"] = f"Bearer {node.api_key}"
             meter.token_bytes_max = self.fleet.token_bytes_max(node, gen.model)
-            output_max = est.output_tokens * meter.token_bytes_max  # the relay's guard, in bytes
+            output_max = grant.granted * meter.token_bytes_max  # the relay's guard, in bytes: what the hold covers
             self.fleet.acquire(node, gen.model)
             if self.lifecycle is not None:
                 self.lifecycle.used(node.url, gen.model)
@@ -394,7 +443,7 @@ class Proxy:
             try:
                 try:
                     async with self.upstream.post(node.url, path, asgi.encode_json(body), headers) as response:
-                        await self._relay(request, gen, node, response, watch, meter, output_max, client)
+                        await self._relay(request, gen, node, response, watch, meter, output_max, client, grant)
                 finally:
                     self._check_truncation(request, node, meter)
                 return
@@ -445,19 +494,24 @@ class Proxy:
         meter: Meter,
         output_max: int,
         client: "_ClientStream | None" = None,
+        grant: OutputGrant | None = None,
     ) -> None:
         if response.status != 200:
             raw = await response.read_all(ERROR_BODY_MAX_BYTES)
             meter.dispatched = False  # refused by the neuron: nothing generated
             raise upstream_error(node, response.status, raw, response.headers)
-        if gen.stream:
-            relay = StreamRelay(gen.include_usage, output_max)
-            client = client or _ClientStream(request.surface.stream())
+        if gen.stream or (grant is not None and grant.incremental):
+            relay = StreamRelay(gen.include_usage or not gen.stream, output_max)
             first = _FirstRead()
             async with asgi.companion(partial(first.run, response)):
-                if not client.started:
-                    await self._peek(node, first, client.shape.ping_interval_s, meter)
-                await self._relay_stream(request, response, relay, watch, meter, client, first)
+                if gen.stream:
+                    client = client or _ClientStream(request.surface.stream())
+                    if not client.started:
+                        await self._peek(node, first, client.shape.ping_interval_s, meter)
+                    await self._relay_stream(request, gen, response, relay, watch, meter, client, first, grant)
+                else:
+                    await self._peek(node, first, None, meter)
+                    await self._relay_assembled(request, gen, node, response, relay, watch, meter, first, grant)
             return
         raw = await response.read_all(self.config.upstream.max_response_bytes)
         try:
@@ -500,12 +554,55 @@ class Proxy:
         meter.dispatched = False  # refused in band, before any output: nothing generated
         raise client_error(err)
 
+    async def _cover(self, grant: OutputGrant | None, relay: StreamRelay, need_bytes: int, bytes_per_token: int) -> None:
+        """Extend an incremental hold ahead of the output about to be relayed (`need_bytes` so far,
+        upper bound), keeping half a slice in hand, until it covers it or an extension is refused."""
+        if grant is None or not grant.can_grow or self.budget is None:
+            return
+        low_water = grant.slice_tokens // 2
+        while grant.can_grow and need_bytes + low_water * bytes_per_token > grant.granted * bytes_per_token:
+            assert grant.hold is not None
+            more = min(grant.slice_tokens, grant.output_max - grant.granted)
+            usd = 0
+            if grant.prices is not None:  # the hold's money is its whole formula at the new bound: rounded once
+                usd = (grant.prices.hold_usd(grant.prompt_tokens, grant.granted + more)
+                       - grant.prices.hold_usd(grant.prompt_tokens, grant.granted))
+            result = await self.budget.extend(grant.hold, more, usd)
+            if isinstance(result, Hold):
+                grant.hold = result
+                grant.granted += more
+            else:
+                grant.refused = True
+        relay.output_tokens_max = grant.granted * bytes_per_token
+
+    def _budget_cut(self, request: asgi.Request, grant: OutputGrant | None, relay: StreamRelay, meter: Meter) -> bool:
+        """The relay stopped at the hold's bound because an extension was refused: end cleanly, not in error."""
+        if grant is None or not relay.overflowed or not grant.refused:
+            return False
+        grant.cut = True
+        meter.responded = True  # the prompt was processed: charged with what was relayed
+        waste = -(-relay.dropped_output_tokens // max(1, meter.token_bytes_max))
+        if self.budget is not None:
+            self.budget.metrics.budget_truncations.inc()
+            self.budget.metrics.truncation_waste_tokens.inc(waste)
+        logs.event("budget_truncated", logging.WARNING, request_id=request.request_id, output_granted_tokens=grant.granted,
+                   output_relayed_bytes=relay.output_tokens, waste_tokens=waste)
+        return True
+
+    @staticmethod
+    def _cut_usage(meter: Meter) -> dict[str, int]:
+        """What a cut response is charged, as its usage frame says it."""
+        output = meter.relayed_output_tokens
+        return {"prompt_tokens": meter.prompt_tokens_estimate, "completion_tokens": output,
+                "total_tokens": meter.prompt_tokens_estimate + output}
+
     async def _relay_stream(
-        self, request: asgi.Request, response: UpstreamResponse, relay: StreamRelay, watch: asgi.Disconnect, meter: Meter,
-        client: "_ClientStream", first: "_FirstRead",
+        self, request: asgi.Request, gen: GenerationRequest, response: UpstreamResponse, relay: StreamRelay,
+        watch: asgi.Disconnect, meter: Meter, client: "_ClientStream", first: "_FirstRead", grant: OutputGrant | None = None,
     ) -> None:
         shape = client.shape
         out = _Writer(request, pings=shape.ping_interval_s is not None)
+        head: dict[str, Any] = {}
         if not client.started:
             client.started = True
             await asgi.start_stream(request.send, [])
@@ -519,32 +616,89 @@ class Proxy:
                         chunk, pending = pending or await response.next_chunk(), b""
                         if not chunk:
                             break
+                        await self._cover(grant, relay, relay.output_tokens + len(chunk), meter.token_bytes_max)
                         events = relay.feed(chunk)
                         meter.relayed_output_tokens = relay.output_tokens
                         if events:
                             if "ttft_ms" not in request.log:
                                 request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
+                            if not head and relay.payloads:
+                                head = _stream_head(relay.payloads[0])
                             await out.write(shape.relay(events, relay.payloads))
                         if relay.done or relay.overflowed:
                             break  # nothing after [DONE] is ours; past the bound, stop the upstream now
-            if relay.overflowed:
-                raise UpstreamFailed(f"upstream wrote more output than the {relay.output_tokens_max} tokens it was allowed")
-            if relay.truncated:
-                raise UpstreamFailed("upstream ended the stream without [DONE]")
-            meter.completed = True
-            await out.write(shape.end())
+            if self._budget_cut(request, grant, relay, meter):
+                # The output ends where the hold does: a clean finish ("length"; Anthropic: "max_tokens").
+                payloads = cut_events(head, gen.kind == "chat", self._cut_usage(meter) if gen.include_usage else None)
+                data = b"".join(b"data: " + p + b"\n\n" for p in payloads)
+                await out.write(b": x-cortex-budget-truncated: true\n\n")
+                await out.write(shape.relay(data, payloads))
+                await out.write(shape.end())
+            else:
+                if relay.overflowed:
+                    raise UpstreamFailed(f"upstream wrote more output than the {relay.output_tokens_max} tokens it was allowed")
+                if relay.truncated:
+                    raise UpstreamFailed("upstream ended the stream without [DONE]")
+                meter.completed = True
+                await out.write(shape.end())
         except (UpstreamFailed, SSEProtocolError) as exc:
             # Headers are gone already: the error travels as a final event.
             err = errors.upstream_error(f"The upstream stream broke: {exc}")
             request.log.update(outcome="upstream_broken", error=str(exc))
             await out.write(shape.error(err))
         finally:
-            meter.usage = relay.usage
+            if not (grant is not None and grant.cut):
+                meter.usage = relay.usage
             meter.relayed_output_tokens = relay.output_tokens
-            self._log_usage(request, relay.usage)
+            self._log_usage(request, meter.usage)
             request.log["data_events"] = relay.data_events
         watch.closing()
         await asgi.end_stream(request.send)
+
+    async def _relay_assembled(
+        self, request: asgi.Request, gen: GenerationRequest, node: Node, response: UpstreamResponse, relay: StreamRelay,
+        watch: asgi.Disconnect, meter: Meter, first: "_FirstRead", grant: OutputGrant | None,
+    ) -> None:
+        """A non-streamed request under incremental holds: streamed from the upstream, cut where the hold
+        ends, and answered as the one body the upstream would have sent."""
+        assembler = StreamAssembler(gen.kind == "chat")
+        try:
+            pending = await first.get()
+            with response.idle_watch():
+                while True:
+                    chunk, pending = pending or await response.next_chunk(), b""
+                    if not chunk:
+                        break
+                    await self._cover(grant, relay, relay.output_tokens + len(chunk), meter.token_bytes_max)
+                    relay.feed(chunk)
+                    meter.relayed_output_tokens = relay.output_tokens
+                    assembler.feed(relay.payloads)
+                    if relay.done or relay.overflowed:
+                        break
+        except SSEProtocolError as exc:
+            raise errors.upstream_error(f"The neuron at {node.url} sent a malformed stream: {exc}") from None
+        finally:
+            meter.relayed_output_tokens = relay.output_tokens
+        headers = list(asgi.JSON_HEADERS)
+        if self._budget_cut(request, grant, relay, meter):
+            assembler.cut("length")
+            assembler.usage = self._cut_usage(meter)
+            headers.append((b"x-cortex-budget-truncated", b"true"))
+        elif relay.overflowed:
+            raise errors.upstream_error(
+                f"The neuron at {node.url} wrote more output than the {relay.output_tokens_max} tokens it was allowed."
+            )
+        elif relay.truncated:
+            raise UpstreamFailed("upstream ended the stream without [DONE]")
+        else:
+            meter.usage = assembler.usage
+            meter.completed = True
+        meter.responded = True
+        self._log_usage(request, meter.usage if not (grant is not None and grant.cut) else assembler.usage)
+        body = assembler.body()
+        out = request.surface.whole(body, asgi.encode_json(body))
+        watch.closing()
+        await asgi.send_bytes(request.send, 200, out, headers)
 
     async def _wait_for_load(self, request: asgi.Request, model: str, client: "_ClientStream | None") -> None:
         """Wait for a cold load; a stream that pings begins now and pings while it waits, so a
@@ -564,3 +718,12 @@ class Proxy:
     def _log_usage(request: asgi.Request, usage: Any) -> None:
         counts = usage_counts(usage)
         request.log["prompt_tokens"], request.log["completion_tokens"] = counts if counts else (None, None)
+
+
+def _stream_head(data: bytes) -> dict[str, Any]:
+    """A stream's id, created and model, from its first chunk, for the events cortex adds to it."""
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError):
+        return {}
+    return {k: chunk[k] for k in ("id", "created", "model") if k in chunk} if isinstance(chunk, dict) else {}

@@ -145,6 +145,7 @@ class StreamRelay:
     overflowed: bool = False
     data_events: int = 0  # data events relayed, usage frame and [DONE] excluded
     output_tokens: int = 0  # counted from the relayed chunks
+    dropped_output_tokens: int = 0  # in the events past the bound: read, never forwarded
 
     def __post_init__(self) -> None:
         self._decoder = SSEDecoder()
@@ -161,9 +162,13 @@ class StreamRelay:
         if self.done or self.overflowed:
             return b""  # nothing after [DONE] or past the bound is the client's
         for event in self._decoder.feed(chunk):
-            if self.overflowed or self.done:
+            if self.done:
                 break
             data = event_data(event)
+            if self.overflowed:  # past the bound: read (and counted as waste), never forwarded
+                if data and data != DONE:
+                    self.dropped_output_tokens += chunk_output_tokens(data)
+                continue
             if data == DONE:
                 self.done = True
             elif data:
@@ -172,7 +177,8 @@ class StreamRelay:
                 tokens = chunk_output_tokens(data)
                 if self.output_tokens_max is not None and self.output_tokens + tokens > self.output_tokens_max:
                     self.overflowed = True
-                    break
+                    self.dropped_output_tokens += tokens
+                    continue
                 self.data_events += 1
                 self.output_tokens += tokens
             out.append(event)

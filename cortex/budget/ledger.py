@@ -405,8 +405,30 @@ class Ledger:
             self.observer("reserve", hold, now)
         return hold
 
-    def _refusal(self, chain: tuple[Principal, ...], amount: int, amount_usd: int, now: float) -> Refusal | None:
-        refusals = [r for p in chain for r in _check(p, amount, amount_usd, now)]
+    def extend(self, hold_id: str, amount_tokens: int, now: float, amount_usd: int = 0) -> Hold | Refusal:
+        """Grow an open hold by `amount_tokens` and `amount_usd`, checked against every cap of the key
+        and its account as a reserve is (but not their concurrency: the request is in flight already),
+        or say why it does not fit. An incremental output hold takes its next slice so."""
+        assert amount_tokens >= 0 and amount_usd >= 0
+        hold = self._open(hold_id)
+        chain = self._chain(hold.key_id)
+        if not self.fault_skip_cap_check:
+            refusal = self._refusal(chain, amount_tokens, amount_usd, now, concurrency=False)
+            if refusal is not None:
+                return refusal
+        for p in chain:
+            p.held_tokens += amount_tokens
+            p.held_usd += amount_usd
+        hold.amount_tokens += amount_tokens
+        hold.amount_usd += amount_usd
+        if self.observer is not None:
+            self.observer("extend", hold, now)
+        return hold
+
+    def _refusal(
+        self, chain: tuple[Principal, ...], amount: int, amount_usd: int, now: float, concurrency: bool = True
+    ) -> Refusal | None:
+        refusals = [r for p in chain for r in _check(p, amount, amount_usd, now, concurrency)]
         if not refusals:
             return None
         # A spent balance is final; otherwise wait for the slowest cap to clear.
@@ -550,7 +572,7 @@ class _Amount:
         return f"{value} tokens" if self.unit == "tokens" else usd_text(value)
 
 
-def _check(p: Principal, amount: int, amount_usd: int, now: float) -> list[Refusal]:
+def _check(p: Principal, amount: int, amount_usd: int, now: float, concurrency: bool = True) -> list[Refusal]:
     caps, out = p.caps, []
     who = f"{p.kind} {p.id}"
     tokens = _Amount("tokens", amount, p.held_tokens)
@@ -570,7 +592,7 @@ def _check(p: Principal, amount: int, amount_usd: int, now: float) -> list[Refus
         for limit, used, a in ((caps.period_tokens, used_tokens, tokens), (caps.period_usd, used_usd, usd)):
             if limit is not None and used + a.held + a.asked > limit:
                 out.append(_period_refusal(p, who, limit, used, a, now))
-    if caps.max_concurrency is not None and p.in_flight + 1 > caps.max_concurrency:
+    if concurrency and caps.max_concurrency is not None and p.in_flight + 1 > caps.max_concurrency:
         never = caps.max_concurrency == 0
         message = f"Concurrency limit of {caps.max_concurrency} requests in flight reached for {who}."
         out.append(Refusal("concurrency", p.kind, p.id, message, None, never))

@@ -33,6 +33,7 @@ from cortex.budget.ledger import Caps, Headroom, Hold, Ledger, LedgerError, Refu
 from cortex.budget.periods import PeriodSpec, period_bounds, period_id, period_view
 from cortex.budget.pricing import USD_MICRO_MAX, Prices, usd_number
 from cortex.budget.store import (
+    ExtendHold,
     OpenHold,
     PutAccount,
     PutKey,
@@ -253,6 +254,35 @@ class BudgetService:
                 " or use a priced model.",
                 type="permission_error", code="model_not_priced",
             )
+
+    def output_holds(self, key: KeyRecord) -> str:
+        """The output-hold policy for a key's requests: "worst_case" or "incremental"."""
+        return self.config.output_holds
+
+    async def extend(self, hold: Hold, tokens: int, usd: int = 0) -> Hold | Refusal | None:
+        """Grow an open hold (an incremental output hold's next slice), durably, or say why not.
+
+        A Hold: granted, with its new amounts, on disk before the caller forwards what it covers.
+        A Refusal: a cap is in the way. None: the hold is no longer open, or the ledger could not
+        make it durable in time; the caller must treat both as not granted (the hold in memory may
+        be larger: the charge is capped at what was forwarded, so nothing is charged for it).
+        """
+        try:
+            result = self.ledger.extend(hold.id, tokens, self.clock(), usd)
+        except LedgerError:
+            return None
+        if isinstance(result, Refusal):
+            self.metrics.extensions.inc(result="refused")
+            return result
+        try:
+            with trio.fail_after(self.config.ledger_timeout_s):
+                await self.store.commit([ExtendHold(hold.id, result.amount_tokens, result.amount_usd)])
+        except (StoreError, trio.TooSlowError) as exc:
+            logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc) or "timed out")
+            self.metrics.extensions.inc(result="unavailable")
+            return None
+        self.metrics.extensions.inc(result="granted")
+        return result
 
     def _money_capped(self, key: KeyRecord) -> bool:
         return any(self.ledger.principal(kind, pid).caps.money for kind, pid in (("key", key.id), ("account", key.account_id)))

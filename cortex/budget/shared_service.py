@@ -196,6 +196,34 @@ class SharedBudgetService(BudgetService):
         self._own[result.id] = (result, self.clock() + ttl_s)
         return result
 
+    def output_holds(self, key: KeyRecord) -> str:
+        if not getattr(self.shared, "extends", False):
+            return "worst_case"  # this ledger cannot grow a hold yet
+        return super().output_holds(key)
+
+    async def extend(self, hold: Hold, tokens: int, usd: int = 0) -> Hold | Refusal | None:
+        """As BudgetService.extend, judged by the shared ledger (durable in its batch)."""
+        entry = self._own.get(hold.id)
+        if entry is None:
+            return None  # expired here meanwhile
+        try:
+            with trio.fail_after(self.config.ledger_timeout_s):
+                result = await self.shared.extend(hold.id, tokens, usd)
+        except (StoreError, trio.TooSlowError) as exc:
+            # It may have been applied: the ledger's hold may be larger than what is forwarded, and the
+            # charge is capped at what was forwarded, so treating it as refused is safe.
+            logs.event("ledger_write_failed", logging.ERROR, hold_id=hold.id, error=str(exc) or "timed out")
+            self.metrics.extensions.inc(result="unavailable")
+            return None
+        if not isinstance(result, Hold):
+            self.metrics.extensions.inc(result="refused" if result is not None else "unavailable")
+            return result
+        grown = dataclasses.replace(entry[0], amount_tokens=result.amount_tokens, amount_usd=result.amount_usd)
+        if hold.id in self._own:
+            self._own[hold.id] = (grown, entry[1])
+        self.metrics.extensions.inc(result="granted")
+        return grown
+
     def _refused(self, refusal: Refusal) -> ApiError:
         if refusal.reason in ("unknown", "revoked"):
             self._changed(f"key:{refusal.principal_id}")  # this view is behind the database: catch up
@@ -404,6 +432,8 @@ class SharedLedger(Protocol):
     async def update_caps(self, kind: str, principal_id: str, change: Callable[[Caps | None], Caps]) -> Caps: ...
     async def revoke(self, key_id: str, at: float) -> bool: ...
     async def key_id_by_hash(self, key_hash: bytes) -> str | None: ...
+    # An open hold grown by (tokens, usd), or the Refusal, or None (not open); where `extends` is True.
+    async def extend(self, hold_id: str, tokens: int, usd: int) -> Hold | Refusal | None: ...
     async def put_meta(self, k: str, v: str) -> None: ...  # server defaults the offline CLI reads
     async def read_meta(self, k: str) -> str | None: ...
     async def recent(self, key_id: str, limit: int) -> list[dict[str, Any]]: ...

@@ -25,6 +25,7 @@ through the same `SharedLedger` seam as PostgreSQL's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -68,12 +69,14 @@ class SqliteShared:
     """One worker's handle on the host's shared SQLite ledger; build it with `SqliteShared.open`."""
 
     shared = True
+    extends = True  # holds grow in place (incremental output holds)
 
     def __init__(self, store: ThreadedStore, replica_id: str, lease_s: float) -> None:
         self.store = store
         self.replica_id = replica_id
         self.lease_s = lease_s
         self._reserves: list[tuple[Reserve, _Waiter]] = []
+        self._extensions: list[tuple[tuple[str, int, int], _Waiter]] = []
         self._resolutions: list[Resolve] = []
         self._wake = trio.Event()
         self._closed = False
@@ -120,6 +123,18 @@ class SqliteShared:
             raise StoreError(str(waiter.error)) from None
         return waiter.result
 
+    async def extend(self, hold_id: str, tokens: int, usd: int) -> Hold | Refusal | None:
+        """Grow an open hold, judged and made durable in the next batch (ahead of its reserves)."""
+        if self._closed:
+            raise StoreError("the ledger store is closed")
+        waiter = _Waiter()
+        self._extensions.append(((hold_id, tokens, usd), waiter))
+        self._wake.set()
+        await waiter.event.wait()  # cancelled, it may still apply: the charge stays capped at what was forwarded
+        if waiter.error is not None:
+            raise StoreError(str(waiter.error)) from None
+        return waiter.result
+
     def resolve_soon(self, res: Resolve) -> None:
         if self._closed:
             raise StoreError("the ledger store is closed")
@@ -135,39 +150,44 @@ class SqliteShared:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if not self._reserves:  # resolutions alone: let them gather, as settlements do on one process
+            if not self._reserves and not self._extensions:  # resolutions alone: let them gather
                 with trio.move_on_after(DEFER_FLUSH_S):
-                    while not self._reserves:
+                    while not self._reserves and not self._extensions:
                         await self._wake.wait()
                         self._wake = trio.Event()
             await self._run_batch()
 
     async def _flush(self) -> None:
         with trio.move_on_after(10, shield=True):
-            while self._reserves or self._resolutions:
+            while self._reserves or self._resolutions or self._extensions:
                 await self._run_batch()
 
     async def _run_batch(self) -> None:
         reserves, self._reserves = self._reserves, []
         resolutions, self._resolutions = self._resolutions, []
-        if not reserves and not resolutions:
+        extensions, self._extensions = self._extensions, []
+        if not reserves and not resolutions and not extensions:
             return
         replica_id, lease_s = self.replica_id, self.lease_s
         now = time.time()
         try:
-            _, placed = await self.store.query(
-                lambda conn: step(conn, resolutions, [q for q, _ in reserves], now, replica_id, lease_s)
+            _, placed, grown = await self.store.query(
+                lambda conn: step(conn, resolutions, [q for q, _ in reserves], now, replica_id, lease_s,
+                                  [e for e, _ in extensions])
             )
         except StoreError as exc:
-            # Rolled back whole (SQLite commits or does not): nothing was placed, nothing resolved.
+            # Rolled back whole (SQLite commits or does not): nothing was placed, grown or resolved.
             self._resolutions = resolutions + self._resolutions  # retried with the next batch
-            for _, waiter in reserves:
+            for _, waiter in (*reserves, *extensions):
                 waiter.error = exc
                 waiter.event.set()
             log.error("shared ledger batch failed: %s", exc)
             await trio.sleep(0.05)
             return
         self.batches += 1
+        for (_, waiter), result in zip(extensions, grown):
+            waiter.result = result
+            waiter.event.set()
         for (_, waiter), result in zip(reserves, placed):
             waiter.result = result
             if waiter.abandoned and isinstance(result, Hold):
@@ -326,18 +346,19 @@ class SqliteShared:
 
 def step(
     conn: sqlite3.Connection, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float,
-    replica_id: str, lease_s: float,
-) -> tuple[list[bool], list[Hold | Refusal]]:
-    """Resolve, then judge and place the reserves in order, under SQLite's write lock; commit once."""
+    replica_id: str, lease_s: float, extensions: Sequence[tuple[str, int, int]] = (),
+) -> tuple[list[bool], list[Hold | Refusal], list[Hold | Refusal | None]]:
+    """Resolve; then judge, in order, the extensions (a started reply's next slice goes first) and the
+    reserves, placing what fits, under SQLite's write lock; commit once."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         resolved = [_resolve(conn, res, now) for res in resolutions]
-        placed = _reserve(conn, reserves, now, replica_id, lease_s) if reserves else []
+        grown, placed = _judge(conn, extensions, reserves, now, replica_id, lease_s) if reserves or extensions else ([], [])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return resolved, placed
+    return resolved, placed, grown
 
 
 def _resolve(conn: sqlite3.Connection, res: Resolve, now: float, state: str | None = None) -> bool:
@@ -366,10 +387,19 @@ def _resolve(conn: sqlite3.Connection, res: Resolve, now: float, state: str | No
     return True
 
 
-def _reserve(
-    conn: sqlite3.Connection, reserves: Sequence[Reserve], now: float, replica_id: str, lease_s: float
-) -> list[Hold | Refusal]:
-    key_ids = sorted({q.key_id for q in reserves})
+def _judge(
+    conn: sqlite3.Connection, extensions: Sequence[tuple[str, int, int]], reserves: Sequence[Reserve], now: float,
+    replica_id: str, lease_s: float,
+) -> tuple[list[Hold | Refusal | None], list[Hold | Refusal]]:
+    conn.row_factory = sqlite3.Row
+    try:
+        open_holds = {r["id"]: r for r in (
+            conn.execute("SELECT * FROM holds WHERE id = ? AND state = 'open'", (hold_id,)).fetchone()
+            for hold_id, _, _ in extensions
+        ) if r is not None}
+    finally:
+        conn.row_factory = None
+    key_ids = sorted({q.key_id for q in reserves} | {r["key_id"] for r in open_holds.values()})
     keys = {r["id"]: r for r in _rows(conn, "keys", key_ids)}
     accounts = {r["id"]: r for r in _rows(conn, "accounts", sorted({r["account_id"] for r in keys.values()}))}
     judge = Ledger()
@@ -378,6 +408,22 @@ def _reserve(
     for row in keys.values():
         judge.principals[("key", row["id"])] = _principal(conn, "key", row, now)
         judge.key_accounts[row["id"]] = row["account_id"]
+    grown: list[Hold | Refusal | None] = []
+    for hold_id, tokens, usd in extensions:
+        row = open_holds.get(hold_id)
+        if row is None or row["key_id"] not in keys:
+            grown.append(None)
+            continue
+        if hold_id not in judge.holds:  # its amounts are in its principals' held already (read from open holds)
+            judge.holds[hold_id] = Hold(row["id"], row["key_id"], row["account_id"], row["amount_tokens"],
+                                        row["created_at"], row["expires_at"], row["request_id"],
+                                        amount_usd=row["amount_usd"])
+        result = judge.extend(hold_id, tokens, now, usd)
+        if isinstance(result, Hold):
+            conn.execute("UPDATE holds SET amount_tokens = ?, amount_usd = ? WHERE id = ? AND state = 'open'",
+                         (result.amount_tokens, result.amount_usd, hold_id))
+            result = dataclasses.replace(result)  # a copy: the judge's is gone with the batch
+        grown.append(result)
     placed: list[Hold | Refusal] = []
     for q in reserves:
         row = keys.get(q.key_id)
@@ -397,7 +443,7 @@ def _reserve(
                  q.request_id, q.model, q.client_request_id, result.amount_usd, replica_id, now + lease_s),
             )
         placed.append(result)
-    return placed
+    return grown, placed
 
 
 def reap(conn: sqlite3.Connection, now: float, replica_id: str) -> list[str]:

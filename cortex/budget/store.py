@@ -188,7 +188,16 @@ class ResolveHold:
     charged_usd: int = 0
 
 
-Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold | PutMeta
+@dataclass(frozen=True)
+class ExtendHold:
+    """An open hold's new amounts after an extension (an incremental output hold's next slice)."""
+
+    id: str
+    amount_tokens: int
+    amount_usd: int = 0
+
+
+Op = PutAccount | PutKey | SetCaps | RevokeKey | OpenHold | ResolveHold | ExtendHold | PutMeta
 
 TABLES = {"key": "keys", "account": "accounts"}
 
@@ -237,6 +246,13 @@ def apply(conn: sqlite3.Connection, op: Op) -> None:
                 "UPDATE accounts SET spent_tokens = spent_tokens + ?, spent_usd = spent_usd + ? WHERE id = ?",
                 (*charged, op.account_id),
             )
+    elif isinstance(op, ExtendHold):
+        cursor = conn.execute(
+            "UPDATE holds SET amount_tokens = ?, amount_usd = ? WHERE id = ? AND state = 'open'",
+            (op.amount_tokens, op.amount_usd, op.id),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"hold {op.id} is not open in the store")
     elif isinstance(op, PutAccount):
         conn.execute(
             f"INSERT INTO accounts (id, created_at, {', '.join(CAPS_FIELDS)}) VALUES (?, ?, {_CAPS_PLACEHOLDERS})",

@@ -241,6 +241,7 @@ class Kind:
         if self.mirror_output_field and chat and "max_completion_tokens" in body:
             out["max_tokens" if field_ == "max_completion_tokens" else "max_completion_tokens"] = output_tokens_max
         if stream:
+            out["stream"] = True  # also when cortex streams a non-streamed request (incremental holds)
             options = body.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return out
