@@ -92,6 +92,33 @@ class LedgerMachine(RuleBasedStateMachine):
         self.store_log.append((hold.key_id, hold.account_id, self.now, resolution.charged_tokens, resolution.charged_usd))
 
     @precondition(lambda self: self.open)
+    @rule(data=st.data(), amount=st.integers(0, 150), usd=st.integers(0, 150))
+    def extend(self, data, amount, usd):
+        """An incremental output hold's next slice: every cap but concurrency, or nothing changes."""
+        hold_id = data.draw(st.sampled_from(self.open))
+        hold = self.ledger.holds[hold_id]
+        before = (hold.amount_tokens, hold.amount_usd)
+        chain = [self.ledger.principal("key", hold.key_id), self.ledger.principal("account", hold.account_id)]
+        held = [(p.held_tokens, p.held_usd, p.in_flight) for p in chain]
+        result = self.ledger.extend(hold_id, amount, self.now, usd)
+        if isinstance(result, Hold):
+            assert result is hold and (hold.amount_tokens, hold.amount_usd) == (before[0] + amount, before[1] + usd)
+            assert [(p.held_tokens, p.held_usd, p.in_flight) for p in chain] == [
+                (t + amount, u + usd, n) for t, u, n in held
+            ]
+        else:
+            assert isinstance(result, Refusal) and result.reason != "concurrency"
+            assert (hold.amount_tokens, hold.amount_usd) == before
+            assert [(p.held_tokens, p.held_usd, p.in_flight) for p in chain] == held
+
+    @precondition(lambda self: self.resolved)
+    @rule(data=st.data())
+    def extending_a_resolved_hold_is_an_error(self, data):
+        hold_id = data.draw(st.sampled_from(sorted(self.resolved)))
+        with pytest.raises(LedgerError):
+            self.ledger.extend(hold_id, 1, self.now)
+
+    @precondition(lambda self: self.open)
     @rule(data=st.data())
     def release(self, data):
         hold_id = data.draw(st.sampled_from(self.open))

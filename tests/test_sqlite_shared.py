@@ -153,3 +153,23 @@ async def test_windows_periods_and_views_on_the_shared_file(tmp_path: Path) -> N
         assert row["state"] == "settled" and row["charged_tokens"] == 60
         spend = await b.spend("key", record.id)
         assert spend["by_model"][0]["tokens"] == 60
+
+
+async def test_an_incremental_hold_grows_on_the_shared_file_within_every_cap(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    async with replicas(path, 2) as (a, b):
+        record, plaintext = await a.create_key("k", "acct", Caps(balance_tokens=200, max_concurrency=1))
+        hold = await a.reserve(a.authenticate(headers(plaintext)), Estimate(20, 50), "r1", "m")
+        grown = await a.extend(hold, 100)
+        assert grown is not None and grown.amount_tokens == 170
+        assert rows(path, "SELECT amount_tokens FROM holds WHERE id = ?", (hold.id,)) == [(170,)]
+        refused = await a.extend(grown, 31)  # 170 + 31 > 200: the balance refuses, concurrency does not count
+        assert refused is not None and refused.reason == "balance"
+        await eventually(lambda: record.id in b.keys)
+        with pytest.raises(ApiError):  # the other worker sees the grown hold: 30 left, and one in flight
+            await b.reserve(b.authenticate(headers(plaintext)), Estimate(5, 5), "r2", "m")
+        await a.settle(grown, 180)  # charged at most the grown hold
+        await trio.sleep(0.2)
+        assert rows(path, "SELECT charged_tokens FROM holds WHERE id = ?", (hold.id,)) == [(170,)]
+        assert await a.extend(grown, 1) is None  # settled: no longer open here
+        assert rows(path, INVARIANT_SQL) == []
