@@ -134,3 +134,125 @@ async def test_a_200_request_fan_out_on_incremental_holds_never_overshoots(stack
     assert delivered == u["usage"]["spent_tokens"]
     # More requests were served than the worst case could have held at once (400 output tokens each).
     assert statuses.count(200) > cap // (HI_PROMPT_TOKENS + 400)
+
+
+def test_a_claude_code_shaped_request_holds_its_exact_prompt_and_a_slice_and_is_admitted(stack: Stack):
+    n = stack.neuron("--token-interval-ms", "0.2", "--reply-tokens", "500", "--context-length", "131072",
+                     "--max-output-tokens", "32000")
+    tools = [{"name": f"Tool{i}", "description": ("Reads, edits or runs things in the workspace. " * 90)[:3400],
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}, "body": {"type": "string"}},
+                               "required": ["path"]}} for i in range(12)]
+    body = {
+        "model": MODEL, "max_tokens": 32000, "stream": True,
+        "system": [{"type": "text", "text": "You are Claude Code, an agent for software engineering. " * 40,
+                    "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Follow the repository's conventions. " * 60},
+                   {"type": "text", "text": "Environment: linux, git repo, tests with pytest. " * 20}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Fix the failing test in the parser."}]}],
+        "tools": tools,
+        "thinking": {"type": "enabled", "budget_tokens": 8000},
+    }
+    assert 45_000 <= len(json.dumps(body)) <= 52_000  # the measured request's size: 48.6 KB
+    headers = {"anthropic-version": "2023-06-01", "content-type": "application/json"}
+    counted = None
+    for config, expect in (("", 429), ('[budget]\noutput_holds = "incremental"\n', 200)):
+        cortex = budget_cortex(stack, n, config=config)
+        probe_id, probe = create_key(cortex, balance_tokens=10_000_000)
+        counted = httpx.post(cortex.url + "/v1/messages/count_tokens", headers={**headers, "x-api-key": probe},
+                             json={k: v for k, v in body.items() if k not in ("max_tokens", "stream")}, timeout=30)
+        exact = counted.json()["input_tokens"]
+        key_id, key = create_key(cortex, balance_tokens=exact + 3000)  # room for the real reply, not for 32,000
+        r = httpx.post(cortex.url + "/v1/messages", json=body, headers={**headers, "x-api-key": key}, timeout=60)
+        assert r.status_code == expect, r.text
+        if expect == 200:
+            assert b"event: message_stop" in r.content and b'"stop_reason":"max_tokens"' not in r.content
+            recent = wait_until(lambda: [x for x in key_usage(cortex, key_id)["recent"] if x["state"] == "settled"])
+            # The hold: the exact prompt and the first slice (one more slice as the reply neared its end).
+            assert recent[0]["held_tokens"] - exact in (1024, 2048)
+            # Charged the reply's 500 tokens and the prompt as the neuron counted it (the mock leaves the tools'
+            # JSON out of its count; cortex's holds it, an upper bound).
+            assert recent[0]["actual_tokens"] == recent[0]["charged_tokens"] and recent[0]["charged_tokens"] - 500 <= exact
+
+
+def _stream_some(cortex, key: str, n_chunks: int):
+    """Open a long stream and read `n_chunks` data events; the response is left open for the caller."""
+    client = httpx.Client(timeout=60)
+    response = client.send(client.build_request(
+        "POST", cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+        json={"model": MODEL, "messages": HI, "max_tokens": LONG, "stream": True}), stream=True)
+    lines = response.iter_lines()
+    seen = []
+    for line in lines:
+        if line.startswith("data: "):
+            seen.append(line)
+            if len(seen) >= n_chunks:
+                break
+    return client, response, lines, seen
+
+
+def test_a_revocation_mid_reply_ends_it_at_the_next_slice(stack: Stack):
+    n = stack.neuron("--token-interval-ms", "3", "--reply-tokens", str(LONG))
+    cortex = budget_cortex(stack, n, config=INCREMENTAL)
+    key_id, key = create_key(cortex, balance_tokens=100_000)
+    client, response, lines, seen = _stream_some(cortex, key, 10)
+    assert admin(cortex, "POST", f"keys/{key_id}/revoke").status_code == 200
+    rest = [line for line in lines if line.startswith("data: ") or line.startswith(":")]
+    client.close()
+    assert ": x-cortex-budget-truncated: true" in rest and rest[-1] == "data: [DONE]"
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                   for line in seen + rest if line.startswith("data: {") and json.loads(line[6:]).get("choices"))
+    assert len(text.encode()) < LONG // 2  # it ended at the slice in force when the key was revoked, not at LONG
+    u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    assert u["usage"]["spent_tokens"] == HI_PROMPT_TOKENS + len(text.encode())
+
+
+def test_a_cortex_killed_mid_extension_charges_at_most_the_durable_hold_after_recovery(stack: Stack):
+    n = stack.neuron("--token-interval-ms", "3", "--reply-tokens", str(LONG))
+    cortex = budget_cortex(stack, n, config=INCREMENTAL)
+    cap = 50_000
+    key_id, key = create_key(cortex, balance_tokens=cap)
+    client, response, lines, seen = _stream_some(cortex, key, 3 * SLICE)  # a few extensions in
+    cortex.kill()
+    client.close()
+    import sqlite3
+
+    conn = sqlite3.connect(cortex.data_dir / "ledger.db")
+    (amount,), = conn.execute("SELECT amount_tokens FROM holds WHERE state = 'open'").fetchall()
+    conn.close()
+    assert amount >= HI_PROMPT_TOKENS + 3 * SLICE  # durable before what it covers was forwarded
+    again = budget_cortex(stack, n, config=INCREMENTAL, data_dir=cortex.data_dir)
+    u = key_usage(again, key_id)
+    assert u["usage"]["spent_tokens"] == amount <= cap and u["usage"]["held_tokens"] == 0
+    assert [r["state"] for r in u["recent"]] == ["orphaned"]
+
+
+async def test_replies_extending_while_top_ups_race_them_never_overshoot(stack: Stack):
+    import trio
+
+    n = stack.neuron("--token-interval-ms", "1", "--reply-tokens", "600")
+    cortex = budget_cortex(stack, n, config=INCREMENTAL)
+    key_id, key = create_key(cortex, balance_tokens=3_000)
+
+    async def top_ups() -> None:
+        async with httpx.AsyncClient(timeout=30, headers={"authorization": "Bearer test-admin-token-0123456789"}) as c:
+            for _ in range(20):
+                await trio.sleep(0.02)
+                r = await c.post(f"{cortex.url}/admin/v1/keys/{key_id}/topup", json={"tokens": 500})
+                assert r.status_code == 200, r.text
+
+    results: list = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(top_ups)
+
+        async def fan() -> None:
+            results.extend(await fan_out(cortex.url, key, 60, True, max_tokens=600))
+
+        nursery.start_soon(fan)
+    u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d, timeout_s=30)
+    assert u["limits"]["balance_tokens"] == 13_000 and u["usage"]["spent_tokens"] <= 13_000
+    delivered = sum(
+        HI_PROMPT_TOKENS + len("".join((json.loads(e)["choices"][0]["delta"].get("content") or "")
+                                       for e in sse_events(body)[:-1] if json.loads(e).get("choices")).encode())
+        for status, _, body in results if status == 200
+    )
+    assert delivered == u["usage"]["spent_tokens"]

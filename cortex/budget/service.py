@@ -267,6 +267,10 @@ class BudgetService:
         make it durable in time; the caller must treat both as not granted (the hold in memory may
         be larger: the charge is capped at what was forwarded, so nothing is charged for it).
         """
+        record = self.keys.get(hold.key_id)
+        if record is not None and record.revoked_at is not None:  # revoked mid-reply: no more output is paid for
+            self.metrics.extensions.inc(result="refused")
+            return Refusal("revoked", "key", hold.key_id, f"The key {hold.key_id} has been revoked.", None, True)
         try:
             result = self.ledger.extend(hold.id, tokens, self.clock(), usd)
         except LedgerError:

@@ -414,6 +414,9 @@ def _judge(
         if row is None or row["key_id"] not in keys:
             grown.append(None)
             continue
+        if keys[row["key_id"]]["revoked_at"] is not None:  # revoked mid-reply: no more output is paid for
+            grown.append(Refusal("revoked", "key", row["key_id"], f"The key {row['key_id']} has been revoked.", None, True))
+            continue
         if hold_id not in judge.holds:  # its amounts are in its principals' held already (read from open holds)
             judge.holds[hold_id] = Hold(row["id"], row["key_id"], row["account_id"], row["amount_tokens"],
                                         row["created_at"], row["expires_at"], row["request_id"],
