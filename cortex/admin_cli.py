@@ -23,7 +23,9 @@ import trio
 from common.errors import ApiError
 from cortex import admin_socket
 from cortex.admin_socket import Call, Reply
-from cortex.api.admin import LIMIT_FIELDS, PERIOD_FIELDS, RECENT_DEFAULT, USD_FIELDS, AdminApi, caps_from, data_dir_owner
+from cortex.api.admin import (
+    LIMIT_FIELDS, PERIOD_FIELDS, POLICY_FIELDS, RECENT_DEFAULT, USD_FIELDS, AdminApi, caps_from, data_dir_owner,
+)
 from cortex.budget import datadir
 from cortex.budget.keys import NAME_RE
 from cortex.budget.service import BudgetService
@@ -55,6 +57,9 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period-anchor-day", type=int, metavar="D",
                    help="monthly: the day of the month it starts (1-31, clamped to short months); weekly: ISO weekday (1=Monday)")
     p.add_argument("--max-concurrency", type=int, metavar="M", help="at most M requests in flight")
+    p.add_argument("--output-holds", choices=("worst_case", "incremental"),
+                   help="hold each request's whole output bound (worst_case), or a slice at a time (incremental);"
+                   " default: the account's, else budget.output_holds")
 
 
 def add_top_up_flags(p: argparse.ArgumentParser) -> None:
@@ -104,7 +109,7 @@ def add_commands(sub: Any) -> None:
 
 def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The limit flags as admin API fields, checked here with the server's own rules and messages."""
-    fields = {name: getattr(args, name, None) for name in (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS)}
+    fields = {name: getattr(args, name, None) for name in (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS, *POLICY_FIELDS)}
     caps_from(fields)  # raises the ApiError the server would answer; NaN never reaches the JSON
     return fields
 
@@ -270,7 +275,10 @@ def _limits_line(limits: dict[str, Any]) -> str:
         parts.append(f"{' and '.join(a for a in amounts if a)} {limits['period']} ({limits['period_timezone']})")
     if limits["max_concurrency"] is not None:
         parts.append(f"concurrency {limits['max_concurrency']}")
-    return ", ".join(parts) or "no caps"
+    line = ", ".join(parts) or "no caps"
+    if limits.get("output_holds") is not None:
+        line += f"; output holds {limits['output_holds'].replace('_', ' ')}"
+    return line
 
 
 def _remaining(name: str, value: int) -> str:

@@ -256,3 +256,38 @@ async def test_replies_extending_while_top_ups_race_them_never_overshoot(stack: 
         for status, _, body in results if status == 200
     )
     assert delivered == u["usage"]["spent_tokens"]
+
+
+def test_the_policy_is_chosen_per_key_or_account_over_the_server_default(stack: Stack):
+    import subprocess
+    import sys
+
+    n = neuron(stack)
+    cortex = budget_cortex(stack, n)  # the server's default: worst_case, and slices of 1,024 tokens
+    cap = HI_PROMPT_TOKENS + 1500  # a slice fits, the whole LONG-token bound does not
+    body = {"model": MODEL, "messages": HI, "max_tokens": LONG}
+
+    def ask(key: str) -> httpx.Response:
+        return httpx.post(cortex.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                          timeout=60)
+
+    _, plain = create_key(cortex, "plain", balance_tokens=cap)
+    assert ask(plain).status_code == 429
+    mine_id, mine = create_key(cortex, "mine", balance_tokens=cap, output_holds="incremental")
+    assert ask(mine).status_code == 200
+    assert key_usage(cortex, mine_id)["limits"]["output_holds"] == "incremental"
+    # An account's choice applies to its keys that make none; a key's own wins over it.
+    assert admin(cortex, "POST", "accounts", {"id": "agents", "output_holds": "incremental"}).status_code == 201
+    _, member = create_key(cortex, "member", account="agents", balance_tokens=cap)
+    assert ask(member).status_code == 200
+    _, strict = create_key(cortex, "strict", account="agents", balance_tokens=cap, output_holds="worst_case")
+    assert ask(strict).status_code == 429
+    bad = admin(cortex, "POST", "keys", {"name": "bad", "output_holds": "sometimes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "output_holds"
+    # The CLI sets it too, through the running server.
+    out = subprocess.run([sys.executable, "-m", "cortex", "keys", "set-limits", mine_id, "--balance", str(cap),
+                          "--output-holds", "worst_case", "--data-dir", str(cortex.data_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "output holds worst case" in out.stdout
+    assert key_usage(cortex, mine_id)["limits"]["output_holds"] == "worst_case"

@@ -51,6 +51,8 @@ RECENT_MAX = 10_000
 LIMIT_FIELDS = ("balance_tokens", "window_tokens", "window_seconds", "max_concurrency", "period_tokens")
 USD_FIELDS = ("balance_usd", "window_usd", "period_usd")
 PERIOD_FIELDS = ("period", "period_timezone", "period_anchor_day")
+POLICY_FIELDS = ("output_holds",)  # not caps: how the principal's requests hold their output
+OUTPUT_HOLDS = ("worst_case", "incremental")
 
 
 def caps_from(body: dict[str, Any], period_timezone: str = "UTC", also: tuple[str, ...] = ()) -> Caps:
@@ -59,7 +61,7 @@ def caps_from(body: dict[str, Any], period_timezone: str = "UTC", also: tuple[st
     A field that is not a limit (nor one of `also`) is refused: a typo, or another gateway's
     name for a budget, must not create an uncapped key.
     """
-    _known_fields(body, (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS, *also))
+    _known_fields(body, (*LIMIT_FIELDS, *USD_FIELDS, *PERIOD_FIELDS, *POLICY_FIELDS, *also))
     values: dict[str, Any] = {}
     for name in LIMIT_FIELDS:
         value = body.get(name)
@@ -84,10 +86,14 @@ def caps_from(body: dict[str, Any], period_timezone: str = "UTC", also: tuple[st
     if has_window != (values["window_seconds"] is not None):
         param = next(n for n in ("window_tokens", "window_usd", "window_seconds") if values[n] is not None)
         raise errors.invalid_request("'window_seconds' goes with 'window_tokens' or 'window_usd' (or both).", param=param)
+    output_holds = body.get("output_holds")
+    if output_holds is not None and output_holds not in OUTPUT_HOLDS:
+        raise errors.invalid_request(f"'output_holds' must be one of {', '.join(OUTPUT_HOLDS)} (or null: inherited).",
+                                     param="output_holds")
     return Caps(
         values["balance_tokens"], values["window_tokens"], values["window_seconds"], values["max_concurrency"],
         values["balance_usd"], values["window_usd"], _period(body, values, period_timezone), values["period_tokens"],
-        values["period_usd"],
+        values["period_usd"], output_holds,
     )
 
 

@@ -73,8 +73,12 @@ class Caps:
     period: PeriodSpec | None = None  # a calendar period: daily, weekly or monthly
     period_tokens: int | None = None
     period_usd: int | None = None
+    # Not a cap but how this principal's requests hold their output: "worst_case" or "incremental";
+    # None: the account's choice, else the server's (budget.output_holds).
+    output_holds: str | None = None
 
     def __post_init__(self) -> None:
+        assert self.output_holds in (None, "worst_case", "incremental")
         has_window = self.window_tokens is not None or self.window_usd is not None
         assert has_window == (self.window_s is not None), "a window needs an amount and seconds"
         has_period = self.period_tokens is not None or self.period_usd is not None

@@ -38,7 +38,14 @@ from cortex.budget.pg_ledger import Reserve, Resolve
 from cortex.budget.pg_store import PgAdmission
 from cortex.budget.service import SPEND_BUCKET_S, KeyRecord
 from cortex.budget.shared_service import EVERYTHING, Directory
-from cortex.budget.store import CAPS_FIELDS, TABLES, StoreError, caps_of, caps_row
+from cortex.budget.store import CAPS_FIELDS as _STORE_CAPS_FIELDS, TABLES, StoreError, caps_of, caps_row as _store_caps_row
+
+# The PostgreSQL schema's principal columns (its migrations add output_holds with the hold extensions).
+CAPS_FIELDS = tuple(f for f in _STORE_CAPS_FIELDS if f != "output_holds")
+
+
+def caps_row(caps: Any) -> tuple[Any, ...]:
+    return tuple(v for f, v in zip(_STORE_CAPS_FIELDS, _store_caps_row(caps)) if f in CAPS_FIELDS)
 
 log = logging.getLogger("cortex")
 

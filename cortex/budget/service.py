@@ -94,6 +94,7 @@ def caps_view(caps: Caps) -> dict[str, Any]:
         "period_anchor_day": spec.anchor_day if spec else None,
         "period_tokens": caps.period_tokens,
         "period_usd": _usd_or_none(caps.period_usd),
+        "output_holds": caps.output_holds,
         # Exact, for programs: a USD number is for people.
         "balance_micro_usd": caps.balance_usd,
         "window_micro_usd": caps.window_usd,
@@ -256,7 +257,11 @@ class BudgetService:
             )
 
     def output_holds(self, key: KeyRecord) -> str:
-        """The output-hold policy for a key's requests: "worst_case" or "incremental"."""
+        """The output-hold policy for a key's requests: the key's own, else its account's, else the server's."""
+        for kind, pid in (("key", key.id), ("account", key.account_id)):
+            p = self.ledger.principals.get((kind, pid))
+            if p is not None and p.caps.output_holds is not None:
+                return p.caps.output_holds
         return self.config.output_holds
 
     async def extend(self, hold: Hold, tokens: int, usd: int = 0) -> Hold | Refusal | None:

@@ -44,6 +44,8 @@ _PRINCIPAL_INDEXES = (
 _SHARED_COLUMNS_AND_INDEXES = (
     "ALTER TABLE holds ADD COLUMN replica_id TEXT",
     "ALTER TABLE holds ADD COLUMN lease_deadline REAL",
+    "ALTER TABLE accounts ADD COLUMN output_holds TEXT",  # a principal's output-hold policy (NULL: inherited)
+    "ALTER TABLE keys ADD COLUMN output_holds TEXT",
     "CREATE INDEX IF NOT EXISTS holds_open_key ON holds(key_id) WHERE state = 'open'",
     "CREATE INDEX IF NOT EXISTS holds_open_account ON holds(account_id) WHERE state = 'open'",
 )
@@ -60,7 +62,7 @@ MIGRATIONS = {
 }
 _CAPS_COLUMNS = (
     "balance_tokens INTEGER, window_tokens INTEGER, window_s REAL, max_concurrency INTEGER, "
-    + ", ".join(_MONEY_AND_PERIOD_COLUMNS)
+    + ", ".join(_MONEY_AND_PERIOD_COLUMNS) + ", output_holds TEXT"
 )
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -104,7 +106,7 @@ CREATE INDEX IF NOT EXISTS holds_open ON holds(state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS holds_resolved_at ON holds(resolved_at);
 CREATE INDEX IF NOT EXISTS holds_key_created ON holds(key_id, created_at);
 """
-SCHEMA_INDEXES = ";\n".join((*_PRINCIPAL_INDEXES, *_SHARED_COLUMNS_AND_INDEXES[2:])) + ";"
+SCHEMA_INDEXES = ";\n".join((*_PRINCIPAL_INDEXES, *_SHARED_COLUMNS_AND_INDEXES[4:])) + ";"
 
 BATCH_OPS_MAX = 4096
 DEFER_FLUSH_S = 0.05  # the longest a settlement waits for a durable commit to ride along with
@@ -204,7 +206,7 @@ TABLES = {"key": "keys", "account": "accounts"}
 
 CAPS_FIELDS = (
     "balance_tokens", "window_tokens", "window_s", "max_concurrency", "balance_usd", "window_usd", "period",
-    "period_timezone", "period_anchor_day", "period_tokens", "period_usd",
+    "period_timezone", "period_anchor_day", "period_tokens", "period_usd", "output_holds",
 )
 _CAPS_PLACEHOLDERS = ", ".join("?" * len(CAPS_FIELDS))
 _CAPS_ASSIGN = ", ".join(f"{name} = ?" for name in CAPS_FIELDS)
@@ -215,7 +217,7 @@ def caps_row(caps: Caps) -> tuple[Any, ...]:
     return (
         caps.balance_tokens, caps.window_tokens, caps.window_s, caps.max_concurrency, caps.balance_usd, caps.window_usd,
         spec.kind if spec else None, spec.timezone if spec else None, spec.anchor_day if spec else None,
-        caps.period_tokens, caps.period_usd,
+        caps.period_tokens, caps.period_usd, caps.output_holds,
     )
 
 
@@ -419,6 +421,7 @@ def caps_of(row: sqlite3.Row) -> Caps:
     return Caps(
         row["balance_tokens"], row["window_tokens"], row["window_s"], row["max_concurrency"], row["balance_usd"],
         row["window_usd"], period, row["period_tokens"], row["period_usd"],
+        row["output_holds"] if "output_holds" in row.keys() else None,
     )
 
 
