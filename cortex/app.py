@@ -27,7 +27,7 @@ from cortex.budget import datadir
 from cortex.budget.estimate import prompt_tokens_bound
 from cortex.budget.ledger import Ledger
 from cortex.budget.service import BudgetService, KeyRecord
-from cortex.budget.shared_service import SharedBudgetService
+from cortex.budget.shared_service import SharedBudgetService, replica_life_id
 from cortex.budget.store import PutMeta, ThreadedStore
 from cortex.config import SQLITE_LEDGER, Config
 from cortex.fleet.health import poll_forever
@@ -57,7 +57,7 @@ async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterato
 
             budget = config.budget
             async with SqliteShared.open(
-                budget.ledger[len(SQLITE_LEDGER):], budget.replica_id or None, budget.lease_s, budget.synchronous,
+                budget.ledger[len(SQLITE_LEDGER):], replica_life_id(budget.replica_id), budget.lease_s, budget.synchronous,
                 metrics.observe_commit,
             ) as shared:
                 yield shared
@@ -67,7 +67,7 @@ async def durable_store(config: Config, metrics: GatewayMetrics) -> AsyncIterato
 
             budget = config.budget
             async with PgShared.open(
-                budget.ledger, budget.replica_id or None, budget.lease_s, on_commit=metrics.observe_commit
+                budget.ledger, replica_life_id(budget.replica_id), budget.lease_s, on_commit=metrics.observe_commit
             ) as shared:
                 yield shared
             return

@@ -115,7 +115,7 @@ class BudgetConfig:
     output_holds: str = "worst_case"
     output_slice_tokens: int = 1024
     ledger: str = ""
-    replica_id: str = ""  # empty: host-pid-random, unique per process life
+    replica_id: str = ""  # this replica's name in a shared ledger (default: the host's); the pid and a random part are added
     lease_s: float = 30.0  # a dead replica's holds are reaped this long after its last heartbeat
 
 

@@ -242,10 +242,15 @@ class Proxy:
         return dataclasses.replace(info, context_tokens=limit["context"], output_tokens=limit["output"], limits_reported=True)
 
     async def exact_prompt_tokens(self, gen: GenerationRequest) -> int | None:
-        """The prompt's tokens on the model's own tokenizer (the catalogue's `tokenizer`), or None:
-        then the byte bound holds. Large prompts are counted off the event loop."""
+        """The prompt's tokens on the model's own tokenizer: the catalogue's `tokenizer` where it
+        names one, else the one the model's neurons advertise, once the fleet holds it
+        (cortex/fleet/tokenizers.py); or None: then the byte bound holds. Large prompts are
+        counted off the event loop."""
         defined = self.catalogue.model(gen.model)
-        counter = self.counters.get(gen.model, defined.tokenizer if defined is not None else None)
+        if defined is not None and defined.tokenizer is not None:
+            counter = self.counters.get(gen.model, defined.tokenizer)
+        else:
+            counter = self.fleet.exact_counter(gen.model)
         if counter is None:
             return None
         if counts_inline(gen):
@@ -435,7 +440,11 @@ class Proxy:
             if node.api_key:
                 headers["authorization"] = f"Bearer {node.api_key}"
             meter.token_bytes_max = self.fleet.token_bytes_max(node, gen.model)
-            output_max = grant.granted * meter.token_bytes_max  # the relay's guard, in bytes: what the hold covers
+            # The relay's guard, in output bytes. Worst case: the upstream was sent the hold's bound, so this
+            # only stops one that ignores it. Incremental: the upstream was sent the request's own bound, so
+            # the guard is what binds, and it must hold whatever the tokenizer: a token is at least a byte,
+            # so no more bytes than the tokens held are forwarded.
+            output_max = grant.granted if grant.incremental else grant.granted * meter.token_bytes_max
             self.fleet.acquire(node, gen.model)
             if self.lifecycle is not None:
                 self.lifecycle.used(node.url, gen.model)
@@ -554,13 +563,17 @@ class Proxy:
         meter.dispatched = False  # refused in band, before any output: nothing generated
         raise client_error(err)
 
-    async def _cover(self, grant: OutputGrant | None, relay: StreamRelay, need_bytes: int, bytes_per_token: int) -> None:
+    async def _cover(self, grant: OutputGrant | None, relay: StreamRelay, need_bytes: int) -> None:
         """Extend an incremental hold ahead of the output about to be relayed (`need_bytes` so far,
-        upper bound), keeping half a slice in hand, until it covers it or an extension is refused."""
+        upper bound), keeping half a slice in hand, until it covers it or an extension is refused.
+
+        Counted one token per byte, the most tokens any bytes can be (whatever the upstream's
+        tokenizer), so what is forwarded never passes what is held; the settlement charges the
+        upstream's own count, when it has one, so a multi-byte tokenizer pays its real tokens."""
         if grant is None or not grant.can_grow or self.budget is None:
             return
         low_water = grant.slice_tokens // 2
-        while grant.can_grow and need_bytes + low_water * bytes_per_token > grant.granted * bytes_per_token:
+        while grant.can_grow and need_bytes + low_water > grant.granted:
             assert grant.hold is not None
             more = min(grant.slice_tokens, grant.output_max - grant.granted)
             usd = 0
@@ -573,7 +586,7 @@ class Proxy:
                 grant.granted += more
             else:
                 grant.refused = True
-        relay.output_tokens_max = grant.granted * bytes_per_token
+        relay.output_tokens_max = grant.granted
 
     def _budget_cut(self, request: asgi.Request, grant: OutputGrant | None, relay: StreamRelay, meter: Meter) -> bool:
         """The relay stopped at the hold's bound because an extension was refused: end cleanly, not in error."""
@@ -581,7 +594,7 @@ class Proxy:
             return False
         grant.cut = True
         meter.responded = True  # the prompt was processed: charged with what was relayed
-        waste = -(-relay.dropped_output_tokens // max(1, meter.token_bytes_max))
+        waste = relay.dropped_output_tokens  # counted as the guard counts: a token per byte
         if self.budget is not None:
             self.budget.metrics.budget_truncations.inc()
             self.budget.metrics.truncation_waste_tokens.inc(waste)
@@ -616,7 +629,7 @@ class Proxy:
                         chunk, pending = pending or await response.next_chunk(), b""
                         if not chunk:
                             break
-                        await self._cover(grant, relay, relay.output_tokens + len(chunk), meter.token_bytes_max)
+                        await self._cover(grant, relay, relay.output_tokens + len(chunk))
                         events = relay.feed(chunk)
                         meter.relayed_output_tokens = relay.output_tokens
                         if events:
@@ -669,7 +682,7 @@ class Proxy:
                     chunk, pending = pending or await response.next_chunk(), b""
                     if not chunk:
                         break
-                    await self._cover(grant, relay, relay.output_tokens + len(chunk), meter.token_bytes_max)
+                    await self._cover(grant, relay, relay.output_tokens + len(chunk))
                     relay.feed(chunk)
                     meter.relayed_output_tokens = relay.output_tokens
                     assembler.feed(relay.payloads)

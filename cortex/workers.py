@@ -31,7 +31,8 @@ log = logging.getLogger("cortex")
 
 RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before starting a dead worker again
 HEALTHY_AFTER_S = 60.0  # a worker up this long resets the backoff
-STOP_TIMEOUT_S = 120.0  # after the workers' own graceful drain: then they are killed
+STOP_TIMEOUT_S = 120.0  # after the signal, for the workers' own graceful drain: then they are killed
+STARTUP_TIMEOUT_S = 120.0  # a worker's first start must listen within this (a cold catalogue, a migration lock)
 
 
 class WorkerFailed(Exception):
@@ -79,12 +80,13 @@ async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, l
         shared_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger)) for i in range(workers)]
         stopping = trio.Event()
-        async with trio.open_nursery() as nursery:
-            ready = [trio.Event() for _ in pool]
-            for worker, event in zip(pool, ready):
-                nursery.start_soon(_keep_running, worker, event, stopping)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                nursery.start_soon(_stop_on_signal, signals, pool, stopping)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                ready = [trio.Event() for _ in pool]
+                running = [trio.Event() for _ in pool]  # set once each worker's keeper has returned
+                for worker, event, done in zip(pool, ready, running):
+                    nursery.start_soon(_keep_running, worker, event, stopping, done)
+                nursery.start_soon(_stop_on_signal, signals, pool, stopping, running)
                 for event in ready:
                     await event.wait()
                 if not stopping.is_set():
@@ -94,21 +96,52 @@ async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, l
                         worker_pids=[w.process.pid for w in pool if w.process is not None],
                         **{k: v for k, v in first.items() if k not in ("event", "service", "url")},
                     )
-                await stopping.wait()
     finally:
         reserve.close()
 
 
-async def _stop_on_signal(signals: Any, pool: list[Worker], stopping: trio.Event) -> None:
+def _signal_all(pool: list[Worker], sig: int) -> None:
+    for worker in pool:
+        if worker.process is not None and worker.process.returncode is None:
+            worker.process.send_signal(sig)
+
+
+async def _stop_on_signal(signals: Any, pool: list[Worker], stopping: trio.Event, running: list[trio.Event]) -> None:
+    """The first signal drains every worker (SIGTERM); a second one, or STOP_TIMEOUT_S, kills what is left."""
     async for _ in signals:
-        stopping.set()
-        for worker in pool:
-            if worker.process is not None and worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
-        return
+        break
+    stopping.set()
+    _signal_all(pool, signal.SIGTERM)
+
+    async def all_stopped() -> None:
+        for done in running:
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        async def second_signal() -> None:
+            async for _ in signals:
+                log.warning("a second signal: killing the workers")
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(second_signal)
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            await all_stopped()
+            nursery.cancel_scope.cancel()
+            return
+        log.error("workers did not stop within %.0f s: killing them", STOP_TIMEOUT_S)
+        nursery.cancel_scope.cancel()
+    _signal_all(pool, signal.SIGKILL)
 
 
-async def _keep_running(worker: Worker, ready: trio.Event, stopping: trio.Event) -> None:
+async def _keep_running(worker: Worker, ready: trio.Event, stopping: trio.Event, done: trio.Event) -> None:
+    try:
+        await _run_worker(worker, ready, stopping)
+    finally:
+        done.set()
+
+
+async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -> None:
     backoff_s = RESTART_BACKOFF_S[0]
     while not stopping.is_set():
         worker.starts += 1
@@ -118,6 +151,8 @@ async def _keep_running(worker: Worker, ready: trio.Event, stopping: trio.Event)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_read_announcement, worker, process, ready)
+                if worker.starts == 1:
+                    nursery.start_soon(_kill_unless_announced, worker, process)
                 await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -136,6 +171,14 @@ async def _keep_running(worker: Worker, ready: trio.Event, stopping: trio.Event)
                   worker.index, process.pid, process.returncode, backoff_s)
         await trio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S[1])
+
+
+async def _kill_unless_announced(worker: Worker, process: trio.Process) -> None:
+    """A first start that neither listens nor exits within STARTUP_TIMEOUT_S is a failed start."""
+    await trio.sleep(STARTUP_TIMEOUT_S)
+    if worker.announcement is None and process.returncode is None:
+        log.error("worker %d did not start listening within %.0f s", worker.index, STARTUP_TIMEOUT_S)
+        process.kill()
 
 
 async def _read_announcement(worker: Worker, process: trio.Process, ready: trio.Event) -> None:

@@ -291,3 +291,22 @@ def test_the_policy_is_chosen_per_key_or_account_over_the_server_default(stack: 
     assert out.returncode == 0, out.stderr
     assert "output holds worst case" in out.stdout
     assert key_usage(cortex, mine_id)["limits"]["output_holds"] == "worst_case"
+
+
+def test_in_front_of_a_real_tokenizer_upstream_no_more_is_forwarded_than_held(stack: Stack):
+    """vLLM's tokens may be many bytes each: the guard counts a token per byte, the most any bytes can be."""
+    from tests.test_upstream_kinds_e2e import MODEL as VLLM_MODEL, fronted
+
+    upstream, cortex = fronted(stack, "vllm", "--reply-tokens", "1500", "--context", "8192", config=INCREMENTAL)
+    cap = 400
+    key_id, key = create_key(cortex, balance_tokens=cap)
+    body = {"model": VLLM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = httpx.post(cortex.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(e) for e in sse_events(r.content) if e != b"[DONE]"]
+    delivered = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))  # one token each
+    usage = [c["usage"] for c in chunks if c.get("usage")][-1]
+    assert b"x-cortex-budget-truncated" in r.content and delivered < 1500
+    u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    assert usage["prompt_tokens"] + delivered <= u["usage"]["spent_tokens"] <= cap

@@ -122,3 +122,109 @@ def test_workers_must_be_a_sane_count(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2 and "--workers" in out.stderr, out.stderr
+
+
+STUBBORN = (
+    "import json, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print(json.dumps({'event': 'listening'}), flush=True)\n"
+    "time.sleep(60)\n"
+)
+SILENT = "import time\ntime.sleep(60)\n"
+
+
+async def _supervised(argv: list[str], monkeypatch, **timeouts: float):
+    """A worker under the supervisor's own keeper and stopper, with `signals` a channel the test sends on."""
+    import trio
+
+    from cortex import workers as w
+
+    for name, value in timeouts.items():
+        monkeypatch.setattr(w, name, value)
+    worker = w.Worker(0, argv)
+    ready, stopping, done = trio.Event(), trio.Event(), trio.Event()
+    send, receive = trio.open_memory_channel(4)
+    return w, worker, ready, stopping, done, send, receive
+
+
+async def test_a_worker_that_ignores_sigterm_is_killed_after_the_stop_timeout(monkeypatch):
+    import trio
+
+    w, worker, ready, stopping, done, send, receive = await _supervised(
+        [sys.executable, "-c", STUBBORN], monkeypatch, STOP_TIMEOUT_S=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w._keep_running, worker, ready, stopping, done)
+        nursery.start_soon(w._stop_on_signal, receive, [worker], stopping, [done])
+        await ready.wait()
+        await send.send(signal.SIGTERM)
+        with trio.fail_after(10):  # it ignores SIGTERM: killed once the stop timeout has passed
+            await done.wait()
+    assert worker.process.returncode == -signal.SIGKILL
+
+
+async def test_a_second_signal_kills_the_workers_at_once(monkeypatch):
+    import trio
+
+    w, worker, ready, stopping, done, send, receive = await _supervised(
+        [sys.executable, "-c", STUBBORN], monkeypatch, STOP_TIMEOUT_S=60.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w._keep_running, worker, ready, stopping, done)
+        nursery.start_soon(w._stop_on_signal, receive, [worker], stopping, [done])
+        await ready.wait()
+        await send.send(signal.SIGTERM)
+        await trio.sleep(0.2)
+        assert worker.process.returncode is None  # draining
+        await send.send(signal.SIGINT)
+        with trio.fail_after(10):
+            await done.wait()
+    assert worker.process.returncode == -signal.SIGKILL
+
+
+async def test_a_worker_that_never_listens_fails_the_start(monkeypatch):
+    import trio
+
+    w, worker, ready, stopping, done, send, receive = await _supervised(
+        [sys.executable, "-c", SILENT], monkeypatch, STARTUP_TIMEOUT_S=1.0)
+    with trio.fail_after(10):
+        with pytest.raises(w.WorkerFailed):
+            await w._keep_running(worker, ready, stopping, done)
+    assert ready.is_set() and worker.process.returncode == -signal.SIGKILL
+
+
+def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_are_reaped(stack: Stack, store):
+    import threading
+
+    ledger_args, query, invariant = store
+    neuron = stack.neuron("--token-interval-ms", "20", "--reply-tokens", "2000")
+    config = stack.tmp_path / "named.toml"
+    config.write_text('[budget]\nreplica_id = "host-a"\nlease_s = 1.0\n')
+    data_dir = stack.tmp_path / "data-workers"
+    cortex = stack._start("cortex", [
+        "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--neuron", neuron.url, "--config", str(config),
+        "--admin-token", ADMIN_TOKEN, *ledger_args, "--workers", "2",
+    ])
+    key_id, key = create_key(cortex, balance_tokens=10**6)
+
+    def stream() -> None:
+        try:
+            httpx.post(cortex.url + "/v1/chat/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                       json={"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 2000, "stream": True})
+        except httpx.HTTPError:
+            pass  # its worker was killed under it
+
+    threads = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: query("SELECT COUNT(*) FROM holds WHERE state = 'open'")[0][0] == 8)
+    ids = {r[0] for r in query("SELECT DISTINCT replica_id FROM holds")}
+    assert all(i.startswith("host-a-") for i in ids)
+    victim = sorted(ids)[0]
+    pid = int(victim.split("-")[2])
+    assert pid in cortex.announcement["worker_pids"]
+    os.kill(pid, signal.SIGKILL)
+    # The other worker's reaper charges the dead one's holds in full once its lease (1 s) has passed.
+    wait_until(lambda: query("SELECT COUNT(*) FROM holds WHERE replica_id = %s AND state = 'open'", (victim,))[0][0] == 0,
+               timeout_s=15)
+    assert query("SELECT COUNT(*) FROM holds WHERE replica_id = %s AND state = 'orphaned'", (victim,))[0][0] >= 1
+    assert query(invariant) == []

@@ -152,7 +152,10 @@ class PgShared:
             return await trio.to_thread.run_sync(self._run_sync, fn)
 
     def _run_sync(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        conn = self._idle.pop() if self._idle else None
+        try:
+            conn: psycopg.Connection[Any] | None = self._idle.pop()  # atomic: threads share the list
+        except IndexError:
+            conn = None
         try:
             if conn is None or conn.closed:
                 conn = None
@@ -314,16 +317,19 @@ class PgShared:
                     while not stop.is_set():
                         for notice in conn.notifies(timeout=LISTEN_POLL_S):
                             notify(notice.payload)
-            except psycopg.Error as exc:
+            except trio.RunFinishedError:  # the Trio run ended under the thread
+                return
+            except Exception as exc:  # a lost connection (or anything else): the service polls as well
                 log.warning("ledger change listener lost its connection (%s); reconnecting",
                             pg_schema.redact_text(str(exc)))
                 if first:
-                    self._token.run_sync_soon(started)  # the service still starts; it polls as well
+                    try:
+                        self._token.run_sync_soon(started)
+                    except trio.RunFinishedError:
+                        return
                     first = False
                 stop.wait(backoff_s)
                 backoff_s = min(backoff_s * 2, LISTEN_BACKOFF_S[1])
-            except RuntimeError:  # the Trio run ended under the thread
-                return
 
 
 def _checked(conn: psycopg.Connection[Any]) -> int:

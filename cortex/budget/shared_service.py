@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -51,6 +53,14 @@ from cortex.metrics import GatewayMetrics
 SYNC_INTERVAL_S = 10.0  # a full re-read of the directory, in case a change notice was lost
 UNKNOWN_KEY_RECHECK_S = 1.0  # a key the ledger did not have is looked up again no sooner than this
 UNKNOWN_KEYS_MAX = 4096  # remembered misses; past it the oldest are forgotten
+UNKNOWN_KEY_LOOKUP_TIMEOUT_S = 1.0  # a flood of distinct bad keys queues for one connection, and is refused
+
+
+def replica_life_id(name: str = "") -> str:
+    """This process life's id in a shared ledger: the configured name (else the host's), the pid and a
+    random part. Never reused: a heartbeat extends every open hold under its id, and a reaper skips it,
+    so two processes (workers of one config, or a restart) under one id would keep a dead one's holds."""
+    return f"{name or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class SharedBudgetService(BudgetService):
@@ -65,6 +75,10 @@ class SharedBudgetService(BudgetService):
         # Key hashes the ledger did not have, and when it was asked: a flood of bad keys costs one lookup per
         # key per second, not one per request.
         self._unknown: dict[bytes, float] = {}
+        self._lookups = trio.CapacityLimiter(1)  # unknown-key lookups take at most one ledger connection
+        # One re-read at a time, installed in the order read: a slow full re-read must not install a
+        # snapshot older than a re-read a change notice asked for after it began.
+        self._refresh_lock = trio.Lock()
 
     def open_holds(self) -> list[Hold]:
         return [hold for hold, _ in self._own.values()]
@@ -82,7 +96,6 @@ class SharedBudgetService(BudgetService):
 
     async def refresh(self, principals: set[tuple[str, str]] | None) -> None:
         """Re-read `principals` ((kind, id) pairs; None: everything) into the view."""
-        now = self.clock()
         if principals is not None:
             keys = sorted(pid for kind, pid in principals if kind == "key")
             accounts = sorted(pid for kind, pid in principals if kind == "account")
@@ -90,8 +103,9 @@ class SharedBudgetService(BudgetService):
                 return
         else:
             keys = accounts = None
-        read = await self.shared.read_directory(now, accounts, keys)
-        self._install(read, complete=principals is None)
+        async with self._refresh_lock:
+            read = await self.shared.read_directory(self.clock(), accounts, keys)
+            self._install(read, complete=principals is None)
 
     def _install(self, read: "Directory", complete: bool) -> None:
         ledger = self.ledger
@@ -157,10 +171,13 @@ class SharedBudgetService(BudgetService):
             asked = self._unknown.get(digest)
             if asked is not None and now - asked < UNKNOWN_KEY_RECHECK_S:
                 raise
-            try:
-                found = await self.shared.key_id_by_hash(digest)
-            except StoreError:
-                raise ApiError(401, "Incorrect or revoked API key.", code="invalid_api_key") from None
+            found = None
+            with trio.move_on_after(UNKNOWN_KEY_LOOKUP_TIMEOUT_S):
+                async with self._lookups:
+                    try:
+                        found = await self.shared.key_id_by_hash(digest)
+                    except StoreError:
+                        pass
             if found is None:
                 self._unknown.pop(digest, None)
                 self._unknown[digest] = now
