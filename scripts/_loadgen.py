@@ -373,6 +373,25 @@ def proc_cpu_s(pid: int) -> float:
     return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User+system CPU seconds of `pid` and its live children (a server's worker processes), from /proc.
+
+    A child that exits between two readings takes its CPU with it: use it on servers whose workers live
+    through the measurement (e.g. PostgreSQL's backends of long-lived connections)."""
+    total = proc_cpu_s(pid)
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def thread_cpu_s(native_id: int | None) -> float:
     """User+system CPU seconds of one thread of this process (Linux /proc; NaN elsewhere)."""
     if native_id is None:

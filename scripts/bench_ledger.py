@@ -43,13 +43,39 @@ time, to tell which side is the bottleneck.
    an alert rule watches every cap (evaluated on every settlement). Its
    figure is compared with the token-only ``group`` run of the same repeat.
 
+5. PostgreSQL (variant ``postgres``; skip with ``--no-pg``): the same
+   workload through the real shared-ledger service -- ``PgShared.open(url)``,
+   ``SharedBudgetService.load`` with its background tasks running
+   (heartbeat, reaper, change listener, hold expiry), then the same
+   ``service.reserve`` / ``service.settle`` loop -- with 1, 2 and 3 replicas
+   (``--pg-replicas``) on one key and one account. Each replica is a process
+   of its own (this script with ``--replica URL``: they share no GIL) running
+   ``concurrency`` tasks; the parent starts a durable PostgreSQL
+   (tests/postgres.py's PgServer; fsync, synchronous_commit and
+   full_page_writes on, as scripts/bench_pg_ledger.py), makes a fresh
+   database per point, waits until every replica has warmed up, gives them
+   one start time, and collects each one's figures as a JSON line. Reported:
+   pairs/s (all replicas), admit p50/p99, transactions and round trips per
+   admitted request (``PgAdmission.counters`` over the measured window),
+   pg_stat_database's ``xact_commit`` over the whole point as a cross-check,
+   the replicas' and the server's CPU, and the ratio to SQLite's ``group``
+   point of the same concurrency and repeat. After the repeats, the server's
+   durable commit rate on 1, 8 and 32 connections, no row shared: with
+   ``cortex_batch`` of one reserve and one settlement per transaction, and
+   with a one-row INSERT per transaction (the WAL-flush ceiling); against
+   them the per-request figures say how many replicas one primary takes.
+
 Targets: >= 10,000 durable reserve+settle pairs/s at concurrency 256; with
-every cap kind, within 20% of the token-only figure (ratio >= 0.80).
+every cap kind, within 20% of the token-only figure (ratio >= 0.80); on
+PostgreSQL, at most 0.2 database transactions per admitted request at
+concurrency 256, amortised.
 
 Usage
 -----
-    python scripts/bench_ledger.py                     # full run (~1.5 min)
+    python scripts/bench_ledger.py                     # full run (~5 min with PostgreSQL)
     python scripts/bench_ledger.py --quick             # 1 s per point, 1 repeat
+    python scripts/bench_ledger.py --no-pg             # SQLite only (~1.5 min)
+    python scripts/bench_ledger.py --modes full --no-baseline --pg-replicas 1,3   # PostgreSQL against SQLite full
     python scripts/bench_ledger.py --seconds 5 --concurrency 1,64,256 --modes full
     python scripts/bench_ledger.py --no-baseline       # group commit only
 
@@ -60,7 +86,12 @@ For a profile, run one point under py-spy, e.g.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import select
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -284,7 +315,7 @@ async def _pg_points(args, pg: "PgBench | None", pg_cells: dict, r: int, c: int,
         print(
             f"[{r + 1}/{args.repeats}] c={c:<4d} postgres R={n} {sum(x['pairs'] for x in s.results):7d} pairs "
             f"{s.pairs_s:9,.0f} pairs/s  admit p50 {s.admit_ms(0.5):7.3f} p99 {s.admit_ms(0.99):7.3f} ms  "
-            f"batch {s.mean_batch:6.1f}  tx/adm {s.tx_per_admitted:.3f}  trips/adm {s.trips_per_admitted:.3f}  "
+            f"batch {s.mean_batch:6.1f}  step {s.commit_ms:6.3f} ms  tx/adm {s.tx_per_admitted:.3f}  trips/adm {s.trips_per_admitted:.3f}  "
             f"server/client commits {s.server_per_client:.3f}  cpu writer {s.pct('writer_cpu_s'):3.0f}% "
             f"trio {s.pct('trio_cpu_s'):3.0f}% process {s.pct('process_cpu_s'):3.0f}% postgres {s.postgres_pct:3.0f}%",
             file=sys.stderr, flush=True,
@@ -449,6 +480,11 @@ class PgSample:
     def postgres_pct(self) -> float:
         return 100.0 * self.postgres_cpu_s / self.window_s if self.window_s else float("nan")
 
+    @property
+    def postgres_us_per_pair(self) -> float:
+        pairs = self.pairs_s * self.window_s
+        return 1e6 * self.postgres_cpu_s / pairs if pairs else float("nan")
+
 
 @dataclass
 class PgCell:
@@ -593,10 +629,13 @@ class PgBench:
             raise RuntimeError(f"replica {i}: expected {event!r}, got {line[:200]!r}{self._tail(i)}")
         return msg
 
-    def commit_rate(self, connections: int, seconds: float) -> float:
+    def commit_rate(self, connections: int, seconds: float, trivial: bool = False) -> float:
         """Durable commits/s the server takes from `connections` clients at once, none contending on a row:
         each connection loops over cortex_batch(settle its previous hold, reserve one new one) on a key and an
-        account of its own -- the real statement, one transaction each. From pg_stat_database."""
+        account of its own -- the real statement, one transaction each. From pg_stat_database.
+
+        `trivial`: a one-row INSERT per transaction instead, into a table of its own per connection: the
+        server's ceiling for durable commits (WAL flushes), whatever the statement costs."""
         from cortex.budget import pg_schema
         from cortex.budget.pg_ledger import Hold, PgLedger, Reserve, Resolve
 
@@ -604,6 +643,7 @@ class PgBench:
         with self._connect(url) as conn:
             pg_schema.migrate(conn)
             for i in range(connections):
+                conn.execute(f"CREATE TABLE bench_commit_{i} (n BIGINT)")
                 conn.execute("INSERT INTO accounts (id, created_at) VALUES (%s, 0)", (f"a{i}",))
                 conn.execute("INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at, balance_tokens)"
                              " VALUES (%s, %s, %s, %s, 'sk', 0, %s)", (f"k{i}", f"a{i}", f"k{i}", f"h{i}".encode(), 10**15))
@@ -618,7 +658,9 @@ class PgBench:
             try:
                 held: list[str] = []
                 barrier.wait()
-                while time.perf_counter() < stop[0]:
+                while trivial and time.perf_counter() < stop[0]:
+                    ledger.conn.execute(f"INSERT INTO bench_commit_{i} VALUES (1)")
+                while not trivial and time.perf_counter() < stop[0]:
                     _, placed = ledger.step([Resolve(h, "settled", ACTUAL_TOKENS) for h in held],
                                             [Reserve(f"h{i}-{ledger.counters.transactions}", f"k{i}", 160, 600.0)], None)
                     assert all(isinstance(p, Hold) for p in placed)
@@ -701,6 +743,79 @@ def format_checks(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def pg_ratio(cell: PgCell, cells: list[Cell], mode: str) -> float:
+    """Median over repeats of PostgreSQL pairs/s over SQLite's `group` point (same concurrency, same repeat)."""
+    base = next((c for c in cells if c.concurrency == cell.concurrency and c.synchronous == mode), None)
+    if base is None:
+        return float("nan")
+    vals = [p.pairs_s / s.pairs_s for p, s in zip(cell.samples, base.samples["group"]) if s.pairs_s]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def format_pg_table(pg_cells: list[PgCell], cells: list[Cell]) -> str:
+    rows = [
+        "| concurrency per replica | replicas | pairs/s, all replicas | pairs/s per replica | admit p50 ms "
+        "| admit p99 ms | mean batch | writer ms / batch | transactions / admitted | round trips / admitted "
+        "| server commits / admitted, whole point | server commits / client transactions | vs SQLite full "
+        "| vs SQLite normal | replica CPU: trio / writer / process | postgres CPU | postgres CPU µs / pair |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for cell in pg_cells:
+        m = cell.med
+        rows.append(
+            f"| {cell.concurrency} | {cell.replicas} | {lg.fmt(m(lambda s: s.pairs_s), ',.0f')} "
+            f"| {lg.fmt(m(lambda s: s.pairs_s / s.replicas), ',.0f')} "
+            f"| {lg.fmt(m(lambda s: s.admit_ms(0.5)), '.3f')} | {lg.fmt(m(lambda s: s.admit_ms(0.99)), '.3f')} "
+            f"| {lg.fmt(m(lambda s: s.mean_batch), '.1f')} | {lg.fmt(m(lambda s: s.commit_ms), '.2f')} "
+            f"| {lg.fmt(m(lambda s: s.tx_per_admitted), '.4f')} "
+            f"| {lg.fmt(m(lambda s: s.trips_per_admitted), '.4f')} | {lg.fmt(m(lambda s: s.server_commits_per_pair), '.4f')} "
+            f"| {lg.fmt(m(lambda s: s.server_per_client), '.3f')} "
+            f"| {lg.fmt(pg_ratio(cell, cells, 'full'), '.2f')} | {lg.fmt(pg_ratio(cell, cells, 'normal'), '.2f')} "
+            f"| {lg.fmt(m(lambda s: s.pct('trio_cpu_s')), '.0f')}% / {lg.fmt(m(lambda s: s.pct('writer_cpu_s')), '.0f')}% "
+            f"/ {lg.fmt(m(lambda s: s.pct('process_cpu_s')), '.0f')}% | {lg.fmt(m(lambda s: s.postgres_pct), '.0f')}% "
+            f"| {lg.fmt(m(lambda s: s.postgres_us_per_pair), '.0f')} |"
+        )
+    return "\n".join(rows)
+
+
+def format_pg_checks(pg_cells: list[PgCell], cells: list[Cell], commit_rates: dict[int, float],
+                     trivial_rates: dict[int, float] | None = None) -> str:
+    lines = ["Checks (PostgreSQL):"]
+    high = [c for c in pg_cells if c.concurrency == TARGET_C]
+    if not high:
+        lines.append(f"- n/a  <= {TARGET_TX_PER_ADMITTED} transactions per admitted request at c={TARGET_C}: not measured")
+    for cell in high:
+        v = cell.med(lambda s: s.tx_per_admitted)
+        tag = "PASS" if v <= TARGET_TX_PER_ADMITTED else "MISS"
+        lines.append(f"- {tag} <= {TARGET_TX_PER_ADMITTED} database transactions per admitted request at c={TARGET_C}, "
+                     f"{cell.replicas} replica(s): {v:.4f} (round trips {cell.med(lambda s: s.trips_per_admitted):.4f})")
+    for cell in high:
+        if cell.replicas == 1:
+            lines.append(f"- info PostgreSQL, 1 replica, / SQLite at c={TARGET_C} (the ledger path alone; the >= 0.70 "
+                         f"target is through the full proxy, scripts/bench_proxy.py): {pg_ratio(cell, cells, 'full'):.2f} "
+                         f"of synchronous=full, {pg_ratio(cell, cells, 'normal'):.2f} of synchronous=normal")
+    if commit_rates:
+        best_n, best = max(commit_rates.items(), key=lambda kv: kv[1])
+        rates = ", ".join(f"{n} connection(s) {v:,.0f}" for n, v in commit_rates.items())
+        lines.append(f"Primary commit rate (durable, cortex_batch of 1 reserve + 1 settle, no row shared): {rates} "
+                     f"commits/s; best {best:,.0f} ({best_n} connections)")
+        if trivial_rates:
+            rates = ", ".join(f"{n} connection(s) {v:,.0f}" for n, v in trivial_rates.items())
+            lines.append(f"Primary commit rate, one-row INSERT per transaction (the WAL-flush ceiling): {rates} commits/s")
+        for cell in [c for c in pg_cells if c.replicas == 1]:
+            per_adm = cell.med(lambda s: s.tx_per_admitted)
+            per_rep = cell.med(lambda s: s.pairs_s)
+            tx_s = per_adm * per_rep
+            lines.append(
+                f"Scaling by commits, c={cell.concurrency}: one replica admits {per_rep:,.0f}/s at {per_adm:.4f} tx each "
+                f"= {tx_s:,.0f} tx/s; {best:,.0f} commits/s / {per_adm:.4f} = {best / per_adm:,.0f} admitted requests/s "
+                f"in all, about {best / tx_s:,.1f} such replicas")
+            us = cell.med(lambda s: s.postgres_us_per_pair)
+            lines.append(f"Scaling by server CPU, c={cell.concurrency}: {us:,.0f} µs of postgres CPU per pair = "
+                         f"{1e6 / us:,.0f} pairs/s per server core")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Durable reserve+settle pairs/s through BudgetService + ThreadedStore (group commit vs none).",
@@ -715,7 +830,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3, --quick 1)")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="skip the one-transaction-per-op baseline")
+    ap.add_argument("--pg-replicas", default=",".join(map(str, PG_REPLICAS)),
+                    help="comma-separated replica counts on PostgreSQL (default: %(default)s)")
+    ap.add_argument("--no-pg", dest="pg", action="store_false", help="SQLite only: skip the PostgreSQL points")
+    ap.add_argument("--no-commit-rate", dest="commit_rate", action="store_false",
+                    help="skip measuring the PostgreSQL server's commit rate")
+    ap.add_argument("--replica", metavar="URL", help=argparse.SUPPRESS)  # a child: one replica on URL
+    ap.add_argument("--warm-seconds", type=float, default=0.3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.pg_replicas = lg.parse_concurrency(ap, args.pg_replicas)
     args.concurrency = lg.parse_concurrency(ap, args.concurrency)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in ("normal", "full", "extra")]
@@ -731,9 +854,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replica:
+        trio.run(replica_main, args.replica, args.concurrency[0], args.warm_seconds)
+        return 0
     import sqlite3
 
-    cells = trio.run(bench, args)
+    pg = PgBench() if args.pg else None
+    try:
+        cells, pg_cells = trio.run(bench, args, pg)
+        commit_rates: dict[int, float] = {}
+        trivial_rates: dict[int, float] = {}
+        if pg is not None and args.commit_rate:
+            for n in COMMIT_RATE_CONNECTIONS:
+                commit_rates[n] = pg.commit_rate(n, min(COMMIT_RATE_SECONDS, 2 * args.seconds))
+                trivial_rates[n] = pg.commit_rate(n, min(COMMIT_RATE_SECONDS, 2 * args.seconds), trivial=True)
+                print(f"postgres commit rate, {n} connection(s): {commit_rates[n]:,.0f} cortex_batch commits/s, "
+                      f"{trivial_rates[n]:,.0f} one-row INSERT commits/s", file=sys.stderr, flush=True)
+        pg_version = pg.version if pg is not None else ""
+    finally:
+        if pg is not None:
+            pg.close()
     print()
     print(f"Environment: {lg.versions(f'sqlite {sqlite3.sqlite_version}')}; git {lg.git_rev(str(REPO_ROOT))}; "
           f"temp dir {tempfile.gettempdir()}")
@@ -748,6 +888,27 @@ def main(argv: list[str] | None = None) -> int:
           "(same writer, schema, ops and synchronous mode); vs no-group = median of paired ratios.")
     print()
     print(format_checks(cells))
+    if pg_cells:
+        import psycopg
+
+        print()
+        print(f"PostgreSQL {pg_version} (fsync, synchronous_commit, full_page_writes on), psycopg {psycopg.__version__}: "
+              f"each replica a process of its own (PgShared + SharedBudgetService, background tasks running), "
+              f"`concurrency` tasks per replica, one key and one account shared by every replica")
+        print()
+        print(format_pg_table(pg_cells, cells))
+        print()
+        print("pairs/s: the replicas' sum. admit = SharedBudgetService.reserve incl. its durable commit (all replicas' "
+              "requests together). transactions and round trips per admitted request: the writers' own counts "
+              "(PgAdmission.counters) over the measured window, heartbeats included; writer ms / batch: the writer's "
+              "PgLedger.step (round trip, the server's work, the durable commit). server commits: pg_stat_database's "
+              "xact_commit over the whole point (warm-up, set-up and background included), per pair the replicas "
+              "settled in it, and against the replicas' own counts (the directory reads, the listener and the schema "
+              "check make the excess). vs SQLite: median of "
+              "per-repeat ratios against the group point of the same concurrency. CPU: % of wall time, mean over "
+              "replicas; postgres: every server process together.")
+        print()
+        print(format_pg_checks(pg_cells, cells, commit_rates, trivial_rates))
     return 0
 
 

@@ -21,7 +21,20 @@ What it does
    to OpenAI chat and the reply or stream translated back); it sends the
    equivalent Anthropic body (same prompt, same ``max_tokens``), the same key
    header and ``anthropic-version: 2023-06-01``.  "msgs" against "off" is the
-   cost of the translation.
+   cost of the translation.  A fifth path, "pg", is cortex with budgets on a
+   shared PostgreSQL ledger, one replica:
+
+       python -m cortex db migrate --ledger URL
+       python -m cortex keys create --ledger URL --name bench --balance ... --json
+       python -m cortex serve ... --neuron NEURON_URL --data-dir TMP/pg --ledger URL   # "pg"
+
+   on a PostgreSQL the script starts itself (tests/postgres.py's PgServer;
+   fsync, synchronous_commit and full_page_writes on, as
+   scripts/bench_pg_ledger.py), the password in a PGPASSFILE, never the URL.
+   It sends its own key (the same length).  "pg" against "on" is what the
+   shared ledger costs a request against SQLite's; the server's CPU per
+   request is reported beside cortex's.  By default "pg" runs where a
+   PostgreSQL server and psycopg are installed, and is skipped otherwise.
 
    The mock neuron has zero latency (no TTFT, no inter-token delay), so every
    millisecond measured is HTTP/JSON/event-loop/ledger work.  The daemons'
@@ -51,7 +64,9 @@ What it does
    * p99 through cortex at c=64 < 4x its p50 (budgets off and on);
    * budgets add <= 0.5 ms at p50 at concurrency 1 (non-stream; on vs off);
    * the Anthropic translation costs <= 10% of throughput against the OpenAI
-     path at concurrency 1 and 64 (msgs vs off, streamed and not).
+     path at concurrency 1 and 64 (msgs vs off, streamed and not);
+   * one replica on PostgreSQL keeps >= 70% of the SQLite ledger's
+     throughput (pg vs on), at every measured point.
 
 The load generator runs in this process; the daemons are separate processes.
 On a small machine they all share the CPUs: through cortex there is one more
@@ -61,11 +76,13 @@ next to nothing while the other one is measured.
 
 Usage
 -----
-    python scripts/bench_proxy.py                      # full run (~4 min)
+    python scripts/bench_proxy.py                      # full run (~6 min; 8 on a loaded machine)
     python scripts/bench_proxy.py --quick              # fewer requests, 1 repeat
     python scripts/bench_proxy.py --modes non-stream --concurrency 1,64
     python scripts/bench_proxy.py --paths direct,off   # skip the budget-on cortex
     python scripts/bench_proxy.py --paths off,msgs --concurrency 1,64   # the translation only
+    python scripts/bench_proxy.py --paths on,pg --concurrency 1,64      # PostgreSQL against SQLite only
+    python scripts/bench_proxy.py --paths on,pg --pg-synchronous-commit off   # what the server's fsync costs
     python scripts/bench_proxy.py --cortex-args "--config my.toml" --label my-config
     python scripts/bench_proxy.py --api-key KEY --cortex-args "--data-dir DIR"  # "on" uses DIR and KEY
     python scripts/bench_proxy.py --profile-cortex /tmp/cortex-prof.txt  # pyinstrument, "on" instance
@@ -102,9 +119,11 @@ import _loadgen as lg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("non-stream", "stream")
-# client -> neuron; -> cortex --no-auth -> neuron; the same cortex at /v1/messages; -> cortex with budgets -> neuron
-PATHS = ("direct", "off", "msgs", "on")
-CORTEX_OF = {"off": "off", "msgs": "off", "on": "on"}  # path -> the cortex instance that serves it
+# client -> neuron; -> cortex --no-auth -> neuron; the same cortex at /v1/messages; -> cortex with budgets -> neuron;
+# -> cortex with budgets on a PostgreSQL ledger (`serve --ledger URL`, one replica) -> neuron
+PATHS = ("direct", "off", "msgs", "on", "pg")
+CORTEX_OF = {"off": "off", "msgs": "off", "on": "on", "pg": "pg"}  # path -> the cortex instance that serves it
+PG_DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}  # as scripts/bench_pg_ledger.py
 DEFAULT_CONCURRENCY = (1, 16, 64)
 PATH = "/v1/chat/completions"
 MESSAGES_PATH = "/v1/messages"
@@ -120,6 +139,7 @@ BUDGET_P50_MAX_MS = 0.5  # on - off, non-stream, c=1
 TRANSLATION_RATIO_MIN = 0.90  # msgs/off throughput, both modes
 TRANSLATION_CONCURRENCY = (1, 64)
 TARGET_C_HIGH = 64
+PG_RATIO_MIN = 0.70  # pg/on throughput: one replica on PostgreSQL against the SQLite ledger
 
 
 def request_body(tokens: int, stream: bool) -> bytes:
@@ -245,6 +265,21 @@ def make_req(path: str, host: str, port: int, stream: bool, tokens: int, headers
 # --------------------------------------------------------------------------
 
 
+NAN = float("nan")
+COMMITS_METRIC = b"cortex_ledger_commit_batch_size_count"
+
+
+def ledger_commits(daemon: lg.Daemon) -> float:
+    """The ledger group commits a cortex has made (its /metrics: batches that carried reserves or resolutions)."""
+    import urllib.request
+
+    with urllib.request.urlopen(daemon.url.rstrip("/") + "/metrics", timeout=10) as reply:
+        for line in reply.read().splitlines():
+            if line.startswith(COMMITS_METRIC):
+                return float(line.rsplit(b" ", 1)[1])
+    return NAN
+
+
 @dataclass
 class Sample:
     """One measured point of one repeat on one path."""
@@ -252,6 +287,13 @@ class Sample:
     result: lg.Result
     neuron_cpu_s: float
     cortex_cpu_s: float  # NaN for direct
+    postgres_cpu_s: float = 0.0  # every PostgreSQL server process (the pg path's ledger); 0 elsewhere
+    ledger_commits: float = NAN  # the cortex's ledger group commits in the point (its /metrics), on and pg
+
+    @property
+    def commits_per_req(self) -> float:
+        n = self.result.completed
+        return self.ledger_commits / n if n else NAN
 
     def per_req_ms(self, cpu_s: float) -> float:
         n = self.result.completed
@@ -261,10 +303,7 @@ class Sample:
     def total_cpu_ms(self) -> float:
         """CPU per request of every process on the path: neuron, cortex (if any), load generator."""
         cortex = 0.0 if self.cortex_cpu_s != self.cortex_cpu_s else self.cortex_cpu_s
-        return self.per_req_ms(self.neuron_cpu_s + cortex + self.result.loadgen_cpu_s)
-
-
-NAN = float("nan")
+        return self.per_req_ms(self.neuron_cpu_s + cortex + self.postgres_cpu_s + self.result.loadgen_cpu_s)
 
 
 @dataclass
@@ -311,12 +350,18 @@ class Cell:
         return any(s.result.truncated for ss in self.samples.values() for s in ss)
 
 
-async def measure(req: lg.Req, c: int, args, neuron: lg.Daemon, cortex: lg.Daemon | None) -> Sample:
+async def measure(req: lg.Req, c: int, args, neuron: lg.Daemon, cortex: lg.Daemon | None,
+                  postgres_pid: int | None = None, budgeted: bool = False) -> Sample:
     probes = {"neuron": neuron.cpu_s}
     if cortex is not None:
         probes["cortex"] = cortex.cpu_s
+    if postgres_pid is not None:
+        probes["postgres"] = lambda: lg.tree_cpu_s(postgres_pid)
+    if budgeted and cortex is not None:
+        probes["commits"] = lambda: ledger_commits(cortex)
     res = await lg.run_point(req, c, args.requests, args.max_seconds, probes=probes)
-    return Sample(res, res.extra["neuron"], res.extra.get("cortex", NAN))
+    return Sample(res, res.extra["neuron"], res.extra.get("cortex", NAN), res.extra.get("postgres", 0.0),
+                  res.extra.get("commits", NAN))
 
 
 def rotation(paths: list[str], r: int) -> list[str]:
@@ -324,14 +369,14 @@ def rotation(paths: list[str], r: int) -> list[str]:
     return paths[k:] + paths[:k]
 
 
-async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon]) -> list[Cell]:
+async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon], postgres_pid: int | None = None) -> list[Cell]:
     targets = {"direct": neuron, **cortexes}
     reqs: dict[tuple[str, str], lg.Req] = {}
     for mode in args.modes:
         stream = mode == "stream"
         for path in args.paths:
             host, port = targets[path].host_port
-            reqs[(mode, path)] = make_req(path, host, port, stream, args.tokens, args.headers)
+            reqs[(mode, path)] = make_req(path, host, port, stream, args.tokens, args.headers_of[path])
 
     # Warm-up: every path, every mode (imports, caches, cortex's upstream pool, the ledger's pages).
     for (mode, path), req in reqs.items():
@@ -348,10 +393,15 @@ async def bench(args, neuron: lg.Daemon, cortexes: dict[str, lg.Daemon]) -> list
                 cell = cells[(mode, c)]
                 for path in order:
                     cortex = cortexes.get(path)
-                    sample = await measure(reqs[(mode, path)], c, args, neuron, cortex)
+                    sample = await measure(reqs[(mode, path)], c, args, neuron, cortex,
+                                           postgres_pid if path == "pg" else None, path in ("on", "pg"))
                     cell.samples[path].append(sample)
                     res = sample.result
                     extra = f", cortex {sample.per_req_ms(sample.cortex_cpu_s):.2f}" if cortex else ""
+                    if path == "pg":
+                        extra += f", postgres {sample.per_req_ms(sample.postgres_cpu_s):.2f}"
+                    if path in ("on", "pg"):
+                        extra += f"; ledger commits/req {sample.commits_per_req:.3f}"
                     lg.progress(
                         f"[{r + 1}/{args.repeats}] {mode:10s} c={c:<3d} {path:6s} "
                         f"{res.completed:5d} ok{'*' if res.truncated else ' '} {res.errors} err  "
@@ -412,6 +462,32 @@ def format_translation_table(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
+def format_pg_table(cells: list[Cell]) -> str:
+    rows = [
+        "| mode | concurrency | on req/s (SQLite) | pg req/s (PostgreSQL) | pg/on | on p50 ms | pg p50 ms "
+        "| added p50 ms (pg - on) | pg p99/p50 | cortex CPU ms/req on | cortex CPU ms/req pg | postgres CPU ms/req "
+        "| CPU-bound ratio (on/pg total CPU per req) | ledger commits / req, on | ledger transactions / req, pg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        if not cell.samples["pg"]:
+            continue
+        cpu = {p: cell.med(p, lambda s: s.per_req_ms(s.cortex_cpu_s)) for p in ("on", "pg")}
+        rows.append(
+            f"| {cell.mode} | {cell.concurrency} "
+            f"| {lg.fmt(cell.rps('on'), ',.0f')} | {lg.fmt(cell.rps('pg'), ',.0f')} "
+            f"| {lg.fmt(cell.ratio('pg', 'on'), '.2f')} "
+            f"| {lg.fmt(cell.p('on', 0.5), '.2f')} | {lg.fmt(cell.p('pg', 0.5), '.2f')} "
+            f"| {lg.fmt(cell.added_p50('pg', 'on'), '+.2f')} | {lg.fmt(cell.tail_ratio('pg'), '.1f')} "
+            f"| {lg.fmt(cpu['on'], '.2f')} | {lg.fmt(cpu['pg'], '.2f')} "
+            f"| {lg.fmt(cell.med('pg', lambda s: s.per_req_ms(s.postgres_cpu_s)), '.2f')} "
+            f"| {lg.fmt(cell.cpu_ratio('pg', 'on'), '.2f')} "
+            f"| {lg.fmt(cell.med('on', lambda s: s.commits_per_req), '.3f')} "
+            f"| {lg.fmt(cell.med('pg', lambda s: s.commits_per_req), '.3f')} |"
+        )
+    return "\n".join(rows)
+
+
 def format_p99(cells: list[Cell]) -> str:
     lines = ["p99 ms (medians) and p99/p50:"]
     for cell in cells:
@@ -435,6 +511,8 @@ def format_cpu_notes(cells: list[Cell]) -> str:
             if path != "direct":
                 cortex_ms = cell.med(path, lambda s: s.per_req_ms(s.cortex_cpu_s))
                 text += f", cortex {lg.fmt(cortex_ms, '.2f')}"
+            if path == "pg":
+                text += f", postgres {lg.fmt(cell.med(path, lambda s: s.per_req_ms(s.postgres_cpu_s)), '.2f')}"
             text += f", loadgen {lg.fmt(cell.med(path, lambda s: s.result.loadgen_cpu_pct), '.0f')}%"
             parts.append(text)
         lines.append(f"- {cell.mode} c={cell.concurrency}: " + " | ".join(parts))
@@ -513,6 +591,14 @@ def format_checks(cells: list[Cell]) -> tuple[str, bool]:
         ok = all(r >= TRANSLATION_RATIO_MIN for r in ratios.values())
         line(None if missing and ok else ok,
              f"{target} ({mode}): {detail}" + (f"; {', '.join(missing)} not measured" if missing else ""))
+    for mode in MODES:
+        points = [c for c in cells if c.mode == mode and have(c, "on", "pg")]
+        for cell in points:
+            r = cell.ratio("pg", "on")
+            line(r >= PG_RATIO_MIN,
+                 f"one PostgreSQL replica keeps >= {PG_RATIO_MIN:.0%} of the SQLite ledger's throughput through the "
+                 f"proxy ({mode}, c={cell.concurrency}): pg/on {r:.2f} ({cell.rps('pg'):,.0f} vs {cell.rps('on'):,.0f} "
+                 f"req/s, added p50 {cell.added_p50('pg', 'on'):+.2f} ms, CPU-bound ratio {cell.cpu_ratio('pg', 'on'):.2f})")
     return "\n".join(lines), all_ok
 
 
@@ -532,8 +618,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated concurrency levels (default: %(default)s)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated subset of: {', '.join(MODES)} (default: %(default)s)")
-    ap.add_argument("--paths", default=",".join(PATHS),
-                    help=f"comma-separated subset of: {', '.join(PATHS)} (default: %(default)s)")
+    ap.add_argument("--paths", default=None,
+                    help=f"comma-separated subset of: {', '.join(PATHS)} (default: all; pg only where a PostgreSQL "
+                         "server and psycopg are installed)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3, --quick 1)")
     ap.add_argument("--requests", type=int, default=None, help="requests per point (default 3000, --quick 500)")
     ap.add_argument("--max-seconds", type=float, default=None, help="time cap per point (default 2, --quick 1)")
@@ -553,12 +640,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="run the budget-on cortex (else the budget-off one, which serves msgs) under "
                          "pyinstrument, text report to OUT (adds profiler overhead)")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep the daemons' stderr logs in DIR")
+    ap.add_argument("--pg-synchronous-commit", choices=("on", "off"), default="on",
+                    help="the pg path's server: on (default) waits for the WAL on disk at every commit; off (a "
+                         "diagnostic: what the fsync costs) may lose the last commits if the SERVER crashes")
     args = ap.parse_args(argv)
 
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         ap.error(f"unknown mode(s): {', '.join(unknown) or '(none)'}")
+    if args.paths is None:
+        why = pg_unavailable()
+        if why:
+            lg.progress(f"the pg path is skipped: {why}")
+        args.paths = ",".join(p for p in PATHS if p != "pg" or not why)
     paths = {p.strip() for p in args.paths.split(",") if p.strip()}
     unknown = sorted(paths - set(PATHS))
     if unknown or not paths:
@@ -576,6 +671,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def pg_server_version(server) -> str:
+    with server.admin() as conn:  # the Unix socket, trusted: this process has no password file in its environment
+        return conn.execute("SHOW server_version").fetchone()[0]
+
+
 def split_data_dir(extra: list[str]) -> tuple[list[str], str | None]:
     """Take `--data-dir X` / `--data-dir=X` out of cortex's extra args."""
     rest: list[str] = []
@@ -591,15 +691,52 @@ def split_data_dir(extra: list[str]) -> tuple[list[str], str | None]:
     return rest, data_dir
 
 
-def create_key(data_dir: str, env: dict[str, str]) -> str:
+def cortex_cli(env: dict[str, str], *argv: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "cortex", "keys", "create", "--name", "bench", "--balance", str(KEY_BALANCE),
-         "--json", "--data-dir", data_dir],
-        capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=60,
+        [sys.executable, "-m", "cortex", *argv], capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=60,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"cortex keys create failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout)["key"]
+        raise RuntimeError(f"cortex {' '.join(argv[:2])} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return out.stdout
+
+
+def create_key(env: dict[str, str], *where: str) -> str:
+    """A key with a huge balance in a data dir (`--data-dir DIR`) or on a shared ledger (`--ledger URL`)."""
+    out = cortex_cli(env, "keys", "create", "--name", "bench", "--balance", str(KEY_BALANCE), "--json", *where)
+    return json.loads(out)["key"]
+
+
+def pg_unavailable() -> str:
+    """Why the pg path cannot run here ("" if it can)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed"
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests import postgres as pgfix
+
+    bindir, why = pgfix.find_bindir(os.environ)
+    return "" if bindir is not None else why
+
+
+def start_postgres(env: dict[str, str], synchronous_commit: str = "on") -> tuple[object, str]:
+    """A durable PostgreSQL of its own (tests/postgres.py's PgServer) and a migrated ledger on it: (server, URL).
+
+    The password reaches cortex through PGPASSFILE (added to `env`), never the URL, as an operator's would."""
+    why = pg_unavailable()
+    if why:
+        raise SystemExit(f"the pg path needs PostgreSQL: {why} (or leave pg out of --paths)")
+    from tests import postgres as pgfix
+
+    bindir, _ = pgfix.find_bindir(os.environ)
+    pgfix.SERVER_SETTINGS = {**pgfix.SERVER_SETTINGS, **PG_DURABLE, "synchronous_commit": synchronous_commit}
+    server = pgfix.PgServer.start(bindir, os.environ)
+    env.update(server.env)
+    env.pop("PGPASSWORD", None)
+    url = server.url(server.create_database())
+    cortex_cli(env, "db", "migrate", "--ledger", url)
+    return server, url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,23 +752,38 @@ def main(argv: list[str] | None = None) -> int:
     extra, on_data_dir = split_data_dir(shlex.split(args.cortex_args))
     on_data_dir = on_data_dir or os.path.join(tmpdir, "cortex-on")
     data_dirs = {"off": os.path.join(tmpdir, "cortex-off"), "on": on_data_dir}
+    data_dirs["pg"] = os.path.join(tmpdir, "cortex-pg")  # the admin socket and fleet state; the ledger is PostgreSQL
     api_key = args.api_key
     if "on" in args.paths and not api_key:
-        api_key = create_key(on_data_dir, env)
-    args.headers = tuple(args.extra_headers + ([("authorization", f"Bearer {api_key}")] if api_key else []))
-    instances = [i for i in ("off", "on") if any(CORTEX_OF.get(p) == i for p in args.paths)]
+        api_key = create_key(env, "--data-dir", on_data_dir)
+    bearer = lambda key: [("authorization", f"Bearer {key}")] if key else []  # noqa: E731
+    args.headers = tuple(args.extra_headers + bearer(api_key))
+    instances = [i for i in ("off", "on", "pg") if any(CORTEX_OF.get(p) == i for p in args.paths)]
     profiled = "on" if "on" in instances else "off"
 
     daemons: list[lg.Daemon] = []
     cortexes: dict[str, lg.Daemon] = {}  # measured path -> the cortex instance serving it
+    pg_server = None
+    pg_url = ""
     try:
+        if "pg" in instances:
+            pg_server, pg_url = start_postgres(env, args.pg_synchronous_commit)
+            pg_key = create_key(env, "--ledger", pg_url)
+            # Its own key (the same length, so the same bytes on the wire); every other path sends the "on" one.
+            args.headers_of = {p: args.headers for p in args.paths}
+            args.headers_of["pg"] = tuple(args.extra_headers + bearer(pg_key))
+            if not api_key:
+                args.headers_of = {p: args.headers_of["pg"] for p in args.paths}
+        else:
+            args.headers_of = {p: args.headers for p in args.paths}
         neuron = lg.Daemon("neuron", neuron_cmd, os.path.join(logdir, "neuron.log"), env=env, cwd=str(REPO_ROOT))
         daemons.append(neuron)
         neuron.wait_listening()
         started: dict[str, lg.Daemon] = {}
         for path in instances:
             cmd = ["-m", "cortex", "serve", "--listen", "127.0.0.1:0", "--neuron", neuron.url, *extra,
-                   "--data-dir", data_dirs[path], *(["--no-auth"] if path == "off" else [])]
+                   "--data-dir", data_dirs[path], *(["--no-auth"] if path == "off" else []),
+                   *(["--ledger", pg_url] if path == "pg" else [])]
             if args.profile_cortex and path == profiled:
                 cmd = ["-m", "pyinstrument", "-o", args.profile_cortex, *cmd]
             d = lg.Daemon(f"cortex-{path}", [py, *cmd], os.path.join(logdir, f"cortex-{path}.log"), env=env,
@@ -642,10 +794,17 @@ def main(argv: list[str] | None = None) -> int:
         cortexes = {p: started[CORTEX_OF[p]] for p in args.paths if p in CORTEX_OF}
         lg.progress(f"neuron {neuron.url} (pid {neuron.proc.pid}); "
                     + "; ".join(f"cortex-{p} {d.url} (pid {d.proc.pid})" for p, d in started.items()))
-        cells = trio.run(bench, args, neuron, cortexes)
+        postgres_pid = pg_server.process.pid if pg_server is not None else None
+        if postgres_pid is not None:
+            lg.progress(f"postgres {pg_server.url()} (pid {postgres_pid}; fsync on, synchronous_commit "
+                        f"{args.pg_synchronous_commit})")
+        cells = trio.run(bench, args, neuron, cortexes, postgres_pid)
+        pg_version = pg_server_version(pg_server) if pg_server is not None else ""
     finally:
         for d in reversed(daemons):
             d.stop()
+        if pg_server is not None:
+            pg_server.stop()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     print()
@@ -659,9 +818,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("direct = client -> neuron; off = via cortex --no-auth; on = via cortex with budgets "
           "(auth + durable reserve/settle per request); msgs = the off cortex at /v1/messages "
-          "(Anthropic in and out, translated to and from OpenAI chat).")
+          "(Anthropic in and out, translated to and from OpenAI chat); pg = via cortex with budgets on a "
+          "PostgreSQL ledger (`serve --ledger URL`, one replica, its own key).")
     print()
     print(format_table(cells))
+    if any(c.samples["pg"] for c in cells):
+        print()
+        print(f"Budgets on a PostgreSQL ledger (pg: `cortex serve --ledger URL`, one replica; PostgreSQL {pg_version}, "
+              f"fsync on, synchronous_commit {args.pg_synchronous_commit}) against the SQLite ledger (on, synchronous = "
+              "the config's, default normal), same key balance, same requests:")
+        print()
+        print(format_pg_table(cells))
+        print()
+        print("postgres CPU: every PostgreSQL server process, per request. CPU-bound ratio: on's CPU per request "
+              "(neuron + cortex + load generator) over pg's (the same plus postgres). Ledger commits / req: the "
+              "cortex's own group commits (cortex_ledger_commit_batch_size_count in its /metrics) per request "
+              "completed in the point; on PostgreSQL each is one transaction and one round trip (heartbeats, "
+              "a few, are not counted).")
     if any(c.samples["msgs"] for c in cells):
         print()
         print("Anthropic Messages (msgs) against the OpenAI path (off), same cortex instance:")
