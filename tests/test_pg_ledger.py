@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import threading
 from dataclasses import dataclass, field
@@ -12,10 +13,11 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from cortex import db_cli
 from cortex.budget import pg_schema
 from cortex.budget.ledger import Caps, Hold, Ledger, Refusal
 from cortex.budget.periods import PeriodSpec, period_bounds
-from cortex.budget.pg_ledger import PgLedger, Reserve, Resolve
+from cortex.budget.pg_ledger import Extend, PgLedger, Reserve, Resolve
 
 NOW = 1_796_126_400.0  # 2026-12-01T12:00:00Z
 LEASE_S = 30.0
@@ -68,6 +70,14 @@ def replica(url: str, name: str) -> PgLedger:
 
 def reserve(ledger: PgLedger, hold_id: str, key: str, tokens: int, now: float = NOW, usd: int = 0) -> Hold | Refusal:
     return ledger.reserve_batch([Reserve(hold_id, key, tokens, TTL_S, usd)], now)[0]
+
+
+def extend(ledger: PgLedger, hold_id: str, tokens: int, now: float = NOW, usd: int = 0) -> Hold | Refusal | None:
+    return ledger.extend_batch([Extend(hold_id, tokens, usd)], now)[0]
+
+
+def hold_amounts(conn: psycopg.Connection[Any], hold_id: str) -> tuple[str, int, int]:
+    return conn.execute("SELECT state, amount_tokens, amount_usd FROM holds WHERE id = %s", (hold_id,)).fetchone()
 
 
 # --- each cap kind, at its edge, and as the pure ledger judges it ---------------------------------
@@ -190,6 +200,183 @@ def test_an_unknown_or_revoked_key_or_a_reused_hold_id_is_refused(conn, url):
                                 Reserve("h3", "k", 1, TTL_S), Reserve("h3", "k", 1, TTL_S)], NOW)
     assert [getattr(g, "reason", "placed") for g in got] == ["unknown", "revoked", "placed", "duplicate"]
     assert principal(conn, "key", "k")["held_tokens"] == 1
+
+
+# --- extensions: incremental output holds -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["key", "account"])
+@pytest.mark.parametrize("name", sorted(CAP_CASES))
+def test_an_extension_grows_the_hold_up_to_each_cap_kinds_edge_and_is_refused_past_it_as_the_pure_ledger_extends(
+    conn, url, name, where
+):
+    caps, reason, unit = CAP_CASES[name]
+    put(conn, "account", "a", caps if where == "account" else Caps())
+    put(conn, "key", "k", caps if where == "key" else Caps(), account="a")
+    pure = Ledger()
+    pure.add_account("a", caps if where == "account" else Caps())
+    pure.add_key("k", "a", caps if where == "key" else Caps())
+    ledger = replica(url, "r1")
+    usd = unit == "usd"
+
+    def split(amount: int) -> tuple[int, int]:  # (tokens, usd)
+        return (0, amount) if usd else (amount, 0)
+
+    def both(hold_id: str, amount: int, now: float) -> tuple[Hold | Refusal | None, Hold | Refusal]:
+        t, u = split(amount)
+        return extend(ledger, hold_id, t, now, usd=u), pure.extend(hold_id, t, now, amount_usd=u)
+
+    tokens, micro_usd = split(60)
+    assert isinstance(reserve(ledger, "h1", "k", tokens, usd=micro_usd), Hold)
+    pure.reserve("h1", "k", tokens, NOW, TTL_S, amount_usd=micro_usd)
+    got, want = both("h1", 40, NOW)  # 60 + 40 is the cap exactly
+    assert isinstance(got, Hold) and isinstance(want, Hold)
+    assert (got.amount_tokens, got.amount_usd, got.key_id, got.account_id) == (
+        want.amount_tokens, want.amount_usd, want.key_id, want.account_id)
+    got, want = both("h1", 1, NOW)  # one more is past it
+    assert isinstance(got, Refusal) and isinstance(want, Refusal)
+    assert (got.reason, got.principal_kind, got.principal_id, got.unit) == (reason, where, "k" if where == "key" else "a", unit)
+    assert (got.message, got.never_fits, got.retry_after_s) == (want.message, want.never_fits, want.retry_after_s)
+    assert hold_amounts(conn, "h1") == ("open", *split(100))  # the refused slice took nothing
+    for kind, pid in (("key", "k"), ("account", "a")):
+        row = principal(conn, kind, pid)
+        assert (row["held_tokens"], row["held_usd"], row["in_flight"]) == (*split(100), 1)
+    # With usage in the way too: settle h1 at half, then grow a new hold into the room that is left.
+    assert ledger.resolve_batch([Resolve("h1", "settled", *split(50))], NOW + 1) == [True]
+    pure.settle("h1", split(50)[0], NOW + 1, split(50)[1])
+    assert isinstance(reserve(ledger, "h2", "k", 0, NOW + 1), Hold)
+    pure.reserve("h2", "k", 0, NOW + 1, TTL_S)
+    got, want = both("h2", 50, NOW + 2)
+    assert isinstance(got, Hold) and isinstance(want, Hold) and got.amount_tokens + got.amount_usd == 50
+    got, want = both("h2", 1, NOW + 2)
+    assert isinstance(got, Refusal) and isinstance(want, Refusal)
+    assert (got.reason, got.unit, got.message, got.never_fits) == (want.reason, want.unit, want.message, want.never_fits)
+    # Retry-After as a reserve's: the window's is the bucket's end leaving it, at most one bucket (60/64 s) later.
+    assert (got.retry_after_s is None) == (want.retry_after_s is None)
+    if want.retry_after_s is not None:
+        assert want.retry_after_s <= got.retry_after_s <= want.retry_after_s + 60.0 / pg_schema.WINDOW_BUCKETS
+
+
+@pytest.mark.parametrize("where", ["key", "account"])
+def test_an_extension_is_not_judged_against_concurrency_even_a_cap_lowered_below_in_flight(conn, url, where):
+    caps = Caps(max_concurrency=1)
+    put(conn, "account", "a", caps if where == "account" else Caps())
+    put(conn, "key", "k", caps if where == "key" else Caps(), account="a")
+    ledger = replica(url, "r1")
+    assert isinstance(reserve(ledger, "h1", "k", 10), Hold)
+    assert getattr(reserve(ledger, "h2", "k", 10), "reason", None) == "concurrency"
+    grown = extend(ledger, "h1", 10)
+    assert isinstance(grown, Hold) and grown.amount_tokens == 20
+    conn.execute(f"UPDATE {'keys' if where == 'key' else 'accounts'} SET max_concurrency = 0")  # the admin lowers it
+    grown = extend(ledger, "h1", 5)  # in_flight 1 > 0 does not abort the batch: an extension adds no request
+    assert isinstance(grown, Hold) and grown.amount_tokens == 25
+    assert getattr(reserve(ledger, "h3", "k", 1), "reason", None) == "concurrency"
+    row = principal(conn, where, "k" if where == "key" else "a")
+    assert (row["held_tokens"], row["in_flight"]) == (25, 1)
+
+
+def test_an_extension_of_a_hold_that_is_not_open_is_none_and_changes_nothing(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=1000))
+    put(conn, "key", "k", account="a")
+    ledger, other = replica(url, "r1"), replica(url, "r2")
+    ledger.reserve_batch([Reserve(f"h{i}", "k", 100, TTL_S) for i in range(1, 5)], NOW)
+    assert ledger.resolve_batch([Resolve("h1", "settled", 40), Resolve("h2", "released")], NOW) == [True, True]
+    assert other.reap(NOW + LEASE_S + 1) == ["h3", "h4"]
+    # Settled, released, reaped, unknown; and one resolved in the same step (resolutions go first).
+    ledger.reserve_batch([Reserve("h5", "k", 100, TTL_S)], NOW + LEASE_S + 2)
+    resolved, placed, extended = ledger.step(
+        [Resolve("h5", "settled", 30)], [], NOW + LEASE_S + 2,
+        [Extend(h, 10, 10) for h in ("h1", "h2", "h3", "nope", "h5")],
+    )
+    assert resolved == [True] and placed == [] and extended == [None] * 5
+    assert [hold_amounts(conn, h) for h in ("h1", "h2", "h3", "h5")] == [
+        ("settled", 100, 0), ("released", 100, 0), ("orphaned", 100, 0), ("settled", 100, 0)]
+    row = principal(conn, "account", "a")
+    assert (row["spent_tokens"], row["held_tokens"], row["held_usd"], row["in_flight"]) == (270, 0, 0, 0)
+    assert conn.execute("SELECT charged_tokens FROM holds WHERE id = 'h5'").fetchone() == (30,)
+
+
+def test_extensions_in_a_step_are_judged_in_order_each_seeing_the_last_and_all_ahead_of_the_reserves(conn, url):
+    put(conn, "account", "a", Caps(balance_tokens=100))
+    put(conn, "key", "k", account="a")
+    ledger = replica(url, "r1")
+    assert isinstance(reserve(ledger, "h1", "k", 50), Hold)
+    _, placed, extended = ledger.step(
+        [], [Reserve("h2", "k", 20, TTL_S)], NOW, [Extend("h1", 30), Extend("h1", 30), Extend("h1", 20)])
+    assert [type(e) for e in extended] == [Hold, Refusal, Hold]
+    assert [extended[0].amount_tokens, extended[2].amount_tokens] == [80, 100]  # each Hold as it was after it
+    assert extended[1].reason == "balance" and placed[0].reason == "balance"  # the started response went first
+    assert hold_amounts(conn, "h1") == ("open", 100, 0)
+    row = principal(conn, "account", "a")
+    assert (row["held_tokens"], row["in_flight"]) == (100, 1)
+    counters = ledger.counters
+    assert (counters.extensions, counters.extended, counters.round_trips) == (3, 2, 2)
+
+
+def test_a_grown_hold_keeps_its_identity_and_settles_at_most_its_grown_amount(conn, url):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    ledger = replica(url, "r1")
+    placed = ledger.reserve_batch([Reserve("h1", "k", 10, TTL_S, 4, request_id="req-1")], NOW)[0]
+    grown = extend(ledger, "h1", 20, NOW + 5, usd=8)
+    assert isinstance(placed, Hold) and isinstance(grown, Hold)
+    assert (grown.id, grown.key_id, grown.account_id, grown.created_at, grown.expires_at, grown.request_id) == (
+        "h1", "k", "a", placed.created_at, placed.expires_at, "req-1")
+    assert (grown.amount_tokens, grown.amount_usd) == (30, 12)
+    assert ledger.resolve_batch([Resolve("h1", "settled", 1000, 1000)], NOW + 6) == [True]
+    assert conn.execute("SELECT charged_tokens, charged_usd, actual_tokens FROM holds").fetchone() == (30, 12, 1000)
+    row = principal(conn, "key", "k")
+    assert (row["spent_tokens"], row["spent_usd"], row["held_tokens"], row["held_usd"]) == (30, 12, 0, 0)
+
+
+# Step 2's statement, as the cortex before incremental holds sends it: fifteen arguments, six columns.
+V2_BATCH_SQL = (
+    "SELECT o_part, o_idx, o_ok, o_detail, o_account, o_now FROM cortex_batch("
+    "%b::text[], %b::text[], %b::bigint[], %b::bigint[], "
+    "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::float8[], %b::text[], %b::text[], %b::text[], "
+    "%s::float8, %s::text, %s::float8)"
+)
+
+
+def v2_step(conn: psycopg.Connection[Any], resolutions: list[Resolve], reserves: list[Reserve], now: float) -> list[bool]:
+    """A replica of the previous cortex: its batch on its own connection, each item's ok in input order."""
+    params = PgLedger(conn, "old", LEASE_S).batch_params(resolutions, reserves, now)[:15]
+    return [bool(r[2]) for r in sorted(conn.execute(V2_BATCH_SQL, params).fetchall(), key=lambda r: (r[0] != "resolve", r[1]))]
+
+
+def test_cortex_db_migrate_takes_a_v2_ledger_with_data_to_v3_and_a_v2_replica_keeps_working(pg_url, capsys):
+    with pg_schema.connect(pg_url) as conn, pg_schema.connect(pg_url) as old:
+        pg_schema.migrate(conn, pg_schema.MIGRATIONS[:2])
+        put(conn, "account", "a", Caps(balance_tokens=1000, window_tokens=500, window_s=60.0))
+        put(conn, "key", "k", Caps(max_concurrency=8, period=SPEC, period_tokens=900), account="a")
+        for i in range(6):  # the same statement six times: psycopg has prepared it on the old connection
+            assert v2_step(old, [], [Reserve(f"h{i}", "k", 50, TTL_S)], NOW) == [True]
+        assert v2_step(old, [Resolve("h0", "settled", 40), Resolve("h1", "released")], [], NOW + 1) == [True, True]
+
+        parser = argparse.ArgumentParser(prog="cortex")
+        db_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+        assert db_cli.run(parser.parse_args(["db", "migrate", "--ledger", pg_url])) == 0
+        assert "schema 2 -> 3" in capsys.readouterr().out
+        assert pg_schema.check(conn) == pg_schema.SCHEMA_VERSION == 3
+        assert principal(conn, "key", "k")["output_holds"] is None  # the policy is inherited until someone sets it
+
+        # A hold placed under v2 grows under v3, against the usage and holds v2 recorded: the account's window
+        # leaves 500 - 40 used - 200 held (h2..h5) = 260.
+        ledger = replica(pg_url, "new")
+        grown = extend(ledger, "h2", 260, NOW + 2)
+        assert isinstance(grown, Hold) and (grown.amount_tokens, grown.account_id) == (310, "a")
+        refusal = extend(ledger, "h2", 1, NOW + 2)
+        assert isinstance(refusal, Refusal) and refusal.reason == "window" and "40 tokens used, 460 tokens held" in refusal.message
+        # The previous cortex's prepared statement now runs step 3's function (the extensions default to none),
+        # and settles the grown hold at most its grown amount.
+        # (h6 does not fit behind it: 40 + 310 used and 150 held leave no room in the window.)
+        assert v2_step(old, [Resolve("h2", "settled", 1000)], [Reserve("h6", "k", 1, TTL_S)], NOW + 3) == [True, False]
+        assert conn.execute("SELECT charged_tokens FROM holds WHERE id = 'h2'").fetchone() == (310,)
+        # cortex_reap calls the function with step 2's arguments too.
+        assert ledger.reap(NOW + LEASE_S + 10) == ["h3", "h4", "h5"]
+        assert conn.execute(invariant_sql, {"now": NOW + LEASE_S + 10}).fetchall() == []
+        row = principal(conn, "account", "a")
+        assert (row["spent_tokens"], row["held_tokens"], row["in_flight"]) == (40 + 310 + 150, 0, 0)
 
 
 # --- crashes: leases, reaping, heartbeats ---------------------------------------------------------
@@ -378,7 +565,8 @@ WHERE NOT (
 reserve_op = st.tuples(st.just("reserve"), st.sampled_from(sorted(KEY_CAPS)), st.integers(0, 300), st.integers(0, 600))
 settle_op = st.tuples(st.just("settle"), st.integers(0, 10**6), st.integers(0, 400), st.integers(0, 800))
 release_op = st.tuples(st.just("release"), st.integers(0, 10**6))
-replica_ops = st.lists(st.one_of(reserve_op, reserve_op, settle_op, release_op), max_size=5)
+extend_op = st.tuples(st.just("extend"), st.integers(0, 10**6), st.integers(0, 200), st.integers(0, 500))
+replica_ops = st.lists(st.one_of(reserve_op, reserve_op, settle_op, release_op, extend_op, extend_op), max_size=6)
 round_ = st.tuples(
     st.lists(replica_ops, min_size=REPLICAS, max_size=REPLICAS),  # each replica's batch, run at the same time
     st.sampled_from([0.0, 0.5, 3.0, 11.0]),  # the clock's advance after the round
@@ -418,21 +606,34 @@ def reset(world: World) -> None:
 
 
 def run_batch(world: World, i: int, ops: list[tuple[Any, ...]], now: float, serial: int) -> list[str]:
-    resolutions, reserves = [], []
+    resolutions, reserves, extensions = [], [], []
     for n, op in enumerate(ops):
         if op[0] == "reserve":
             reserves.append(Reserve(f"h{serial}-{i}-{n}", op[1], op[2], TTL_S, op[3]))
         elif world.placed:
             hold_id = world.placed[op[1] % len(world.placed)]
-            state = "settled" if op[0] == "settle" else "released"
-            resolutions.append(Resolve(hold_id, state, *(op[2:4] if op[0] == "settle" else (0, 0))))
-    ok, placed = world.ledgers[i].step(resolutions, reserves, now)
-    return [r.hold_id for r, done in zip(resolutions, ok) if done] + ["+" + p.id for p in placed if isinstance(p, Hold)]
+            if op[0] == "extend":  # mostly a hold open when the round began; sometimes any, resolved or not
+                unresolved = [h for h in world.placed if h not in world.resolved]
+                if unresolved and op[1] % 4:
+                    hold_id = unresolved[op[1] % len(unresolved)]
+                extensions.append(Extend(hold_id, op[2], op[3]))
+            else:
+                state = "settled" if op[0] == "settle" else "released"
+                resolutions.append(Resolve(hold_id, state, *(op[2:4] if op[0] == "settle" else (0, 0))))
+    ok, placed, extended = world.ledgers[i].step(resolutions, reserves, now, extensions)
+    for e, grown in zip(extensions, extended):  # a Hold is the same hold, grown by at least this slice
+        assert grown is None or isinstance(grown, Refusal) or (
+            grown.id == e.hold_id and grown.amount_tokens >= e.amount_tokens and grown.amount_usd >= e.amount_usd)
+    # "?id": an extension that found its hold not open, which the round's end checks (a hold never reopens).
+    return ([r.hold_id for r, done in zip(resolutions, ok) if done] + ["+" + p.id for p in placed if isinstance(p, Hold)]
+            + ["?" + e.hold_id for e, grown in zip(extensions, extended) if grown is None])
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rounds=st.lists(round_, min_size=1, max_size=8))
-def test_random_interleavings_from_three_replicas_never_pass_a_cap_and_resolve_each_hold_at_most_once(world, rounds):
+def test_random_interleavings_from_three_replicas_extending_too_never_pass_a_cap_and_resolve_each_hold_at_most_once(
+    world, rounds
+):
     reset(world)
     start, end = period_bounds(ACCOUNT_CAPS.period, NOW)
     now = end - 20.0  # the rounds cross a period boundary
@@ -454,12 +655,18 @@ def test_random_interleavings_from_three_replicas_never_pass_a_cap_and_resolve_e
         for t in threads:
             t.join(30)
         assert not errors, errors
+        not_open: set[str] = set()
         for out in outcomes:
             for item in out:
                 if item.startswith("+"):
                     world.placed.append(item[1:])
+                elif item.startswith("?"):
+                    not_open.add(item[1:])
                 else:
                     world.resolved[item] = world.resolved.get(item, 0) + 1
+        if not_open:
+            still = world.check.execute("SELECT id FROM holds WHERE state = 'open' AND id = ANY(%s)", (list(not_open),))
+            assert still.fetchall() == []
         now += advance_s
         for i in sorted(beaters):
             world.ledgers[i].heartbeat(now)

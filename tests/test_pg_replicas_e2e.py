@@ -246,3 +246,31 @@ def test_moving_a_sqlite_ledger_to_postgresql_keeps_keys_spend_and_caps(stack: S
     assert statuses == [200, 200, 429]
     metrics = httpx.get(a.url + "/metrics", timeout=10).text  # /metrics works the same on either store
     assert "cortex_holds_outstanding" in metrics and 'cortex_budget_refusals_total{reason="balance"}' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_incremental_holds_across_replicas_never_overshoot_and_charge_what_was_delivered(stack: Stack, pg_ledger_url,
+                                                                                             stream):
+    import json as json_
+
+    neuron = stack.neuron("--token-interval-ms", "1", "--reply-tokens", "300")
+    cortexes = replicas(stack, neuron, pg_ledger_url, n=2,
+                        config='[budget]\noutput_holds = "incremental"\noutput_slice_tokens = 64\n')
+    cap = 6_000
+    key_id, key = create_key(cortexes[0], balance_tokens=cap)
+    wait_until(lambda: all(admin(c, "GET", f"keys/{key_id}").status_code == 200 for c in cortexes))
+    results = await spread([c.url for c in cortexes], key, 80, stream=stream, max_tokens=300)
+    assert {s for s, _, _ in results} <= {200, 429}
+    u = wait_until(lambda: (d := key_usage(cortexes[1], key_id))["usage"]["held_tokens"] == 0 and d, timeout_s=30)
+    delivered = 0
+    for status, body, _ in results:
+        if status != 200:
+            continue
+        if stream:
+            frames = [json_.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+            text = "".join((f["choices"][0]["delta"].get("content") or "") for f in frames if f.get("choices"))
+        else:
+            text = json_.loads(body)["choices"][0]["message"]["content"] or ""
+        delivered += HI_PROMPT_TOKENS + len(text.encode())
+    assert delivered == u["usage"]["spent_tokens"] <= cap
+    assert ledger(pg_ledger_url, INVARIANT_SQL) == []

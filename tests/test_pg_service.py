@@ -12,7 +12,7 @@ import trio
 
 from common.errors import ApiError
 from cortex.budget.estimate import Estimate
-from cortex.budget.ledger import Caps
+from cortex.budget.ledger import Caps, Hold, Refusal
 from cortex.budget.pg_shared import PgShared
 from cortex.budget.pricing import Prices
 from cortex.budget.shared_service import SharedBudgetService
@@ -270,3 +270,25 @@ async def test_a_key_made_a_moment_ago_elsewhere_is_found_in_the_ledger_and_bad_
                 await b.authenticate_async(headers("sk-cortex-not-a-key"))
             assert refused.value.status == 401
         assert len(lookups) == 1  # a flood of one bad key costs one lookup a second
+
+
+async def test_an_incremental_hold_grows_on_the_shared_ledger_and_a_revocation_stops_it(pg_ledger_url: str) -> None:
+    async with replicas(pg_ledger_url, 2, output_holds="incremental") as (a, b):
+        record, plaintext = await a.create_key("k", "acct", Caps(balance_tokens=200, max_concurrency=1))
+        key = a.authenticate(headers(plaintext))
+        assert a.output_holds(key) == "incremental"
+        hold = await a.reserve(key, Estimate(20, 50), "r1", "m")
+        grown = await a.extend(hold, 100)
+        assert isinstance(grown, Hold) and grown.amount_tokens == 170
+        refused = await a.extend(grown, 31)
+        assert isinstance(refused, Refusal) and refused.reason == "balance"
+        await b.revoke(record.id)
+        await eventually(lambda: a.keys[record.id].revoked_at is not None)
+        stopped = await a.extend(grown, 1)
+        assert isinstance(stopped, Refusal) and stopped.reason == "revoked"
+        await a.settle(grown, 190)
+        await a.shared.admission.heartbeat()
+        (row,) = await a.shared.run(lambda conn: conn.execute("SELECT amount_tokens, charged_tokens FROM holds").fetchall())
+        assert row == {"amount_tokens": 170, "charged_tokens": 170}
+        conn_rows = await a.shared.run(lambda conn: conn.execute(INVARIANT_SQL).fetchall())
+        assert conn_rows == []

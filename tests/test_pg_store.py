@@ -16,9 +16,9 @@ import trio
 
 from cortex.budget import pg_schema
 from cortex.budget.ledger import Hold, Refusal
-from cortex.budget.pg_ledger import Reserve, Resolve
-from cortex.budget.pg_store import PgAdmission
-from cortex.budget.store import StoreError
+from cortex.budget.pg_ledger import Extend, Reserve, Resolve
+from cortex.budget.pg_store import PgAdmission, _cut
+from cortex.budget.store import DEFER_FLUSH_S, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL_S = 600.0
@@ -248,7 +248,8 @@ def test_a_replica_killed_mid_batch_has_its_holds_reaped_after_the_lease_and_the
         async def reaper() -> None:
             async with PgAdmission.open(url, "reaper", lease_s=1.0) as adm, trio.open_nursery() as nursery:
                 await nursery.start(adm.run_background)
-                await wait_for(lambda: open_holds(conn, "victim") == 0, 10.0)
+                # `reaped` counts once the reap's thread is back in Trio, a moment after its commit shows.
+                await wait_for(lambda: open_holds(conn, "victim") == 0 and adm.reaped >= left, 10.0)
                 assert adm.reaped == left
                 nursery.cancel_scope.cancel()
 
@@ -335,7 +336,7 @@ def test_a_ledger_with_an_old_or_no_schema_is_refused_at_open_with_the_fix(pg_ur
         trio.run(opening, pg_url)
     with pg_schema.connect(pg_url) as conn:
         pg_schema.migrate(conn, pg_schema.MIGRATIONS[:1])
-    with pytest.raises(StoreError, match=r"has schema 1, older than this cortex's 2: run `cortex db migrate"):
+    with pytest.raises(StoreError, match=rf"has schema 1, older than this cortex's {pg_schema.SCHEMA_VERSION}: run `cortex db migrate"):
         trio.run(opening, pg_url)
 
 
@@ -369,8 +370,8 @@ def test_a_batch_that_committed_but_lost_its_reply_is_released_and_a_retry_of_it
             real_step = ledger.step
             lose = [True]
 
-            def lossy_step(resolutions, reserves, now):
-                answer = real_step(resolutions, reserves, now)
+            def lossy_step(resolutions, reserves, now, extensions):
+                answer = real_step(resolutions, reserves, now, extensions)
                 if lose and any(q.hold_id == "lost" for q in reserves):
                     lose.clear()
                     ledger.conn.close()
@@ -388,3 +389,130 @@ def test_a_batch_that_committed_but_lost_its_reply_is_released_and_a_retry_of_it
     trio.run(main)
     assert conn.execute("SELECT id, state FROM holds ORDER BY id").fetchall() == [("fresh", "open"), ("lost", "released")]
     assert_invariants(conn)
+
+
+# --- extensions: incremental output holds -------------------------------------------------------------
+
+
+def hold_amount(conn: psycopg.Connection[Any], hold_id: str) -> tuple[str, int]:
+    return conn.execute("SELECT state, amount_tokens FROM holds WHERE id = %s", (hold_id,)).fetchone()
+
+
+def test_concurrent_extensions_are_group_committed_and_grow_the_hold_exactly_to_the_cap(conn, url):
+    principals(conn, account_cap=100)
+    results: list[Hold | Refusal | None] = []
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            await adm.reserve(Reserve("h1", "k", 50, TTL_S))
+            before = adm.round_trips
+
+            async def one() -> None:
+                results.append(await adm.extend(Extend("h1", 10)))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(one)
+            assert adm.round_trips - before <= 5, adm.round_trips - before
+            assert adm.counters.extensions == 20 and adm.counters.extended == 5
+            assert await adm.extend(Extend("nope", 1)) is None
+            assert await adm.resolve(Resolve("h1", "settled", 1000), durable=True) is True
+            assert await adm.extend(Extend("h1", 1)) is None  # settled: nothing changes
+
+    trio.run(main)
+    grown = [r for r in results if isinstance(r, Hold)]
+    assert sorted(g.amount_tokens for g in grown) == [60, 70, 80, 90, 100]
+    assert all(isinstance(r, Refusal) and r.reason == "balance" for r in results if not isinstance(r, Hold))
+    assert hold_amount(conn, "h1") == ("settled", 100)
+    assert row(conn, "accounts", "a") == (100, 0, 0)
+    assert_invariants(conn)
+
+
+def test_a_batch_is_cut_where_steps_order_would_run_an_item_ahead_of_one_it_depends_on():
+    def items(*spec: tuple[str, str]) -> list[tuple[str, Any, None]]:
+        make = {"reserve": lambda h: Reserve(h, "k", 1, TTL_S), "extend": lambda h: Extend(h, 1),
+                "resolve": lambda h: Resolve(h, "released")}
+        return [(kind, make[kind](h), None) for kind, h in spec]
+
+    def cut_at(*spec: tuple[str, str], batch_max: int = 8) -> int:
+        return len(_cut(items(*spec), batch_max)[0])
+
+    assert cut_at(("reserve", "h1"), ("extend", "h1")) == 1  # extensions run before reserves
+    assert cut_at(("extend", "h1"), ("resolve", "h1")) == 1  # resolutions run before extensions
+    assert cut_at(("resolve", "h1"), ("extend", "h1"), ("extend", "h1")) == 3  # in order already
+    assert cut_at(("extend", "h1"), ("extend", "h2"), ("reserve", "h3"), ("resolve", "h4")) == 4
+    assert cut_at(("extend", "h1"), ("extend", "h2"), ("extend", "h3"), batch_max=2) == 2
+
+
+def test_a_settlement_queued_behind_an_extension_of_its_hold_charges_the_grown_hold(conn, url):
+    principals(conn)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            await adm.reserve(Reserve("h1", "k", 100, TTL_S))
+            async with trio.open_nursery() as nursery:
+                got: list[Any] = []
+
+                async def grow() -> None:
+                    got.append(await adm.extend(Extend("h1", 50)))
+
+                nursery.start_soon(grow)
+                await trio.testing.wait_all_tasks_blocked()  # the extension is queued
+                adm.resolve_soon(Resolve("h1", "settled", 1000))
+            assert isinstance(got[0], Hold) and got[0].amount_tokens == 150
+
+    trio.run(main)
+    assert conn.execute("SELECT state, charged_tokens FROM holds WHERE id = 'h1'").fetchone() == ("settled", 150)
+    assert row(conn, "keys", "k") == (150, 0, 0)
+
+
+def test_an_extension_whose_batch_lost_its_reply_fails_is_never_retried_and_settlement_charges_what_was_delivered(
+    conn, url
+):
+    principals(conn, account_cap=10**6)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            ledger = adm._ledger  # the writer's: its batch commits, then the connection drops before the reply
+            real_step = ledger.step
+            lose = [True]
+
+            def lossy_step(resolutions, reserves, now, extensions):
+                answer = real_step(resolutions, reserves, now, extensions)
+                if lose and extensions:
+                    lose.clear()
+                    ledger.conn.close()
+                    raise psycopg.OperationalError("server closed the connection unexpectedly")
+                return answer
+
+            ledger.step = lossy_step
+            await adm.reserve(Reserve("h1", "k", 100, TTL_S))
+            with pytest.raises(StoreError, match="unavailable"):
+                await adm.extend(Extend("h1", 50))
+            assert hold_amount(conn, "h1") == ("open", 150)  # it did commit: the hold is larger than the caller knows
+            await adm.reserve(Reserve("h2", "k", 1, TTL_S))  # the next batches carry no second copy of it
+            assert hold_amount(conn, "h1") == ("open", 150)
+            # The caller took the slice as not granted and streamed only the 100 it knew of: that is the charge.
+            assert await adm.resolve(Resolve("h1", "settled", 100), durable=True) is True
+
+    trio.run(main)
+    assert conn.execute("SELECT charged_tokens FROM holds WHERE id = 'h1'").fetchone() == (100,)
+    assert row(conn, "keys", "k") == (100, 1, 1)
+    assert_invariants(conn)
+
+
+def test_an_extension_cancelled_while_it_waits_never_releases_its_hold(conn, url):
+    principals(conn)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            await adm.reserve(Reserve("h1", "k", 100, TTL_S))
+            with trio.move_on_after(0):  # queued, then cancelled before the answer
+                await adm.extend(Extend("h1", 50))
+            await wait_for(lambda: hold_amount(conn, "h1") == ("open", 150), 2.0)
+            await trio.sleep(2 * DEFER_FLUSH_S)  # long enough for any deferred release to be written
+            assert await adm.release("never-placed", durable=True) is False
+
+    trio.run(main)
+    assert hold_amount(conn, "h1") == ("open", 150)  # still the caller's to settle
+    assert row(conn, "keys", "k") == (0, 150, 1)

@@ -2,10 +2,11 @@
 
 Many cortex replicas share one PostgreSQL ledger. Each replica has one
 writer thread (as store.py's) owning one connection and one `PgLedger`; it
-drains the reserves and resolutions its Trio tasks queued and hands them to
-`step` (or `reserve_batch` / `resolve_batch`), which is ONE statement, hence
-ONE transaction and ONE round trip: `SELECT ... FROM cortex_batch(arrays)`,
-a PL/pgSQL function created by migration step 2 (cortex/budget/pg_schema.py).
+drains the reserves, extensions and resolutions its Trio tasks queued and
+hands them to `step` (or `reserve_batch` / `extend_batch` / `resolve_batch`),
+which is ONE statement, hence ONE transaction and ONE round trip:
+`SELECT ... FROM cortex_batch(arrays)`, a PL/pgSQL function created by
+migration step 2 and extended by step 3 (cortex/budget/pg_schema.py).
 The database is the authority: the caps, the held amounts and the usage are
 rows, and the function judges every request against them under row locks.
 The pure ledger's arithmetic and messages are mirrored (and the messages
@@ -18,7 +19,8 @@ State. Each principal (a key, an account) is one row with its caps and its
 window usage is in `usage_buckets` rows of that principal; holds are rows.
 
 Locks and their order. A `cortex_batch` transaction, in this order:
-  1. locks the open holds it resolves, `ORDER BY id FOR UPDATE`;
+  1. locks the open holds it resolves or extends, together, `ORDER BY id
+     FOR UPDATE`;
   2. locks every account its holds and reserves touch, `ORDER BY id FOR UPDATE`;
   3. locks every key likewise;
   then reads those rows and those principals' buckets, decides, and writes
@@ -33,7 +35,9 @@ Locks and their order. A `cortex_batch` transaction, in this order:
 
 No lost update. Every write to a principal's `held_*`, `spent_*`,
 `in_flight`, `period_*` and to its buckets is made by a transaction that
-holds that principal's row lock from before it read them until it commits.
+holds that principal's row lock from before it read them until it commits;
+every write to an open hold's amounts or state, by one that holds the
+hold's row lock (step 1) from before it read them.
 Row locks are exclusive, so the transactions touching a principal are
 serialised by it; under READ COMMITTED each statement inside the function
 reads after the lock was granted, so it sees everything its predecessors
@@ -48,16 +52,35 @@ on the key AND on its account, for every cap present,
     concurrency: in_flight + 1 <= max_concurrency
 against the state left by every request before it in the batch (judged in
 order, in memory, under the locks); then `held += amount` on both, or on
-neither (a request fits everywhere or takes nothing). A resolution takes
-`held -= amount` and adds `charged <= amount` (`LEAST(actual, amount)` in
-SQL) to spent, the period and the window: `spent + held` cannot grow. The
-write-back re-checks every cap of each principal whose holds grew in SQL on
-the locked row (the conditional UPDATE `... WHERE spent + held <= cap ...`)
-and raises if it would not hold, so a bug in the judging aborts the batch
-instead of committing an overshoot. Exactly-once resolution: a hold leaves
-`open` only through `UPDATE holds ... WHERE state = 'open'` under its row
-lock, so two reapers, or a reaper and a late settlement, cannot both resolve
-it; the loser sees a hold no longer open and reports False.
+neither (a request fits everywhere or takes nothing). An extension of an
+open hold by `extra` is judged the same way, in the same loop, after the
+batch's resolutions and ahead of its reserves: granted only if, on the key
+AND on its account, for every amount cap, `used + held + extra <= cap`
+against the state left by every item before it; then `held += extra` on
+both AND `amount += extra` on the hold row, or nothing anywhere. It leaves
+`in_flight` alone (the request is in flight already), so it is not judged
+against `max_concurrency`: what does not change `in_flight` cannot break
+`in_flight <= max_concurrency`. An extension of a hold that is not open
+(unknown, resolved before, or resolved earlier in the same batch) changes
+nothing and reports None. So every batch keeps each principal's `held`
+equal to the sum of its open holds' amounts. A resolution reads the hold's
+amount under the hold's row lock (a lock granted after an extension
+committed returns the grown row), takes `held -= amount` and adds `charged
+<= amount` (`LEAST(actual, amount)` in SQL) to spent, the period and the
+window: `spent + held` cannot grow. The write-back re-checks in SQL, on the
+locked row, every amount cap of each principal whose holds grew (by a
+reserve or an extension) and the concurrency cap of each whose `in_flight`
+grew (by a reserve): the conditional UPDATE `... WHERE spent + held <= cap
+...`. It writes a grown hold only while it is open and no smaller than it
+was when locked. If any of those would not hold it raises, so a bug in the
+judging aborts the batch instead of committing an overshoot. (The
+concurrency guard is left off for extensions because an admin may have
+lowered `max_concurrency` below `in_flight`. That must refuse new
+requests, not abort a batch that only grows the holds of admitted ones.)
+Exactly-once resolution: a hold leaves `open` only through `UPDATE holds
+... WHERE state = 'open'` under its row lock, so two reapers, or a reaper
+and a late settlement, cannot both resolve it; the loser sees a hold no
+longer open and reports False.
 
 Windows, conservatively. A window of `window_s` keeps its usage in buckets
 of `window_s / 64` seconds: a charge at `t` is added to the bucket
@@ -95,12 +118,16 @@ array is searched, or grown by appending, inside a per-item loop. Holds are
 found by primary key (one probe per id, in id order for the locks) and
 updated by the ctid of the locked version, never by scanning the partial
 indexes on open holds (whose dead entries grow with the history until a
-vacuum). The one per-item loop is the in-order judging of the reserves;
-its fast path compares each reserve with the room its key's and account's
-caps leave, `min over caps of (cap - used) - held`, which is the per-cap
-test `used + held + amount <= cap` rearranged (exact, in integers), and
-only a reserve that fails it takes the per-cap path that builds the
-refusal's details. The arrays travel in psycopg's binary format.
+vacuum). An extension finds its locked hold by a hash join of the
+extension ids with the locked holds (once per batch), and its hold's
+amounts are O(1) subscripts of the locked holds' arrays, grown in place
+and written back by ctid. The one per-item loop is the in-order judging of
+the extensions and then the reserves; its fast path compares each item
+with the room its key's and account's caps leave, `min over caps of (cap -
+used) - held`, which is the per-cap test `used + held + amount <= cap`
+rearranged (exact, in integers), and only an item that fails it takes the
+per-cap path that builds the refusal's details. The arrays travel in
+psycopg's binary format.
 
 Clocks. Every method takes `now` (seconds), for tests and the simulator;
 `now=None` uses the database's clock, one clock for all replicas, which is
@@ -112,7 +139,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import psycopg
 
@@ -120,7 +147,7 @@ from cortex.budget import ledger as pure
 from cortex.budget.ledger import Caps, Hold, Principal, Refusal
 from cortex.budget.periods import PeriodSpec
 
-BATCH_MAX = 4096  # reserves, and resolutions, per statement
+BATCH_MAX = 4096  # reserves, extensions, and resolutions, per statement
 REAP_BATCH_MAX = 1024  # holds one reap resolves at most
 RESOLUTION_STATES = ("settled", "released", "expired")
 EXTRA_REASONS = ("unknown", "revoked", "duplicate")  # beyond the pure ledger's: the database also knows these
@@ -128,10 +155,11 @@ EXTRA_REASONS = ("unknown", "revoked", "duplicate")  # beyond the pure ledger's:
 # The arrays travel in binary (%b): psycopg's text-format array dumper quotes every element through a
 # regular expression, which cost more per request than the database's own work on a large batch.
 _BATCH_SQL = (
-    "SELECT o_part, o_idx, o_ok, o_detail, o_account, o_now FROM cortex_batch("
+    "SELECT o_part, o_idx, o_ok, o_tokens, o_usd, o_detail, o_account, o_now, o_key, o_created_at, o_expires_at,"
+    " o_request_id FROM cortex_batch("
     "%b::text[], %b::text[], %b::bigint[], %b::bigint[], "
     "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::float8[], %b::text[], %b::text[], %b::text[], "
-    "%s::float8, %s::text, %s::float8)"
+    "%s::float8, %s::text, %s::float8, %b::text[], %b::bigint[], %b::bigint[])"
 )
 _REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
 _HEARTBEAT_SQL = "SELECT cortex_heartbeat(%s::text, %s::float8, %s::float8)"
@@ -167,6 +195,18 @@ class Resolve:
         assert self.state in RESOLUTION_STATES and self.actual_tokens >= 0 and self.actual_usd >= 0
 
 
+@dataclass(frozen=True)
+class Extend:
+    """An open hold's next slice: grow it by these amounts if every amount cap of its key and account allows."""
+
+    hold_id: str
+    amount_tokens: int
+    amount_usd: int = 0  # micro-USD
+
+    def __post_init__(self) -> None:
+        assert self.amount_tokens >= 0 and self.amount_usd >= 0
+
+
 @dataclass
 class Counters:
     """What the ledger cost the database: for the benchmark's per-request figures."""
@@ -176,6 +216,8 @@ class Counters:
     reserves: int = 0
     admitted: int = 0
     resolutions: int = 0
+    extensions: int = 0
+    extended: int = 0  # extensions granted
 
 
 class PgLedger:
@@ -192,35 +234,74 @@ class PgLedger:
 
     # --- the batch ------------------------------------------------------------------------
 
+    @overload
     def step(
         self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None
-    ) -> tuple[list[bool], list[Hold | Refusal]]:
-        """Resolve, then reserve, in ONE transaction and ONE round trip: one group commit of a writer thread.
+    ) -> tuple[list[bool], list[Hold | Refusal]]: ...
 
-        Resolutions go first, so the room they free is there for the reserves;
-        each reserve is judged after those before it. A resolution is True when
-        it resolved the hold, False when the hold was no longer open (settled,
-        released, reaped) or unknown: a second resolution does nothing.
+    @overload
+    def step(
+        self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None,
+        extensions: Sequence[Extend],
+    ) -> tuple[list[bool], list[Hold | Refusal], list[Hold | Refusal | None]]: ...
+
+    def step(
+        self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None,
+        extensions: Sequence[Extend] | None = None,
+    ) -> tuple[list[bool], list[Hold | Refusal]] | tuple[list[bool], list[Hold | Refusal], list[Hold | Refusal | None]]:
+        """Resolve, then extend, then reserve, in ONE transaction and ONE round trip: one group commit.
+
+        Resolutions go first, so the room they free is there for the others;
+        then the extensions (a started response's next slice goes ahead of new
+        admissions), then the reserves, each judged after those before it. A
+        resolution is True when it resolved the hold, False when the hold was no
+        longer open (settled, released, reaped) or unknown: a second resolution
+        does nothing. An extension is the Hold with its grown amounts, the
+        Refusal a reserve of the extra amounts would get (concurrency aside), or
+        None when the hold is not open (unknown, already resolved, or resolved
+        by this very step): then nothing changed.
+
+        Returns (resolved, placed) when `extensions` is not given (the callers
+        of before incremental holds), (resolved, placed, extended) when it is.
         """
-        assert len(resolutions) <= BATCH_MAX and len(reserves) <= BATCH_MAX
-        if not resolutions and not reserves:
-            return [], []
-        rows = self._execute(_BATCH_SQL, self.batch_params(resolutions, reserves, now))
+        exts = () if extensions is None else extensions
+        assert len(resolutions) <= BATCH_MAX and len(reserves) <= BATCH_MAX and len(exts) <= BATCH_MAX
         resolved: list[bool | None] = [None] * len(resolutions)
         placed: list[Hold | Refusal | None] = [None] * len(reserves)
-        for part, idx, ok, detail, account_id, judged_at in rows:
-            if part == "resolve":
-                resolved[idx - 1] = bool(ok)
-            else:
-                q = reserves[idx - 1]
-                placed[idx - 1] = _hold(q, account_id, judged_at) if ok else _refusal(detail, judged_at)
-        assert None not in resolved and None not in placed, "cortex_batch answered every request exactly once"
+        extended: list[Hold | Refusal | None] = [None] * len(exts)
+        if resolutions or reserves or exts:
+            answered = [False] * len(exts)
+            for part, idx, ok, tokens, usd, detail, account_id, judged_at, key_id, created, expires, request_id in (
+                self._execute(_BATCH_SQL, self.batch_params(resolutions, reserves, now, exts))
+            ):
+                if part == "resolve":
+                    resolved[idx - 1] = bool(ok)
+                elif part == "reserve":
+                    q = reserves[idx - 1]
+                    placed[idx - 1] = _hold(q, account_id, judged_at) if ok else _refusal(detail, judged_at)
+                else:
+                    assert part == "extend", part
+                    answered[idx - 1] = True
+                    if ok:
+                        extended[idx - 1] = Hold(exts[idx - 1].hold_id, key_id, account_id, int(tokens), created,
+                                                 expires, request_id, amount_usd=int(usd))
+                    elif detail is not None:
+                        extended[idx - 1] = _refusal(detail, judged_at)
+            assert None not in resolved and None not in placed and all(answered), (
+                "cortex_batch answered every request exactly once")
         self.counters.reserves += len(reserves)
         self.counters.admitted += sum(isinstance(p, Hold) for p in placed)
         self.counters.resolutions += len(resolutions)
-        return resolved, placed  # type: ignore[return-value]
+        self.counters.extensions += len(exts)
+        self.counters.extended += sum(isinstance(e, Hold) for e in extended)
+        if extensions is None:
+            return resolved, placed  # type: ignore[return-value]
+        return resolved, placed, extended  # type: ignore[return-value]
 
-    def batch_params(self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None) -> tuple[Any, ...]:
+    def batch_params(
+        self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None,
+        extensions: Sequence[Extend] = (),
+    ) -> tuple[Any, ...]:
         """The parameters of `_BATCH_SQL` for one step (scripts/bench_pg_ledger.py times the statement with them)."""
         return (
             [r.hold_id for r in resolutions], [r.state for r in resolutions],
@@ -229,10 +310,14 @@ class PgLedger:
             [q.amount_usd for q in reserves], [float(q.ttl_s) for q in reserves], [q.request_id for q in reserves],
             [q.model for q in reserves], [q.client_request_id for q in reserves],
             now, self.replica_id, float(self.lease_s),
+            [e.hold_id for e in extensions], [e.amount_tokens for e in extensions], [e.amount_usd for e in extensions],
         )
 
     def reserve_batch(self, requests: Sequence[Reserve], now: float | None) -> list[Hold | Refusal]:
         return self.step((), requests, now)[1]
+
+    def extend_batch(self, extensions: Sequence[Extend], now: float | None) -> list[Hold | Refusal | None]:
+        return self.step((), (), now, extensions)[2]
 
     def resolve_batch(self, resolutions: Sequence[Resolve], now: float | None) -> list[bool]:
         return self.step(resolutions, (), now)[0]

@@ -710,8 +710,484 @@ _V2 = (
     _BATCH.replace("WINDOW_BUCKETS_PLACEHOLDER", str(WINDOW_BUCKETS)), _REAP, _HEARTBEAT,
 )
 
+# --- step 3: incremental output holds (issue 14): `cortex_batch` also EXTENDS open holds ------------
+#
+# A streaming response's next output slice grows its open hold, each extension checked against every
+# cap of its key and account as a reserve is, but not their concurrency (the request is in flight
+# already): `Ledger.extend` in cortex/budget/ledger.py, on the shared ledger. The function keeps its
+# fifteen parameters and its result's columns (and adds four, the grown hold's), and gains the
+# extensions as three trailing parameters with empty defaults, so a call of step 2's shape
+# (`cortex_reap`'s, and a replica still running the previous cortex during a rolling upgrade) means
+# what it meant. The principals also gain the `output_holds` policy column SQLite's have. The proof is
+# in pg_ledger.py.
+
+_BATCH_V3 = r"""
+CREATE FUNCTION cortex_batch(
+    r_ids TEXT[], r_states TEXT[], r_tokens BIGINT[], r_usd BIGINT[],
+    q_ids TEXT[], q_keys TEXT[], q_tokens BIGINT[], q_usd BIGINT[], q_ttl DOUBLE PRECISION[], q_request_ids TEXT[],
+    q_models TEXT[], q_client_ids TEXT[], p_now DOUBLE PRECISION, p_replica TEXT, p_lease_s DOUBLE PRECISION,
+    e_ids TEXT[] DEFAULT '{}', e_tokens BIGINT[] DEFAULT '{}', e_usd BIGINT[] DEFAULT '{}'
+) RETURNS TABLE (o_part TEXT, o_idx INTEGER, o_ok BOOLEAN, o_tokens BIGINT, o_usd BIGINT, o_detail JSONB,
+                o_account TEXT, o_now DOUBLE PRECISION, o_key TEXT, o_created_at DOUBLE PRECISION,
+                o_expires_at DOUBLE PRECISION, o_request_id TEXT)
+LANGUAGE plpgsql AS $$
+-- One group commit: resolve `r_*` (each exactly once), then judge the extensions `e_*` and then the
+-- reserves `q_*`, in that order (a started response's next slice goes ahead of new admissions).
+-- Lock order, always: the holds to resolve or extend by id, then accounts by id, then keys by id.
+--
+-- Linear in the batch: every per-item lookup is set-based SQL (unnest ... WITH ORDINALITY joined
+-- by hash, once per batch) or an O(1) subscript of an expanded array indexed by input position, by
+-- locked hold or by principal; nothing searches an array inside a per-item loop, and no array grows
+-- by appending per item. The only per-item loop is the in-order judging of the extensions and the
+-- reserves, each of which must see the holds of those before it; its fast path is one comparison
+-- per principal against the room each cap leaves (exactly the per-cap checks, rearranged), and only
+-- an item that fails it takes the per-cap path that builds the refusal's details.
+#variable_conflict use_column
+DECLARE
+    now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
+    nr INTEGER := COALESCE(array_length(r_ids, 1), 0);
+    nq INTEGER := COALESCE(array_length(q_ids, 1), 0);
+    ne INTEGER := COALESCE(array_length(e_ids, 1), 0);
+    rec RECORD;
+    -- the open holds being resolved or extended, locked, in id order; h_t and h_u grow with extensions
+    h_id TEXT[]; h_key TEXT[]; h_acct TEXT[]; h_t BIGINT[]; h_u BIGINT[]; h_tid TID[];
+    h_created DOUBLE PRECISION[]; h_expires DOUBLE PRECISION[]; h_rid TEXT[]; h_grown BOOLEAN[];
+    -- the principals, locked: accounts 1..na, keys na+1..n
+    a_ids TEXT[]; k_ids TEXT[]; na INTEGER := 0; n INTEGER := 0;
+    p_kind TEXT[] := '{}'; p_id TEXT[] := '{}'; p_acct INTEGER[] := '{}'; p_revoked BOOLEAN[] := '{}';
+    acct_of TEXT[] := '{}';
+    bal_t BIGINT[] := '{}'; bal_u BIGINT[] := '{}'; win_t BIGINT[] := '{}'; win_u BIGINT[] := '{}';
+    win_s DOUBLE PRECISION[] := '{}'; maxc INTEGER[] := '{}'; per_t BIGINT[] := '{}'; per_u BIGINT[] := '{}';
+    per_kind TEXT[] := '{}'; per_tz TEXT[] := '{}'; per_anchor INTEGER[] := '{}';
+    spent_t BIGINT[] := '{}'; spent_u BIGINT[] := '{}'; held_t BIGINT[] := '{}'; held_u BIGINT[] := '{}';
+    -- grew: the principal's held amounts grew (its amount caps are re-checked at write-back);
+    -- more: its in_flight grew (its concurrency cap is re-checked too; an extension never sets it)
+    infl INTEGER[] := '{}'; grew BOOLEAN[] := '{}'; more BOOLEAN[] := '{}';
+    wu_t BIGINT[] := '{}'; wu_u BIGINT[] := '{}'; ch_t BIGINT[] := '{}'; ch_u BIGINT[] := '{}';
+    pu_t BIGINT[] := '{}'; pu_u BIGINT[] := '{}'; ps DOUBLE PRECISION[] := '{}'; pe DOUBLE PRECISION[] := '{}';
+    pspec TEXT[] := '{}'; bws DOUBLE PRECISION[] := '{}';
+    -- what each cap leaves for more holds once this batch's resolutions are in (constant while judging)
+    room_t BIGINT[] := '{}'; room_u BIGINT[] := '{}'; room_c INTEGER[] := '{}';
+    -- the resolutions, by input position: resolved?, the charge, the hold's key (as a principal) and amounts
+    r_ok BOOLEAN[]; r_ct BIGINT[]; r_cu BIGINT[]; r_k INTEGER[]; r_ht BIGINT[]; r_hu BIGINT[]; r_tid TID[];
+    n_ok INTEGER;
+    -- the extensions, by input position: the locked hold's position (NULL: not open, or resolved just
+    -- now), its key (as a principal), what judging decided and the hold's amounts after it
+    e_h INTEGER[]; e_k INTEGER[]; e_ok BOOLEAN[]; e_det JSONB[]; e_t BIGINT[]; e_u BIGINT[];
+    grown_tids TID[];
+    -- the reserves, by input position: the key (as a principal), whether the id is already a hold, the
+    -- position of the id's first occurrence in the batch, and what judging decided
+    q_k INTEGER[]; q_exists BOOLEAN[]; q_first INTEGER[]; q_ok BOOLEAN[]; q_det JSONB[]; taken BOOLEAN[];
+    b_kind TEXT[] := '{}'; b_id TEXT[] := '{}'; b_start DOUBLE PRECISION[] := '{}'; b_end DOUBLE PRECISION[] := '{}';
+    b_t BIGINT[] := '{}'; b_u BIGINT[] := '{}';
+    i INTEGER; j INTEGER; k INTEGER; ac INTEGER; pi INTEGER; hp INTEGER; cnt INTEGER; is_ext BOOLEAN;
+    qt BIGINT; qu BIGINT; x BIGINT; y BIGINT; aged BIGINT; excess BIGINT;
+    spec TEXT; bounds DOUBLE PRECISION[]; bucket_s DOUBLE PRECISION; bstart DOUBLE PRECISION;
+    fails JSONB; seqscan TEXT;
+BEGIN
+    IF nr <> COALESCE(array_length(r_states, 1), 0) OR nq <> COALESCE(array_length(q_keys, 1), 0)
+       OR ne <> COALESCE(array_length(e_tokens, 1), 0) OR ne <> COALESCE(array_length(e_usd, 1), 0) THEN
+        RAISE EXCEPTION 'cortex_batch: arrays of different lengths';
+    END IF;
+    -- 1. Lock the holds to resolve or extend, together, in id order; one resolved meanwhile is no
+    --    longer 'open' and drops out. One primary-key probe per distinct id, in id order (a nested
+    --    loop over the sorted ids; the locking subquery cannot be flattened). `(state || '')` keeps
+    --    the planner off the partial indexes on open holds: a bitmap scan of those visits the entries
+    --    of every hold resolved since the last vacuum, a cost that grows with the history, not with
+    --    the batch. The locked version's ctid lets steps 4 and 6 update it without searching again.
+    SELECT COALESCE(array_agg(l.id ORDER BY l.id), '{}'), COALESCE(array_agg(l.key_id ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.account_id ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.amount_tokens ORDER BY l.id), '{}'), COALESCE(array_agg(l.amount_usd ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.ctid ORDER BY l.id), '{}'), COALESCE(array_agg(l.created_at ORDER BY l.id), '{}'),
+           COALESCE(array_agg(l.expires_at ORDER BY l.id), '{}'), COALESCE(array_agg(l.request_id ORDER BY l.id), '{}')
+    INTO h_id, h_key, h_acct, h_t, h_u, h_tid, h_created, h_expires, h_rid
+    FROM (SELECT DISTINCT r.id FROM unnest(r_ids || e_ids) AS r(id) WHERE r.id IS NOT NULL ORDER BY r.id) r
+    CROSS JOIN LATERAL (SELECT h.id, h.key_id, h.account_id, h.amount_tokens, h.amount_usd, h.ctid, h.created_at,
+                               h.expires_at, h.request_id FROM holds h
+                        WHERE h.id = r.id AND (h.state || '') = 'open' FOR UPDATE) l;
+    -- 2. Lock every principal the holds and the reserves touch: accounts by id, then keys by id.
+    k_ids := ARRAY(SELECT DISTINCT x FROM unnest(h_key || q_keys) AS t(x) ORDER BY x);
+    a_ids := ARRAY(SELECT DISTINCT account_id FROM keys WHERE id = ANY(k_ids) ORDER BY account_id);
+    PERFORM 1 FROM accounts WHERE id = ANY(a_ids) ORDER BY id FOR UPDATE;
+    PERFORM 1 FROM keys WHERE id = ANY(k_ids) ORDER BY id FOR UPDATE;
+    FOR rec IN
+        SELECT 'account'::text AS kind, a.id, NULL::text AS account_id, false AS revoked, a.balance_tokens,
+               a.balance_usd, a.window_tokens, a.window_usd, a.window_s, a.max_concurrency, a.period_tokens,
+               a.period_usd, a.period, a.period_timezone, a.period_anchor_day, a.spent_tokens, a.spent_usd,
+               a.held_tokens, a.held_usd, a.in_flight, a.period_start, a.period_end, a.period_spec,
+               a.period_used_tokens, a.period_used_usd, a.buckets_window_s
+        FROM accounts a WHERE a.id = ANY(a_ids)
+        UNION ALL
+        SELECT 'key', k.id, k.account_id, k.revoked_at IS NOT NULL, k.balance_tokens, k.balance_usd, k.window_tokens,
+               k.window_usd, k.window_s, k.max_concurrency, k.period_tokens, k.period_usd, k.period, k.period_timezone,
+               k.period_anchor_day, k.spent_tokens, k.spent_usd, k.held_tokens, k.held_usd, k.in_flight,
+               k.period_start, k.period_end, k.period_spec, k.period_used_tokens, k.period_used_usd, k.buckets_window_s
+        FROM keys k WHERE k.id = ANY(k_ids)
+        ORDER BY 1, 2
+    LOOP
+        n := n + 1;
+        IF rec.kind = 'account' THEN na := n; END IF;
+        p_kind[n] := rec.kind; p_id[n] := rec.id; acct_of[n] := rec.account_id; p_revoked[n] := rec.revoked;
+        bal_t[n] := rec.balance_tokens; bal_u[n] := rec.balance_usd; win_t[n] := rec.window_tokens;
+        win_u[n] := rec.window_usd; win_s[n] := rec.window_s; maxc[n] := rec.max_concurrency;
+        per_t[n] := rec.period_tokens; per_u[n] := rec.period_usd; per_kind[n] := rec.period;
+        per_tz[n] := rec.period_timezone; per_anchor[n] := rec.period_anchor_day;
+        spent_t[n] := rec.spent_tokens; spent_u[n] := rec.spent_usd; held_t[n] := rec.held_tokens;
+        held_u[n] := rec.held_usd; infl[n] := rec.in_flight; grew[n] := false; more[n] := false;
+        ps[n] := rec.period_start; pe[n] := rec.period_end; pspec[n] := rec.period_spec;
+        pu_t[n] := rec.period_used_tokens; pu_u[n] := rec.period_used_usd; bws[n] := rec.buckets_window_s;
+        wu_t[n] := 0; wu_u[n] := 0; ch_t[n] := 0; ch_u[n] := 0;
+    END LOOP;
+    -- Each key's account, as a principal's position (NULL for the accounts themselves): one hash join.
+    p_acct := ARRAY(SELECT pa.pos FROM unnest(acct_of) WITH ORDINALITY AS pk(acct, pos)
+                    LEFT JOIN unnest(p_id[1:na]) WITH ORDINALITY AS pa(id, pos) ON pa.id = pk.acct ORDER BY pk.pos);
+    -- 3. Each principal's calendar period (rolled forward, never back) and sliding-window usage.
+    FOR pi IN 1 .. n LOOP
+        IF per_kind[pi] IS NULL THEN
+            pspec[pi] := NULL;  -- a period cap set later is summed afresh from the resolved holds
+        ELSE
+            spec := per_kind[pi] || '/' || per_tz[pi] || '/' || per_anchor[pi];
+            IF pspec[pi] IS DISTINCT FROM spec OR pe[pi] IS NULL OR now_s >= pe[pi] THEN
+                bounds := cortex_period_bounds(per_kind[pi], per_tz[pi], per_anchor[pi], now_s);
+                IF pspec[pi] IS DISTINCT FROM spec OR ps[pi] IS NULL THEN
+                    IF p_kind[pi] = 'key' THEN
+                        SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) INTO x, y FROM holds
+                        WHERE key_id = p_id[pi] AND resolved_at >= bounds[1] AND resolved_at < bounds[2]
+                          AND (charged_tokens > 0 OR charged_usd > 0);
+                    ELSE
+                        SELECT COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(charged_usd), 0) INTO x, y FROM holds
+                        WHERE account_id = p_id[pi] AND resolved_at >= bounds[1] AND resolved_at < bounds[2]
+                          AND (charged_tokens > 0 OR charged_usd > 0);
+                    END IF;
+                    pu_t[pi] := x; pu_u[pi] := y;
+                ELSIF bounds[1] <> ps[pi] THEN
+                    pu_t[pi] := 0; pu_u[pi] := 0;  -- a new period: its usage starts at zero by construction
+                END IF;
+                ps[pi] := bounds[1]; pe[pi] := bounds[2]; pspec[pi] := spec;
+            END IF;
+        END IF;
+        IF win_s[pi] IS NULL THEN
+            bws[pi] := NULL;  -- a window set later is rebuilt from the resolved holds
+        ELSE
+            bucket_s := win_s[pi] / WINDOW_BUCKETS_PLACEHOLDER;
+            IF bws[pi] IS DISTINCT FROM win_s[pi] THEN
+                DELETE FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi];
+                INSERT INTO usage_buckets (kind, id, bucket_start, bucket_end, tokens, usd)
+                SELECT p_kind[pi], p_id[pi], floor(h.resolved_at / bucket_s) * bucket_s,
+                       GREATEST(floor(h.resolved_at / bucket_s) * bucket_s + bucket_s, MAX(h.resolved_at)),
+                       SUM(h.charged_tokens), SUM(h.charged_usd)
+                FROM holds h
+                WHERE (CASE WHEN p_kind[pi] = 'key' THEN h.key_id ELSE h.account_id END) = p_id[pi]
+                  AND h.resolved_at > now_s - win_s[pi] AND (h.charged_tokens > 0 OR h.charged_usd > 0)
+                GROUP BY 3;
+                bws[pi] := win_s[pi];
+            END IF;
+            SELECT COALESCE(SUM(tokens) FILTER (WHERE bucket_end > now_s - win_s[pi]), 0),
+                   COALESCE(SUM(usd) FILTER (WHERE bucket_end > now_s - win_s[pi]), 0),
+                   COUNT(*) FILTER (WHERE bucket_end <= now_s - win_s[pi])
+            INTO x, y, aged FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi];
+            wu_t[pi] := x; wu_u[pi] := y;
+            IF aged > 0 THEN  -- buckets whose END left the window count no more: drop them
+                DELETE FROM usage_buckets WHERE kind = p_kind[pi] AND id = p_id[pi] AND bucket_end <= now_s - win_s[pi];
+            END IF;
+        END IF;
+    END LOOP;
+    -- 4. Resolutions, set-based: the first mention of a locked open hold resolves it; a hold named
+    --    again, or no longer open, reports false. Charges are capped at the hold.
+    IF nr > 0 THEN
+        SELECT array_agg(c.ok ORDER BY c.pos), array_agg(c.ct ORDER BY c.pos), array_agg(c.cu ORDER BY c.pos),
+               array_agg(c.k ORDER BY c.pos), array_agg(c.ht ORDER BY c.pos), array_agg(c.hu ORDER BY c.pos),
+               array_agg(c.tid ORDER BY c.pos), COUNT(*) FILTER (WHERE c.ok)
+        INTO r_ok, r_ct, r_cu, r_k, r_ht, r_hu, r_tid, n_ok
+        FROM (SELECT m.pos, m.ok, m.k, m.ht, m.hu, m.tid,
+                     CASE WHEN NOT m.ok THEN 0 WHEN m.st = 'settled' THEN LEAST(m.t, m.ht) WHEN m.st = 'released' THEN 0
+                          WHEN m.st IN ('expired', 'orphaned') THEN m.ht END AS ct,
+                     CASE WHEN NOT m.ok THEN 0 WHEN m.st = 'settled' THEN LEAST(m.u, m.hu) WHEN m.st = 'released' THEN 0
+                          WHEN m.st IN ('expired', 'orphaned') THEN m.hu END AS cu
+              FROM (SELECT r.pos, r.st, r.t, r.u, h.t AS ht, h.u AS hu, h.tid, na + pk.pos AS k,
+                           (h.id IS NOT NULL AND row_number() OVER (PARTITION BY r.id ORDER BY r.pos) = 1) AS ok
+                    FROM unnest(r_ids, r_states, r_tokens, r_usd) WITH ORDINALITY AS r(id, st, t, u, pos)
+                    LEFT JOIN unnest(h_id, h_key, h_t, h_u, h_tid) AS h(id, key_id, t, u, tid) ON h.id = r.id
+                    LEFT JOIN unnest(p_id[na + 1 : n]) WITH ORDINALITY AS pk(id, pos) ON pk.id = h.key_id
+                    WHERE r.pos <= nr) m) c;
+        -- The first resolution (in order) that cannot be made aborts the batch, as it always did.
+        SELECT c.pos INTO i FROM unnest(r_ok, r_ct, r_cu, r_k) WITH ORDINALITY AS c(ok, ct, cu, k, pos)
+        WHERE c.ok AND (c.ct IS NULL OR c.ct < 0 OR c.cu < 0 OR c.k IS NULL) ORDER BY c.pos LIMIT 1;
+        IF i IS NOT NULL THEN
+            IF r_ct[i] IS NULL THEN
+                RAISE EXCEPTION 'cortex_batch: a hold cannot be resolved as %', r_states[i];
+            ELSIF r_k[i] IS NULL THEN
+                RAISE EXCEPTION 'cortex_batch: hold % names a key that is not in the ledger', r_ids[i];
+            END IF;
+            RAISE EXCEPTION 'cortex_batch: a negative charge';
+        END IF;
+        -- Per key, what its resolutions free and charge; each key's sums go to it and to its account.
+        FOR rec IN SELECT c.k, SUM(c.ht) AS ht, SUM(c.hu) AS hu, COUNT(*) AS cnt, SUM(c.ct) AS ct, SUM(c.cu) AS cu
+                   FROM unnest(r_ok, r_k, r_ht, r_hu, r_ct, r_cu) AS c(ok, k, ht, hu, ct, cu)
+                   WHERE c.ok GROUP BY c.k ORDER BY c.k LOOP
+            FOREACH pi IN ARRAY ARRAY[rec.k, p_acct[rec.k]] LOOP
+                held_t[pi] := held_t[pi] - rec.ht; held_u[pi] := held_u[pi] - rec.hu; infl[pi] := infl[pi] - rec.cnt;
+                IF held_t[pi] < 0 OR held_u[pi] < 0 OR infl[pi] < 0 THEN
+                    RAISE EXCEPTION 'cortex_batch: % % holds less than its open holds', p_kind[pi], p_id[pi];
+                END IF;
+                spent_t[pi] := spent_t[pi] + rec.ct; spent_u[pi] := spent_u[pi] + rec.cu;
+                IF pspec[pi] IS NOT NULL THEN pu_t[pi] := pu_t[pi] + rec.ct; pu_u[pi] := pu_u[pi] + rec.cu; END IF;
+                IF bws[pi] IS NOT NULL THEN
+                    wu_t[pi] := wu_t[pi] + rec.ct; wu_u[pi] := wu_u[pi] + rec.cu;
+                    ch_t[pi] := ch_t[pi] + rec.ct; ch_u[pi] := ch_u[pi] + rec.cu;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF n_ok > 0 THEN
+            -- The planner prices a TID scan at a random page per hold and may prefer to scan the whole
+            -- (young) table, a cost of the history: this statement alone runs with seq scans off.
+            seqscan := current_setting('enable_seqscan');
+            PERFORM set_config('enable_seqscan', 'off', true);
+            UPDATE holds h SET state = c.st, charged_tokens = c.ct, charged_usd = c.cu,
+                               actual_tokens = CASE WHEN c.st = 'settled' THEN c.t END, resolved_at = now_s
+            FROM unnest(r_tid, r_ids, r_states, r_tokens, r_ct, r_cu, r_ok) AS c(tid, id, st, t, ct, cu, ok)
+            -- The locked versions, by ctid (a TID scan: `(state || '')`, as in step 1, rules out the partial indexes).
+            WHERE h.ctid = ANY(r_tid) AND c.ok AND h.ctid = c.tid AND h.id = c.id AND (h.state || '') = 'open';
+            GET DIAGNOSTICS cnt = ROW_COUNT;
+            PERFORM set_config('enable_seqscan', seqscan, true);
+            IF cnt <> n_ok THEN RAISE EXCEPTION 'cortex_batch: a locked hold was not open'; END IF;
+        END IF;
+        RETURN QUERY SELECT 'resolve'::text, c.pos::integer, c.ok, c.ct, c.cu, NULL::jsonb, NULL::text, now_s,
+                            NULL::text, NULL::float8, NULL::float8, NULL::text
+                     FROM unnest(r_ok, r_ct, r_cu) WITH ORDINALITY AS c(ok, ct, cu, pos);
+    END IF;
+    -- Charges join the bucket that contains now; a bucket's end is never before a charge in it.
+    FOR pi IN 1 .. n LOOP
+        IF ch_t[pi] > 0 OR ch_u[pi] > 0 THEN
+            bucket_s := win_s[pi] / WINDOW_BUCKETS_PLACEHOLDER;
+            bstart := floor(now_s / bucket_s) * bucket_s;
+            b_kind := b_kind || p_kind[pi]; b_id := b_id || p_id[pi]; b_start := b_start || bstart;
+            b_end := b_end || GREATEST(bstart + bucket_s, now_s); b_t := b_t || ch_t[pi]; b_u := b_u || ch_u[pi];
+        END IF;
+    END LOOP;
+    IF array_length(b_id, 1) > 0 THEN
+        INSERT INTO usage_buckets AS b (kind, id, bucket_start, bucket_end, tokens, usd)
+        SELECT * FROM unnest(b_kind, b_id, b_start, b_end, b_t, b_u)
+        ON CONFLICT (kind, id, bucket_start) DO UPDATE
+        SET tokens = b.tokens + excluded.tokens, usd = b.usd + excluded.usd,
+            bucket_end = GREATEST(b.bucket_end, excluded.bucket_end);
+    END IF;
+    -- 5. Extensions, then reserves, in order: each is judged against the holds of those before it.
+    IF ne > 0 THEN
+        -- Per extension, set-based: its locked open hold's position, unless this batch's resolutions
+        -- just resolved it (they went first), and that hold's key's position.
+        SELECT array_agg(s.hp ORDER BY s.pos), array_agg(s.k ORDER BY s.pos) INTO e_h, e_k
+        FROM (SELECT e.pos, CASE WHEN rr.id IS NULL THEN hh.pos END AS hp, na + pk.pos AS k
+              FROM unnest(e_ids) WITH ORDINALITY AS e(id, pos)
+              LEFT JOIN unnest(h_id, h_key) WITH ORDINALITY AS hh(id, key_id, pos) ON hh.id = e.id
+              LEFT JOIN (SELECT DISTINCT c.id FROM unnest(r_ids, r_ok) AS c(id, ok) WHERE c.ok) rr ON rr.id = e.id
+              LEFT JOIN unnest(p_id[na + 1 : n]) WITH ORDINALITY AS pk(id, pos) ON pk.id = hh.key_id
+              WHERE e.pos <= ne) s;
+        e_ok := array_fill(false, ARRAY[ne]); e_det := array_fill(NULL::jsonb, ARRAY[ne]);
+        e_t := array_fill(NULL::bigint, ARRAY[ne]); e_u := array_fill(NULL::bigint, ARRAY[ne]);
+        h_grown := array_fill(false, ARRAY[cardinality(h_id)]);
+    END IF;
+    IF nq > 0 THEN
+        -- Per reserve, set-based: its key's position (NULL: unknown), whether its id is already a
+        -- hold, and the position of its id's first occurrence in the batch (for duplicates within it).
+        SELECT array_agg(s.k ORDER BY s.pos), array_agg(s.ex ORDER BY s.pos), array_agg(s.first ORDER BY s.pos)
+        INTO q_k, q_exists, q_first
+        -- The existing ids: one primary-key probe per reserve (OFFSET 0 keeps the probe a subquery, so
+        -- the planner cannot turn it into a hash of the whole holds table, a cost of the history).
+        FROM (SELECT q.pos, na + pk.pos AS k, e.id IS NOT NULL AS ex, MIN(q.pos) OVER (PARTITION BY q.id) AS first
+              FROM unnest(q_ids, q_keys) WITH ORDINALITY AS q(id, key_id, pos)
+              LEFT JOIN unnest(p_id[na + 1 : n]) WITH ORDINALITY AS pk(id, pos) ON pk.id = q.key_id
+              LEFT JOIN LATERAL (SELECT h.id FROM holds h WHERE h.id = q.id OFFSET 0) e ON true
+              WHERE q.pos <= nq) s;
+        q_ok := array_fill(false, ARRAY[nq]); q_det := array_fill(NULL::jsonb, ARRAY[nq]);
+        taken := array_fill(false, ARRAY[nq]);
+    END IF;
+    IF ne + nq > 0 THEN
+        -- What each principal's caps leave for holds: an item fits a cap iff used + held + amount
+        -- <= cap, i.e. amount <= (cap - used) - held; the least over the caps is the room.
+        FOR pi IN 1 .. n LOOP
+            room_t[pi] := COALESCE(LEAST(bal_t[pi] - spent_t[pi], win_t[pi] - wu_t[pi], per_t[pi] - pu_t[pi]),
+                                   9223372036854775807);
+            room_u[pi] := COALESCE(LEAST(bal_u[pi] - spent_u[pi], win_u[pi] - wu_u[pi], per_u[pi] - pu_u[pi]),
+                                   9223372036854775807);
+            room_c[pi] := COALESCE(maxc[pi], 2147483647);
+        END LOOP;
+        -- Items 1..ne are the extensions, ne+1..ne+nq the reserves: one loop, one set of cap checks.
+        FOR j IN 1 .. ne + nq LOOP
+            is_ext := j <= ne;
+            IF is_ext THEN
+                i := j; hp := e_h[i]; k := e_k[i];
+                IF hp IS NULL THEN  -- not an open hold (settled, released, reaped, unknown): no effect
+                    CONTINUE;
+                ELSIF k IS NULL THEN
+                    RAISE EXCEPTION 'cortex_batch: hold % names a key that is not in the ledger', e_ids[i];
+                ELSIF (e_tokens[i] >= 0 AND e_usd[i] >= 0) IS NOT TRUE THEN
+                    RAISE EXCEPTION 'cortex_batch: an extension needs amounts >= 0';
+                END IF;
+                qt := e_tokens[i]; qu := e_usd[i];
+            ELSE
+                i := j - ne; k := q_k[i];
+                IF k IS NULL THEN
+                    q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'unknown', 'kind', 'key', 'id', q_keys[i]));
+                    CONTINUE;
+                ELSIF p_revoked[k] THEN
+                    q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'revoked', 'kind', 'key', 'id', q_keys[i]));
+                    CONTINUE;
+                ELSIF q_exists[i] OR taken[q_first[i]] THEN  -- already a hold, or admitted earlier in this batch
+                    q_det[i] := jsonb_build_array(jsonb_build_object('reason', 'duplicate', 'kind', 'key', 'id', q_keys[i]));
+                    CONTINUE;
+                ELSIF q_tokens[i] < 0 OR q_usd[i] < 0 OR NOT q_ttl[i] > 0 THEN
+                    RAISE EXCEPTION 'cortex_batch: a reserve needs amounts >= 0 and a ttl > 0';
+                END IF;
+                qt := q_tokens[i]; qu := q_usd[i];
+            END IF;
+            ac := p_acct[k];
+            IF (qt <= room_t[k] - held_t[k] AND qu <= room_u[k] - held_u[k]
+                AND qt <= room_t[ac] - held_t[ac] AND qu <= room_u[ac] - held_u[ac]
+                AND (is_ext OR (infl[k] < room_c[k] AND infl[ac] < room_c[ac]))) IS NOT TRUE THEN
+                -- Some cap refuses it: every failing cap, on the key and then on its account.
+                fails := '[]'::jsonb;
+                FOREACH pi IN ARRAY ARRAY[k, ac] LOOP
+                    IF bal_t[pi] IS NOT NULL AND spent_t[pi] + held_t[pi] + qt > bal_t[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', bal_t[pi], 'used', spent_t[pi], 'held', held_t[pi], 'asked', qt);
+                    END IF;
+                    IF bal_u[pi] IS NOT NULL AND spent_u[pi] + held_u[pi] + qu > bal_u[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'balance', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', bal_u[pi], 'used', spent_u[pi], 'held', held_u[pi], 'asked', qu);
+                    END IF;
+                    IF win_t[pi] IS NOT NULL AND wu_t[pi] + held_t[pi] + qt > win_t[pi] THEN
+                        excess := wu_t[pi] + held_t[pi] + qt - win_t[pi];
+                        fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', win_t[pi], 'used', wu_t[pi], 'held', held_t[pi], 'asked', qt,
+                            'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                            CASE WHEN excess <= wu_t[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, false) END);
+                    END IF;
+                    IF win_u[pi] IS NOT NULL AND wu_u[pi] + held_u[pi] + qu > win_u[pi] THEN
+                        excess := wu_u[pi] + held_u[pi] + qu - win_u[pi];
+                        fails := fails || jsonb_build_object('reason', 'window', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', win_u[pi], 'used', wu_u[pi], 'held', held_u[pi], 'asked', qu,
+                            'window_s', win_s[pi], 'excess', excess, 'wait_s',
+                            CASE WHEN excess <= wu_u[pi] THEN cortex_window_wait(p_kind[pi], p_id[pi], now_s, win_s[pi], excess, true) END);
+                    END IF;
+                    IF per_t[pi] IS NOT NULL AND pu_t[pi] + held_t[pi] + qt > per_t[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'tokens', 'limit', per_t[pi], 'used', pu_t[pi], 'held', held_t[pi], 'asked', qt,
+                            'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                    END IF;
+                    IF per_u[pi] IS NOT NULL AND pu_u[pi] + held_u[pi] + qu > per_u[pi] THEN
+                        fails := fails || jsonb_build_object('reason', 'period', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'unit', 'usd', 'limit', per_u[pi], 'used', pu_u[pi], 'held', held_u[pi], 'asked', qu,
+                            'period', per_kind[pi], 'tz', per_tz[pi], 'anchor', per_anchor[pi], 'period_end', pe[pi]);
+                    END IF;
+                    IF NOT is_ext AND maxc[pi] IS NOT NULL AND infl[pi] + 1 > maxc[pi] THEN  -- not for an extension
+                        fails := fails || jsonb_build_object('reason', 'concurrency', 'kind', p_kind[pi], 'id', p_id[pi],
+                            'limit', maxc[pi]);
+                    END IF;
+                END LOOP;
+                IF jsonb_array_length(fails) > 0 THEN
+                    IF is_ext THEN e_det[i] := fails; ELSE q_det[i] := fails; END IF;
+                    CONTINUE;
+                END IF;
+            END IF;
+            held_t[k] := held_t[k] + qt; held_u[k] := held_u[k] + qu; grew[k] := true;
+            held_t[ac] := held_t[ac] + qt; held_u[ac] := held_u[ac] + qu; grew[ac] := true;
+            IF is_ext THEN  -- the same hold grows by what its principals now hold more
+                h_t[hp] := h_t[hp] + qt; h_u[hp] := h_u[hp] + qu; h_grown[hp] := true;
+                e_ok[i] := true; e_t[i] := h_t[hp]; e_u[i] := h_u[hp];
+            ELSE
+                infl[k] := infl[k] + 1; more[k] := true; infl[ac] := infl[ac] + 1; more[ac] := true;
+                q_ok[i] := true; taken[q_first[i]] := true;
+            END IF;
+        END LOOP;
+    END IF;
+    IF ne > 0 THEN
+        -- The grown hold's own columns by a join, not by subscripts: a query's array parameters are flat,
+        -- and subscripting a flat array of text walks it from the start (quadratic in the batch).
+        RETURN QUERY SELECT 'extend'::text, c.pos::integer, c.ok, c.t, c.u, c.det, hh.acct, now_s, hh.key_id,
+                            hh.created, hh.expires, hh.rid
+                     FROM unnest(e_ok, e_det, e_h, e_t, e_u) WITH ORDINALITY AS c(ok, det, hp, t, u, pos)
+                     LEFT JOIN unnest(h_key, h_acct, h_created, h_expires, h_rid) WITH ORDINALITY
+                               AS hh(key_id, acct, created, expires, rid, pos) ON c.ok AND hh.pos = c.hp;
+    END IF;
+    IF nq > 0 THEN
+        RETURN QUERY SELECT 'reserve'::text, c.pos::integer, c.ok, 0::bigint, 0::bigint, c.det,
+                            CASE WHEN c.ok THEN p_id[p_acct[c.k]] END, now_s,
+                            NULL::text, NULL::float8, NULL::float8, NULL::text
+                     FROM unnest(q_ok, q_det, q_k) WITH ORDINALITY AS c(ok, det, k, pos);
+    END IF;
+    -- 6. Write the principals back. The guard re-checks, in SQL on the locked row, every amount cap
+    --    of a principal whose holds grew (by a reserve or an extension), and the concurrency cap of
+    --    one whose in_flight grew (by a reserve): it cannot fail unless the judging above is wrong.
+    UPDATE accounts a SET held_tokens = u.ht, held_usd = u.hu, in_flight = u.inf, spent_tokens = u.st,
+        spent_usd = u.su, period_start = u.ps, period_end = u.pe, period_spec = u.spec,
+        period_used_tokens = u.put, period_used_usd = u.puu, buckets_window_s = u.bws
+    FROM unnest(p_id[1:na], held_t[1:na], held_u[1:na], infl[1:na], spent_t[1:na], spent_u[1:na], ps[1:na],
+                pe[1:na], pspec[1:na], pu_t[1:na], pu_u[1:na], bws[1:na], grew[1:na], wu_t[1:na], wu_u[1:na],
+                more[1:na])
+         AS u(id, ht, hu, inf, st, su, ps, pe, spec, put, puu, bws, grew, wut, wuu, more)
+    WHERE a.id = u.id AND (NOT u.grew OR (
+        (a.balance_tokens IS NULL OR u.st + u.ht <= a.balance_tokens) AND (a.balance_usd IS NULL OR u.su + u.hu <= a.balance_usd)
+        AND (a.window_tokens IS NULL OR u.wut + u.ht <= a.window_tokens) AND (a.window_usd IS NULL OR u.wuu + u.hu <= a.window_usd)
+        AND (a.period_tokens IS NULL OR u.put + u.ht <= a.period_tokens) AND (a.period_usd IS NULL OR u.puu + u.hu <= a.period_usd)))
+      AND (NOT u.more OR a.max_concurrency IS NULL OR u.inf <= a.max_concurrency);
+    GET DIAGNOSTICS cnt = ROW_COUNT;
+    IF cnt <> na THEN RAISE EXCEPTION 'cortex_batch: an account cap check failed at write-back'; END IF;
+    UPDATE keys a SET held_tokens = u.ht, held_usd = u.hu, in_flight = u.inf, spent_tokens = u.st,
+        spent_usd = u.su, period_start = u.ps, period_end = u.pe, period_spec = u.spec,
+        period_used_tokens = u.put, period_used_usd = u.puu, buckets_window_s = u.bws
+    FROM unnest(p_id[na+1:n], held_t[na+1:n], held_u[na+1:n], infl[na+1:n], spent_t[na+1:n], spent_u[na+1:n],
+                ps[na+1:n], pe[na+1:n], pspec[na+1:n], pu_t[na+1:n], pu_u[na+1:n], bws[na+1:n], grew[na+1:n],
+                wu_t[na+1:n], wu_u[na+1:n], more[na+1:n])
+         AS u(id, ht, hu, inf, st, su, ps, pe, spec, put, puu, bws, grew, wut, wuu, more)
+    WHERE a.id = u.id AND (NOT u.grew OR (
+        (a.balance_tokens IS NULL OR u.st + u.ht <= a.balance_tokens) AND (a.balance_usd IS NULL OR u.su + u.hu <= a.balance_usd)
+        AND (a.window_tokens IS NULL OR u.wut + u.ht <= a.window_tokens) AND (a.window_usd IS NULL OR u.wuu + u.hu <= a.window_usd)
+        AND (a.period_tokens IS NULL OR u.put + u.ht <= a.period_tokens) AND (a.period_usd IS NULL OR u.puu + u.hu <= a.period_usd)))
+      AND (NOT u.more OR a.max_concurrency IS NULL OR u.inf <= a.max_concurrency);
+    GET DIAGNOSTICS cnt = ROW_COUNT;
+    IF cnt <> n - na THEN RAISE EXCEPTION 'cortex_batch: a key cap check failed at write-back'; END IF;
+    -- The grown holds, by the locked version's ctid (still current: a hold this batch resolved is never
+    -- extended), and only while still open and no larger than judged: held stays the sum of the open holds.
+    IF ne > 0 THEN
+        grown_tids := ARRAY(SELECT c.tid FROM unnest(h_tid, h_grown) AS c(tid, grown) WHERE c.grown);
+        IF cardinality(grown_tids) > 0 THEN
+            seqscan := current_setting('enable_seqscan');
+            PERFORM set_config('enable_seqscan', 'off', true);  -- a TID scan, as in step 4
+            UPDATE holds h SET amount_tokens = c.t, amount_usd = c.u
+            FROM unnest(h_tid, h_id, h_t, h_u, h_grown) AS c(tid, id, t, u, grown)
+            WHERE h.ctid = ANY(grown_tids) AND c.grown AND h.ctid = c.tid AND h.id = c.id AND (h.state || '') = 'open'
+              AND h.amount_tokens <= c.t AND h.amount_usd <= c.u;
+            GET DIAGNOSTICS cnt = ROW_COUNT;
+            PERFORM set_config('enable_seqscan', seqscan, true);
+            IF cnt <> cardinality(grown_tids) THEN RAISE EXCEPTION 'cortex_batch: an extended hold was not open'; END IF;
+        END IF;
+    END IF;
+    IF nq > 0 THEN
+        INSERT INTO holds (id, key_id, account_id, amount_tokens, amount_usd, created_at, expires_at, state,
+                           request_id, model, client_request_id, replica_id, lease_deadline)
+        SELECT c.id, c.key_id, p_id[p_acct[c.k]], c.t, c.u, now_s, now_s + c.ttl, 'open', c.rid, c.model, c.cid,
+               p_replica, now_s + p_lease_s
+        FROM unnest(q_ids, q_keys, q_tokens, q_usd, q_ttl, q_request_ids, q_models, q_client_ids, q_ok, q_k)
+             AS c(id, key_id, t, u, ttl, rid, model, cid, ok, k)
+        WHERE c.ok;
+    END IF;
+END $$"""
+
+OUTPUT_HOLDS = ("worst_case", "incremental")  # a principal's output-hold policy; NULL: inherited (ledger.Caps)
+
+_V3 = (
+    # The policy that asks for incremental holds, per principal, as the SQLite ledger keeps it.
+    *(f"ALTER TABLE {table} ADD COLUMN output_holds TEXT CHECK (output_holds IN ({', '.join(repr(p) for p in OUTPUT_HOLDS)}))"
+      for table in ("accounts", "keys")),
+    # Step 2's signature; the one `cortex_reap` calls, now with the extensions' empty defaults.
+    "DROP FUNCTION cortex_batch(TEXT[], TEXT[], BIGINT[], BIGINT[], TEXT[], TEXT[], BIGINT[], BIGINT[],"
+    " DOUBLE PRECISION[], TEXT[], TEXT[], TEXT[], DOUBLE PRECISION, TEXT, DOUBLE PRECISION)",
+    _BATCH_V3.replace("WINDOW_BUCKETS_PLACEHOLDER", str(WINDOW_BUCKETS)),
+)
+
 # Ordered; version N is what steps 1..N give. A new step goes at the end, never in the middle.
-MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2))
+MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2), (3, _V3))
 # The tables that hold a ledger's contents (schema_version and meta describe the ledger itself).
 DATA_TABLES = ("replicas", "accounts", "keys", "holds", "alert_state", "alert_outbox", "alert_counters", "usage_buckets")
 
@@ -907,7 +1383,7 @@ _INT, _FLOAT, _TEXT, _BYTES = int, float, str, bytes
 _CAPS_TYPES = {
     "balance_tokens": _INT, "window_tokens": _INT, "window_s": _FLOAT, "max_concurrency": _INT, "balance_usd": _INT,
     "window_usd": _INT, "period": _TEXT, "period_timezone": _TEXT, "period_anchor_day": _INT, "period_tokens": _INT,
-    "period_usd": _INT, "spent_tokens": _INT, "spent_usd": _INT,
+    "period_usd": _INT, "spent_tokens": _INT, "spent_usd": _INT, "output_holds": _TEXT,
 }
 # What is copied from each SQLite table, column by column, with the Python type PostgreSQL gets.
 IMPORT_COLUMNS: dict[str, dict[str, type]] = {

@@ -34,18 +34,11 @@ from psycopg.rows import dict_row
 from cortex.budget import pg_schema
 from cortex.budget.ledger import Caps, Hold, Principal, Refusal
 from cortex.budget.periods import period_bounds
-from cortex.budget.pg_ledger import Reserve, Resolve
+from cortex.budget.pg_ledger import Extend, Reserve, Resolve
 from cortex.budget.pg_store import PgAdmission
 from cortex.budget.service import SPEND_BUCKET_S, KeyRecord
 from cortex.budget.shared_service import EVERYTHING, Directory
-from cortex.budget.store import CAPS_FIELDS as _STORE_CAPS_FIELDS, TABLES, StoreError, caps_of, caps_row as _store_caps_row
-
-# The PostgreSQL schema's principal columns (its migrations add output_holds with the hold extensions).
-CAPS_FIELDS = tuple(f for f in _STORE_CAPS_FIELDS if f != "output_holds")
-
-
-def caps_row(caps: Any) -> tuple[Any, ...]:
-    return tuple(v for f, v in zip(_STORE_CAPS_FIELDS, _store_caps_row(caps)) if f in CAPS_FIELDS)
+from cortex.budget.store import CAPS_FIELDS, TABLES, StoreError, caps_of, caps_row
 
 log = logging.getLogger("cortex")
 
@@ -57,7 +50,8 @@ LISTEN_BACKOFF_S = (0.05, 2.0)
 PRINCIPAL_COLUMNS = (
     "id, created_at, balance_tokens, window_tokens, window_s, max_concurrency, balance_usd, window_usd, period,"
     " period_timezone, period_anchor_day, period_tokens, period_usd, spent_tokens, spent_usd, held_tokens, held_usd,"
-    " in_flight, period_start, period_end, period_spec, period_used_tokens, period_used_usd, buckets_window_s"
+    " in_flight, period_start, period_end, period_spec, period_used_tokens, period_used_usd, buckets_window_s,"
+    " output_holds"
 )
 KEY_COLUMNS = "account_id, name, key_hash, key_prefix, revoked_at"
 
@@ -76,6 +70,7 @@ class PgShared:
     """One replica's handle on the shared ledger; build it with `PgShared.open`."""
 
     shared = True  # the app builds a SharedBudgetService on it
+    extends = True  # holds grow in place (incremental output holds)
 
     def __init__(self, url: str, admission: PgAdmission | None) -> None:
         self.url = url
@@ -132,6 +127,12 @@ class PgShared:
         if self.admission is None:
             raise StoreError("this handle on the ledger admits no requests")
         return await self.admission.resolve(res, durable)
+
+    async def extend(self, hold_id: str, tokens: int, usd: int) -> Hold | Refusal | None:
+        """Grow an open hold, judged in the next group commit ahead of its reserves (pg_ledger.py)."""
+        if self.admission is None:
+            raise StoreError("this handle on the ledger admits no requests")
+        return await self.admission.extend(Extend(hold_id, tokens, usd))
 
     def resolve_soon(self, res: Resolve) -> None:
         if self.admission is None:

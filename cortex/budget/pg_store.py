@@ -2,25 +2,30 @@
 
 `PgAdmission` is to `PgLedger` (cortex/budget/pg_ledger.py, which holds the
 proof of `spent + held <= cap` across replicas) what `ThreadedStore` is to
-SQLite. Trio tasks queue reserves and resolutions; ONE writer thread owning
-ONE autocommit connection drains everything queued into ONE
-`PgLedger.step(resolutions, reserves, now=None)` (one statement: one
+SQLite. Trio tasks queue reserves, extensions and resolutions; ONE writer
+thread owning ONE autocommit connection drains everything queued into ONE
+`PgLedger.step(resolutions, reserves, None, extensions)` (one statement: one
 transaction, one round trip; `now=None`: the database's clock, the one clock
 of all replicas), then wakes every waiter with one `run_sync_soon` through
 the Trio token.
 
 Order. Everything goes through one queue, read in order; a deferred
 resolution wakes the writer but does not start a batch before an item
-someone awaits arrives or `DEFER_FLUSH_S` has passed. A resolution of a
-hold reserved EARLIER IN THE SAME batch (a cancelled reserve, then its
-release) cuts the batch there, and it and what follows go in the next one,
-since `step` runs a batch's resolutions before its reserves.
+someone awaits arrives or `DEFER_FLUSH_S` has passed. `step` runs a
+batch's resolutions, then its extensions, then its reserves, so an item that
+would see a different ledger in that order than in the queue's cuts the
+batch there, and it and what follows go in the next one: a resolution of a
+hold reserved or extended EARLIER IN THE SAME batch (a cancelled reserve,
+then its release; a slice, then the settlement), and an extension of a hold
+reserved earlier in it.
 
 Cancellation. A reserve cancelled while it waits may or may not be placed:
 the caller must release it, and `release` of a hold that was never placed
 is a no-op (the database reports False). The store also releases, by
 itself, a hold whose waiter was cancelled before the answer came, so a
-caller that forgets cannot leak it.
+caller that forgets cannot leak it. An extension cancelled while it waits
+may or may not have grown its hold; the hold stays the caller's, open, to
+settle or release as ever (the store releases nothing for it).
 
 Failures. A lost connection, a serialization failure, a deadlock or a
 statement timeout fails the batch's waiters with StoreError (the caller
@@ -35,7 +40,19 @@ was lost), so:
   * a retried reserve whose hold id was in such a batch and that comes back
     `duplicate` counts as placed only if the holds table says so (open,
     this replica's, the same key and amounts); otherwise StoreError: fail
-    safe, never a hold the database does not have.
+    safe, never a hold the database does not have;
+  * every extension in it fails with StoreError and is NOT retried (a
+    second extension would grow the hold twice). It may have been applied:
+    the caller must treat it as NOT granted for forwarding (stream no tokens
+    past the hold it knew before), while the hold in the database may be
+    that much larger. That costs only room, never money: settlement charges
+    min(actual, hold), and actual counts only the tokens the client received,
+    so the client is never charged for the slice it did not get; the extra
+    room is freed when the hold is settled or released. A caller that asks
+    again (a new `extend` of the same slice) may grow it twice over, which
+    errs the same safe way. (A hold that is never settled, because it expires
+    or its replica dies and it is reaped, is charged in full as ever: then
+    at its grown amount, the upper bound of what may have been served.)
 Any other database error (a bug the function's own assertions caught) is
 certain to have rolled back: the batch is rerun one item at a time, so one
 bad item fails alone (ThreadedStore's rule).
@@ -73,7 +90,7 @@ from psycopg import errors as pg_errors
 
 from cortex.budget import pg_schema
 from cortex.budget.ledger import Hold, Refusal
-from cortex.budget.pg_ledger import BATCH_MAX, REAP_BATCH_MAX, Counters, PgLedger, Reserve, Resolve
+from cortex.budget.pg_ledger import BATCH_MAX, REAP_BATCH_MAX, Counters, Extend, PgLedger, Reserve, Resolve
 from cortex.budget.store import DEFER_FLUSH_S, StoreError
 
 log = logging.getLogger("cortex")
@@ -93,17 +110,23 @@ CommitObserver = Callable[[int, float], None]
 
 
 class _Waiter:
-    __slots__ = ("event", "error", "result", "abandoned")
+    __slots__ = ("event", "error", "result", "abandoned", "places")
 
-    def __init__(self) -> None:
+    def __init__(self, places: bool = False) -> None:
         self.event = trio.Event()
         self.error: BaseException | None = None
         self.result: Any = None
         self.abandoned = False  # its task was cancelled; set and read only in Trio's thread
+        self.places = places  # a reserve's: a Hold answered to nobody is released (an extension's is not)
+
+    @property
+    def unwanted_hold(self) -> Hold | None:
+        """The hold this waiter placed, if its task is gone: the store releases it."""
+        return self.result if self.places and isinstance(self.result, Hold) else None
 
 
 # Queue items: (kind, payload, waiter or None).
-_RESERVE, _RESOLVE, _HEARTBEAT, _FLUSH = "reserve", "resolve", "heartbeat", "flush"
+_RESERVE, _EXTEND, _RESOLVE, _HEARTBEAT, _FLUSH = "reserve", "extend", "resolve", "heartbeat", "flush"
 _STOP = object()
 
 
@@ -179,6 +202,19 @@ class PgAdmission:
         release it (a no-op when it was not); the store releases it too.
         """
         return await self._submit(_RESERVE, req)
+
+    async def extend(self, ext: Extend) -> Hold | Refusal | None:
+        """Grow an open hold by its next slice, durably, in the next group commit, or say why not.
+
+        The Hold with its new amounts when every amount cap of its key and
+        account allows it (concurrency is not judged: the request is in flight);
+        the Refusal a reserve of the extra amounts would get otherwise; None when
+        the hold is not open (settled, released, reaped, unknown), and nothing
+        changed. StoreError (or a cancellation) means the outcome is unknown:
+        treat the slice as NOT granted, and settle the hold as usual; its charge
+        is capped at what was actually delivered (see the module's Failures).
+        """
+        return await self._submit(_EXTEND, ext)
 
     async def resolve(self, res: Resolve, durable: bool = False) -> bool | None:
         """Settle, release or expire a hold.
@@ -295,15 +331,15 @@ class PgAdmission:
 
     async def _submit(self, kind: str, payload: Any) -> Any:
         self._check_open()
-        waiter = _Waiter()
+        waiter = _Waiter(places=kind == _RESERVE)
         self._queue.put((kind, payload, waiter))
         try:
             await waiter.event.wait()
         except BaseException:
             if not waiter.event.is_set():
                 waiter.abandoned = True  # the wake-up releases a hold placed for nobody
-            elif isinstance(waiter.result, Hold):  # answered, but too late for its task
-                self._defer(Resolve(waiter.result.id, "released"))
+            elif (hold := waiter.unwanted_hold) is not None:  # answered, but too late for its task
+                self._defer(Resolve(hold.id, "released"))
             raise
         if waiter.error is not None:
             raise StoreError(str(waiter.error)) from None
@@ -414,10 +450,12 @@ class PgAdmission:
         batch, rest = _cut(items, self.batch_max)
         resolutions = [(p, w) for k, p, w in batch if k == _RESOLVE]
         reserves = [(p, w) for k, p, w in batch if k == _RESERVE]
+        extensions = [(p, w) for k, p, w in batch if k == _EXTEND]
         others = [(k, w) for k, _, w in batch if k in (_HEARTBEAT, _FLUSH)]
         started = time.perf_counter()
         try:
-            resolved, placed = self._ledger.step([p for p, _ in resolutions], [p for p, _ in reserves], None)
+            resolved, placed, extended = self._ledger.step(
+                [p for p, _ in resolutions], [p for p, _ in reserves], None, [p for p, _ in extensions])
         except psycopg.Error as exc:
             self._failed_batch(batch, exc)
             return rest
@@ -437,13 +475,15 @@ class PgAdmission:
                 w.error = result
             else:
                 w.result = result
+        for (_, w), grown in zip(extensions, extended):
+            w.result = grown
         for k, w in others:
             if k == _HEARTBEAT and isinstance(heartbeat, StoreError):
                 w.error = heartbeat
             else:
                 w.result = heartbeat if k == _HEARTBEAT else None
         self.batches += 1
-        self._wake([w for _, _, w in batch if w is not None], len(resolutions) + len(reserves),
+        self._wake([w for _, _, w in batch if w is not None], len(resolutions) + len(reserves) + len(extensions),
                    time.perf_counter() - started)
         return rest
 
@@ -492,7 +532,10 @@ class PgAdmission:
             self._wake([waiter], 0, 0.0)
 
     def _fail(self, batch: list[tuple[str, Any, _Waiter | None]], error: StoreError, sent: bool) -> None:
-        """Fail the waiters; keep the resolutions for the next batch and, if the batch was sent, release its reserves."""
+        """Fail the waiters; keep the resolutions for the next batch and, if the batch was sent, release its reserves.
+
+        Extensions are not kept: one that may have committed must not grow its hold again (the module's Failures).
+        """
         again: list[tuple[str, Any, _Waiter | None]] = []
         for kind, payload, _ in batch:
             if kind == _RESOLVE:
@@ -511,8 +554,8 @@ class PgAdmission:
     def _wake(self, waiters: list[_Waiter], batch_size: int, commit_s: float) -> None:
         def wake() -> None:
             for waiter in waiters:
-                if waiter.abandoned and isinstance(waiter.result, Hold):
-                    self._defer(Resolve(waiter.result.id, "released"))  # after its reserve, in the one queue
+                if waiter.abandoned and (hold := waiter.unwanted_hold) is not None:
+                    self._defer(Resolve(hold.id, "released"))  # after its reserve, in the one queue
                 waiter.event.set()
             if self._on_commit is not None and batch_size:
                 self._on_commit(batch_size, commit_s)
@@ -524,18 +567,26 @@ class PgAdmission:
 
 
 def _cut(items: Sequence[tuple[str, Any, _Waiter | None]], batch_max: int) -> tuple[list, list]:
-    """The longest prefix that is one valid batch: at most `batch_max` reserves and resolutions each, and no
-    resolution of a hold reserved earlier in it (`step` would run the resolution first)."""
+    """The longest prefix that is one valid batch: at most `batch_max` reserves, extensions and resolutions each,
+    and nothing `step`'s order (resolutions, extensions, reserves) would run ahead of an item before it in the
+    queue that it depends on: no resolution of a hold reserved or extended earlier in it, and no extension of a
+    hold reserved earlier in it."""
     reserved: set[str] = set()
-    n_reserve = n_resolve = 0
+    extended: set[str] = set()
+    n_reserve = n_extend = n_resolve = 0
     for i, (kind, payload, _) in enumerate(items):
         if kind == _RESERVE:
             if n_reserve == batch_max:
                 return list(items[:i]), list(items[i:])
             n_reserve += 1
             reserved.add(payload.hold_id)
+        elif kind == _EXTEND:
+            if n_extend == batch_max or payload.hold_id in reserved:
+                return list(items[:i]), list(items[i:])
+            n_extend += 1
+            extended.add(payload.hold_id)
         elif kind == _RESOLVE:
-            if n_resolve == batch_max or payload.hold_id in reserved:
+            if n_resolve == batch_max or payload.hold_id in reserved or payload.hold_id in extended:
                 return list(items[:i]), list(items[i:])
             n_resolve += 1
     return list(items), []
