@@ -11,7 +11,9 @@ and three cortex processes on their own SQLite ledgers (synchronous=normal): wor
 default 1,024-token slices, and incremental with 128-token slices (8x the extensions). Each round sends the same
 streamed requests (max_tokens N) to each cortex in turn (the order rotated each round), at concurrency 1 and 16,
 and records each reply's
-latency (request to last byte). Medians over rounds; the added p50 is scaled to 1,000 output tokens.
+latency (request to last byte). Medians over rounds; the added p50 is scaled to 1,000 output tokens. Then,
+in this process, the cost of one extension itself (`BudgetService.extend`: the durable write the relay
+waits for), at synchronous normal and full: what a reply waits per slice, whatever the machine's noise.
 
     python scripts/bench_output_holds.py            # 5 rounds
     python scripts/bench_output_holds.py --quick    # 2 rounds
@@ -65,6 +67,29 @@ async def _round(url: str, key: str, n: int, concurrency: int, tokens: int) -> l
     return latencies
 
 
+async def _extension_latency(tmp: Path, extensions: int, synchronous: str) -> list[float]:
+    """Seconds per `BudgetService.extend` (one durable ledger write, the relay's wait), in this process."""
+    from cortex.budget.estimate import Estimate
+    from cortex.budget.ledger import Caps
+    from cortex.budget.service import BudgetService
+    from cortex.budget.store import ThreadedStore
+    from cortex.config import BudgetConfig
+    from cortex.metrics import GatewayMetrics
+
+    times: list[float] = []
+    async with ThreadedStore.open(tmp / f"ext-{synchronous}.db", synchronous) as store:
+        service = await BudgetService.load(store, time.time, BudgetConfig(synchronous=synchronous), GatewayMetrics())
+        record, _ = await service.create_key("bench", None, Caps(balance_tokens=10**15))
+        hold = await service.reserve(record, Estimate(100, 128), "r", MODEL)
+        for _ in range(extensions):
+            started = time.perf_counter()
+            grown = await service.extend(hold, 128)
+            times.append(time.perf_counter() - started)
+            assert grown is not None
+        await service.settle(hold, 100)
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -112,6 +137,13 @@ def main() -> int:
                 added = p50 - base
                 print(f"| {concurrency} | {label} | {p50:.1f} | {added:+.1f} | {added * 1000 / args.tokens:+.1f} |"
                       f" {p50 / base:.2f} |")
+        print("\n## One extension on the request path (BudgetService.extend on SQLite, in process; 500 in a row)\n")
+        print("| synchronous | p50 (ms) | p99 (ms) | per 1,000 output tokens at 1,024-token slices (ms) |")
+        print("| --- | --- | --- | --- |")
+        for synchronous in ("normal", "full"):
+            lat = sorted(trio.run(_extension_latency, tmp, 500, synchronous))
+            p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+            print(f"| {synchronous} | {p50:.3f} | {p99:.3f} | {p50 * 1000 / 1024:.3f} |")
         print(f"\n{lg.versions()}")
     finally:
         for daemon, _ in cortexes.values():
