@@ -16,10 +16,20 @@ library) and `tokenizer_config.json`, whose `chat_template` is a string or
 a list of named templates (transformers uses "default"), else a sibling
 `chat_template.jinja`. Every load error is a `TokenizerFilesError` whose
 message names the file and the field.
+
+The same files travel over HTTP as one JSON document (`tokenizer_document`):
+neuron serves its kernel models' files at the URL its `/v1/models` entry
+advertises, with the document's sha256, and cortex, which may run on
+another host, fetches it once per sha256 and loads it from the bytes
+(`files_from_document`) with the same checks as `load_files`:
+
+    {"tokenizer_json": "<tokenizer.json's text>",
+     "tokenizer_config": {<tokenizer_config.json, its chat_template the one the engine renders>}}
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +45,9 @@ from tokenizers import Tokenizer
 LIMIT_TEMPLATE_CHARS = 1 << 20
 LIMIT_RENDERED_CHARS = 64 << 20
 LIMIT_CONFIG_BYTES = 64 << 20  # tokenizer_config.json: a few KB in practice, big only with inlined vocabularies
+# The tokenizer document neuron serves and cortex fetches: tokenizer.json runs to a few MB (Llama 3:
+# 9 MB, Qwen 2: 7 MB), the largest vocabularies to about 35 MB (Gemma 3).
+LIMIT_DOCUMENT_BYTES = 64 << 20
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -181,8 +194,15 @@ class TokenizerFiles:
     tokenizer: Tokenizer
     config: dict[str, Any]
     template: ChatTemplate | None
-    tokenizer_path: str
+    tokenizer_path: str  # where tokenizer.json came from: its path, or what a document loader was told
     config_path: str | None
+
+
+def _with_template(tokenizer: Tokenizer, config: dict[str, Any], directory: str | None, config_what: str,
+                   tokenizer_path: str, config_path: str | None) -> TokenizerFiles:
+    source = template_source(config, directory, config_what)
+    template = ChatTemplate(source, special_tokens(config), where=config_what) if source is not None else None
+    return TokenizerFiles(tokenizer, config, template, tokenizer_path, config_path)
 
 
 def load_files(tokenizer_path: str, config_path: str | None = None, *, tokenizer_what: str = "tokenizer.json",
@@ -199,6 +219,53 @@ def load_files(tokenizer_path: str, config_path: str | None = None, *, tokenizer
         config = read_tokenizer_config(config_path, config_what)
     else:
         config, config_path = {}, None
-    source = template_source(config, os.path.dirname(config_path) if config_path else directory, config_what)
-    template = ChatTemplate(source, special_tokens(config), where=config_what) if source is not None else None
-    return TokenizerFiles(tokenizer, config, template, tokenizer_path, config_path)
+    return _with_template(tokenizer, config, os.path.dirname(config_path) if config_path else directory, config_what,
+                          tokenizer_path, config_path)
+
+
+def files_from_strings(tokenizer_json: str, config: dict[str, Any] | None = None, *,
+                       tokenizer_what: str = "tokenizer.json", config_what: str = "tokenizer_config.json") -> TokenizerFiles:
+    """`load_files` from tokenizer.json's text and tokenizer_config.json's object (None: none), with the
+    same checks and errors; there is no directory, so no chat_template.jinja beside them."""
+    if len(tokenizer_json) > LIMIT_DOCUMENT_BYTES:
+        raise TokenizerFilesError(f"{tokenizer_what}: over {LIMIT_DOCUMENT_BYTES} characters")
+    try:
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        raise TokenizerFilesError(f"{tokenizer_what}: cannot load: {exc}") from None
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise TokenizerFilesError(f"{config_what}: must hold a JSON object")
+    return _with_template(tokenizer, config, None, config_what, tokenizer_what, None)
+
+
+def tokenizer_document(tokenizer_json: str, config: dict[str, Any]) -> bytes:
+    """tokenizer.json's text and tokenizer_config.json's object as the one JSON document neuron serves
+    (compact UTF-8; the caller bounds it by LIMIT_DOCUMENT_BYTES). UnicodeEncodeError on a lone surrogate."""
+    assert isinstance(tokenizer_json, str) and isinstance(config, dict)
+    body = {"tokenizer_json": tokenizer_json, "tokenizer_config": config}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def document_sha256(document: bytes) -> str:
+    """What neuron advertises and cortex checks: the hex sha256 of the document's bytes as served."""
+    return hashlib.sha256(document).hexdigest()
+
+
+def files_from_document(document: bytes, *, what: str = "tokenizer document") -> TokenizerFiles:
+    """A `tokenizer_document` back into TokenizerFiles; every error a TokenizerFilesError naming `what`."""
+    if len(document) > LIMIT_DOCUMENT_BYTES:
+        raise TokenizerFilesError(f"{what}: over {LIMIT_DOCUMENT_BYTES} bytes")
+    try:
+        body = json.loads(document)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise TokenizerFilesError(f"{what}: not a JSON document: {exc}") from None
+    if not isinstance(body, dict):
+        raise TokenizerFilesError(f"{what}: must hold a JSON object")
+    text, config = body.get("tokenizer_json"), body.get("tokenizer_config")
+    if not isinstance(text, str):
+        raise TokenizerFilesError(f"{what}: field 'tokenizer_json' must be tokenizer.json's text")
+    if not isinstance(config, dict):
+        raise TokenizerFilesError(f"{what}: field 'tokenizer_config' must be tokenizer_config.json's object")
+    return files_from_strings(text, config, tokenizer_what=f"{what}: tokenizer_json",
+                              config_what=f"{what}: tokenizer_config")

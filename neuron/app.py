@@ -13,6 +13,13 @@ in one scheduler task (neuron/scheduler.py) under admission control
 Models have a lifecycle (neuron/lifecycle.py): `POST /models/load` and
 `POST /models/unload`, `GET /models`. Only ready models are listed in
 `/v1/models`; a request for a loading or unloading one is a 503.
+
+A kernel model's entry advertises its tokenizer files, `tokenizer: {...,
+"sha256", "url"}`, and `GET /v1/models/{id}/tokenizer` serves them as one
+JSON document (common/chat_template.py `tokenizer_document`), whose sha256
+that is: cortex, on this host or another, fetches it once per sha256 and
+counts prompts exactly with the files the engine encodes with. The mock
+advertises none; a model without one is a 404.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import platform
 import socket
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +44,7 @@ from common import errors
 from common.errors import ApiError
 from common.openai_schema import GenerationRequest, chat_request, completion_request, parse_json_object
 from common import counting
+from common.chat_template import LIMIT_DOCUMENT_BYTES, document_sha256
 from neuron import admission
 from neuron.deltas import deltas
 from neuron.engines import kernel_engine
@@ -69,28 +78,65 @@ class TokenizerInfo:
         }
 
 
+TOKENIZER_PATH_PREFIX = "/v1/models/"
+TOKENIZER_PATH_SUFFIX = "/tokenizer"
+
+
+def tokenizer_path(name: str) -> str:
+    """Where a model's tokenizer document is served (the name percent-encoded: any character may be in it)."""
+    return TOKENIZER_PATH_PREFIX + urllib.parse.quote(name, safe="") + TOKENIZER_PATH_SUFFIX
+
+
+@dataclass(frozen=True)
+class TokenizerDocument:
+    """A kernel model's tokenizer document, built once at load, and its sha256."""
+
+    document: bytes = field(repr=False)
+    sha256: str
+
+    def __post_init__(self) -> None:
+        assert len(self.document) <= LIMIT_DOCUMENT_BYTES and len(self.sha256) == 64
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     context_tokens: int = 32768
     output_tokens: int = 4096
     tokenizer: TokenizerInfo = TokenizerInfo()
+    files: TokenizerDocument | None = field(default=None, compare=False)  # None: nothing to advertise (the mock)
 
     def catalogue_entry(self, created: int) -> dict[str, Any]:
+        tokenizer = self.tokenizer.entry()
+        if self.files is not None:
+            tokenizer.update(sha256=self.files.sha256, url=tokenizer_path(self.name))
         return {
             "id": self.name,
             "object": "model",
             "created": created,
             "owned_by": "neuron",
             "limit": {"context": self.context_tokens, "output": self.output_tokens},
-            "tokenizer": self.tokenizer.entry(),
+            "tokenizer": tokenizer,
         }
+
+
+def advertised_tokenizer(name: str, tokenizer: Any) -> TokenizerDocument | None:
+    """The document to advertise for a kernel model, or None (no chat template, or over the bound)."""
+    document = tokenizer.files_document()
+    if document is None:
+        return None
+    if len(document) > LIMIT_DOCUMENT_BYTES:
+        _log.warning("tokenizer not advertised", extra={"fields": {
+            "event": "tokenizer_not_advertised", "model": name, "bytes": len(document),
+            "limit_bytes": LIMIT_DOCUMENT_BYTES}})
+        return None
+    return TokenizerDocument(document, document_sha256(document))
 
 
 def kernel_spec(name: str, context_tokens: int, output_tokens: int, tokenizer: Any) -> ModelSpec:
     prefix = max(1, len(tokenizer.encode("", add_special_tokens=True))) if tokenizer.bos_token_id is not None else 0
     info = TokenizerInfo(tokenizer.kind, tokenizer.message_overhead_tokens, tokenizer.reply_primer_tokens, prefix)
-    return ModelSpec(name, context_tokens, output_tokens, info)
+    return ModelSpec(name, context_tokens, output_tokens, info, advertised_tokenizer(name, tokenizer))
 
 
 @dataclass
@@ -174,6 +220,7 @@ class NeuronApp:
         self.router.add("GET", "/models", self._models)
         self.router.add("POST", "/models/load", self._load)
         self.router.add("POST", "/models/unload", self._unload)
+        self.router.add_prefix(TOKENIZER_PATH_PREFIX, self._model_tokenizer)
 
     @property
     def kernel(self) -> bool:
@@ -708,6 +755,23 @@ class NeuronApp:
         await asgi.send_json(
             request.send, 200, {"object": "list", "data": [m.catalogue_entry(created) for m in self.models.values()]}
         )
+
+    async def _model_tokenizer(self, request: asgi.Request) -> None:
+        """`GET /v1/models/{id}/tokenizer`: a ready model's tokenizer document, as advertised."""
+        path = request.path
+        if not path.endswith(TOKENIZER_PATH_SUFFIX) or len(path) <= len(TOKENIZER_PATH_PREFIX + TOKENIZER_PATH_SUFFIX):
+            raise errors.not_found(path)
+        if request.method != "GET":
+            raise errors.method_not_allowed(request.method, path, ["GET"])
+        name = path[len(TOKENIZER_PATH_PREFIX):-len(TOKENIZER_PATH_SUFFIX)]
+        spec = self.models.get(name)
+        if spec is None:
+            raise errors.model_not_found(name)
+        if spec.files is None:
+            raise ApiError(404, f"The model `{name}` has no tokenizer files to serve (the kernel engine's models "
+                                "with a chat template have).", param="model", code="tokenizer_not_found")
+        headers = asgi.JSON_HEADERS + [(b"etag", f'"{spec.files.sha256}"'.encode())]
+        await asgi.send_bytes(request.send, 200, spec.files.document, headers)
 
     def _model_health(self, record: ModelRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {"status": record.status}

@@ -94,7 +94,9 @@ def _received_tokens(body: bytes, stream: bool) -> int:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_a0_fan_out_on_a_capped_key_never_overshoots_and_nobody_gets_more_than_charged(pair, stream):
     neuron, cortex, _ = pair
-    hold = 8 + 10  # cortex's bound for HI on synth-tiny's advertised template (3 + 3 + 2 bytes), plus max_tokens
+    # cortex's byte bound for HI on synth-tiny's advertised template (3 + 3 + 2 bytes), plus max_tokens; once
+    # cortex holds the advertised tokenizer the hold is the exact 6 + 10, and more of the fan-out fits the cap.
+    hold = 8 + 10
     cap = 12 * hold + hold - 1
     key_id, key = create_key(cortex, f"fan-{stream}", balance_tokens=cap)
     before = neuron.get_json("/health")["requests_total"]
@@ -164,6 +166,49 @@ def test_tools_are_rendered_into_the_prompt_and_the_reply_is_text(pair):
     assert reply["usage"]["prompt_tokens"] > HI_PROMPT_TOKENS
     message = reply["choices"][0]["message"]
     assert "tool_calls" not in message and "reasoning_content" not in message and isinstance(message["content"], str)
+
+
+def _holds_advertised_tokenizer(cortex) -> bool:
+    tokenizers = httpx.get(cortex.url + "/health", timeout=10).json().get("tokenizers", {})
+    return tokenizers.get(MODEL, {}).get("state") == "held"
+
+
+def test_without_a_catalogue_the_advertised_tokenizer_holds_the_exact_prompt_count_and_refuses_overflow_itself(pair):
+    from common.counting import count_chat
+
+    neuron, cortex, plain_key = pair
+    wait_until(lambda: _holds_advertised_tokenizer(cortex))  # fetched once, in the background, after a poll
+    messages = [{"role": "system", "content": "You are a careful coding agent. " * 12},
+                {"role": "user", "content": "Refactor the parser, keep the tests green, explain each step. " * 18}]
+    exact = len(TOKENIZER.encode_chat(messages))
+    bound = count_chat(messages, TOKENIZER.message_overhead_tokens, TOKENIZER.reply_primer_tokens)  # cortex's byte bound
+    assert exact < bound
+    max_tokens = 8
+    key_id, key = create_key(cortex, "advert", balance_tokens=exact + max_tokens)  # the byte bound would not fit
+    r = _post(cortex.url, key, {"messages": messages, "max_tokens": max_tokens, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == exact  # the engine's count: the hold's prompt part, exactly
+    recent = wait_until(lambda: [x for x in usage(cortex, key_id)["recent"] if x["state"] == "settled"])
+    assert recent[0]["held_tokens"] == exact + max_tokens
+    counted = httpx.post(cortex.url + "/v1/messages/count_tokens", timeout=30,
+                         headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                         json={"model": MODEL, "system": messages[0]["content"], "messages": messages[1:]})
+    assert counted.status_code == 200 and counted.json() == {"input_tokens": exact}
+    # A context overflow is refused by cortex on its exact count, before the neuron sees it; the
+    # request that exactly fills the context (which the byte bound would overflow) goes through.
+    long = [{"role": "user", "content": "x" * 2000}]
+    long_exact = len(TOKENIZER.encode_chat(long))
+    room = 2048 - long_exact
+    assert count_chat(long, TOKENIZER.message_overhead_tokens, TOKENIZER.reply_primer_tokens) + room > 2048
+    seen = lambda: {k: v for k, v in neuron.get_json("/health").items() if k in ("requests_total", "rejected_total")}  # noqa: E731
+    before = seen()
+    over = _post(cortex.url, plain_key, {"messages": long, "max_tokens": room + 1})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+    assert f"({long_exact} in the messages, {room + 1} in the completion)" in over.json()["error"]["message"]
+    assert seen() == before and len(before) == 2
+    fits = _post(cortex.url, plain_key, {"messages": long, "max_tokens": room, **GREEDY})
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["prompt_tokens"] == long_exact
 
 
 def test_a_catalogue_tokenizer_holds_the_exact_prompt_count_and_admits_what_the_byte_bound_would_refuse(shared_stack: Stack):

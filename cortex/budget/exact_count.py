@@ -1,7 +1,9 @@
 """Exact prompt counts on a model's own tokenizer and chat template, with a prefix cache.
 
-Where the catalogue names a model's `tokenizer.json`, cortex renders a chat
-request with the model's template exactly as the engine does
+Where the catalogue names a model's `tokenizer.json`, or else the model's
+neurons advertise theirs (neuron's kernel engine serves its files, fetched
+once per sha256 by cortex/fleet/tokenizers.py and health.py), cortex renders
+a chat request with the model's template exactly as the engine does
 (`common.chat_template`, the code neuron's kernel engine renders with) and
 counts it with the `tokenizers` library. The estimate then holds that
 count instead of the byte bound.
@@ -122,9 +124,12 @@ class ExactCounter:
     """The exact prompt count of one model's requests, with a prefix cache. Thread-safe."""
 
     def __init__(self, files: TokenizerFiles, *, cache_bytes_max: int = CACHE_BYTES_MAX,
-                 stride_chars: int = STRIDE_CHARS) -> None:
+                 stride_chars: int = STRIDE_CHARS, render_fields: tuple[str, ...] = RENDER_FIELDS) -> None:
+        """`render_fields`: the request fields the engine may render differently with (a count is
+        then unknown); () for an engine known to ignore them all (neuron's kernel engine)."""
         assert cache_bytes_max >= 0 and stride_chars >= 1
         self.template = files.template
+        self.render_fields = render_fields
         # Our own copy: no truncation or padding, whatever tokenizer.json says (transformers and
         # vLLM encode a chat prompt whole; a truncated count would not bound the hold).
         self._tok = Tokenizer.from_str(files.tokenizer.to_str())
@@ -158,7 +163,7 @@ class ExactCounter:
         """The prompt tokens the engine will count for `gen`, or None where that is not known."""
         if gen.kind == "completion":
             return self.count_completion(gen.prompt)
-        if any(gen.body.get(f) is not None for f in RENDER_FIELDS):
+        if any(gen.body.get(f) is not None for f in self.render_fields):
             return self._refuse()
         return self.count_chat(gen.messages, gen.tools or None)
 

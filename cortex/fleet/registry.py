@@ -3,6 +3,10 @@
 Pure state: the poller and the dispatcher report observations, this module
 turns them into health, a merged model catalogue and routing decisions. No
 I/O and no clock, so the simulator and tests drive it directly.
+
+It also holds the tokenizers the neurons advertise (cortex/fleet/tokenizers.py):
+a model whose nodes all advertise one sha256 that cortex holds is counted
+exactly (`exact_counter`), and its prompt bound is then exact (`bound_exact`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from common import counting
 from cortex.config import UpstreamSpec
 from cortex.fleet.kinds import KINDS, Kind, ModelEntry, Residency
+from cortex.fleet.tokenizers import TokenizerStore
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,13 @@ class ModelInfo:
     template_exact: bool = True
     completion_prefix_tokens: int = 0  # special tokens a completion prompt gains (a BOS)
     # The prompt bound is the exact count on every replica (a byte-level tokenizer and
-    # common/counting's template): cortex may then refuse a context overflow itself.
+    # common/counting's template, or the model's advertised tokenizer, held): cortex may then
+    # refuse a context overflow itself.
     bound_exact: bool = False
+    # The tokenizer document the server advertises (its sha256, and its path on that server); on
+    # the fleet's merged view, the sha256 every replica agrees on, else None.
+    tokenizer_sha256: str | None = None
+    tokenizer_path: str | None = None
 
 
 def _counts_as_cortex(info: ModelInfo) -> bool:
@@ -55,6 +65,8 @@ def model_info(entry: ModelEntry, default_context_tokens: int, default_output_to
         entry.token_bytes_max,
         overhead is None and primer is None,
         entry.completion_prefix_tokens or 0,
+        tokenizer_sha256=entry.tokenizer_sha256,
+        tokenizer_path=entry.tokenizer_path,
     )
 
 
@@ -116,6 +128,7 @@ class Fleet:
         self.nodes = [_node(i, spec) for i, spec in enumerate(upstreams)]
         self._by_url = {n.url: n for n in self.nodes}
         self.unhealthy_after_failures = unhealthy_after_failures
+        self.tokenizers = TokenizerStore()
 
     def node(self, url: str) -> Node:
         return self._by_url[url]
@@ -165,13 +178,18 @@ class Fleet:
         """Any neuron, healthy or not, has advertised `model`."""
         return any(model in n.models for n in self.nodes)
 
+    def _info_nodes(self, model: str) -> list[Node]:
+        """The nodes `model`'s limits come from: those serving it that are healthy, else all serving it."""
+        nodes = [n for n in self.nodes if model in n.models and n.healthy]
+        return nodes or [n for n in self.nodes if model in n.models]
+
     def model_info(self, model: str) -> ModelInfo | None:
         """The tightest limits advertised for `model` by healthy nodes (any node if none)."""
-        nodes = [n for n in self.nodes if model in n.models and n.healthy]
-        nodes = nodes or [n for n in self.nodes if model in n.models]
+        nodes = self._info_nodes(model)
         infos = [n.models[model] for n in nodes]
         if not infos:
             return None
+        sha256 = _agreed(infos)
         # Limits: the tightest, so any replica can take it. Template costs: the dearest, so the
         # prompt bound holds on whichever replica it is routed to.
         return ModelInfo(
@@ -180,8 +198,61 @@ class Fleet:
             reply_primer_tokens=max(i.reply_primer_tokens for i in infos),
             template_exact=all(i.template_exact for i in infos),
             completion_prefix_tokens=max(i.completion_prefix_tokens for i in infos),
-            bound_exact=all(_counts_as_cortex(i) and self.token_bytes_max(n, model) == 1 for n, i in zip(nodes, infos)),
+            bound_exact=self.tokenizers.held(sha256) is not None
+            or all(_counts_as_cortex(i) and self.token_bytes_max(n, model) == 1 for n, i in zip(nodes, infos)),
+            tokenizer_sha256=sha256,
         )
+
+    # --- advertised tokenizers ------------------------------------------------
+
+    def tokenizer_sha256(self, model: str) -> str | None:
+        """The tokenizer every node `model`'s limits come from advertises; None if one advertises
+        none or two differ (the byte bound then holds)."""
+        return _agreed([n.models[model] for n in self._info_nodes(model)])
+
+    def exact_counter(self, model: str) -> Any | None:
+        """The exact counter of `model`'s advertised tokenizer, once held (cortex/budget/exact_count.py)."""
+        return self.tokenizers.held(self.tokenizer_sha256(model))
+
+    def tokenizer_sources(self) -> dict[str, list[tuple[str, str]]]:
+        """sha256 -> the (node URL, path) pairs that serve it, healthy nodes only, in node order."""
+        sources: dict[str, list[tuple[str, str]]] = {}
+        for node in self.nodes:
+            if not node.healthy:
+                continue
+            for info in node.models.values():
+                if info.tokenizer_sha256 is not None and info.tokenizer_path is not None:
+                    pair = (node.url, info.tokenizer_path)
+                    if pair not in sources.setdefault(info.tokenizer_sha256, []):
+                        sources[info.tokenizer_sha256].append(pair)
+        return sources
+
+    def tokenizers_advertised(self) -> set[str]:
+        """Every sha256 any node, healthy or not, advertises: what is worth keeping."""
+        return {i.tokenizer_sha256 for n in self.nodes for i in n.models.values() if i.tokenizer_sha256 is not None}
+
+    def tokenizer_conflicts(self) -> dict[str, tuple[str | None, ...]]:
+        """model -> the different tokenizers (None: none) its healthy nodes advertise, where they differ."""
+        conflicts = {}
+        for model in sorted({m for n in self.nodes if n.healthy for m in n.models}):
+            shas = {n.models[model].tokenizer_sha256 for n in self.nodes if n.healthy and model in n.models}
+            if len(shas) > 1:
+                conflicts[model] = tuple(sorted(shas, key=lambda s: s or ""))
+        return conflicts
+
+    def tokenizer_view(self) -> dict[str, dict[str, Any]]:
+        """Per model that advertises a tokenizer: its sha256 (if agreed) and cortex's state of it."""
+        view: dict[str, dict[str, Any]] = {}
+        for model in sorted({m for n in self.nodes for m, i in n.models.items() if i.tokenizer_sha256}):
+            sha256 = self.tokenizer_sha256(model)
+            if sha256 is None:
+                view[model] = {"sha256": None, "state": "disagree"}
+                continue
+            view[model] = {"sha256": sha256, "state": self.tokenizers.state(sha256)}
+            error = self.tokenizers.last_error(sha256)
+            if error is not None and view[model]["state"] != "held":
+                view[model]["error"] = error
+        return view
 
     def token_bytes_max(self, node: Node, model: str) -> int:
         """The most bytes one token of `model` on `node` covers: its tokenizer's, else its kind's."""
@@ -275,8 +346,18 @@ class Fleet:
             state = "degraded"
         else:
             state = "down"
-        return {
+        status = {
             "status": state,
             "neurons": {"total": total, "healthy": healthy, "unhealthy": total - healthy},
             "nodes": [n.view() for n in self.nodes],
         }
+        tokenizers = self.tokenizer_view()
+        if tokenizers:
+            status["tokenizers"] = tokenizers
+        return status
+
+
+def _agreed(infos: list[ModelInfo]) -> str | None:
+    """The one tokenizer sha256 all of `infos` advertise, or None."""
+    shas = {i.tokenizer_sha256 for i in infos}
+    return shas.pop() if len(shas) == 1 else None

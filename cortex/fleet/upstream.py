@@ -174,14 +174,17 @@ class Upstream:
         )
         return await self._transport(base_url).handle_async_request(request)
 
-    async def get(self, url: str, path: str, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        """GET a small document (health, catalogue): its status and body; a failure to get one raises."""
+    async def get(self, url: str, path: str, timeout_s: float, headers: dict[str, str] | None = None, *,
+                  limit_bytes: int = POLL_BODY_MAX_BYTES) -> tuple[int, bytes]:
+        """GET a document (health, catalogue: small; a tokenizer: up to `limit_bytes`), whole within
+        `timeout_s`: its status and body; a failure to get one raises."""
+        assert limit_bytes >= 0
         try:
             with trio.fail_after(timeout_s):
                 response = await self._send(url, "GET", path, b"", headers or {})
                 reader = UpstreamResponse(response, timeout_s)
                 try:
-                    raw = await reader.read_all(POLL_BODY_MAX_BYTES)
+                    raw = await reader.read_all(limit_bytes)
                 finally:
                     await reader.aclose()
         except trio.TooSlowError:

@@ -296,7 +296,9 @@ class KernelModel:
         return (self.settings.seed << 32) ^ self._seeds
 
     def encode_sync(self, gen: GenerationRequest) -> list[int]:
-        """The prompt's ids; refusals as 400s. Chat: the model's template, with `tools` rendered in."""
+        """The prompt's ids; refusals as 400s. Chat: the model's template, with `tools` rendered in,
+        and nothing else of the body (no `chat_template_kwargs`): cortex counts the prompt exactly
+        with the advertised files on that understanding."""
         from neuron.engines.kernel.runner import ChatTemplateError  # noqa: PLC0415 - the engine's own error
 
         tok = self.tokenizer

@@ -99,9 +99,16 @@ class ModelEntry:
     reply_primer_tokens: int | None = None
     token_bytes_max: int | None = None  # this model's tokenizer, where it differs from the kind's
     completion_prefix_tokens: int | None = None  # special tokens a completion prompt gains (a BOS)
+    # The model's tokenizer files, where the server serves them (neuron's kernel engine): the
+    # document's sha256 and its path on the server (cortex/fleet/tokenizers.py fetches it).
+    tokenizer_sha256: str | None = None
+    tokenizer_path: str | None = None
 
     def __post_init__(self) -> None:
         assert isinstance(self.name, str) and self.name
+        assert (self.tokenizer_sha256 is None) == (self.tokenizer_path is None)
+        assert self.tokenizer_sha256 is None or is_sha256(self.tokenizer_sha256)
+        assert self.tokenizer_path is None or is_server_path(self.tokenizer_path)
         for value in (self.context_tokens, self.output_tokens, self.input_tokens):
             assert value is None or _is_limit(value)
         for value in (self.message_overhead_tokens, self.reply_primer_tokens, self.completion_prefix_tokens):
@@ -491,6 +498,21 @@ def template_tokens(value: Any, what: str) -> int | None:
     if not _is_int(value) or not 0 <= value <= TEMPLATE_TOKENS_MAX:
         raise ValueError(f"{what} must be an integer from 0 to {TEMPLATE_TOKENS_MAX}, got {str(value)[:50]}")
     return value
+
+
+SERVER_PATH_CHARS_MAX = 2048
+
+
+def is_sha256(value: Any) -> bool:
+    """64 lower-case hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def is_server_path(value: Any) -> bool:
+    """A path on the server itself ("/..."; printable ASCII, no scheme, no host): cortex GETs it
+    from the node's own URL, never from wherever an advertisement points."""
+    return (isinstance(value, str) and 1 <= len(value) <= SERVER_PATH_CHARS_MAX and value.startswith("/")
+            and not value.startswith("//") and all("!" <= c <= "~" for c in value) and "#" not in value)
 
 
 def _is_int(value: Any) -> bool:

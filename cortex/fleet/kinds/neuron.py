@@ -16,6 +16,13 @@
   "completion_prefix_tokens"}`: what its chat template (and a completion
   prompt's BOS) costs (the kernel engine renders the checkpoint's own), which the
   estimate then uses in place of common/counting's template.
+* Tokenizer files: a kernel model's `tokenizer` also carries `"sha256"` and
+  `"url"`, a path on the neuron (`/v1/models/{id}/tokenizer`) that serves
+  the model's tokenizer.json and tokenizer_config.json as one JSON document
+  whose sha256 that is (common/chat_template.py). cortex fetches it once per
+  sha256, off the request path (cortex/fleet/tokenizers.py), and then counts
+  the model's prompts exactly. Both or neither; a malformed one makes the
+  model list malformed.
 """
 
 from __future__ import annotations
@@ -48,12 +55,26 @@ def parse_models(bodies: Mapping[str, Any]) -> dict[str, ModelEntry]:
         overhead = base.template_tokens(tokenizer.get("message_overhead_tokens"), f"{name}: tokenizer.message_overhead_tokens")
         primer = base.template_tokens(tokenizer.get("reply_primer_tokens"), f"{name}: tokenizer.reply_primer_tokens")
         prefix = base.template_tokens(tokenizer.get("completion_prefix_tokens"), f"{name}: tokenizer.completion_prefix_tokens")
+        sha256, path = tokenizer_advert(tokenizer, name)
         entries.append(ModelEntry(
             name, context, output, message_overhead_tokens=overhead, reply_primer_tokens=primer,
             token_bytes_max=None if byte_level else base.REAL_TOKENIZER_TOKEN_BYTES_MAX,
-            completion_prefix_tokens=prefix,
+            completion_prefix_tokens=prefix, tokenizer_sha256=sha256, tokenizer_path=path,
         ))
     return base.entries_by_name(entries)
+
+
+def tokenizer_advert(tokenizer: Mapping[str, Any], name: str) -> tuple[str | None, str | None]:
+    """(sha256, path) of the tokenizer document an entry advertises; (None, None) if none."""
+    sha256, url = tokenizer.get("sha256"), tokenizer.get("url")
+    if sha256 is None and url is None:
+        return None, None
+    if not base.is_sha256(sha256):
+        raise ValueError(f"{name}: tokenizer.sha256 must be 64 lower-case hex digits, got {str(sha256)[:80]!r}")
+    if not base.is_server_path(url):
+        raise ValueError(f"{name}: tokenizer.url must be a path on the neuron ('/...', printable ASCII, at most "
+                         f"{base.SERVER_PATH_CHARS_MAX} characters), got {str(url)[:80]!r}")
+    return sha256, url
 
 
 LIFECYCLE_PATH = "/models"

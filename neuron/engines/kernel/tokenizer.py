@@ -9,6 +9,12 @@ encoded with its special tokens parsed as specials.
 template by rendering probe conversations, so cortex's reservation
 (1 token per UTF-8 byte of text plus a per-message overhead) can use them
 as upper bounds; see `measure_overheads`.
+
+`files_document` is what neuron serves cortex at the URL its `/v1/models`
+entry advertises (common/chat_template.py `tokenizer_document`): this
+tokenizer and its config, with the chat template it renders (from the
+config, or a chat_template.jinja beside it), so cortex counts with the very
+files the engine encodes with.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from common.chat_template import (
     ChatTemplateError,
     TokenizerFilesError,
     compile_template,
+    tokenizer_document,
     read_tokenizer,
     read_tokenizer_config,
     special_tokens,
@@ -138,6 +145,7 @@ class KernelTokenizer:
         spec = json.loads(tokenizer.to_str())
         self.kind = _kind(spec)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.tokenizer_config = dict(tokenizer_config)
         self.special_tokens = special_tokens(tokenizer_config)
         config_bos = self.token_id(self.special_tokens.get("bos_token"))
         self.bos_token_id = bos_token_id if bos_token_id is not None else config_bos
@@ -185,6 +193,18 @@ class KernelTokenizer:
             rest += len(text[last:m.start()].encode())
             last = m.end()
         return specials + rest + len(text[last:].encode())
+
+    def files_document(self) -> bytes | None:
+        """tokenizer.json's text and tokenizer_config.json's object, its `chat_template` the one this
+        tokenizer renders, as one JSON document (common/chat_template.py); None without a template
+        (cortex cannot count a chat prompt) or with text JSON cannot carry."""
+        if self.chat_template_source is None:
+            return None
+        config = {**self.tokenizer_config, "chat_template": self.chat_template_source}
+        try:
+            return tokenizer_document(self._tok.to_str(), config)
+        except (UnicodeEncodeError, TypeError, ValueError):
+            return None
 
     # -- chat -----------------------------------------------------------------------------------
 
