@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from common.serving import leaf_error
+from cortex.config import OUTPUT_HOLDS
 from sim import report, runner
 from sim.scenario import Scenario, ScenarioError, load
 from sim.world import LedgerFaults
@@ -49,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.live:
         return _run_live(args, scenario)
     faults = LedgerFaults(**{args.plant_bug: True}) if args.plant_bug else None
+    if args.policy:
+        scenario = runner.with_policy(scenario, args.policy)
+    elif scenario.policies:
+        return _run_policies(args, scenario, faults)
     result = runner.run(scenario, args.seed, faults, keep_samples=args.plot)
     print(report.summary_table(result.summary))
     if args.out:
@@ -63,7 +68,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _verdict(result)
 
 
-def _verdict(result: runner.Result) -> int:
+def _run_policies(args: argparse.Namespace, scenario: Scenario, faults: LedgerFaults | None) -> int:
+    """The world once per output-hold policy; each run's table, then the comparison."""
+    comparison = runner.run_policies(scenario, args.seed, faults, keep_samples=args.plot)
+    for policy, result in comparison.results.items():
+        print(f"## under {policy} output holds\n")
+        print(report.summary_table(result.summary) + "\n")
+    print(report.policies_table(comparison.summary))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        traces = {policy: result.world.trace.lines for policy, result in comparison.results.items()}
+        print("wrote " + ", ".join(str(path) for path in report.write_policy_outputs(out, comparison.summary, traces)))
+    if args.plot:
+        for policy, result in comparison.results.items():
+            report.plot((out or Path(".")) / f"caps.{policy}.png", result.world.checker.samples)
+        print("wrote " + ", ".join(f"caps.{p}.png" for p in comparison.results))
+    return _verdict(comparison)
+
+
+def _verdict(result: runner.Result | runner.Comparison) -> int:
     if result.ok:
         print("\nresult: PASS (every invariant held; expectations met)")
         return 0
@@ -117,7 +140,7 @@ def _run_live(args: argparse.Namespace, scenario: Scenario) -> int:
 
 
 def _fuzz_one(path: str, seed: int) -> tuple[int, bool, str, str, float]:
-    result = runner.run(load(path), seed)
+    result = runner.run_any(load(path), seed)
     why = result.violation or "; ".join(result.expectation_failures)
     return seed, result.ok, why, result.trace_sha256, result.summary["wall_s"]
 
@@ -168,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--live", action="store_true", help="drive a real cortex in wall time instead")
     r.add_argument("--cortex", help="live: the cortex base URL")
     r.add_argument("--admin-token", default=os.environ.get("CORTEX_ADMIN_TOKEN"), help="live: the admin token")
+    r.add_argument("--policy", choices=OUTPUT_HOLDS,
+                   help="cortex's output-hold policy for this run (a scenario with `policies` then runs once, under it)")
     # Test-only: break the ledger on purpose, to prove a violation is caught.
-    r.add_argument("--plant-bug", choices=["skip_cap_check", "double_charge", "window_amnesia", "evict_busy", "local_admission"],
+    r.add_argument("--plant-bug", choices=["skip_cap_check", "double_charge", "window_amnesia", "evict_busy", "local_admission",
+                                            "forward_past_hold"],
                    help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("fuzz", help="run one scenario over many seeds")

@@ -1,8 +1,9 @@
 """The invariants, checked while the scenario runs, not only at its end.
 
-The ledger calls `on_ledger` after every reserve and every resolution, so
-the caps — every kind, in tokens and in micro-USD: balance, window, calendar
-period, concurrency — are checked at every instant their numbers change,
+The ledger calls `on_ledger` after every reserve, every extension of an
+incremental output hold and every resolution, so the caps — every kind, in
+tokens and in micro-USD: balance, window, calendar period, concurrency — are
+checked at every instant their numbers change,
 against the ledger's own numbers and against the checker's own tally of the
 ledger's events (the two must agree, period usage included); each hold's
 charge against what it held, tokens and money; and each refusal a period
@@ -15,7 +16,10 @@ at most 1 + FAILOVERS_MAX deliveries, no upstream tried twice, one hold
 reserved and resolved once. The fleet lifecycle is checked at the same
 seam: every load and unload cortex sends a neuron, every generation request
 it has in flight there (`on_open` / `on_close`), and each neuron's own
-memory. A violation is recorded with the virtual time and stops the run.
+memory. The simulated clients report every chunk of output they read
+(`on_forwarded`): what cortex forwarded must never pass what the request's
+hold covers for its output at that instant. A violation is recorded with the
+virtual time and stops the run.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class RequestRecord:
     served_by: str | None = None  # the upstream whose 200 body reached cortex
     committed: bool = False  # cortex's 200 head reached the client: no upstream may be tried after it
     replica: str | None = None  # the cortex replica the client sent it to (on a shared ledger)
+    prompt_tokens: int | None = None  # its prompt's tokens, by the client's own count: the prompt part of its hold
+    extensions: int = 0  # times its (incremental) hold grew
+    truncated: bool = False  # the client saw cortex end the reply at the hold's bound (x-cortex-budget-truncated)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,9 @@ class Checker:
     reserved: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (tokens, micro-USD) its hold took
     holds_at: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # principal -> run times of its holds
     refusals: list[tuple[str, RefusalRecord]] = field(default_factory=list)  # (request, refusal), in order
+    extensions: int = 0  # holds grown (incremental output holds), every request together
+    extensions_refused: Counter[str] = field(default_factory=Counter)  # extensions a cap refused, by cap
+    overshoot: int = 0  # the most any amount cap was passed by, by the ledger's numbers (0: never)
 
     def __post_init__(self) -> None:
         self.lifecycle.fail = self.fail
@@ -175,6 +185,8 @@ class Checker:
         principals = [self.ledger.principal(kind, pid) for kind, pid in chain]
         if event == "reserve":
             self._on_reserve(rid, hold, chain, tallies)
+        elif event == "extend":
+            self._on_extend(rid, hold, tallies)
         else:
             self._on_resolve(rid, hold, now, principals, tallies)
         for p, tally in zip(principals, tallies, strict=True):
@@ -198,9 +210,65 @@ class Checker:
         if record is not None:
             record.hold_amount, record.hold_usd, record.reserved_at = hold.amount_tokens, hold.amount_usd, at
 
+    def _on_extend(self, rid: str, hold: Hold, tallies: list[Tally]) -> None:
+        """An open hold grew (an incremental output hold's next slice): the tallies hold the growth, and the
+        checker's record of what the hold took follows it, so its settlement is judged against the grown hold."""
+        if rid not in self.open_by_request or rid not in self.reserved:
+            self.fail(f"{rid}: a hold that is not open grew to {hold.amount_tokens} tokens")
+            return
+        was_tokens, was_usd = self.reserved[rid]
+        more, more_usd = hold.amount_tokens - was_tokens, hold.amount_usd - was_usd
+        if more < 0 or more_usd < 0:
+            self.fail(f"{rid}: its hold went from {was_tokens} tokens and {was_usd} micro-USD to {hold.amount_tokens} "
+                      f"and {hold.amount_usd} in an extension; an extension only grows a hold")
+        self.reserved[rid] = (hold.amount_tokens, hold.amount_usd)
+        for tally in tallies:
+            tally.held += more
+            tally.held_usd += more_usd
+        self.extensions += 1
+        self.trace.event("extend", req=rid, amount=hold.amount_tokens, **({"usd": hold.amount_usd} if hold.amount_usd else {}))
+        record = self.requests.get(rid)
+        if record is not None:
+            record.hold_amount, record.hold_usd = hold.amount_tokens, hold.amount_usd
+            record.extensions += 1
+
+    def on_extend_refused(self, request_id: str, key_id: str, refusal: Refusal, now: float, asked: tuple[int, int]) -> None:
+        """A cap refused to grow an open hold by `asked` (tokens, micro-USD): it must be due, as a refused
+        reserve must, and never for concurrency (the request is in flight already)."""
+        assert self.ledger is not None
+        cap = refusal.reason if refusal.unit == "tokens" else f"{refusal.reason}_{refusal.unit}"
+        who = (refusal.principal_kind, refusal.principal_id)
+        name = f"{who[0]} {self.names.get(who[1], who[1])}"
+        self.extensions_refused[cap] += 1
+        self.trace.event("extend_refused", req=request_id, cap=cap, who=name)
+        if cap == "concurrency":
+            self.fail(f"{request_id}: an extension of its hold was refused for concurrency, which extensions are not judged by")
+        chain = (("key", key_id), ("account", self.ledger.key_accounts[key_id]))
+        for kind, pid in chain:
+            principal, tally = self.ledger.principal(kind, pid), self.tallies.setdefault((kind, pid), Tally())
+            self._check_caps(principal, now)
+            self._check_tally(principal, tally, now)
+        self._check_refusal_due(request_id, self.ledger.principal(*who), name, cap, asked, now)
+
+    def on_forwarded(self, record: RequestRecord) -> None:
+        """The client read output: what cortex forwarded (in the serving upstream's tokens) must lie within what
+        the request's hold covers for output at this instant — its amount less its prompt part, which is the
+        client's own count of its prompt (or, without one, within its whole hold)."""
+        if self.ledger is None or not record.received_bytes:
+            return
+        received = self.received_tokens(record)
+        if record.hold_amount is None:
+            self.fail(f"{record.id}: {received} output tokens forwarded to its client, and it holds no hold")
+            return
+        covered = record.hold_amount - (record.prompt_tokens or 0)
+        if received > covered:
+            part = "its hold covers" if record.prompt_tokens is None else \
+                f"its hold of {record.hold_amount} covers {record.prompt_tokens} of prompt and"
+            self.fail(f"{record.id}: {received} output tokens forwarded to its client, but {part} {covered} of output")
+
     def _on_resolve(self, rid: str, hold: Hold, now: float, principals: list[Principal], tallies: list[Tally]) -> None:
-        # What the hold took when it was placed, by the checker's own record: a hold that grew while
-        # open cannot make room for its own charge.
+        # What the hold took, by the checker's own record (when placed, grown by each extension): a hold
+        # that grew outside the ledger's events cannot make room for its own charge.
         held, held_usd = self.reserved.get(rid, (hold.amount_tokens, hold.amount_usd))
         if not 0 <= hold.charged_tokens <= held:
             self.fail(f"{rid} charged {hold.charged_tokens}, outside [0, hold {held}]")
@@ -350,6 +418,7 @@ class Checker:
             if self.keep_samples:
                 self.samples.append((self.trace.now(), who, kind, used, held, limit))
             if used + held > limit:
+                self.overshoot = max(self.overshoot, used + held - limit)
                 self.fail(f"{who}: {_over(p, kind, used, held, limit, now)}")
         if caps.max_concurrency is not None and p.in_flight > caps.max_concurrency:
             self.fail(f"{who}: {p.in_flight} in flight > {caps.max_concurrency}")

@@ -102,6 +102,17 @@ def summary_table(summary: dict[str, Any]) -> str:
             for e in summary["period_edges"]
         ]
         lines.append("")
+    holds = summary.get("output_holds")
+    if holds:
+        lines += [
+            f"output holds: {holds['policy']}" + (f" (slices of {holds['slice_tokens']:,})" if holds["slice_tokens"] else "")
+            + f"; {holds['admitted']:,} admitted, {holds['refused']:,} refused; {holds['useful_tokens']:,} output tokens "
+            f"delivered" + (f" ({holds['useful_per_cap']:.4f} per token of the {holds['cap_tokens']:,}-token cap)"
+                            if holds["cap_tokens"] else "")
+            + f"; {holds['extensions']:,} extensions ({holds['extensions_refused']:,} refused); {holds['truncations']:,} "
+            f"truncated, {holds['waste_tokens']:,} tokens of waste; overshoot {holds['overshoot_tokens']:,}",
+            "",
+        ]
     latency = summary["latency_s"]
     if latency:
         lines.append(
@@ -116,10 +127,49 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def policies_table(summary: dict[str, Any]) -> str:
+    """A `run_policies` summary: what each output-hold policy delivered for the same cap, and the ratio."""
+    cap = next((f["cap_tokens"] for f in summary["policies"].values() if f["cap_tokens"]), None)
+    lines = [
+        f"scenario {summary['scenario']}  seed {summary['seed']}: output-hold policies"
+        + (f" on the same {cap:,}-token cap" if cap else ""),
+        "",
+        "| policy | admitted | refused | served | useful tokens | per token of cap | truncated | waste tokens "
+        "| undelivered | extensions (refused) | overshoot |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, f in summary["policies"].items():
+        per_cap = f"{f['useful_per_cap']:.4f}" if f["useful_per_cap"] is not None else "-"
+        lines.append(
+            f"| {name} | {f['admitted']:,} | {f['refused']:,} | {f['served']:,} | {f['useful_tokens']:,} | {per_cap} "
+            f"| {f['truncations']:,} | {f['waste_tokens']:,} | {f['undelivered_tokens']:,} "
+            f"| {f['extensions']:,} ({f['extensions_refused']:,}) | {f['overshoot_tokens']:,} |"
+        )
+    ratio = summary.get("useful_ratio")
+    lines += [
+        "",
+        f"useful tokens, incremental / worst_case: {ratio:.2f}x" if ratio is not None else "useful tokens ratio: n/a",
+        f"wall time {summary['wall_s']:.2f} s; traces sha256 {summary['trace_sha256']}",
+    ]
+    return "\n".join(lines)
+
+
 def write_outputs(out_dir: Path, summary: dict[str, Any], trace_lines: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "trace.jsonl").write_text("".join(line + "\n" for line in trace_lines))
+
+
+def write_policy_outputs(out_dir: Path, summary: dict[str, Any], traces: dict[str, list[str]]) -> list[Path]:
+    """A comparison's summary.json, and each policy's trace as trace.<policy>.jsonl; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "summary.json"]
+    written[0].write_text(json.dumps(summary, indent=2) + "\n")
+    for policy, lines in traces.items():
+        path = out_dir / f"trace.{policy}.jsonl"
+        path.write_text("".join(line + "\n" for line in lines))
+        written.append(path)
+    return written
 
 
 def plot(out_path: Path, samples: list[tuple[float, str, str, int, int, int]]) -> None:

@@ -8,10 +8,16 @@ shuffles it with a generator we seed. Deadline ties, which Trio breaks by
 `id()`, then no longer matter: tied tasks land in one batch and are sorted.
 The hook is private, so `setup.cfg` pins trio below the next minor release
 and `enable_deterministic_scheduling` fails loudly if it is gone.
+
+A scenario with `policies` runs the world once per output-hold policy, same
+seed, same requests (`run_policies`), and compares what each delivered for the
+same cap.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +54,114 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.violation is None and not self.expectation_failures
+
+
+@dataclass
+class Comparison:
+    """One scenario and seed run under each of its output-hold policies (`Scenario.policies`)."""
+
+    scenario: Scenario
+    seed: int
+    results: dict[str, Result]  # by policy, in the scenario's order
+    summary: dict[str, Any]
+    expectation_failures: list[str]
+
+    @property
+    def violation(self) -> str | None:
+        return next((f"{r.violation} (under {policy} output holds)" for policy, r in self.results.items() if r.violation), None)
+
+    @property
+    def recent_events(self) -> list[str]:
+        return next((r.recent_events for r in self.results.values() if r.violation), [])
+
+    @property
+    def trace_sha256(self) -> str:
+        return str(self.summary["trace_sha256"])
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None and not self.expectation_failures
+
+
+def with_policy(scenario: Scenario, policy: str) -> Scenario:
+    """The scenario with cortex's `budget.output_holds` set to `policy`."""
+    return dataclasses.replace(scenario, cortex=dataclasses.replace(scenario.cortex, output_holds=policy))
+
+
+def run_policies(scenario: Scenario, seed: int, faults: LedgerFaults | None = None, keep_samples: bool = False) -> Comparison:
+    """The world once per policy of `scenario.policies`, each with the same seed (so the same requests), and what
+    each delivered: the incremental/worst_case ratio of useful output tokens, checked against `expect.useful_ratio`."""
+    assert scenario.policies, "a scenario without policies runs once: use run()"
+    results = {policy: run(with_policy(scenario, policy), seed, faults, keep_samples) for policy in scenario.policies}
+    figures = {policy: r.summary["output_holds"] for policy, r in results.items()}
+    ratio = useful_ratio(figures)
+    digest = hashlib.sha256("".join(f"{policy} {r.trace_sha256}\n" for policy, r in results.items()).encode()).hexdigest()
+    summary = {
+        "scenario": scenario.name, "seed": seed, "policies": figures, "useful_ratio": ratio,
+        "runs": {policy: r.summary for policy, r in results.items()},
+        "wall_s": round(sum(r.summary["wall_s"] for r in results.values()), 3), "trace_sha256": digest,
+    }
+    failures = [f"under {policy} output holds: {f}" for policy, r in results.items() for f in r.expectation_failures]
+    if scenario.expect.useful_ratio is not None and all(r.violation is None for r in results.values()):
+        if ratio is None:
+            failures.append("expected useful_ratio, but worst_case delivered no output to compare with")
+        else:
+            _check_range(failures, "useful_ratio", scenario.expect.useful_ratio, ratio)
+    return Comparison(scenario, seed, results, summary, failures)
+
+
+def run_any(scenario: Scenario, seed: int, faults: LedgerFaults | None = None, keep_samples: bool = False) -> Result | Comparison:
+    """A scenario as its file says: once, or once per output-hold policy."""
+    if scenario.policies:
+        return run_policies(scenario, seed, faults, keep_samples)
+    return run(scenario, seed, faults, keep_samples)
+
+
+def useful_ratio(figures: dict[str, dict[str, Any]]) -> float | None:
+    """Useful output tokens under incremental holds over those under worst_case (None: not both, or none to divide by)."""
+    if "incremental" not in figures or "worst_case" not in figures or not figures["worst_case"]["useful_tokens"]:
+        return None
+    return round(figures["incremental"]["useful_tokens"] / figures["worst_case"]["useful_tokens"], 4)
+
+
+def output_hold_figures(world: World) -> dict[str, Any]:
+    """What the run's output-hold policy delivered for its cap: admissions, refusals, the output the clients
+    received (useful tokens) per token of the tightest cap, truncations (as the clients saw them, and as
+    cortex counted them), the output generated past a refused extension (cortex's count) and all the output
+    the upstreams generated that no client received (the simulator's), extensions, and the overshoot."""
+    checker, spec = world.checker, world.scenario.cortex
+    requests = list(checker.requests.values())
+    useful = sum(checker.received_tokens(r) for r in requests)
+    generated = sum(app.counters.tokens_generated_total for app in world.upstream_apps)
+    metrics = [app.budget.metrics for app in world.cortex_lives if app.budget is not None]
+    cap = _tightest_token_cap(checker)
+    return {
+        "policy": spec.output_holds,
+        "slice_tokens": spec.output_slice_tokens if spec.output_holds == "incremental" else None,
+        "cap_tokens": cap,
+        "requests": len(requests),
+        "admitted": sum(1 for r in requests if r.hold_amount is not None),
+        "served": sum(1 for r in requests if r.outcome == "served"),
+        "refused": sum(1 for r in requests if r.outcome == "refused"),
+        "useful_tokens": useful,
+        "useful_per_cap": round(useful / cap, 6) if cap else None,
+        "truncations": sum(1 for r in requests if r.truncated),
+        "truncations_cortex": round(sum(sum(m.budget_truncations._values.values()) for m in metrics)),
+        "waste_tokens": round(sum(sum(m.truncation_waste_tokens._values.values()) for m in metrics)),
+        "undelivered_tokens": generated - useful,
+        "extensions": checker.extensions,
+        "extensions_refused": sum(checker.extensions_refused.values()),
+        "overshoot_tokens": checker.overshoot,
+    }
+
+
+def _tightest_token_cap(checker: Checker) -> int | None:
+    """The smallest token amount cap (balance, window or period) of any key or account."""
+    if checker.ledger is None:
+        return None
+    caps = [limit for p in checker.ledger.principals.values()
+            for limit in (p.caps.balance_tokens, p.caps.window_tokens, p.caps.period_tokens) if limit is not None]
+    return min(caps, default=None)
 
 
 def run(
@@ -177,6 +291,8 @@ def summarize(world: World, wall_s: float) -> dict[str, Any]:
         "trace_events": world.trace.count,
         "trace_sha256": world.trace.sha256,
         **world.shared_summary(),
+        **({"output_holds": output_hold_figures(world)}
+           if world.scenario.policies or world.scenario.cortex.output_holds != "worst_case" else {}),
     }
 
 

@@ -7,6 +7,7 @@ sim/scenarios/.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -21,6 +22,7 @@ from common import tomlfile
 from cortex.budget.ledger import Caps
 from cortex.budget.periods import PeriodError, parse_period_spec
 from cortex.budget.pricing import usd_to_micro
+from cortex.config import OUTPUT_HOLDS
 from cortex.fleet.catalogue import COST_MAX_USD_PER_M
 from cortex.fleet.kinds import KINDS
 
@@ -50,6 +52,7 @@ START_MAX = datetime(2999, 12, 24, tzinfo=timezone.utc)
 CATALOGUE_MODELS_MAX = 1_000  # [[models]] entries: each becomes a catalogue model cortex may load
 WORKLOAD_MODELS_MAX = 1_000  # models one workload's demand spreads over
 REPLICAS_MAX = 16  # cortex replicas on one shared ledger
+REPLY_SIGMA_MAX = 4.0  # a log-normal reply length's spread: beyond it the tail is the clamp, not the distribution
 
 
 class ScenarioError(ValueError):
@@ -73,6 +76,20 @@ class Range:
 
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    """A long-tailed token count: log-normal with this median and sigma (of the log), clamped to
+    [low, high]. A mock neuron draws each reply's natural length from it (sim/world.py)."""
+
+    median: float
+    sigma: float
+    low: int
+    high: int
+
+    def sample(self, rng: random.Random) -> int:
+        return min(self.high, max(self.low, round(self.median * math.exp(self.sigma * rng.gauss(0.0, 1.0)))))
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ class UpstreamSpec:
     queue_depth: int = 1024
     context_tokens: int = 8192
     output_tokens: int | None = None  # limit.output (neuron: NEURON_OUTPUT_TOKENS when None), n_predict (llama.cpp)
-    reply_tokens: int = 256
+    reply_tokens: int | LogNormal = 256  # the mock's natural reply length; a LogNormal: drawn per request (neuron)
     chunk_tokens: int = 8
     token_bytes: int = 1  # bytes per token of its tokenizer: 1 for neuron, DEFAULT_TOKEN_BYTES for the others
     load_s: float = 0.0  # vllm, sglang, llamacpp, tgi: not ready this long after a start; neuron: one API load's time
@@ -201,6 +218,8 @@ class CortexSpec:
     unload_drain_s: float = 30.0  # an eviction lets other replicas' requests drain this long
     unpriced: str = "refuse"  # a money-capped key on an unpriced model: refused (403 model_not_priced) or free
     replicas: int = 1  # more than one: that many cortexes on one shared ledger (sim/shared_ledger.py)
+    output_holds: str = "worst_case"  # cortex's budget.output_holds: "worst_case" or "incremental"
+    output_slice_tokens: int = 1024  # cortex's budget.output_slice_tokens (incremental holds)
 
 
 @dataclass(frozen=True)
@@ -233,6 +252,8 @@ class Expectations:
     hit_rate: Range | None = None  # the share of client requests that did not
     refused_by_cap: dict[str, Range] = field(default_factory=dict)  # the ledger's refusals, by CAP_REFUSALS
     charged_usd: Range | None = None  # USD charged over the run
+    # With `policies`: useful output tokens under incremental holds over those under worst_case, same cap.
+    useful_ratio: Range | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +274,9 @@ class Scenario:
     start_s: float = 0.0  # the virtual clock's start, POSIX seconds (0: 1970-01-01T00:00:00Z)
     source: str = ""
     shared_ledger: SharedLedgerSpec | None = None  # None: one cortex on its SQLite ledger, as ever
+    # cortex's output-hold policies to run the world under, once each (sim/runner.py run_policies);
+    # empty: one run, under `cortex.output_holds`.
+    policies: tuple[str, ...] = ()
 
     @property
     def replica_names(self) -> tuple[str, ...]:
@@ -457,7 +481,7 @@ UPSTREAM_FIELDS = {
     "queue_depth": _integer(),
     "context_tokens": _integer(1),
     "output_tokens": _integer(1),
-    "reply_tokens": _integer(),
+    "reply_tokens": lambda k, v: _log_normal(k, v) if isinstance(v, dict) else _integer()(k, v),
     "chunk_tokens": _integer(1),
     "token_bytes": _integer(1, TOKEN_BYTES_MAX),
     "load_s": _number(),
@@ -465,6 +489,20 @@ UPSTREAM_FIELDS = {
     "model_memory_mb": _number(),
 }
 NEURON_ONLY_FIELDS = ("memory_mb", "model_memory_mb")  # the mock engine's pretend memory
+
+
+def _log_normal(key: str, value: dict[str, Any]) -> LogNormal:
+    """`{ median = M, sigma = S, min = A, max = B }`: a long-tailed count, log-normal, clamped to [A, B]."""
+    fields = _table(key, value, {"median": _number(strict=True), "sigma": _number(strict=True),
+                                 "min": _integer(0, TOKENS_MAX), "max": _integer(1, TOKENS_MAX)})
+    missing = [name for name in ("median", "sigma", "min", "max") if name not in fields]
+    if missing:
+        raise ScenarioError(f"'{key}.{missing[0]}' is required (a long-tailed length: median, sigma, min, max)")
+    if not fields["min"] <= fields["median"] <= fields["max"]:
+        raise ScenarioError(f"'{key}': the median {fields['median']:g} must lie in [min {fields['min']}, max {fields['max']}]")
+    if fields["sigma"] > REPLY_SIGMA_MAX:
+        raise ScenarioError(f"'{key}.sigma' must be at most {REPLY_SIGMA_MAX:g}, got {fields['sigma']:g}")
+    return LogNormal(fields["median"], fields["sigma"], fields["min"], fields["max"])
 
 
 def _upstream(key: str, raw: Any) -> UpstreamSpec:
@@ -492,6 +530,8 @@ def _upstream(key: str, raw: Any) -> UpstreamSpec:
         raise ScenarioError(f"'{key}.models': {initial_mb:g} MiB of initially loaded models exceed memory_mb {memory_mb:g}")
     if not values.get("models", True) and memory_mb is None:
         raise ScenarioError(f"'{key}.models': only a neuron with memory_mb may start with no model")
+    if isinstance(values.get("reply_tokens"), LogNormal) and kind != "neuron":
+        raise ScenarioError(f"'{key}.reply_tokens': a long-tailed reply length is modelled for a neuron only")
     if kind in ONE_MODEL_KINDS and len(values.get("models", UpstreamSpec.models)) != 1:
         raise ScenarioError(f"'{key}.models': a {kind} server serves exactly one model")
     if "ttft_ms" in values:
@@ -630,6 +670,8 @@ CORTEX_FIELDS = {
     "unload_drain_s": _number(),
     "unpriced": lambda k, v: _choice(k, v, ("refuse", "free")),
     "replicas": _integer(1, REPLICAS_MAX),
+    "output_holds": lambda k, v: _choice(k, v, OUTPUT_HOLDS),
+    "output_slice_tokens": _integer(1, TOKENS_MAX),
 }
 SHARED_LEDGER_FIELDS = {
     "round_trip_ms": _number(),
@@ -713,9 +755,17 @@ def _expect(data: Any) -> Expectations:
             "refused": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in REFUSAL_REASONS}),
             "refused_by_cap": lambda k, v: _table(k, v, {r: _range(open_ended=True) for r in CAP_REFUSALS}),
             "charged_usd": _range(integer=False, high=USD_CAP_MAX, open_ended=True),
+            "useful_ratio": _range(integer=False, high=1e6, open_ended=True),
         },
     )
     return Expectations(**values)
+
+
+def _policies(key: str, value: Any) -> tuple[str, ...]:
+    """`policies = ["worst_case", "incremental"]`: cortex's output-hold policies, each run once, in this order."""
+    if not isinstance(value, list) or not value or any(v not in OUTPUT_HOLDS for v in value) or len(set(value)) != len(value):
+        raise ScenarioError(f"'{key}' must be a list of distinct output-hold policies ({', '.join(OUTPUT_HOLDS)}), got {value!r}")
+    return tuple(value)
 
 
 def _start(key: str, value: Any) -> float:
@@ -738,7 +788,7 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         "name": _string, "description": _string, "horizon_s": _number(strict=True),
         "accounts": lambda k, v: v, "keys": lambda k, v: v, "neurons": lambda k, v: v, "upstreams": lambda k, v: v, "workload": lambda k, v: v,
         "faults": lambda k, v: v, "cortex": lambda k, v: v, "network": lambda k, v: v, "expect": lambda k, v: v,
-        "models": lambda k, v: v, "start": _start, "shared_ledger": lambda k, v: v,
+        "models": lambda k, v: v, "start": _start, "shared_ledger": lambda k, v: v, "policies": _policies,
     })
     for required in ("name", "description"):
         if required not in top:
@@ -749,7 +799,15 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
     upstreams = _upstreams(top)
     workloads = _workloads(top.get("workload"), keys)
     cortex = CortexSpec(**_table("cortex", top.get("cortex", {}), CORTEX_FIELDS))
+    policies = top.get("policies", ())
+    if policies and "output_holds" in top.get("cortex", {}):
+        raise ScenarioError("'policies' runs the world under each output-hold policy: give it or [cortex] output_holds, not both")
+    if policies:
+        cortex = dataclasses.replace(cortex, output_holds=policies[0])
     shared = _shared_ledger(top, cortex)
+    if shared is not None and "incremental" in (*policies, cortex.output_holds):
+        raise ScenarioError("incremental output holds are not modelled on the simulated shared ledger (its handles cannot "
+                            "extend a hold): run them on one cortex")
     replicas = tuple(f"cortex-{i + 1}" for i in range(cortex.replicas)) if shared is not None else ()
     taken = set(replicas) & {u.name for u in upstreams}
     if taken:
@@ -771,7 +829,11 @@ def parse(data: dict[str, Any], source: str = "") -> Scenario:
         start_s=top.get("start", 0.0),
         source=source,
         shared_ledger=shared,
+        policies=policies,
     )
+    if scenario.expect.useful_ratio is not None and set(policies) != set(OUTPUT_HOLDS):
+        raise ScenarioError(f"'expect.useful_ratio' compares the output-hold policies: it needs policies = "
+                            f"[{', '.join(repr(p) for p in OUTPUT_HOLDS)}]")
     if cortex.replicas > 1 and any(m.memory_mb is not None for m in scenario.models):
         raise ScenarioError("'models': the fleet lifecycle across cortex replicas is not modelled: with [cortex] replicas > 1,"
                             " give models a cost only (no memory_mb)")

@@ -16,10 +16,17 @@ real `CortexApp`s instead, hosts `cortex-1` .. `cortex-N`, each on its own
 handle of one shared-ledger model (sim/shared_ledger.py), so each builds the
 real `SharedBudgetService`; the simulated clients reach them round-robin,
 skipping replicas that are down, as a health-checking load balancer would.
+
+`[cortex] output_holds` (or a scenario's `policies`, one run each) puts
+cortex's output-hold policy in force: under "incremental" the real proxy
+extends each hold a slice at a time as the reply streams, and the clients
+report every chunk they read to the checker, which holds what was forwarded
+to what the hold covers at that instant.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -32,6 +39,7 @@ from typing import Any
 import httpx
 import trio
 
+from common import counting
 from cortex import config as config_mod
 from cortex.app import CortexApp
 from cortex.budget.ledger import Ledger, Refusal
@@ -40,10 +48,10 @@ from cortex.fleet import catalogue
 from cortex.fleet.lifecycle import LOAD_PATH, UNLOAD_PATH
 from cortex.relay import StreamRelay
 from neuron.app import ModelSpec, NeuronApp, NeuronConfig
-from neuron.engines.mock import MockEngine, Pacing
+from neuron.engines.mock import MockEngine, Pacing, Reply, Tool, plan_chat_reply
 from sim.invariants import Checker, RequestRecord
 from sim.network import Host, SimNetwork
-from sim.scenario import NEURON_OUTPUT_TOKENS, FaultSpec, Scenario, UpstreamSpec, WorkloadSpec
+from sim.scenario import NEURON_OUTPUT_TOKENS, FaultSpec, LogNormal, Scenario, UpstreamSpec, WorkloadSpec
 from sim.shared_ledger import LinkSpec, ReplicaHandle, SharedDb, SharedLedgerModel
 from sim.trace import Trace
 from sim.upstream_kinds import KindApp, NeuronGate, ServerFaults
@@ -54,6 +62,7 @@ SETTLE_GRACE_S = 5.0  # virtual time for in-flight settlements after the workloa
 REFUSAL_STATUSES = (400, 401, 403, 429)
 NOTICES_WAIT_MAX_S = 30.0  # on a shared ledger: the longest the clients wait for every replica to know the keys
 NOTICES_POLL_S = 0.001
+TRUNCATED_MARK = b"x-cortex-budget-truncated"  # cortex's SSE comment (streams) and header (whole replies) on a cut
 
 
 @dataclass
@@ -67,6 +76,9 @@ class LedgerFaults:
     # On a shared ledger: the first replica admits against its own view (its own holds and charges
     # only) instead of the database's, which places what it admits unjudged.
     local_admission: bool = False
+    # Not the ledger's: cortex's relay lets one slice of output past an incremental hold's bound, as if
+    # it forwarded before the extension that covers it (planted from the simulator's side, on the proxy).
+    forward_past_hold: bool = False
 
 
 class _Lifespan:
@@ -133,6 +145,7 @@ class World:
         self.cold_waits = 0  # client requests that waited on a cold load (every cortex incarnation)
         self.cortex: CortexApp | None = None  # the first replica's live incarnation: it creates the principals
         self.cortexes: dict[str, CortexApp] = {}  # each replica's live incarnation
+        self.cortex_lives: list[CortexApp] = []  # every cortex incarnation, for their metrics
         self.shared: SharedLedgerModel | None = None
         self.handles: dict[str, ReplicaHandle] = {}  # each replica's handle on the shared ledger, this life's
         self._lives: Counter[str] = Counter()
@@ -247,6 +260,9 @@ class World:
             request_ids=lambda offered: offered or self.next_request_id(),
         )
         self._lifecycle_seams(app, placement)
+        if self.ledger_faults.forward_past_hold:
+            _plant_forward_past_hold(app)
+        self.cortex_lives.append(app)
         return app
 
     async def stop_cortex(self) -> None:
@@ -296,7 +312,18 @@ class World:
                 checker.on_refusal(request_id or hold_id, key_id, result, now, (amount_tokens, amount_usd))
             return result
 
+        extend = ledger.extend
+
+        def extend_observed(hold_id: str, amount_tokens: int, now: float, amount_usd: int = 0) -> Any:
+            """The observer sees a hold grow; a refused extension is seen here (the hold is open: it says whose)."""
+            result = extend(hold_id, amount_tokens, now, amount_usd)
+            if isinstance(result, Refusal) and ledger.observer is not None:
+                hold = ledger.holds[hold_id]
+                checker.on_extend_refused(hold.request_id or hold_id, hold.key_id, result, now, (amount_tokens, amount_usd))
+            return result
+
         ledger.reserve = reserve_observed  # type: ignore[method-assign]
+        ledger.extend = extend_observed  # type: ignore[method-assign]
         return ledger
 
     @asynccontextmanager
@@ -336,7 +363,8 @@ class World:
                 "first_byte_timeout_s": c.first_byte_timeout_s,
                 "idle_timeout_s": c.idle_timeout_s,
             },
-            "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s, "unpriced": c.unpriced},
+            "budget": {"hold_ttl_s": c.hold_ttl_s, "expiry_interval_s": c.expiry_interval_s, "unpriced": c.unpriced,
+                       "output_holds": c.output_holds, "output_slice_tokens": c.output_slice_tokens},
         })
 
     # --- what the network reports (generation requests only) ------------------------------
@@ -514,19 +542,21 @@ class World:
             if wl.cancel_after_s is not None:
                 cancel_s = wl.cancel_after_s.sample(rng)
         payload = json.dumps(body).encode()
+        prompt_tokens = counting.count_chat(body["messages"])  # the hold's prompt part: cortex's byte-level bound
         for attempt in range(wl.max_retries + 1):
-            wait_s = await self._one_request(key_name, body["model"], payload, stream, cancel_tokens, cancel_s, attempt)
+            wait_s = await self._one_request(key_name, body["model"], payload, stream, cancel_tokens, cancel_s, attempt,
+                                             prompt_tokens)
             if wait_s is None or not wl.honor_retry_after:
                 return
             await trio.sleep(wait_s)
 
     async def _one_request(
         self, key_name: str, model: str, payload: bytes, stream: bool, cancel_tokens: int | None, cancel_s: float | None,
-        attempt: int,
+        attempt: int, prompt_tokens: int | None = None,
     ) -> float | None:
         """One HTTP exchange; returns the Retry-After wait when refused by a rate limit."""
         rid = self.next_request_id()
-        record = self.checker.requests[rid] = RequestRecord(rid, key_name, model)
+        record = self.checker.requests[rid] = RequestRecord(rid, key_name, model, prompt_tokens=prompt_tokens)
         key = self.keys.get(key_name, "sk-cx-invalid-" + "0" * 24)
         replica = record.replica = self._pick_replica()
         request = httpx.Request(
@@ -586,12 +616,17 @@ class World:
                 raw = b"".join([c async for c in response.stream])  # type: ignore[union-attr]
                 content = json.loads(raw)["choices"][0]["message"]["content"] or ""
                 record.received_bytes = len(content.encode())
+                record.truncated = response.headers.get(TRUNCATED_MARK.decode()) == "true"
+                self.checker.on_forwarded(record)
                 record.outcome = "served"
                 return None
             relay = StreamRelay(client_wants_usage=True)
             async for chunk in response.stream:  # type: ignore[union-attr]
                 relay.feed(chunk)
                 record.received_bytes = relay.output_tokens
+                self.checker.on_forwarded(record)
+                if TRUNCATED_MARK in chunk:
+                    record.truncated = True
                 if b'"error"' in chunk:
                     record.outcome = "failed"
                     record.code = "stream_error"
@@ -673,8 +708,47 @@ class _MortalStore(SyncStore):
         await super().commit(ops, durable)
 
 
+@dataclass(frozen=True)
+class TailedMockEngine(MockEngine):
+    """The mock engine with each reply's natural length drawn from `lengths`, seeded by the engine's
+    seed, the request's seed and its prompt, as the mock's own text is: the same request always gets
+    the same reply, whatever the scheduling."""
+
+    lengths: LogNormal | None = None
+
+    def plan(
+        self, request_seed: int | None, prompt: str, limit_tokens: int, stop: list[str], tool: Tool | None = None,
+        reasoning_effort: str | None = None,
+    ) -> Reply:
+        assert self.lengths is not None
+        digest = hashlib.blake2b(f"{self.seed}:{request_seed}:".encode() + prompt.encode("utf-8"), digest_size=16)
+        natural = self.lengths.sample(random.Random(int.from_bytes(digest.digest(), "little")))
+        return plan_chat_reply(self.seed, request_seed, prompt, natural, limit_tokens, stop, tool, reasoning_effort)
+
+
+def _plant_forward_past_hold(app: CortexApp) -> None:
+    """The planted bug `forward_past_hold`: each time cortex sets its relay's bound from an incremental
+    hold (`Proxy._cover`), widen it by one slice of bytes, so output the hold does not cover reaches the
+    client once an extension is refused. Cortex's own bound is put back before each of its calls."""
+    cover = app.proxy._cover
+
+    async def leaky(grant: Any, relay: StreamRelay, *args: Any, **kwargs: Any) -> None:
+        relay.output_tokens_max = getattr(relay, "sim_cortex_bound", relay.output_tokens_max)
+        await cover(grant, relay, *args, **kwargs)
+        relay.sim_cortex_bound = relay.output_tokens_max  # type: ignore[attr-defined]
+        if grant is not None and grant.incremental and relay.output_tokens_max is not None:
+            relay.output_tokens_max += grant.slice_tokens
+
+    app.proxy._cover = leaky  # type: ignore[method-assign]
+
+
 def _neuron_config(spec: UpstreamSpec, seed: int) -> NeuronConfig:
-    engine = MockEngine(seed=seed, reply_tokens=spec.reply_tokens, pacing=Pacing(spec.ttft_s, 1 / spec.tokens_per_s))
+    pacing = Pacing(spec.ttft_s, 1 / spec.tokens_per_s)
+    engine: MockEngine
+    if isinstance(spec.reply_tokens, LogNormal):
+        engine = TailedMockEngine(seed=seed, reply_tokens=round(spec.reply_tokens.median), pacing=pacing, lengths=spec.reply_tokens)
+    else:
+        engine = MockEngine(seed=seed, reply_tokens=spec.reply_tokens, pacing=pacing)
     models = [ModelSpec(m, spec.context_tokens, spec.output_tokens or NEURON_OUTPUT_TOKENS) for m in spec.models]
     return NeuronConfig(models=models, engine=engine, slots=spec.slots, queue_depth=spec.queue_depth, chunk_tokens=spec.chunk_tokens,
                         memory_mb=spec.memory_mb, model_memory_mb=spec.model_memory_mb, load_s=spec.load_s,

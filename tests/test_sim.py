@@ -34,7 +34,9 @@ def sim_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 LIFECYCLE = {"cold_start_burst", "eviction_churn", "pinned_under_pressure"}  # run in tests/test_sim_lifecycle.py
 REPLICAS = {"replicas_fanout"}  # run in tests/test_sim_replicas.py
 BUDGET = {"month_boundary"}  # run in tests/test_sim_budget.py
-CASES = [(path.stem, seed) for path in bundled() if path.stem not in LIFECYCLE | BUDGET | REPLICAS for seed in SEEDS.get(path.stem, (1, 2, 3))]
+AGENTS = {"agent_fanout"}  # both output-hold policies: run in tests/test_sim_agents.py
+CASES = [(path.stem, seed) for path in bundled() if path.stem not in LIFECYCLE | BUDGET | REPLICAS | AGENTS
+         for seed in SEEDS.get(path.stem, (1, 2, 3))]
 
 
 @pytest.mark.parametrize(("name", "seed"), CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
@@ -194,7 +196,7 @@ def test_cli_list_names_every_bundled_scenario():
     assert result.returncode == 0
     for path in bundled():
         assert path.stem in result.stdout
-    assert len(bundled()) == 14
+    assert len(bundled()) == 15
 
 
 def test_fuzz_runs_many_seeds_of_fanout_2000():

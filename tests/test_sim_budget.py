@@ -224,7 +224,8 @@ def test_a_period_in_the_wrong_timezone_is_caught_by_its_retry_after(monkeypatch
 def test_a_refusal_the_caps_do_not_call_for_is_caught(monkeypatch):
     """The bug: the ledger counts each request's ask twice, refusing what fits."""
     check = ledger_mod._check
-    monkeypatch.setattr(ledger_mod, "_check", lambda p, amount, amount_usd, now: check(p, 2 * amount, 2 * amount_usd, now))
+    monkeypatch.setattr(ledger_mod, "_check", lambda p, amount, amount_usd, now, concurrency=True: check(
+        p, 2 * amount, 2 * amount_usd, now, concurrency))
     result = run(small({"balance_usd": 0.004}))
     assert "was refused by the balance_usd cap of key k, yet it fits by the checker's count" in result.violation
     assert f"+ {HOLD_USD} asked <= 4000 micro-USD" in result.violation
