@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -588,6 +588,26 @@ class Proxy:
                 grant.refused = True
         relay.output_tokens_max = grant.granted
 
+    async def _pump(
+        self, response: UpstreamResponse, first: "_FirstRead", relay: StreamRelay, meter: Meter,
+        grant: OutputGrant | None, consume: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Read the upstream's stream into the relay, covering each chunk with the hold first, and hand
+        what it forwards to `consume`, until [DONE] or the bound (then the upstream is stopped)."""
+        pending = await first.get()
+        with response.idle_watch():
+            while True:
+                chunk, pending = pending or await response.next_chunk(), b""
+                if not chunk:
+                    return
+                await self._cover(grant, relay, relay.output_tokens + len(chunk))
+                events = relay.feed(chunk)
+                meter.relayed_output_tokens = relay.output_tokens
+                if events:
+                    await consume(events)
+                if relay.done or relay.overflowed:
+                    return  # nothing after [DONE] is ours; past the bound, stop the upstream now
+
     def _budget_cut(self, request: asgi.Request, grant: OutputGrant | None, relay: StreamRelay, meter: Meter) -> bool:
         """The relay stopped at the hold's bound because an extension was refused: end cleanly, not in error."""
         if grant is None or not relay.overflowed or not grant.refused:
@@ -623,23 +643,16 @@ class Proxy:
         try:
             pinger = asgi.companion(partial(out.ping_while_idle, shape)) if shape.ping_interval_s is not None else nullcontext()
             async with pinger:
-                pending = await first.get()  # pings go on while the upstream prefills
-                with response.idle_watch():
-                    while True:
-                        chunk, pending = pending or await response.next_chunk(), b""
-                        if not chunk:
-                            break
-                        await self._cover(grant, relay, relay.output_tokens + len(chunk))
-                        events = relay.feed(chunk)
-                        meter.relayed_output_tokens = relay.output_tokens
-                        if events:
-                            if "ttft_ms" not in request.log:
-                                request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
-                            if not head and relay.payloads:
-                                head = _stream_head(relay.payloads[0])
-                            await out.write(shape.relay(events, relay.payloads))
-                        if relay.done or relay.overflowed:
-                            break  # nothing after [DONE] is ours; past the bound, stop the upstream now
+
+                async def forward(events: bytes) -> None:
+                    nonlocal head
+                    if "ttft_ms" not in request.log:
+                        request.log["ttft_ms"] = round((trio.current_time() - request.started) * 1000, 2)
+                    if not head and relay.payloads:
+                        head = _stream_head(relay.payloads[0])
+                    await out.write(shape.relay(events, relay.payloads))
+
+                await self._pump(response, first, relay, meter, grant, forward)  # pings go on while it prefills
             if self._budget_cut(request, grant, relay, meter):
                 # The output ends where the hold does: a clean finish ("length"; Anthropic: "max_tokens").
                 payloads = cut_events(head, gen.kind == "chat", self._cut_usage(meter) if gen.include_usage else None)
@@ -676,18 +689,10 @@ class Proxy:
         ends, and answered as the one body the upstream would have sent."""
         assembler = StreamAssembler(gen.kind == "chat")
         try:
-            pending = await first.get()
-            with response.idle_watch():
-                while True:
-                    chunk, pending = pending or await response.next_chunk(), b""
-                    if not chunk:
-                        break
-                    await self._cover(grant, relay, relay.output_tokens + len(chunk))
-                    relay.feed(chunk)
-                    meter.relayed_output_tokens = relay.output_tokens
-                    assembler.feed(relay.payloads)
-                    if relay.done or relay.overflowed:
-                        break
+            async def collect(events: bytes) -> None:
+                assembler.feed(relay.payloads)
+
+            await self._pump(response, first, relay, meter, grant, collect)
         except SSEProtocolError as exc:
             raise errors.upstream_error(f"The neuron at {node.url} sent a malformed stream: {exc}") from None
         finally:

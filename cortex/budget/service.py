@@ -478,21 +478,10 @@ class BudgetService:
 
     async def top_up(self, kind: str, principal_id: str, tokens: int = 0, usd: int = 0) -> Caps:
         """Raise the token balance by `tokens`, the USD balance by `usd` micro-USD, or both."""
-        if not (tokens or usd):
-            raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
-        if not 0 <= tokens <= TOKENS_MAX:
-            raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
-        if not 0 <= usd <= USD_MICRO_MAX:
-            raise errors.invalid_request(f"'usd' must be from 0.000001 to {USD_MICRO_MAX // 10**6}.", param="usd")
+        check_top_up(tokens, usd)
         async with self._admin_lock:  # read-modify-write: concurrent top-ups must all count
             self._principal_or_404(kind, principal_id)
-            caps = topped_up(self.ledger.principal(kind, principal_id).caps, tokens, usd)
-            if isinstance(caps, str):
-                raise errors.invalid_request(f"{kind} {principal_id} {caps}.")
-            if (caps.balance_tokens or 0) > TOKENS_MAX:
-                raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
-            if (caps.balance_usd or 0) > USD_MICRO_MAX:
-                raise errors.invalid_request(f"The balance would pass the limit of {USD_MICRO_MAX // 10**6} USD.", param="usd")
+            caps = raised_caps(kind, principal_id, self.ledger.principal(kind, principal_id).caps, tokens, usd)
             await self._apply_caps(kind, principal_id, caps)
         return caps
 
@@ -569,6 +558,30 @@ class BudgetService:
         since, _ = period_bounds(PeriodSpec("daily", zone), self.clock() - (days - 1) * 86400.0)
         rows = await self.store.query(lambda conn: spend_buckets(conn, kind, principal_id, since))
         return spend_view(rows, zone, since)
+
+
+def check_top_up(tokens: int, usd: int) -> None:
+    """A top-up's amounts, or the 400 that refuses them."""
+    if not (tokens or usd):
+        raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
+    if not 0 <= tokens <= TOKENS_MAX:
+        raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
+    if not 0 <= usd <= USD_MICRO_MAX:
+        raise errors.invalid_request(f"'usd' must be from 0.000001 to {USD_MICRO_MAX // 10**6}.", param="usd")
+
+
+def raised_caps(kind: str, principal_id: str, caps: Caps | None, tokens: int, usd: int) -> Caps:
+    """The caps a top-up leaves (from those read under the lock), or the error that refuses it."""
+    if caps is None:
+        raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
+    new = topped_up(caps, tokens, usd)
+    if isinstance(new, str):
+        raise errors.invalid_request(f"{kind} {principal_id} {new}.")
+    if (new.balance_tokens or 0) > TOKENS_MAX:
+        raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
+    if (new.balance_usd or 0) > USD_MICRO_MAX:
+        raise errors.invalid_request(f"The balance would pass the limit of {USD_MICRO_MAX // 10**6} USD.", param="usd")
+    return new
 
 
 def cap_levels(p: Any, now: float, exhausted: dict[tuple[str, str, str], str] | None = None) -> list[CapLevel]:

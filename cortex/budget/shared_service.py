@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import uuid
+from functools import partial
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,13 +37,13 @@ from common import errors
 from common.errors import ApiError
 from cortex.budget import keys as keys_mod
 from cortex.budget.estimate import Estimate
-from cortex.budget.ledger import Caps, Hold, HoldState, Ledger, Principal, Refusal, Resolution, topped_up
+from cortex.budget.ledger import Caps, Hold, HoldState, Ledger, Principal, Refusal, Resolution
 from cortex.budget.periods import PeriodSpec, period_bounds
 from cortex.budget.pg_ledger import Reserve, Resolve
-from cortex.budget.pricing import USD_MICRO_MAX, Prices
+from cortex.budget.pricing import Prices
 from cortex.budget.service import (
-    ACTUAL_TOKENS_STORED_MAX, DEFAULT_ACCOUNT, SPEND_DAYS, TOKENS_MAX, BudgetService, KeyRecord,
-    _check_name, principal_usage, refusal_error, spend_view,
+    ACTUAL_TOKENS_STORED_MAX, DEFAULT_ACCOUNT, SPEND_DAYS, BudgetService, KeyRecord,
+    _check_name, check_top_up, principal_usage, raised_caps, refusal_error, spend_view,
 )
 from cortex.budget.store import StoreError
 
@@ -349,26 +350,8 @@ class SharedBudgetService(BudgetService):
         await self._after_change(kind, principal_id)
 
     async def top_up(self, kind: str, principal_id: str, tokens: int = 0, usd: int = 0) -> Caps:
-        if not (tokens or usd):
-            raise errors.invalid_request("A top-up needs 'tokens' or 'usd'.", param="tokens")
-        if not 0 <= tokens <= TOKENS_MAX:
-            raise errors.invalid_request(f"'tokens' must be from 1 to {TOKENS_MAX}.", param="tokens")
-        if not 0 <= usd <= USD_MICRO_MAX:
-            raise errors.invalid_request(f"'usd' must be from 0.000001 to {USD_MICRO_MAX // 10**6}.", param="usd")
-
-        def raised(caps: Caps | None) -> Caps:
-            """The new caps from the old (read under the row's lock), or the error that refuses the top-up."""
-            if caps is None:
-                raise ApiError(404, f"No {kind} {principal_id!r}.", code="not_found")
-            new = topped_up(caps, tokens, usd)
-            if isinstance(new, str):
-                raise errors.invalid_request(f"{kind} {principal_id} {new}.")
-            if (new.balance_tokens or 0) > TOKENS_MAX:
-                raise errors.invalid_request(f"The balance would pass the limit of {TOKENS_MAX} tokens.", param="tokens")
-            if (new.balance_usd or 0) > USD_MICRO_MAX:
-                raise errors.invalid_request(f"The balance would pass the limit of {USD_MICRO_MAX // 10**6} USD.", param="usd")
-            return new
-
+        check_top_up(tokens, usd)
+        raised = partial(raised_caps, kind, principal_id, tokens=tokens, usd=usd)  # under the row's lock
         caps = await self.shared.update_caps(kind, principal_id, raised)
         await self._after_change(kind, principal_id)
         return caps
