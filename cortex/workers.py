@@ -16,6 +16,7 @@ SIGINT) is passed to every worker, and the supervisor waits for them to drain.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
@@ -29,6 +30,7 @@ from common.serving import announce, bind_tcp_reuse_port, parse_listen
 
 log = logging.getLogger("cortex")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before starting a dead worker again
 HEALTHY_AFTER_S = 60.0  # a worker up this long resets the backoff
 STOP_TIMEOUT_S = 120.0  # after the signal, for the workers' own graceful drain: then they are killed
@@ -146,7 +148,9 @@ async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -
     while not stopping.is_set():
         worker.starts += 1
         started_at = trio.current_time()
-        process = await trio.lowlevel.open_process(worker.argv, stdout=-1, stdin=None)  # -1: subprocess.PIPE
+        process = await trio.lowlevel.open_process(  # -1: subprocess.PIPE
+            worker.argv, stdout=-1, stdin=None, preexec_fn=_die_with_parent
+        )
         worker.process = process
         try:
             async with trio.open_nursery() as nursery:
@@ -171,6 +175,16 @@ async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -
                   worker.index, process.pid, process.returncode, backoff_s)
         await trio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S[1])
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux), so no worker
+    outlives it holding the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # elsewhere the workers end when their stdout pipe closes
 
 
 async def _kill_unless_announced(worker: Worker, process: trio.Process) -> None:

@@ -89,7 +89,6 @@ async def test_a_replica_killed_mid_fan_out_leaves_holds_that_are_reaped_and_the
     cap = 40 * cost + cost - 1
     key_id, key = create_key(cortexes[0], balance_tokens=cap)
     wait_until(lambda: all(admin(c, "GET", f"keys/{key_id}").status_code == 200 for c in cortexes))
-    victim = cortexes[1]
     worst: list[int] = []
 
     async def watch(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -105,6 +104,11 @@ async def test_a_replica_killed_mid_fan_out_leaves_holds_that_are_reaped_and_the
         await trio.to_thread.run_sync(
             wait_until, lambda: ledger(pg_ledger_url, "SELECT COUNT(*) FROM holds WHERE state = 'open'")[0][0] >= 30
         )
+        # The victim: a replica with holds in flight (a replica id is NAME-PID-RANDOM).
+        (replica_id,), = ledger(pg_ledger_url, "SELECT replica_id FROM holds WHERE state = 'open'"
+                                               " GROUP BY 1 ORDER BY COUNT(*) DESC LIMIT 1")
+        pid = int(replica_id.rsplit("-", 2)[1])
+        (victim,) = [c for c in cortexes if c.popen.pid == pid]
         victim.signal(signal.SIGKILL)
 
     async with trio.open_nursery() as nursery:

@@ -195,7 +195,7 @@ def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_ar
     import threading
 
     ledger_args, query, invariant = store
-    neuron = stack.neuron("--token-interval-ms", "20", "--reply-tokens", "2000")
+    neuron = stack.neuron("--token-interval-ms", "10", "--reply-tokens", "500")  # streams of 5 s: in flight at the kill
     config = stack.tmp_path / "named.toml"
     config.write_text('[budget]\nreplica_id = "host-a"\nlease_s = 1.0\n')
     data_dir = stack.tmp_path / "data-workers"
@@ -209,7 +209,7 @@ def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_ar
         try:
             httpx.post(cortex.url + "/v1/chat/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
                        json={"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}],
-                             "max_tokens": 2000, "stream": True})
+                             "max_tokens": 500, "stream": True})
         except httpx.HTTPError:
             pass  # its worker was killed under it
 
@@ -228,3 +228,20 @@ def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_ar
                timeout_s=15)
     assert query("SELECT COUNT(*) FROM holds WHERE replica_id = %s AND state = 'orphaned'", (victim,))[0][0] >= 1
     assert query(invariant) == []
+    for t in threads:  # the survivor's streams end on their own: nothing for the teardown to drain
+        t.join(30)
+
+
+def test_workers_do_not_outlive_a_supervisor_killed_outright(stack: Stack):
+    neuron = stack.neuron()
+    cortex = workers(stack, neuron, [], 2)
+    pids = cortex.announcement["worker_pids"]
+    cortex.kill()  # SIGKILL: no drain, no forwarding of signals
+
+    def gone(pid: int) -> bool:
+        try:
+            return "zombie" in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), timeout_s=20)

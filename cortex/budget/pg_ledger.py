@@ -161,6 +161,9 @@ _BATCH_SQL = (
     "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::float8[], %b::text[], %b::text[], %b::text[], "
     "%s::float8, %s::text, %s::float8, %b::text[], %b::bigint[], %b::bigint[])"
 )
+# A batch this small runs on generic plans (migration 4's twin): see pg_schema.py.
+SMALL_BATCH_MAX = 16
+_BATCH_SMALL_SQL = _BATCH_SQL.replace(" FROM cortex_batch(", " FROM cortex_batch_small(")
 _REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
 _HEARTBEAT_SQL = "SELECT cortex_heartbeat(%s::text, %s::float8, %s::float8)"
 
@@ -272,7 +275,10 @@ class PgLedger:
         if resolutions or reserves or exts:
             answered = [False] * len(exts)
             for part, idx, ok, tokens, usd, detail, account_id, judged_at, key_id, created, expires, request_id in (
-                self._execute(_BATCH_SQL, self.batch_params(resolutions, reserves, now, exts))
+                self._execute(
+                    _BATCH_SMALL_SQL if len(resolutions) + len(reserves) + len(exts) <= SMALL_BATCH_MAX else _BATCH_SQL,
+                    self.batch_params(resolutions, reserves, now, exts),
+                )
             ):
                 if part == "resolve":
                     resolved[idx - 1] = bool(ok)

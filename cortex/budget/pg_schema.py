@@ -1187,7 +1187,31 @@ _V3 = (
 )
 
 # Ordered; version N is what steps 1..N give. A new step goes at the end, never in the middle.
-MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2), (3, _V3))
+# --- step 4: small batches on generic plans ---------------------------------------------------------
+#
+# A batch of one or a few requests (a replica at low concurrency) re-plans four of cortex_batch's
+# statements on every call (custom plans: their parameters are arrays), about a fifth of the
+# server's CPU for such a call; a generic plan is as good for them. For a large batch a custom plan
+# pays (a generic one costs +48 % at 128 items), so this twin is for small ones only: the same
+# function, run with plan_cache_mode = force_generic_plan (a function's SET holds for what it calls).
+
+_BATCH_SMALL = r"""
+CREATE FUNCTION cortex_batch_small(
+    r_ids TEXT[], r_states TEXT[], r_tokens BIGINT[], r_usd BIGINT[],
+    q_ids TEXT[], q_keys TEXT[], q_tokens BIGINT[], q_usd BIGINT[], q_ttl DOUBLE PRECISION[], q_request_ids TEXT[],
+    q_models TEXT[], q_client_ids TEXT[], p_now DOUBLE PRECISION, p_replica TEXT, p_lease_s DOUBLE PRECISION,
+    e_ids TEXT[] DEFAULT '{}', e_tokens BIGINT[] DEFAULT '{}', e_usd BIGINT[] DEFAULT '{}'
+) RETURNS TABLE (o_part TEXT, o_idx INTEGER, o_ok BOOLEAN, o_tokens BIGINT, o_usd BIGINT, o_detail JSONB,
+                o_account TEXT, o_now DOUBLE PRECISION, o_key TEXT, o_created_at DOUBLE PRECISION,
+                o_expires_at DOUBLE PRECISION, o_request_id TEXT)
+LANGUAGE sql SET plan_cache_mode = force_generic_plan AS $$
+    SELECT * FROM cortex_batch(r_ids, r_states, r_tokens, r_usd, q_ids, q_keys, q_tokens, q_usd, q_ttl, q_request_ids,
+                               q_models, q_client_ids, p_now, p_replica, p_lease_s, e_ids, e_tokens, e_usd)
+$$
+"""
+_V4 = (_BATCH_SMALL,)
+
+MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
 # The tables that hold a ledger's contents (schema_version and meta describe the ledger itself).
 DATA_TABLES = ("replicas", "accounts", "keys", "holds", "alert_state", "alert_outbox", "alert_counters", "usage_buckets")
 
