@@ -31,7 +31,7 @@ from cortex.budget import datadir
 from cortex.budget.datadir import DataDirBusy
 from cortex.budget.ledger import Caps
 from cortex.budget.store import StoreError
-from cortex.workers import WorkerFailed, supervise
+from cortex.workers import WorkerFailed, orphan_watch, supervise
 from cortex.config import SQLITE_LEDGER, Config, ConfigError
 from cortex.fleet.catalogue import CatalogueError
 from cortex.fleet.kinds import KINDS
@@ -158,6 +158,14 @@ async def run_gateway(config: Config) -> None:
                 partial(admin_socket.serve, socket_admin(app), config.server.client_write_timeout_s)
             )
             await nursery.start(reload_on_sighup, app)
+            if config.server.reuse_port:  # a worker of --workers: it goes when its supervisor goes
+                parent = os.getppid()
+
+                async def stop_when_orphaned() -> None:
+                    await orphan_watch(parent)
+                    os.kill(os.getpid(), signal.SIGTERM)  # the usual graceful stop
+
+                nursery.start_soon(stop_when_orphaned)
             announce(
                 "listening", service="cortex", url=binds[0], neurons=[u.url for u in config.fleet.all_upstreams()],
                 data_dir=config.budget.data_dir, admin=bool(config.admin.token), admin_socket=socket_path,

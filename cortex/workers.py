@@ -16,9 +16,9 @@ SIGINT) is passed to every worker, and the supervisor waits for them to drain.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,7 +30,7 @@ from common.serving import announce, bind_tcp_reuse_port, parse_listen
 
 log = logging.getLogger("cortex")
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+ORPHAN_POLL_S = 0.5  # how often a worker looks whether its supervisor is still there
 RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before starting a dead worker again
 HEALTHY_AFTER_S = 60.0  # a worker up this long resets the backoff
 STOP_TIMEOUT_S = 120.0  # after the signal, for the workers' own graceful drain: then they are killed
@@ -148,9 +148,7 @@ async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -
     while not stopping.is_set():
         worker.starts += 1
         started_at = trio.current_time()
-        process = await trio.lowlevel.open_process(  # -1: subprocess.PIPE
-            worker.argv, stdout=-1, stdin=None, preexec_fn=_die_with_parent
-        )
+        process = await trio.lowlevel.open_process(worker.argv, stdout=-1, stdin=None)  # -1: subprocess.PIPE
         worker.process = process
         try:
             async with trio.open_nursery() as nursery:
@@ -177,14 +175,12 @@ async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -
         backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S[1])
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux), so no worker
-    outlives it holding the port."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # elsewhere the workers end when their stdout pipe closes
+async def orphan_watch(parent_pid: int, interval_s: float = ORPHAN_POLL_S) -> None:
+    """In a worker: return once its supervisor is gone (it was reparented), even after a SIGKILL of it,
+    so that no worker outlives its supervisor holding the port. (PR_SET_PDEATHSIG would follow the
+    thread that started the worker, which Trio's thread cache retires, not the supervisor.)"""
+    while os.getppid() == parent_pid:
+        await trio.sleep(interval_s)
 
 
 async def _kill_unless_announced(worker: Worker, process: trio.Process) -> None:
