@@ -310,3 +310,59 @@ def test_in_front_of_a_real_tokenizer_upstream_no_more_is_forwarded_than_held(st
     assert b"x-cortex-budget-truncated" in r.content and delivered < 1500
     u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
     assert usage["prompt_tokens"] + delivered <= u["usage"]["spent_tokens"] <= cap
+
+
+def statuses_ok(results: list) -> int:
+    return sum(1 for r in results if r[0] == 200)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_200_request_fan_out_on_messages_is_cut_cleanly_never_overshoots_and_stops_the_neuron(stack: Stack, stream):
+    import trio
+
+    from cortex.fleet.transport import H11Transport
+
+    n = stack.neuron("--token-interval-ms", "4", "--reply-tokens", "300")  # still generating when cortex cuts
+    cortex = budget_cortex(stack, n, config=INCREMENTAL)
+    cap = 20_000
+    key_id, key = create_key(cortex, balance_tokens=cap)
+    body = {"model": MODEL, "max_tokens": 400, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    results: list[tuple[int, bytes, dict]] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        r = await client.post(cortex.url + "/v1/messages", json=body, headers=headers)
+        results.append((r.status_code, r.content, dict(r.headers)))
+
+    async with httpx.AsyncClient(transport=H11Transport(), timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(one, client)
+    assert {s for s, _, _ in results} <= {200, 429}
+    u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d, timeout_s=30)
+    delivered, cut = 0, 0
+    for status, raw, hdrs in results:
+        if status != 200:
+            continue
+        if stream:
+            events = [json.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: ")]
+            assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+            text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+            stop = next(e["delta"]["stop_reason"] for e in events if e["type"] == "message_delta")
+            was_cut = b"x-cortex-budget-truncated" in raw
+        else:
+            message = json.loads(raw)
+            text = "".join(block.get("text", "") for block in message["content"])
+            stop = message["stop_reason"]
+            was_cut = hdrs.get("x-cortex-budget-truncated") == "true"
+        # A whole reply ends as the neuron ended it (its natural 300 tokens); a cut one where the hold did.
+        assert stop == ("max_tokens" if was_cut else "end_turn") and (was_cut or len(text.encode()) == 300)
+        cut += was_cut
+        delivered += HI_PROMPT_TOKENS + len(text.encode())
+    assert delivered == u["usage"]["spent_tokens"] <= cap
+    assert cut >= 1  # the cap cut some replies short
+    health = wait_until(lambda: (h := n.get_json("/health"))["in_flight"] == 0 and h)
+    # Cut replies stopped their generations (those the neuron had not finished while cortex, slower under
+    # this load, was still relaying them): it wrote less than every admitted reply's 300 tokens.
+    assert health["cancelled_total"] >= 1
+    assert health["tokens_generated_total"] < statuses_ok(results) * 300
