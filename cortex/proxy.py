@@ -110,6 +110,8 @@ class OutputGrant:
     prices: Prices | None = None
     refused: bool = False  # an extension was refused (or could not be made durable): no more
     cut: bool = False  # the output was ended where the hold ends
+    counter: Any = None  # the model's exact counter, if cortex has its tokenizer: a cut reply is counted with it
+    relayed: list[bytes] = dataclasses.field(default_factory=list)  # what was forwarded (kept when counter is set)
 
     @property
     def incremental(self) -> bool:
@@ -241,6 +243,13 @@ class Proxy:
         limit = apply_limits({"context": info.context_tokens, "output": info.output_tokens}, defined)
         return dataclasses.replace(info, context_tokens=limit["context"], output_tokens=limit["output"], limits_reported=True)
 
+    def _exact_counter(self, model: str) -> Any | None:
+        """The model's exact counter: the catalogue's tokenizer if it names one, else its neurons' advert."""
+        defined = self.catalogue.model(model)
+        if defined is not None and defined.tokenizer is not None:
+            return self.counters.get(model, defined.tokenizer)
+        return self.fleet.exact_counter(model)
+
     async def exact_prompt_tokens(self, gen: GenerationRequest) -> int | None:
         """The prompt's tokens on the model's own tokenizer: the catalogue's `tokenizer` where it
         names one, else the one the model's neurons advertise, once the fleet holds it
@@ -323,6 +332,7 @@ class Proxy:
                 held = Estimate(est.prompt_tokens, grant.granted)  # the whole estimate, or its first slice
                 if grant.incremental:
                     request.log.update(output_holds="incremental", output_slice_tokens=grant.slice_tokens)
+                    grant.counter = self._exact_counter(gen.model)
                 grant.hold = await self.budget.reserve(
                     key, held, request.request_id, gen.model, request.log.get("client_request_id"), prices
                 )
@@ -604,6 +614,8 @@ class Proxy:
                 events = relay.feed(chunk)
                 meter.relayed_output_tokens = relay.output_tokens
                 if events:
+                    if grant is not None and grant.counter is not None and meter.token_bytes_max > 1:
+                        grant.relayed += relay.payloads  # a cut would count them with the tokenizer
                     await consume(events)
                 if relay.done or relay.overflowed:
                     return  # nothing after [DONE] is ours; past the bound, stop the upstream now
@@ -614,6 +626,12 @@ class Proxy:
             return False
         grant.cut = True
         meter.responded = True  # the prompt was processed: charged with what was relayed
+        if grant.counter is not None and meter.token_bytes_max > 1:
+            # Tokens of many bytes: count what the client received with the model's own tokenizer.
+            try:
+                meter.exact_output_tokens = min(grant.counter.count_fresh(_output_text(grant.relayed)), relay.output_tokens)
+            except Exception as exc:  # never let counting fail the cut: the bytes stay the (upper) bound
+                logs.event("count_failed", logging.WARNING, request_id=request.request_id, error=repr(exc))
         waste = relay.dropped_output_tokens  # counted as the guard counts: a token per byte
         if self.budget is not None:
             self.budget.metrics.budget_truncations.inc()
@@ -625,7 +643,7 @@ class Proxy:
     @staticmethod
     def _cut_usage(meter: Meter) -> dict[str, int]:
         """What a cut response is charged, as its usage frame says it."""
-        output = meter.relayed_output_tokens
+        output = meter.relayed_output_tokens if meter.exact_output_tokens is None else meter.exact_output_tokens
         return {"prompt_tokens": meter.prompt_tokens_estimate, "completion_tokens": output,
                 "total_tokens": meter.prompt_tokens_estimate + output}
 
@@ -745,3 +763,18 @@ def _stream_head(data: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {}
     return {k: chunk[k] for k in ("id", "created", "model") if k in chunk} if isinstance(chunk, dict) else {}
+
+
+def _output_text(payloads: list[bytes]) -> str:
+    """The text a client received in these stream chunks: content, reasoning and tool-call arguments."""
+    assembler = StreamAssembler(chat=True)
+    assembler.feed(payloads)
+    parts: list[str] = []
+    for slot in assembler._choices.values():
+        parts += slot["text"].values()
+        for tool in slot["tools"].values():
+            parts += (tool["name"], tool["arguments"])
+    legacy = StreamAssembler(chat=False)  # completions' `text`
+    legacy.feed(payloads)
+    parts += [slot["text"].get("text", "") for slot in legacy._choices.values()]
+    return "".join(parts)

@@ -92,3 +92,26 @@ def test_the_assembler_builds_a_text_completion_and_ignores_junk():
     body = assembler.body()
     assert body["object"] == "text_completion" and body["choices"][0]["text"] == "abc"
     assert body["choices"][0]["finish_reason"] == "stop" and "usage" not in body
+
+
+def test_a_cut_reply_counted_with_the_tokenizer_is_charged_that_not_its_bytes():
+    from cortex.budget.meter import Meter
+
+    meter = Meter(True, 10, relayed_output_tokens=400, token_bytes_max=256, dispatched=True, responded=True)
+    assert meter.settlement().tokens == 410  # the bytes: an upper bound
+    meter.exact_output_tokens = 97
+    settlement = meter.settlement()
+    assert (settlement.action, settlement.tokens, settlement.output_tokens) == ("settle", 107, 97)
+
+
+def test_the_text_a_client_received_is_read_from_the_relayed_chunks():
+    from cortex.proxy import _output_text
+
+    payloads = [
+        b'{"choices":[{"index":0,"delta":{"content":"Hel"}}]}',
+        b'{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"lo"}}]}',
+        b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]}}]}',
+    ]
+    assert sorted(_output_text(payloads)) == sorted("Hellohmf{}")
+    assert _output_text([b'{"choices":[{"index":0,"text":"abc"}]}']) == "abc"

@@ -366,3 +366,34 @@ async def test_a_200_request_fan_out_on_messages_is_cut_cleanly_never_overshoots
     # this load, was still relaying them): it wrote less than every admitted reply's 300 tokens.
     assert health["cancelled_total"] >= 1
     assert health["tokens_generated_total"] < statuses_ok(results) * 300
+
+
+def test_a_cut_reply_on_a_known_tokenizer_is_charged_its_tokens_counted_with_it(stack: Stack):
+    from neuron.engines.kernel.checkpoint import make_checkpoint
+    from tests.test_exact_count import TRAINED
+    from tests.test_upstream_kinds_e2e import MODEL as VLLM_MODEL, standin
+
+    files = make_checkpoint("synth-tiny", str(stack.tmp_path / "tok"))  # for its tokenizer_config.json
+    TRAINED["bytelevel"].tokenizer.save(f"{files}/tokenizer.json")  # a BPE with merges: tokens of many bytes
+    upstream = standin(stack, "vllm", "--context", "8192", "--reply-tokens", "1500")
+    config = stack.tmp_path / "known.toml"
+    catalogue = stack.tmp_path / "models.toml"
+    catalogue.write_text(f'[[models]]\nid = "{VLLM_MODEL}"\ntokenizer = "{files}/tokenizer.json"\n'
+                         f'tokenizer_config = "{files}/tokenizer_config.json"\n')
+    config.write_text(INCREMENTAL + f'[[fleet.upstreams]]\nurl = "{upstream.url}"\nkind = "vllm"\n')
+    cortex = budget_cortex(stack, config=config.read_text(), args_extra=("--models", str(catalogue)))
+    key_id, key = create_key(cortex, balance_tokens=400)
+    r = httpx.post(cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": VLLM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
+                         "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and b"x-cortex-budget-truncated" in r.content
+    chunks = [json.loads(e) for e in sse_events(r.content) if e != b"[DONE]"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    usage = [c["usage"] for c in chunks if c.get("usage")][-1]
+    from common.chat_template import load_files
+
+    expected = len(load_files(f"{files}/tokenizer.json", f"{files}/tokenizer_config.json").tokenizer
+                   .encode(text, add_special_tokens=False).ids)
+    assert usage["completion_tokens"] == expected < len(text.encode())  # the tokenizer's count, not the bytes
+    u = wait_until(lambda: (d := key_usage(cortex, key_id))["usage"]["held_tokens"] == 0 and d)
+    assert u["usage"]["spent_tokens"] == usage["prompt_tokens"] + expected <= 400

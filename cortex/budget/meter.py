@@ -90,6 +90,9 @@ class Meter:
     responded: bool = False  # the upstream answered 200 and its output reached us
     completed: bool = False  # the upstream's response ended normally
     client_gone: bool = False
+    # A reply cortex cut (incremental holds) whose output it counted with the model's own tokenizer:
+    # charged that, not the relayed bytes (an upper bound on a tokenizer whose tokens are many bytes).
+    exact_output_tokens: int | None = None
 
     def settlement(self) -> Settlement:
         if not self.dispatched:
@@ -112,8 +115,9 @@ class Meter:
             disagreement = "malformed"
         elif self.completed:
             disagreement = "missing"
-        own = self.prompt_tokens_estimate + self.relayed_output_tokens  # upper bounds both: never undercharged
-        parts = (self.prompt_tokens_estimate, self.relayed_output_tokens)
+        output = self.relayed_output_tokens if self.exact_output_tokens is None else self.exact_output_tokens
+        own = self.prompt_tokens_estimate + output  # upper bounds both (or exact): never undercharged
+        parts = (self.prompt_tokens_estimate, output)
         if self.relayed_output_tokens or self.responded:
             # The prompt was processed and this much output reached the client.
             return Settlement("settle", own, disagreement, *parts)
