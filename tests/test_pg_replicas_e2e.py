@@ -252,7 +252,7 @@ def test_moving_a_sqlite_ledger_to_postgresql_keeps_keys_spend_and_caps(stack: S
     assert "cortex_holds_outstanding" in metrics and 'cortex_budget_refusals_total{reason="balance"}' in metrics
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("stream", [True], ids=["stream"])  # whole replies: test_incremental_holds_e2e.py
 async def test_incremental_holds_across_replicas_never_overshoot_and_charge_what_was_delivered(stack: Stack, pg_ledger_url,
                                                                                              stream):
     import json as json_

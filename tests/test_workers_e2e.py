@@ -81,8 +81,8 @@ async def test_workers_share_one_port_and_one_ledger_and_the_cap_holds(stack: St
         assert admin(cortex, "GET", f"keys/{key_id}").json()["usage"]["spent_tokens"] == spent
 
 
-def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack, store):
-    ledger_args, query, _ = store
+def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack):
+    ledger_args: list[str] = []  # the supervisor's rules do not depend on the ledger (the data dir's file here)
     neuron = stack.neuron()
     cortex = workers(stack, neuron, ledger_args, 2)
     first = sorted(cortex.announcement["worker_pids"])
@@ -191,10 +191,13 @@ async def test_a_worker_that_never_listens_fails_the_start(monkeypatch):
     assert ready.is_set() and worker.process.returncode == -signal.SIGKILL
 
 
-def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_are_reaped(stack: Stack, store):
+def test_workers_of_one_named_config_are_distinct_lives_and_a_dead_ones_holds_are_reaped(stack: Stack, pg_ledger_url):
     import threading
 
-    ledger_args, query, invariant = store
+    # On PostgreSQL (the shared SQLite file's reaper: tests/test_sqlite_shared.py); the ids are the app's either way.
+    ledger_args = ["--ledger", pg_ledger_url]
+    query = lambda sql, params=(): ledger(pg_ledger_url, sql, params)  # noqa: E731
+    invariant = PG_INVARIANT_SQL
     neuron = stack.neuron("--token-interval-ms", "10", "--reply-tokens", "500")  # streams of 5 s: in flight at the kill
     config = stack.tmp_path / "named.toml"
     config.write_text('[budget]\nreplica_id = "host-a"\nlease_s = 1.0\n')
