@@ -45,11 +45,10 @@ class StreamAssembler:
             index = choice.get("index", 0)
             index = index if isinstance(index, int) and not isinstance(index, bool) else 0
             slot = self._choices.setdefault(index, {"text": {}, "tools": {}, "finish_reason": None, "logprobs": None})
-            if self.chat:
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    self._delta(slot, delta)
-            elif isinstance(choice.get("text"), str):
+            delta = choice.get("delta")  # chat chunks
+            if isinstance(delta, dict):
+                self._delta(slot, delta)
+            if isinstance(choice.get("text"), str):  # completions chunks
                 slot["text"]["text"] = slot["text"].get("text", "") + choice["text"]
             if choice.get("finish_reason") is not None:
                 slot["finish_reason"] = choice["finish_reason"]
@@ -75,6 +74,15 @@ class StreamAssembler:
                     tool["name"] += function["name"]
                 if isinstance(function.get("arguments"), str):
                     tool["arguments"] += function["arguments"]
+
+    def text(self) -> str:
+        """Everything the chunks carried as output: text, reasoning, tool names and arguments."""
+        parts: list[str] = []
+        for slot in self._choices.values():
+            parts += slot["text"].values()
+            for tool in slot["tools"].values():
+                parts += (tool["name"], tool["arguments"])
+        return "".join(parts)
 
     def cut(self, finish_reason: str = "length") -> None:
         """Every choice ends here, with `finish_reason`: the output stopped where the hold did."""

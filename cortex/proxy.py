@@ -769,12 +769,4 @@ def _output_text(payloads: list[bytes]) -> str:
     """The text a client received in these stream chunks: content, reasoning and tool-call arguments."""
     assembler = StreamAssembler(chat=True)
     assembler.feed(payloads)
-    parts: list[str] = []
-    for slot in assembler._choices.values():
-        parts += slot["text"].values()
-        for tool in slot["tools"].values():
-            parts += (tool["name"], tool["arguments"])
-    legacy = StreamAssembler(chat=False)  # completions' `text`
-    legacy.feed(payloads)
-    parts += [slot["text"].get("text", "") for slot in legacy._choices.values()]
-    return "".join(parts)
+    return assembler.text()

@@ -292,3 +292,48 @@ async def test_an_incremental_hold_grows_on_the_shared_ledger_and_a_revocation_s
         assert row == {"amount_tokens": 170, "charged_tokens": 170}
         conn_rows = await a.shared.run(lambda conn: conn.execute(INVARIANT_SQL).fetchall())
         assert conn_rows == []
+
+
+async def test_a_ledger_that_fails_a_reserve_is_a_503_and_the_hold_is_released_if_it_was_placed(pg_ledger_url: str) -> None:
+    from cortex.budget.store import StoreError
+
+    async with replicas(pg_ledger_url, 1) as (a,):
+        record, plaintext = await a.create_key("k", None, Caps(balance_tokens=100))
+        released: list[str] = []
+
+        async def failing(req):
+            raise StoreError("connection lost")
+
+        a.shared.reserve = failing
+        real_soon = a.shared.resolve_soon
+        a.shared.resolve_soon = lambda res: (released.append((res.hold_id, res.state)), real_soon(res))
+        with pytest.raises(ApiError) as unavailable:
+            await a.reserve(a.authenticate(headers(plaintext)), Estimate(5, 5), "r", "m")
+        assert unavailable.value.status == 503
+        assert len(released) == 1 and released[0][1] == "released"  # a no-op if it never was placed
+        assert a.open_holds() == []
+
+
+async def test_a_slow_full_reread_cannot_install_a_view_older_than_a_revocation(pg_ledger_url: str) -> None:
+    async with replicas(pg_ledger_url, 2) as (a, b):
+        record, plaintext = await a.create_key("k", None, Caps())
+        await eventually(lambda: record.id in b.keys)
+        real = a.shared.read_directory
+        read_once = trio.Event()
+
+        async def slow(now, accounts, keys):
+            snapshot = await real(now, accounts, keys)
+            if accounts is None and not read_once.is_set():  # the full re-read: read before the revocation,
+                read_once.set()
+                await trio.sleep(0.5)  # installed after it, if nothing orders the installs
+            return snapshot
+
+        a.shared.read_directory = slow
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.refresh, None)
+            await read_once.wait()
+            await b.revoke(record.id)  # a hears of it while its full re-read is in flight
+        await trio.sleep(0.3)
+        assert a.keys[record.id].revoked_at is not None
+        with pytest.raises(ApiError):
+            a.authenticate(headers(plaintext))

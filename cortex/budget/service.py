@@ -272,10 +272,9 @@ class BudgetService:
         make it durable in time; the caller must treat both as not granted (the hold in memory may
         be larger: the charge is capped at what was forwarded, so nothing is charged for it).
         """
-        record = self.keys.get(hold.key_id)
-        if record is not None and record.revoked_at is not None:  # revoked mid-reply: no more output is paid for
-            self.metrics.extensions.inc(result="refused")
-            return Refusal("revoked", "key", hold.key_id, f"The key {hold.key_id} has been revoked.", None, True)
+        revoked = self._revoked_mid_reply(hold)
+        if revoked is not None:
+            return revoked
         try:
             result = self.ledger.extend(hold.id, tokens, self.clock(), usd)
         except LedgerError:
@@ -292,6 +291,14 @@ class BudgetService:
             return None
         self.metrics.extensions.inc(result="granted")
         return result
+
+    def _revoked_mid_reply(self, hold: Hold) -> Refusal | None:
+        """A key revoked while its reply streams: its next slice is refused, no more output is paid for."""
+        record = self.keys.get(hold.key_id)
+        if record is None or record.revoked_at is None:
+            return None
+        self.metrics.extensions.inc(result="refused")
+        return Refusal("revoked", "key", hold.key_id, f"The key {hold.key_id} has been revoked.", None, True)
 
     def _money_capped(self, key: KeyRecord) -> bool:
         return any(self.ledger.principal(kind, pid).caps.money for kind, pid in (("key", key.id), ("account", key.account_id)))

@@ -224,10 +224,9 @@ class SharedBudgetService(BudgetService):
         entry = self._own.get(hold.id)
         if entry is None:
             return None  # expired here meanwhile
-        record = self.keys.get(hold.key_id)
-        if record is not None and record.revoked_at is not None:  # revoked mid-reply (this view hears within ms)
-            self.metrics.extensions.inc(result="refused")
-            return Refusal("revoked", "key", hold.key_id, f"The key {hold.key_id} has been revoked.", None, True)
+        revoked = self._revoked_mid_reply(hold)  # this view hears of a revocation within ms
+        if revoked is not None:
+            return revoked
         try:
             with trio.fail_after(self.config.ledger_timeout_s):
                 result = await self.shared.extend(hold.id, tokens, usd)
