@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cortex", description="cortex: a Trio-native LLM gateway with hard budgets")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gateway in front of neurons")
+    # No abbreviations: `--work 2` would reach the workers, whose command line drops only `--workers`.
+    s = sub.add_parser("serve", help="run the gateway in front of neurons", allow_abbrev=False)
     s.add_argument("--listen", help="HOST:PORT to listen on (server.listen; default 127.0.0.1:8080)")
     s.add_argument("--neuron", action="append", dest="neurons", metavar="URL", help="neuron base URL (repeatable; fleet.neurons)")
     s.add_argument(

@@ -9,7 +9,9 @@ budgets (PostgreSQL with --ledger, else the data dir's SQLite file through
 cortex/budget/sqlite_shared.py), so N workers keep the same promise as N hosts.
 
 Data dirs: worker 0 uses the data dir itself (so `cortex keys ...` finds its
-admin socket), worker i > 0 uses `DATA_DIR/workers/i`. A worker that dies is
+admin socket), worker i > 0 uses `DATA_DIR/workers/i`. The supervisor holds
+the data dir's lock and every worker inherits it (datadir.LOCK_FD_ENV), so the
+dir stays locked while any of them lives. A worker that dies is
 started again, after a backoff that grows while it keeps dying; SIGTERM (or
 SIGINT) is passed to every worker, and the supervisor waits for them to drain.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import trio
 
 from common.serving import announce, bind_tcp_reuse_port, parse_listen
+from cortex.budget import datadir
 
 log = logging.getLogger("cortex")
 
@@ -63,9 +66,11 @@ def worker_argv(argv: list[str], index: int, listen: str, data_dir: str, ledger:
 
 
 class Worker:
-    def __init__(self, index: int, argv: list[str]) -> None:
+    def __init__(self, index: int, argv: list[str], env: dict[str, str] | None = None, lock_fd: int | None = None) -> None:
         self.index = index
         self.argv = argv
+        self.env = env
+        self.lock_fd = lock_fd
         self.process: trio.Process | None = None
         self.announcement: dict[str, Any] | None = None
         self.starts = 0
@@ -74,13 +79,18 @@ class Worker:
 async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, ledger: str) -> None:
     """Run `workers` workers until SIGTERM/SIGINT; announce once all of them listen."""
     host, port = parse_listen(listen)
+    # The data dir's lock, for the supervisor's life and inherited by every worker: while any of them
+    # lives (worker 0 restarting, or workers outliving a killed supervisor by a moment), no offline CLI,
+    # import or second server can take the dir and recover, or judge, a ledger the workers are using.
+    held = datadir.lock(data_dir)
+    env = {**os.environ, datadir.LOCK_FD_ENV: str(held.fileno())}
     # Held (bound, never listening) for the supervisor's life: the port stays ours between worker restarts,
     # and an ephemeral port (0) is chosen once for all of them.
     reserve = bind_tcp_reuse_port(host, port)
     try:
         port = reserve.getsockname()[1]
         shared_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger)) for i in range(workers)]
+        pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger), env, held.fileno()) for i in range(workers)]
         stopping = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -100,6 +110,7 @@ async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, l
                     )
     finally:
         reserve.close()
+        held.close()
 
 
 def _signal_all(pool: list[Worker], sig: int) -> None:
@@ -148,7 +159,8 @@ async def _run_worker(worker: Worker, ready: trio.Event, stopping: trio.Event) -
     while not stopping.is_set():
         worker.starts += 1
         started_at = trio.current_time()
-        process = await trio.lowlevel.open_process(worker.argv, stdout=-1, stdin=None)  # -1: subprocess.PIPE
+        process = await trio.lowlevel.open_process(  # -1: subprocess.PIPE
+            worker.argv, stdout=-1, stdin=None, env=worker.env, pass_fds=() if worker.lock_fd is None else (worker.lock_fd,))
         worker.process = process
         try:
             async with trio.open_nursery() as nursery:

@@ -288,6 +288,15 @@ def test_an_unknown_limit_field_is_refused_not_ignored():
     assert caps_from({"name": "k", "balance_usd": 1}, also=("name",)).balance_usd == 1_000_000
 
 
+@pytest.mark.parametrize("seconds", [1e-300, 1e-6, 0.5, 0, -1, float("nan"), float("inf")])
+def test_a_window_shorter_than_a_second_or_not_a_length_is_refused(seconds):
+    # 64 buckets of a microsecond's window are shorter than a timestamp's resolution: settlement could not record them.
+    with pytest.raises(ApiError) as refused:
+        caps_from({"window_tokens": 10, "window_seconds": seconds})
+    assert refused.value.status == 400 and refused.value.param == "window_seconds"
+    assert caps_from({"window_tokens": 10, "window_seconds": 1}).window_s == 1.0
+
+
 def test_a_period_cap_set_across_a_boundary_keeps_the_charges_of_the_new_period():
     from cortex.budget.ledger import Ledger
     from cortex.budget.periods import period_bounds

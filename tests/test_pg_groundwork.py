@@ -167,6 +167,7 @@ def test_a_ledger_older_than_this_cortex_is_refused_with_the_command_that_fixes_
     "postgresql://cortex@127.0.0.1:5432/cortex?password=s3cret",
     "postgres://:s3cret@db/cortex",
     "postgresql://cortex@db/cortex?sslpassword=s3cret",  # an SSL key's passphrase is as secret
+    "postgresql://cortex@db/cortex?pass%77ord=s3cret",  # libpq decodes a parameter's name
 ])
 def test_a_url_with_a_password_is_refused_without_repeating_it(url, capsys):
     with pytest.raises(pg_schema.LedgerUrlError) as refused:
@@ -185,6 +186,9 @@ def test_a_url_with_a_password_is_refused_without_repeating_it(url, capsys):
     ("postgresql://cortex@db/cortex?sslmode=require&sslpassword=s3cret", "postgresql://cortex@db/cortex?sslmode=require"),
     ("host=db password=s3cret user=cortex", "host=db password=(redacted) user=cortex"),
     ("host=db sslpassword='s3 cret' user=cortex", "host=db sslpassword=(redacted) user=cortex"),
+    ("postgresql://cortex@db/cortex?pass%77ord=s3cret&sslmode=require", "postgresql://cortex@db/cortex?sslmode=require"),
+    ("postgresql://cortex@db/cortex?%70assword=s3cret", "postgresql://cortex@db/cortex"),  # libpq decodes names
+    ("postgresql://cortex@db/cortex?sslpass%77ord=s3cret&PASSWORD=s3cret", "postgresql://cortex@db/cortex"),
     ("postgresql://cortex@db:5432/cortex", "postgresql://cortex@db:5432/cortex"),
 ])
 def test_redact_removes_every_form_of_password(url, redacted):

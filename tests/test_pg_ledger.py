@@ -275,6 +275,22 @@ def test_an_extension_is_not_judged_against_concurrency_even_a_cap_lowered_below
     assert (row["held_tokens"], row["in_flight"]) == (25, 1)
 
 
+@pytest.mark.parametrize("batch", ["alone", "with others"])
+def test_an_extension_of_a_key_revoked_mid_reply_is_refused_and_the_hold_stays_as_it_was(conn, url, batch):
+    put(conn, "account", "a")
+    put(conn, "key", "k", account="a")
+    put(conn, "key", "other", account="a")
+    ledger = replica(url, "r1")
+    assert isinstance(reserve(ledger, "h1", "k", 100), Hold)
+    conn.execute("UPDATE keys SET revoked_at = %s WHERE id = 'k'", (NOW,))
+    others = [Reserve("h2", "other", 5, TTL_S)] if batch == "with others" else []
+    _, placed, (grown,) = ledger.step([], others, NOW + 1, [Extend("h1", 500)])
+    assert isinstance(grown, Refusal) and grown.reason == "revoked" and grown.principal_id == "k"
+    assert all(isinstance(p, Hold) for p in placed)
+    assert hold_amounts(conn, "h1") == ("open", 100, 0)
+    assert principal(conn, "key", "k")["held_tokens"] == 100 and principal(conn, "account", "a")["held_tokens"] == 100 + 5 * len(others)
+
+
 def test_an_extension_of_a_hold_that_is_not_open_is_none_and_changes_nothing(conn, url):
     put(conn, "account", "a", Caps(balance_tokens=1000))
     put(conn, "key", "k", account="a")
@@ -737,3 +753,160 @@ def test_small_batches_run_on_the_generic_plan_twin_and_large_ones_do_not(url):
         assert "cortex_batch_small(" in sent[0] and "cortex_batch(" in sent[1]
         assert all(isinstance(h, Hold) for h in small + large)  # the same judge either way
         assert conn.execute("SELECT held_tokens FROM accounts").fetchone()[0] == 2 * pgl.SMALL_BATCH_MAX + 1
+
+
+# --- one request's batch (migration 5's cortex_batch_one) is judged exactly as cortex_batch judges it ------
+
+ONE_ACCOUNTS = {
+    "A": Caps(balance_tokens=2000, balance_usd=5000, max_concurrency=3, period=SPEC, period_tokens=1500),
+    "B": Caps(),
+    "W": Caps(window_tokens=800, window_s=30.0),  # a window: the general function's
+}
+ONE_KEYS = {  # key: (account, caps)
+    "kb": ("A", Caps(balance_tokens=900, balance_usd=3000)),
+    "ko": ("A", Caps()),
+    "kc": ("B", Caps(max_concurrency=1)),
+    "kp": ("B", Caps(period=SPEC, period_tokens=500, period_usd=800)),
+    "km": ("B", Caps(period=PeriodSpec("monthly", "Europe/Paris", 31), period_tokens=700)),
+    "kw": ("W", Caps()),
+    "kx": ("B", Caps(window_usd=600, window_s=20.0)),
+    "kr": ("B", Caps(balance_tokens=10**6)),  # revoked below
+}
+# The reference: the general function behind cortex_batch_one's own signature, so both ledgers run `step`.
+_ONE_VIA_GENERAL = """
+CREATE OR REPLACE FUNCTION cortex_batch_one(
+    r_id TEXT, r_state TEXT, r_tokens BIGINT, r_usd BIGINT,
+    q_id TEXT, q_key TEXT, q_tokens BIGINT, q_usd BIGINT, q_ttl DOUBLE PRECISION, q_request_id TEXT,
+    q_model TEXT, q_client_id TEXT, p_now DOUBLE PRECISION, p_replica TEXT, p_lease_s DOUBLE PRECISION
+) RETURNS TABLE (o_part TEXT, o_idx INTEGER, o_ok BOOLEAN, o_tokens BIGINT, o_usd BIGINT, o_detail JSONB,
+                o_account TEXT, o_now DOUBLE PRECISION, o_key TEXT, o_created_at DOUBLE PRECISION,
+                o_expires_at DOUBLE PRECISION, o_request_id TEXT)
+LANGUAGE sql AS $$
+    SELECT * FROM cortex_batch(
+        CASE WHEN r_id IS NULL THEN '{}'::text[] ELSE ARRAY[r_id] END,
+        CASE WHEN r_id IS NULL THEN '{}'::text[] ELSE ARRAY[r_state] END,
+        CASE WHEN r_id IS NULL THEN '{}'::bigint[] ELSE ARRAY[r_tokens] END,
+        CASE WHEN r_id IS NULL THEN '{}'::bigint[] ELSE ARRAY[r_usd] END,
+        CASE WHEN q_id IS NULL THEN '{}'::text[] ELSE ARRAY[q_id] END,
+        CASE WHEN q_id IS NULL THEN '{}'::text[] ELSE ARRAY[q_key] END,
+        CASE WHEN q_id IS NULL THEN '{}'::bigint[] ELSE ARRAY[q_tokens] END,
+        CASE WHEN q_id IS NULL THEN '{}'::bigint[] ELSE ARRAY[q_usd] END,
+        CASE WHEN q_id IS NULL THEN '{}'::float8[] ELSE ARRAY[q_ttl] END,
+        CASE WHEN q_id IS NULL THEN '{}'::text[] ELSE ARRAY[q_request_id] END,
+        CASE WHEN q_id IS NULL THEN '{}'::text[] ELSE ARRAY[q_model] END,
+        CASE WHEN q_id IS NULL THEN '{}'::text[] ELSE ARRAY[q_client_id] END,
+        p_now, p_replica, p_lease_s)
+$$"""
+
+
+def _one_world(conn: psycopg.Connection[Any]) -> None:
+    for account, caps in ONE_ACCOUNTS.items():
+        put(conn, "account", account, caps)
+    for key, (account, caps) in ONE_KEYS.items():
+        put(conn, "key", key, caps, account=account)
+    conn.execute("UPDATE keys SET revoked_at = 1 WHERE id = 'kr'")
+
+
+def _tables(conn: psycopg.Connection[Any]) -> list[list[tuple[Any, ...]]]:
+    return [conn.execute(q).fetchall() for q in (
+        "SELECT * FROM accounts ORDER BY id", "SELECT * FROM keys ORDER BY id", "SELECT * FROM holds ORDER BY id",
+        "SELECT * FROM usage_buckets ORDER BY kind, id, bucket_start")]
+
+
+@pytest.fixture
+def two_ledgers(pg_server, url: str):
+    """(the ledger under test, the reference), each with its own database and the same principals."""
+    reference_url = pg_server.url(pg_server.create_database())
+    with pg_schema.connect(reference_url) as c:
+        pg_schema.migrate(c)
+        c.execute(_ONE_VIA_GENERAL)
+    tested, reference = replica(url, "r1"), replica(reference_url, "r1")
+    yield tested, reference
+    tested.conn.close()
+    reference.conn.close()
+
+
+def _reset_one(ledger: PgLedger) -> None:
+    ledger.conn.execute("TRUNCATE holds, usage_buckets, keys, accounts CASCADE")
+    _one_world(ledger.conn)
+
+
+one_step = st.tuples(
+    st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.sampled_from(["settled", "released", "expired"]),
+                                   st.integers(0, 500), st.integers(0, 900))),
+    st.one_of(st.none(), st.tuples(st.sampled_from(sorted(ONE_KEYS) + ["nokey"]), st.integers(0, 450),
+                                   st.integers(0, 1000), st.booleans())),
+    st.sampled_from([0.0, 0.0, 1.0, 7.0, 25.0, 3 * 3600.0, 14 * 86400.0]),  # days and months go by too
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(one_step, min_size=1, max_size=30))
+def test_one_requests_batch_answers_and_writes_exactly_what_the_general_function_does(two_ledgers, steps):
+    tested, reference = two_ledgers
+    for ledger in two_ledgers:
+        _reset_one(ledger)
+    placed: list[str] = []
+    now = NOW
+    for n, (res, req, advance_s) in enumerate(steps):
+        resolutions = []
+        if res is not None:  # mostly a hold reserved earlier (open or not), sometimes one that never was
+            hold_id = placed[res[0] % len(placed)] if placed and res[0] % 5 else f"never-{res[0]}"
+            resolutions = [Resolve(hold_id, res[1], res[2], res[3])]
+        reserves = []
+        if req is not None:  # a fresh id, or now and then one that is taken already
+            hold_id = placed[-1] if placed and req[3] and n % 3 == 0 else f"h{n}"
+            reserves = [Reserve(hold_id, req[0], req[1], TTL_S, req[2], request_id=f"rq{n}", model="m")]
+        answers = [ledger.step(resolutions, reserves, now) for ledger in two_ledgers]
+        assert answers[0] == answers[1], (n, resolutions, reserves)
+        assert _tables(tested.conn) == _tables(reference.conn), (n, resolutions, reserves)
+        placed += [p.id for p in answers[0][1] if isinstance(p, Hold)]
+        now += advance_s
+
+
+def test_one_requests_batch_takes_the_general_function_only_for_windows_two_keys_and_period_changes(url):
+    with pg_schema.connect(url) as conn:
+        _one_world(conn)
+        # The general function, made to say when it is called.
+        conn.execute("ALTER FUNCTION cortex_batch_small RENAME TO cortex_batch_small_real")
+        conn.execute("""CREATE FUNCTION cortex_batch_small(
+            r_ids TEXT[], r_states TEXT[], r_tokens BIGINT[], r_usd BIGINT[], q_ids TEXT[], q_keys TEXT[],
+            q_tokens BIGINT[], q_usd BIGINT[], q_ttl DOUBLE PRECISION[], q_request_ids TEXT[], q_models TEXT[],
+            q_client_ids TEXT[], p_now DOUBLE PRECISION, p_replica TEXT, p_lease_s DOUBLE PRECISION,
+            e_ids TEXT[] DEFAULT '{}', e_tokens BIGINT[] DEFAULT '{}', e_usd BIGINT[] DEFAULT '{}'
+        ) RETURNS TABLE (o_part TEXT, o_idx INTEGER, o_ok BOOLEAN, o_tokens BIGINT, o_usd BIGINT, o_detail JSONB,
+                o_account TEXT, o_now DOUBLE PRECISION, o_key TEXT, o_created_at DOUBLE PRECISION,
+                o_expires_at DOUBLE PRECISION, o_request_id TEXT)
+        LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the general function'; END $$""")
+        ledger = PgLedger(conn, "r1", LEASE_S)
+        start, end = period_bounds(SPEC, NOW)
+
+        def general(resolutions: list[Resolve], reserves: list[Reserve], now: float = NOW) -> bool:
+            try:
+                ledger.step(resolutions, reserves, now)
+                return False
+            except psycopg.errors.RaiseException as exc:
+                assert "the general function" in str(exc)
+                return True
+
+        # A period needs its bounds once (a principal's first request), then is judged in straight-line code.
+        assert general([], [Reserve("p0", "kp", 1, TTL_S)], start + 5)
+        conn.execute("ALTER FUNCTION cortex_batch_small RENAME TO cortex_batch_small_stub")
+        conn.execute("ALTER FUNCTION cortex_batch_small_real RENAME TO cortex_batch_small")
+        assert isinstance(reserve(ledger, "p0", "kp", 1, start + 5), Hold)
+        assert isinstance(reserve(ledger, "a0", "ko", 1, start + 5), Hold)  # account A's period
+        conn.execute("ALTER FUNCTION cortex_batch_small RENAME TO cortex_batch_small_real")
+        conn.execute("ALTER FUNCTION cortex_batch_small_stub RENAME TO cortex_batch_small")
+        assert not general([Resolve("p0", "settled", 1)], [Reserve("p1", "kp", 3, TTL_S)], start + 6)
+        for key in ("kb", "ko", "kc", "kr", "nokey"):  # balances, concurrency, a revoked key, an unknown one
+            assert not general([], [Reserve(f"{key}-1", key, 5, TTL_S, 7)], start + 7), key
+        assert not general([Resolve("kb-1", "settled", 3, 2)], [Reserve("kb-2", "kb", 5, TTL_S)], start + 8)
+        assert not general([Resolve("never", "settled", 3)], [], start + 8)
+        assert general([], [Reserve("w-1", "kw", 5, TTL_S)], start + 9)  # the account's window
+        assert general([], [Reserve("x-1", "kx", 5, TTL_S)], start + 9)  # the key's window
+        assert general([Resolve("kb-2", "settled", 1)], [Reserve("o-1", "ko", 5, TTL_S)], start + 9)  # two keys
+        assert general([], [Reserve("p2", "kp", 1, TTL_S)], end)  # the period's boundary
+        conn.execute("UPDATE keys SET period = 'weekly' WHERE id = 'kp'")
+        assert general([], [Reserve("p3", "kp", 1, TTL_S)], start + 10)  # a changed period
+        row = principal(conn, "key", "kb")
+        assert (row["held_tokens"], row["held_usd"], row["in_flight"], row["spent_tokens"], row["spent_usd"]) == (5, 0, 1, 3, 2)

@@ -391,6 +391,54 @@ def test_a_batch_that_committed_but_lost_its_reply_is_released_and_a_retry_of_it
     assert_invariants(conn)
 
 
+def test_an_answer_the_writer_cannot_read_fails_its_batch_safely_and_the_writer_lives_on(conn, url):
+    # A bug, or a refusal naming a zone this replica's tzdata lacks, raised after the commit: the thread must not
+    # die (every later reserve would wait and fail), and the batch counts as lost (its hold released).
+    principals(conn, account_cap=10**6)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            ledger = adm._ledger
+            real_step = ledger.step
+
+            def unreadable_step(resolutions, reserves, now, extensions):
+                answer = real_step(resolutions, reserves, now, extensions)
+                if any(q.hold_id == "unreadable" for q in reserves):
+                    raise ValueError("no such zone")
+                return answer
+
+            ledger.step = unreadable_step
+            with pytest.raises(StoreError, match="could not be read"):
+                await adm.reserve(Reserve("unreadable", "k", 10, TTL_S))
+            assert isinstance(await adm.reserve(Reserve("next", "k", 10, TTL_S)), Hold)  # the writer lives on
+            await adm.resolve(Resolve("next", "settled", 4), durable=True)
+
+    trio.run(main)
+    assert conn.execute("SELECT id, state FROM holds ORDER BY id").fetchall() == [("next", "settled"), ("unreadable", "released")]
+    assert_invariants(conn)
+
+
+def test_a_read_only_ledger_fails_the_batch_keeps_its_settlement_and_takes_it_once_writable(conn, url):
+    # A standby after a failover: nothing is written, the settlement waits instead of being dropped.
+    principals(conn, account_cap=10**6)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            assert isinstance(await adm.reserve(Reserve("h1", "k", 10, TTL_S)), Hold)
+            adm._ledger.conn.execute("SET default_transaction_read_only = on")
+            await adm.resolve(Resolve("h1", "settled", 3))  # deferred: rides with the next batch
+            with pytest.raises(StoreError, match="unavailable"):
+                await adm.reserve(Reserve("h2", "k", 10, TTL_S))
+            assert conn.execute("SELECT state FROM holds WHERE id = 'h1'").fetchone() == ("open",)
+            adm._ledger.conn.execute("SET default_transaction_read_only = off")
+            assert isinstance(await adm.reserve(Reserve("h3", "k", 10, TTL_S)), Hold)
+
+    trio.run(main)
+    assert conn.execute("SELECT id, state, charged_tokens FROM holds ORDER BY id").fetchall() == [
+        ("h1", "settled", 3), ("h3", "open", 0)]
+    assert_invariants(conn)
+
+
 # --- extensions: incremental output holds -------------------------------------------------------------
 
 

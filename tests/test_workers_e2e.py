@@ -101,6 +101,32 @@ def test_a_dead_worker_is_started_again_and_sigterm_stops_them_all(stack: Stack)
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+def test_the_data_dir_stays_locked_while_worker_0_is_dead(stack: Stack):
+    # Else an offline CLI (or a second server) could take the dir and recover the ledger under the live workers,
+    # charging their open holds in full, or judge it without seeing their holds.
+    from cortex.budget import datadir
+
+    neuron = stack.neuron()
+    cortex = workers(stack, neuron, [], 2)
+    zero = cortex.announcement["worker_pids"][0]  # the pool's order: worker 0 owns the data dir itself
+    with pytest.raises(datadir.DataDirBusy):
+        datadir.lock(cortex.data_dir)
+    os.kill(zero, signal.SIGKILL)
+    wait_until(lambda: zero not in children(cortex.popen.pid), timeout_s=20, interval_s=0.01)
+    with pytest.raises(datadir.DataDirBusy):  # before the supervisor starts it again (0.5 s)
+        datadir.lock(cortex.data_dir)
+    wait_until(lambda: len(children(cortex.popen.pid)) == 2, timeout_s=20)
+    _, key = create_key(cortex, balance_tokens=10 * COST)
+    for _ in range(4):  # the new worker 0 took the inherited lock and serves
+        r = httpx.post(cortex.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+    cortex.signal(signal.SIGTERM)
+    assert cortex.popen.wait(30) == 0
+    datadir.lock(cortex.data_dir).close()  # free once they are all gone
+
+
 def test_the_cli_reaches_the_workers_through_the_data_dir(stack: Stack):
     neuron = stack.neuron()
     cortex = workers(stack, neuron, [], 2)
@@ -122,6 +148,18 @@ def test_workers_must_be_a_sane_count(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2 and "--workers" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("abbreviated", [["--work", "2"], ["--worker=2"], ["--data", "x"], ["--led", "sqlite:x"]])
+def test_serve_takes_no_abbreviated_flags(abbreviated):
+    # A worker's command line drops the supervisor's --workers, --data-dir and --ledger by name: `--work 2` kept
+    # would make every worker a supervisor of two more.
+    from cortex.cli import build_parser
+
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["serve", *abbreviated])
+    assert refused.value.code == 2
+    assert build_parser().parse_args(["serve", "--workers", "2"]).workers == 2
 
 
 STUBBORN = (

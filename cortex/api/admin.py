@@ -45,6 +45,9 @@ from cortex.fleet.catalogue import Catalogue, CatalogueError
 PREFIX = "/admin/v1/"
 ADMIN_BODY_MAX_BYTES = 64 * 1024
 WINDOW_S_MAX = WINDOW_HORIZON_MAX_S  # windows longer than the usage replayed at start-up could not hold
+# A window's usage is kept in 64 buckets (pg_schema.WINDOW_BUCKETS); far below a second a bucket is
+# shorter than a timestamp's resolution, and no operator means a window that short.
+WINDOW_S_MIN = 1.0
 CONCURRENCY_MAX = 1_000_000
 RECENT_DEFAULT = 20
 RECENT_MAX = 10_000
@@ -69,8 +72,9 @@ def caps_from(body: dict[str, Any], period_timezone: str = "UTC", also: tuple[st
             values[name] = None
             continue
         if name == "window_seconds":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= WINDOW_S_MAX:
-                raise errors.invalid_request(f"'{name}' must be a number of seconds in (0, {WINDOW_S_MAX:g}].", param=name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not WINDOW_S_MIN <= value <= WINDOW_S_MAX:
+                raise errors.invalid_request(
+                    f"'{name}' must be a number of seconds from {WINDOW_S_MIN:g} to {WINDOW_S_MAX:g}.", param=name)
             values[name] = float(value)
         else:
             high = CONCURRENCY_MAX if name == "max_concurrency" else TOKENS_MAX

@@ -6,7 +6,8 @@ drains the reserves, extensions and resolutions its Trio tasks queued and
 hands them to `step` (or `reserve_batch` / `extend_batch` / `resolve_batch`),
 which is ONE statement, hence ONE transaction and ONE round trip:
 `SELECT ... FROM cortex_batch(arrays)`, a PL/pgSQL function created by
-migration step 2 and extended by step 3 (cortex/budget/pg_schema.py).
+migration step 2 and extended by step 3 (cortex/budget/pg_schema.py); one
+request's batch goes to its straight-line twin `cortex_batch_one` (step 5).
 The database is the authority: the caps, the held amounts and the usage are
 rows, and the function judges every request against them under row locks.
 The pure ledger's arithmetic and messages are mirrored (and the messages
@@ -77,6 +78,19 @@ judging aborts the batch instead of committing an overshoot. (The
 concurrency guard is left off for extensions because an admin may have
 lowered `max_concurrency` below `in_flight`. That must refuse new
 requests, not abort a batch that only grows the holds of admitted ones.)
+One request's batch. At most one resolution and one reserve (no
+extension), the usual batch at low concurrency, go to `cortex_batch_one`
+(migration 5) as scalars. It takes the same locks in the same order (the
+hold, then the key's account, then the key), judges with the same rules
+(the per-cap tests above, without the arrays), and writes back with the same
+guard. It judges only what it can without them: one key whose key and
+account have no window and whose periods need no roll-over. For anything
+else (two keys, a window, a period to roll or re-sum) it calls
+cortex_batch_small while holding the locks it took. Those are exactly the
+ones the general function takes first (two keys are sent on before any
+principal is locked), so the general function waits on no new lock, and
+the order above still stands. tests/test_pg_ledger.py runs both on random
+steps and finds the same answers and the same rows.
 Exactly-once resolution: a hold leaves `open` only through `UPDATE holds
 ... WHERE state = 'open'` under its row lock, so two reapers, or a reaper
 and a late settlement, cannot both resolve it; the loser sees a hold no
@@ -164,6 +178,12 @@ _BATCH_SQL = (
 # A batch this small runs on generic plans (migration 4's twin): see pg_schema.py.
 SMALL_BATCH_MAX = 16
 _BATCH_SMALL_SQL = _BATCH_SQL.replace(" FROM cortex_batch(", " FROM cortex_batch_small(")
+# At most one resolution and one reserve (one request's batch at low concurrency), as scalars: migration 5.
+_BATCH_ONE_SQL = (
+    "SELECT o_part, o_idx, o_ok, o_tokens, o_usd, o_detail, o_account, o_now, o_key, o_created_at, o_expires_at,"
+    " o_request_id FROM cortex_batch_one(%s::text, %s::text, %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint,"
+    " %s::bigint, %s::float8, %s::text, %s::text, %s::text, %s::float8, %s::text, %s::float8)"
+)
 _REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
 _HEARTBEAT_SQL = "SELECT cortex_heartbeat(%s::text, %s::float8, %s::float8)"
 
@@ -274,11 +294,14 @@ class PgLedger:
         extended: list[Hold | Refusal | None] = [None] * len(exts)
         if resolutions or reserves or exts:
             answered = [False] * len(exts)
+            if len(resolutions) <= 1 and len(reserves) <= 1 and not exts:
+                sent = (_BATCH_ONE_SQL, self.one_params(resolutions, reserves, now))
+            elif len(resolutions) + len(reserves) + len(exts) <= SMALL_BATCH_MAX:
+                sent = (_BATCH_SMALL_SQL, self.batch_params(resolutions, reserves, now, exts))
+            else:
+                sent = (_BATCH_SQL, self.batch_params(resolutions, reserves, now, exts))
             for part, idx, ok, tokens, usd, detail, account_id, judged_at, key_id, created, expires, request_id in (
-                self._execute(
-                    _BATCH_SMALL_SQL if len(resolutions) + len(reserves) + len(exts) <= SMALL_BATCH_MAX else _BATCH_SQL,
-                    self.batch_params(resolutions, reserves, now, exts),
-                )
+                self._execute(*sent)
             ):
                 if part == "resolve":
                     resolved[idx - 1] = bool(ok)
@@ -317,6 +340,17 @@ class PgLedger:
             [q.model for q in reserves], [q.client_request_id for q in reserves],
             now, self.replica_id, float(self.lease_s),
             [e.hold_id for e in extensions], [e.amount_tokens for e in extensions], [e.amount_usd for e in extensions],
+        )
+
+    def one_params(self, resolutions: Sequence[Resolve], reserves: Sequence[Reserve], now: float | None) -> tuple[Any, ...]:
+        """The parameters of `_BATCH_ONE_SQL`: at most one resolution and one reserve (NULLs for one absent)."""
+        r = resolutions[0] if resolutions else None
+        q = reserves[0] if reserves else None
+        return (
+            *((r.hold_id, r.state, r.actual_tokens, r.actual_usd) if r else (None,) * 4),
+            *((q.hold_id, q.key_id, q.amount_tokens, q.amount_usd, float(q.ttl_s), q.request_id, q.model,
+               q.client_request_id) if q else (None,) * 8),
+            now, self.replica_id, float(self.lease_s),
         )
 
     def reserve_batch(self, requests: Sequence[Reserve], now: float | None) -> list[Hold | Refusal]:

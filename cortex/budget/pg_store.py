@@ -100,10 +100,13 @@ STATEMENT_TIMEOUT_MS = 10_000  # a batch stuck on a lock fails instead of holdin
 RECONNECT_BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnection attempts
 UNCERTAIN_MAX = 65_536  # hold ids of failed batches remembered for a retry's `duplicate` check
 REAP_JITTER = 0.25  # the reaper's interval varies by +-25%, so replicas do not reap in step
-# Failures after which the connection (or the batch) may simply be tried again.
+# Failures after which the connection (or the batch) may simply be tried again: the batch's waiters fail,
+# its resolutions are kept for the next batch. The last four are a ledger that takes no batch at all for
+# now (a standby after a failover, a revoked grant, a schema being replaced), not a bad item.
 TRANSIENT_ERRORS = (
     psycopg.OperationalError, pg_errors.SerializationFailure, pg_errors.DeadlockDetected,
-    pg_errors.LockNotAvailable, pg_errors.QueryCanceled,
+    pg_errors.LockNotAvailable, pg_errors.QueryCanceled, pg_errors.ReadOnlySqlTransaction,
+    pg_errors.InsufficientPrivilege, pg_errors.UndefinedFunction, pg_errors.UndefinedTable,
 )
 
 CommitObserver = Callable[[int, float], None]
@@ -393,7 +396,12 @@ class PgAdmission:
                             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
                             break
                         backoff_s = RECONNECT_BACKOFF_S[0]
-                    items = self._execute(items)
+                    try:
+                        items = self._execute(items)
+                    except Exception:  # the writer outlives its own bugs: these items fail, the next batch runs
+                        log.exception("ledger replica %s: a batch failed in the writer", self.replica_id)
+                        self._fail(items, StoreError("the ledger writer failed on this batch"), sent=True)
+                        items = []
                 if stop:
                     lost = len(self._carry)
                     if lost:
@@ -458,6 +466,10 @@ class PgAdmission:
                 [p for p, _ in resolutions], [p for p, _ in reserves], None, [p for p, _ in extensions])
         except psycopg.Error as exc:
             self._failed_batch(batch, exc)
+            return rest
+        except Exception as exc:  # committed, but its answer cannot be read (a bug, a zone unknown here): as if lost
+            log.exception("ledger batch of %d: its answer could not be read", len(batch))
+            self._fail(batch, StoreError(f"the ledger's answer could not be read: {exc!r}"), sent=True)
             return rest
         # Committed: from here on nothing may fail the batch, or it would be run twice.
         placed = [self._verify_duplicate(q, r) for (q, _), r in zip(reserves, placed)]

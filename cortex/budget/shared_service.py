@@ -143,9 +143,9 @@ class SharedBudgetService(BudgetService):
                     await self.refresh(None)
                 else:
                     await self.refresh({tuple(p.split(":", 1)) for p in pending if ":" in p})  # type: ignore[misc]
-            except StoreError as exc:
+            except Exception as exc:  # a store error, or a row this replica cannot read (a zone its tzdata lacks)
                 self._pending |= pending or {EVERYTHING}
-                logs.event("ledger_read_failed", logging.ERROR, error=str(exc))
+                logs.event("ledger_read_failed", logging.ERROR, error=str(exc) or type(exc).__name__)
                 await trio.sleep(1.0)
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
