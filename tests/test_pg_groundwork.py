@@ -196,6 +196,14 @@ def test_redact_removes_every_form_of_password(url, redacted):
     assert pg_schema.redact_text(f"cannot reach {url}: refused") == f"cannot reach {redacted}: refused"
 
 
+def test_ledger_connections_notice_a_vanished_peer_within_seconds_unless_the_url_says_otherwise(pg_url):
+    with pg_schema.connect(pg_url) as conn:
+        params = conn.info.get_parameters()
+        assert (params["keepalives_idle"], params["tcp_user_timeout"]) == ("5", "10000")
+    with pg_schema.connect(pg_url + "?keepalives_idle=30") as conn:
+        assert conn.info.get_parameters()["keepalives_idle"] == "30"
+
+
 def test_the_password_comes_from_pgpassfile_or_pgpassword_never_the_url(pg_server, pg_url, monkeypatch, tmp_path):
     with pg_schema.connect(pg_url) as conn:  # PGPASSFILE, set by the fixture
         assert conn.execute("SELECT 1").fetchone() == (1,)

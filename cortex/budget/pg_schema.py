@@ -48,6 +48,10 @@ APPLICATION_NAME = "cortex"
 HOLD_STATES = ("open", "settled", "released", "expired", "orphaned")
 URL_SCHEMES = ("postgresql", "postgres")
 URL_LENGTH_MAX = 2048
+# A peer that vanished without a FIN (a host lost, a NAT that forgot us) fails a connection in ~10 s instead
+# of after TCP's retransmissions (minutes): the writer's batch and the change listener would hang on it.
+TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                "tcp_user_timeout": 10_000}
 
 _CAPS_COLUMNS = """
     balance_tokens BIGINT CHECK (balance_tokens >= 0),
@@ -1524,6 +1528,10 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     """A connection to the ledger at `url` (checked by `ledger_url`); errors carry only the redacted URL."""
     ledger_url(url)
     kwargs.setdefault("autocommit", True)  # so that `conn.transaction()` is always a transaction of its own
+    given = conninfo_to_dict(url)
+    for name, value in TCP_SETTINGS.items():  # the URL's own choices win
+        if name not in given:
+            kwargs.setdefault(name, value)
     try:
         return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=APPLICATION_NAME, **kwargs)
     except psycopg.OperationalError as exc:
