@@ -1265,6 +1265,9 @@ BEGIN
     IF kid IS NOT NULL AND aid IS NOT NULL THEN  -- 2. the account, then the key, locked
         SELECT * INTO a FROM accounts WHERE id = aid FOR UPDATE;
         SELECT * INTO k FROM keys WHERE id = kid FOR UPDATE;
+        IF k.account_id IS DISTINCT FROM aid THEN  -- read before the locks; nothing in cortex moves a key
+            RAISE EXCEPTION 'cortex_batch: key % changed its account', kid;
+        END IF;
     END IF;
     IF (h_found OR q_id IS NOT NULL) AND (kid IS NULL AND (h_found AND q_id IS NOT NULL)
         OR aid IS NOT NULL AND (k.window_s IS NOT NULL OR k.window_tokens IS NOT NULL OR k.window_usd IS NOT NULL
@@ -1377,23 +1380,25 @@ BEGIN
         END IF;
     END IF;
     -- 5. Write the principals back, with cortex_batch's guard: it cannot fail unless the judging is wrong.
+    --    (`held <= cap - used`: the planner folds these variables into constants, and `used + held` of a
+    --    dimension with no cap may pass 2^63 where the general function's never computes it.)
     IF aid IS NOT NULL THEN
         UPDATE accounts a SET held_tokens = held_t[2], held_usd = held_u[2], in_flight = infl[2],
             spent_tokens = spent_t[2], spent_usd = spent_u[2], period_spec = pspec[2],
             period_used_tokens = pu_t[2], period_used_usd = pu_u[2], buckets_window_s = NULL
-        WHERE a.id = aid AND (NOT fits OR ((a.balance_tokens IS NULL OR spent_t[2] + held_t[2] <= a.balance_tokens)
-            AND (a.balance_usd IS NULL OR spent_u[2] + held_u[2] <= a.balance_usd)
-            AND (a.period_tokens IS NULL OR pu_t[2] + held_t[2] <= a.period_tokens)
-            AND (a.period_usd IS NULL OR pu_u[2] + held_u[2] <= a.period_usd)
+        WHERE a.id = aid AND (NOT fits OR ((a.balance_tokens IS NULL OR held_t[2] <= a.balance_tokens - spent_t[2])
+            AND (a.balance_usd IS NULL OR held_u[2] <= a.balance_usd - spent_u[2])
+            AND (a.period_tokens IS NULL OR held_t[2] <= a.period_tokens - pu_t[2])
+            AND (a.period_usd IS NULL OR held_u[2] <= a.period_usd - pu_u[2])
             AND (a.max_concurrency IS NULL OR infl[2] <= a.max_concurrency)));
         IF NOT FOUND THEN RAISE EXCEPTION 'cortex_batch: an account cap check failed at write-back'; END IF;
         UPDATE keys a SET held_tokens = held_t[1], held_usd = held_u[1], in_flight = infl[1],
             spent_tokens = spent_t[1], spent_usd = spent_u[1], period_spec = pspec[1],
             period_used_tokens = pu_t[1], period_used_usd = pu_u[1], buckets_window_s = NULL
-        WHERE a.id = kid AND (NOT fits OR ((a.balance_tokens IS NULL OR spent_t[1] + held_t[1] <= a.balance_tokens)
-            AND (a.balance_usd IS NULL OR spent_u[1] + held_u[1] <= a.balance_usd)
-            AND (a.period_tokens IS NULL OR pu_t[1] + held_t[1] <= a.period_tokens)
-            AND (a.period_usd IS NULL OR pu_u[1] + held_u[1] <= a.period_usd)
+        WHERE a.id = kid AND (NOT fits OR ((a.balance_tokens IS NULL OR held_t[1] <= a.balance_tokens - spent_t[1])
+            AND (a.balance_usd IS NULL OR held_u[1] <= a.balance_usd - spent_u[1])
+            AND (a.period_tokens IS NULL OR held_t[1] <= a.period_tokens - pu_t[1])
+            AND (a.period_usd IS NULL OR held_u[1] <= a.period_usd - pu_u[1])
             AND (a.max_concurrency IS NULL OR infl[1] <= a.max_concurrency)));
         IF NOT FOUND THEN RAISE EXCEPTION 'cortex_batch: a key cap check failed at write-back'; END IF;
     END IF;
