@@ -166,6 +166,30 @@ def test_a_dead_replicas_holds_are_reaped_by_another_after_the_lease_charged_in_
     assert_invariants(conn)
 
 
+def test_a_hold_that_cannot_be_reaped_does_not_keep_the_other_orphans_open(conn, url, caplog):
+    # One reap is one transaction over many holds: a hold whose resolution fails (here a key whose `held` was
+    # corrupted below its open holds) must be stepped past, not fail every reap for every dead replica.
+    principals(conn, account_cap=10**6)
+    for extra in ("k2", "k3"):
+        conn.execute("INSERT INTO keys (id, account_id, name, key_hash, key_prefix, created_at)"
+                     " VALUES (%s, 'a', %s, %s, %s, 0)", (extra, extra, extra.encode(), extra))
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "dead", lease_s=0.3) as dead:
+            for i, key in enumerate(("k", "k2", "k3")):
+                assert isinstance(await dead.reserve(Reserve(f"d{i}", key, 100, TTL_S)), Hold)
+        conn.execute("UPDATE keys SET held_tokens = 0 WHERE id = 'k2'")
+        await trio.sleep(0.4)  # the lease has passed
+        async with PgAdmission.open(url, "alive", lease_s=0.3) as alive:
+            assert await alive.reap() == ["d0", "d2"]
+            assert await alive.reap() == []
+
+    trio.run(main)
+    assert conn.execute("SELECT id, state FROM holds ORDER BY id").fetchall() == [
+        ("d0", "orphaned"), ("d1", "open"), ("d2", "orphaned")]
+    assert "cannot reap hold d1" in caplog.text and "holds less than its open holds" in caplog.text
+
+
 def test_a_live_replicas_heartbeat_keeps_its_holds_from_the_reapers_past_many_leases(conn, url):
     principals(conn)
 

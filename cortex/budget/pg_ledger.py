@@ -123,7 +123,9 @@ replica whose clock lags charges into the row's (newer) period.
 Replica crash. Every hold carries `replica_id` and `lease_deadline = now +
 lease_s`; `heartbeat` extends the lease of this replica's open holds.
 `reap`, run by any replica, orphans other replicas' open holds whose lease
-has passed, charged in full (what SQLite's recovery does at start-up).
+has passed, charged in full (what SQLite's recovery does at start-up);
+`reap_one_by_one` does the same a hold per transaction, stepping past one
+that cannot be resolved (`cortex_reap`'s four-argument form, migration 5).
 
 Cost, linear in the batch. `cortex_batch` does every per-item lookup set-
 based (`unnest(...) WITH ORDINALITY`, hash-joined once per batch) or as an
@@ -185,6 +187,11 @@ _BATCH_ONE_SQL = (
     " %s::bigint, %s::float8, %s::text, %s::text, %s::text, %s::float8, %s::text, %s::float8)"
 )
 _REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
+_REAP_AFTER_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer, %s::text)"
+_NEXT_ORPHAN_SQL = (
+    "SELECT id FROM holds WHERE state = 'open' AND replica_id <> %s AND id > %s"
+    " AND lease_deadline < COALESCE(%s::float8, extract(epoch FROM clock_timestamp())) ORDER BY id LIMIT 1"
+)
 _HEARTBEAT_SQL = "SELECT cortex_heartbeat(%s::text, %s::float8, %s::float8)"
 
 
@@ -369,6 +376,25 @@ class PgLedger:
         assert 0 < limit <= REAP_BATCH_MAX
         rows = self._execute(_REAP_SQL, (now, self.replica_id, limit))
         return sorted(r[0] for r in rows)
+
+    def reap_one_by_one(self, now: float | None, limit: int = REAP_BATCH_MAX) -> tuple[list[str], dict[str, str]]:
+        """`reap`, one hold per transaction, stepping past any that cannot be resolved: (reaped, {id: why not}).
+
+        For when a whole `reap` failed: one bad hold must not keep every other orphan open."""
+        reaped: list[str] = []
+        failed: dict[str, str] = {}
+        after = ""
+        for _ in range(limit):
+            rows = self._execute(_NEXT_ORPHAN_SQL, (self.replica_id, after, now))
+            if not rows:
+                break
+            candidate = rows[0][0]
+            try:
+                reaped += [r[0] for r in self._execute(_REAP_AFTER_SQL, (now, self.replica_id, 1, after))]
+            except (psycopg.errors.RaiseException, psycopg.errors.DataException, psycopg.errors.IntegrityError) as exc:
+                failed[candidate] = str(exc.diag.message_primary or exc)
+            after = candidate
+        return sorted(reaped), failed
 
     def heartbeat(self, now: float | None) -> int:
         """Extend this replica's open holds' leases to now + lease_s; how many there are."""

@@ -64,6 +64,9 @@ replica's open holds' leases and its `replicas` row; and a reaper every
 `lease_s / 2` (jittered), on a SECOND connection in a worker thread, so a
 slow reap of many orphans stays off the request path (the lock order of
 pg_ledger.py, holds < accounts < keys, rules out deadlock between the two).
+A reap that fails on a hold it cannot resolve (a bug the batch's checks
+caught) is done again one hold per transaction, stepping past that one and
+logging it, so one bad hold cannot keep every dead replica's holds open.
 
 The replica id names this process's life: a reaper skips its own id, and
 the heartbeat extends every open hold under it, so an id must not be
@@ -294,7 +297,14 @@ class PgAdmission:
                 self._maintenance = PgLedger(self._connect(), self.replica_id, self.lease_s)
             reaped: list[str] = []
             while True:
-                ids = self._maintenance.reap(None, REAP_BATCH_MAX)
+                try:
+                    ids = self._maintenance.reap(None, REAP_BATCH_MAX)
+                except (psycopg.errors.RaiseException, psycopg.errors.DataException, psycopg.errors.IntegrityError):
+                    # One hold the batch cannot resolve fails the whole reap: step past it, one at a time.
+                    more, failed = self._maintenance.reap_one_by_one(None)
+                    for hold_id, why in failed.items():
+                        log.error("replica %s cannot reap hold %s: %s", self.replica_id, hold_id, why)
+                    return reaped + more
                 reaped += ids
                 if len(ids) < REAP_BATCH_MAX:
                     return reaped
