@@ -1432,24 +1432,9 @@ _BATCH_V5 = (_BATCH_V3.replace("CREATE FUNCTION cortex_batch(", "CREATE OR REPLA
 # `p_limit` orphans by id in one transaction, so one that fails (a bug the batch's own checks caught)
 # would fail every reap, and every dead replica's holds would stay open. This form takes only the ids
 # after `p_after`, for a reaper walking them one by one once a whole reap has failed.
-_REAP_AFTER = r"""
-CREATE FUNCTION cortex_reap(p_now DOUBLE PRECISION, p_replica TEXT, p_limit INTEGER, p_after TEXT)
-RETURNS TABLE (o_id TEXT, o_tokens BIGINT, o_usd BIGINT) LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    now_s DOUBLE PRECISION := COALESCE(p_now, extract(epoch FROM clock_timestamp()));
-    ids TEXT[];
-    m INTEGER;
-BEGIN
-    ids := ARRAY(SELECT id FROM holds WHERE state = 'open' AND lease_deadline < now_s AND replica_id <> p_replica
-                 AND id > p_after ORDER BY id LIMIT p_limit FOR UPDATE SKIP LOCKED);
-    m := COALESCE(array_length(ids, 1), 0);
-    IF m = 0 THEN RETURN; END IF;
-    RETURN QUERY SELECT ids[b.o_idx], b.o_tokens, b.o_usd
-    FROM cortex_batch(ids, array_fill('orphaned'::text, ARRAY[m]), array_fill(0::bigint, ARRAY[m]),
-                      array_fill(0::bigint, ARRAY[m]), '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', now_s, p_replica, 0) b
-    WHERE b.o_ok;
-END $$"""
+_REAP_AFTER = _REAP.replace("p_limit INTEGER)", "p_limit INTEGER, p_after TEXT)").replace(
+    "AND replica_id <> p_replica\n                 ORDER BY id", "AND replica_id <> p_replica\n                 AND id > p_after ORDER BY id")
+assert _REAP_AFTER.count("p_after") == 2
 _V5 = (_BATCH_V5, _BATCH_ONE, _REAP_AFTER)
 
 MIGRATIONS: tuple[Migration, ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5))
