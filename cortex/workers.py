@@ -82,35 +82,35 @@ async def supervise(argv: list[str], workers: int, listen: str, data_dir: str, l
     # The data dir's lock, for the supervisor's life and inherited by every worker: while any of them
     # lives (worker 0 restarting, or workers outliving a killed supervisor by a moment), no offline CLI,
     # import or second server can take the dir and recover, or judge, a ledger the workers are using.
-    held = datadir.lock(data_dir)
-    env = {**os.environ, datadir.LOCK_FD_ENV: str(held.fileno())}
-    # Held (bound, never listening) for the supervisor's life: the port stays ours between worker restarts,
-    # and an ephemeral port (0) is chosen once for all of them.
-    reserve = bind_tcp_reuse_port(host, port)
-    try:
-        port = reserve.getsockname()[1]
-        shared_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger), env, held.fileno()) for i in range(workers)]
-        stopping = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                ready = [trio.Event() for _ in pool]
-                running = [trio.Event() for _ in pool]  # set once each worker's keeper has returned
-                for worker, event, done in zip(pool, ready, running):
-                    nursery.start_soon(_keep_running, worker, event, stopping, done)
-                nursery.start_soon(_stop_on_signal, signals, pool, stopping, running)
-                for event in ready:
-                    await event.wait()
-                if not stopping.is_set():
-                    first = pool[0].announcement or {}
-                    announce(
-                        "listening", service="cortex", url=f"http://{shared_listen}", workers=workers,
-                        worker_pids=[w.process.pid for w in pool if w.process is not None],
-                        **{k: v for k, v in first.items() if k not in ("event", "service", "url")},
-                    )
-    finally:
-        reserve.close()
-        held.close()
+    with datadir.lock(data_dir) as held:
+        env = {**os.environ, datadir.LOCK_FD_ENV: str(held.fileno())}
+        # Held (bound, never listening) for the supervisor's life: the port stays ours between worker restarts,
+        # and an ephemeral port (0) is chosen once for all of them.
+        reserve = bind_tcp_reuse_port(host, port)
+        try:
+            port = reserve.getsockname()[1]
+            shared_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            pool = [Worker(i, worker_argv(argv, i, shared_listen, data_dir, ledger), env, held.fileno())
+                    for i in range(workers)]
+            stopping = trio.Event()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    ready = [trio.Event() for _ in pool]
+                    running = [trio.Event() for _ in pool]  # set once each worker's keeper has returned
+                    for worker, event, done in zip(pool, ready, running):
+                        nursery.start_soon(_keep_running, worker, event, stopping, done)
+                    nursery.start_soon(_stop_on_signal, signals, pool, stopping, running)
+                    for event in ready:
+                        await event.wait()
+                    if not stopping.is_set():
+                        first = pool[0].announcement or {}
+                        announce(
+                            "listening", service="cortex", url=f"http://{shared_listen}", workers=workers,
+                            worker_pids=[w.process.pid for w in pool if w.process is not None],
+                            **{k: v for k, v in first.items() if k not in ("event", "service", "url")},
+                        )
+        finally:
+            reserve.close()
 
 
 def _signal_all(pool: list[Worker], sig: int) -> None:

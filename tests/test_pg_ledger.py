@@ -882,7 +882,7 @@ def _step_or_error(ledger: PgLedger, resolutions: list[Resolve], reserves: list[
     try:
         return ledger.step(resolutions, reserves, now)
     except psycopg.Error as exc:  # the same refusal of the whole batch, for the same reason
-        return type(exc), (exc.diag.message_primary or "").split(" at ")[0]
+        return type(exc), exc.diag.message_primary
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

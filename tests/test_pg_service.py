@@ -337,3 +337,21 @@ async def test_a_slow_full_reread_cannot_install_a_view_older_than_a_revocation(
         assert a.keys[record.id].revoked_at is not None
         with pytest.raises(ApiError):
             a.authenticate(headers(plaintext))
+
+
+async def test_the_directory_sync_survives_a_read_it_cannot_take_and_reads_again(pg_ledger_url: str) -> None:
+    # A row this replica cannot read (a zone its tzdata lacks, say) must not end its sync: the next read is retried.
+    async with replicas(pg_ledger_url, 2) as (a, b):
+        real = b.shared.read_directory
+        failed = trio.Event()
+
+        async def once_unreadable(now, accounts, keys):
+            if not failed.is_set():
+                failed.set()
+                raise ValueError("unknown time zone")
+            return await real(now, accounts, keys)
+
+        b.shared.read_directory = once_unreadable
+        record, _ = await a.create_key("k", None, Caps())
+        await failed.wait()
+        await eventually(lambda: record.id in b.keys, timeout_s=5.0)

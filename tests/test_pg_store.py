@@ -364,6 +364,19 @@ def test_a_ledger_with_an_old_or_no_schema_is_refused_at_open_with_the_fix(pg_ur
         trio.run(opening, pg_url)
 
 
+def after_commit(ledger: PgLedger, when: Any, then: Any) -> None:
+    """Make `ledger.step` run `then()` (which raises) after its batch committed, for batches `when(reserves)` picks."""
+    real_step = ledger.step
+
+    def step(resolutions, reserves, now, extensions):
+        answer = real_step(resolutions, reserves, now, extensions)
+        if when(reserves):
+            then()
+        return answer
+
+    ledger.step = step  # type: ignore[method-assign]
+
+
 def test_a_lost_connection_fails_the_batch_with_store_error_and_the_writer_reconnects(conn, url):
     principals(conn, account_cap=10**6)
 
@@ -391,18 +404,14 @@ def test_a_batch_that_committed_but_lost_its_reply_is_released_and_a_retry_of_it
     async def main() -> None:
         async with PgAdmission.open(url, "r1") as adm:
             ledger = adm._ledger  # the writer's: its batch commits, then the connection drops before the reply
-            real_step = ledger.step
             lose = [True]
 
-            def lossy_step(resolutions, reserves, now, extensions):
-                answer = real_step(resolutions, reserves, now, extensions)
-                if lose and any(q.hold_id == "lost" for q in reserves):
-                    lose.clear()
-                    ledger.conn.close()
-                    raise psycopg.OperationalError("server closed the connection unexpectedly")
-                return answer
+            def drop_the_reply() -> None:
+                lose.clear()
+                ledger.conn.close()
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-            ledger.step = lossy_step
+            after_commit(ledger, lambda reserves: lose and any(q.hold_id == "lost" for q in reserves), drop_the_reply)
             with pytest.raises(StoreError, match="unavailable"):
                 await adm.reserve(Reserve("lost", "k", 10, TTL_S))
             assert conn.execute("SELECT state FROM holds WHERE id = 'lost'").fetchone() == ("open",)  # it did commit
@@ -422,16 +431,10 @@ def test_an_answer_the_writer_cannot_read_fails_its_batch_safely_and_the_writer_
 
     async def main() -> None:
         async with PgAdmission.open(url, "r1") as adm:
-            ledger = adm._ledger
-            real_step = ledger.step
+            def unreadable() -> None:
+                raise ValueError("no such zone")
 
-            def unreadable_step(resolutions, reserves, now, extensions):
-                answer = real_step(resolutions, reserves, now, extensions)
-                if any(q.hold_id == "unreadable" for q in reserves):
-                    raise ValueError("no such zone")
-                return answer
-
-            ledger.step = unreadable_step
+            after_commit(adm._ledger, lambda reserves: any(q.hold_id == "unreadable" for q in reserves), unreadable)
             with pytest.raises(StoreError, match="could not be read"):
                 await adm.reserve(Reserve("unreadable", "k", 10, TTL_S))
             assert isinstance(await adm.reserve(Reserve("next", "k", 10, TTL_S)), Hold)  # the writer lives on
@@ -439,6 +442,30 @@ def test_an_answer_the_writer_cannot_read_fails_its_batch_safely_and_the_writer_
 
     trio.run(main)
     assert conn.execute("SELECT id, state FROM holds ORDER BY id").fetchall() == [("next", "settled"), ("unreadable", "released")]
+    assert_invariants(conn)
+
+
+def test_a_writer_that_fails_on_its_own_side_of_a_batch_fails_that_batch_and_lives_on(conn, url):
+    # Past the answer (here checking a retried hold id): a bug in the writer must not end its thread.
+    principals(conn, account_cap=10**6)
+
+    async def main() -> None:
+        async with PgAdmission.open(url, "r1") as adm:
+            real = adm._verify_duplicate
+
+            def broken(q, result):
+                if q.hold_id == "broken":
+                    raise RuntimeError("a bug")
+                return real(q, result)
+
+            adm._verify_duplicate = broken
+            with trio.fail_after(10):  # a dead writer answers nobody
+                with pytest.raises(StoreError, match="writer failed"):
+                    await adm.reserve(Reserve("broken", "k", 10, TTL_S))
+                assert isinstance(await adm.reserve(Reserve("next", "k", 10, TTL_S)), Hold)
+
+    trio.run(main)
+    assert conn.execute("SELECT id, state FROM holds ORDER BY id").fetchall() == [("broken", "released"), ("next", "open")]
     assert_invariants(conn)
 
 

@@ -187,6 +187,8 @@ _BATCH_ONE_SQL = (
     " %s::bigint, %s::float8, %s::text, %s::text, %s::text, %s::float8, %s::text, %s::float8)"
 )
 _REAP_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer)"
+# What the batch raises for an item it cannot take (its own checks, a value out of range): not transient.
+UNRESOLVABLE_ERRORS = (psycopg.errors.RaiseException, psycopg.errors.DataException, psycopg.errors.IntegrityError)
 _REAP_AFTER_SQL = "SELECT o_id, o_tokens, o_usd FROM cortex_reap(%s::float8, %s::text, %s::integer, %s::text)"
 _NEXT_ORPHAN_SQL = (
     "SELECT id FROM holds WHERE state = 'open' AND replica_id <> %s AND id > %s"
@@ -391,7 +393,7 @@ class PgLedger:
             candidate = rows[0][0]
             try:
                 reaped += [r[0] for r in self._execute(_REAP_AFTER_SQL, (now, self.replica_id, 1, after))]
-            except (psycopg.errors.RaiseException, psycopg.errors.DataException, psycopg.errors.IntegrityError) as exc:
+            except UNRESOLVABLE_ERRORS as exc:
                 failed[candidate] = str(exc.diag.message_primary or exc)
             after = candidate
         return sorted(reaped), failed

@@ -93,7 +93,9 @@ from psycopg import errors as pg_errors
 
 from cortex.budget import pg_schema
 from cortex.budget.ledger import Hold, Refusal
-from cortex.budget.pg_ledger import BATCH_MAX, REAP_BATCH_MAX, Counters, Extend, PgLedger, Reserve, Resolve
+from cortex.budget.pg_ledger import (
+    BATCH_MAX, REAP_BATCH_MAX, UNRESOLVABLE_ERRORS, Counters, Extend, PgLedger, Reserve, Resolve,
+)
 from cortex.budget.store import DEFER_FLUSH_S, StoreError
 
 log = logging.getLogger("cortex")
@@ -299,7 +301,7 @@ class PgAdmission:
             while True:
                 try:
                     ids = self._maintenance.reap(None, REAP_BATCH_MAX)
-                except (psycopg.errors.RaiseException, psycopg.errors.DataException, psycopg.errors.IntegrityError):
+                except UNRESOLVABLE_ERRORS:
                     # One hold the batch cannot resolve fails the whole reap: step past it, one at a time.
                     more, failed = self._maintenance.reap_one_by_one(None)
                     for hold_id, why in failed.items():

@@ -145,6 +145,7 @@ class SharedBudgetService(BudgetService):
                     await self.refresh({tuple(p.split(":", 1)) for p in pending if ":" in p})  # type: ignore[misc]
             except Exception as exc:  # a store error, or a row this replica cannot read (a zone its tzdata lacks)
                 self._pending |= pending or {EVERYTHING}
+                self._pending_event.set()  # read again after the pause, not at the next interval
                 logs.event("ledger_read_failed", logging.ERROR, error=str(exc) or type(exc).__name__)
                 await trio.sleep(1.0)
 
