@@ -14,8 +14,9 @@ numpy (the oracle, measured in the same run), and on a GPU the decode step
 time against the memory-bandwidth roofline: the bytes a step must read
 (all weights, plus the KV cache of every sequence) divided by the HBM
 bandwidth (`--hbm-tbps`, default from the GPU's name: H200 4.8 TB/s).
-A last table compares BLAS (numpy's matmul, what the numba backend uses)
-with a plain numba loop over the same weights, the choice numba_ops made.
+A last table compares BLAS (numpy's matmul) with numba_ops' register-blocked
+kernel on one projection at 1-32 rows: the numba backend takes the kernel up
+to SMALL_ROWS_MAX rows and BLAS above, and this table is why.
 
     python scripts/bench_neuron.py                       # synth-small, every backend here
     python scripts/bench_neuron.py --preset synth-tiny --quick
@@ -34,11 +35,13 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from neuron.engines.kernel import numba_ops  # noqa: E402
 from neuron.engines.kernel.numba_ops import BLAS_THREADS  # noqa: E402
 from neuron.engines.kernel.runner import BACKENDS, ModelRunner, StepInput, cuda_available, load_runner  # noqa: E402
 
@@ -97,24 +100,31 @@ def gpu_info() -> dict[str, Any]:
 
 
 def bench_matmul(hidden: int, inter: int, repeats: int) -> list[dict[str, Any]]:
+    """One gate|up projection at several row counts: BLAS against numba_ops.matmul_small.
+
+    The timed loop runs over enough copies of the weight to fill ~400 MB, so each call reads
+    its weight from memory as a step does, not from a cache warmed by the call before.
+    """
     from neuron.engines.kernel import numba_ops
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((2 * inter, hidden), dtype=np.float32)
+    ws = [w] + [w.copy() for _ in range(max(1, (400 << 20) // w.nbytes) - 1)]
     rows = []
-    for tokens in (1, 8):
+    for tokens in (1, 2, 8, 32, 64):
         x = rng.standard_normal((tokens, hidden), dtype=np.float32)
         out = np.empty((tokens, 2 * inter), np.float32)
-        numba_ops.matmul_t(x, w, out)  # compile
+        numba_ops.matmul_small(x, w, out)  # compile
         np.testing.assert_allclose(out, x @ w.T, rtol=1e-3, atol=1e-3)
-        blas = median_s(lambda: x @ w.T, repeats * 4)
-        loop = median_s(lambda: numba_ops.matmul_t(x, w, out), repeats * 4)
+        blas = median_s(lambda: [x @ m.T for m in ws], repeats) / len(ws)
+        loop = median_s(lambda: [numba_ops.matmul_small(x, m, out) for m in ws], repeats) / len(ws)
         rows.append({"tokens": tokens, "shape": f"[{tokens},{hidden}] x [{hidden},{2 * inter}]",
-                     "blas_ms": blas * 1e3, "numba_ms": loop * 1e3})
+                     "blas_ms": blas * 1e3, "numba_ms": loop * 1e3,
+                     "used": "numba" if 1 < tokens <= numba_ops.SMALL_ROWS_MAX else "BLAS"})
     return rows
 
 
-def bench_backend(name: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+def bench_backend(name: str, args: argparse.Namespace, results: dict[str, Any], label: str | None = None) -> None:
     start = time.perf_counter()
     device = "cuda" if name == "cupy" else "cpu"
     runner = load_runner(preset=args.preset, backend=name, device=device)
@@ -132,8 +142,8 @@ def bench_backend(name: str, args: argparse.Namespace, results: dict[str, Any]) 
         row["graph_failures"] = list(backend.graph_failures)
         row["steps_graphed"], row["steps_eager"] = backend.steps_graphed, backend.steps_eager
     runner.close()
-    results["backends"][name] = row
-    print(f"- {name}: loaded in {load_s:.1f} s, weights {runner.weight_bytes / 2**20:.0f} MiB", flush=True)
+    results["backends"][label or name] = row
+    print(f"- {label or name}: loaded in {load_s:.1f} s, weights {runner.weight_bytes / 2**20:.0f} MiB", flush=True)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -156,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-tokens", type=int, default=128, help="tokens each decoding sequence holds")
     parser.add_argument("--quick", action="store_true", help="3 repeats, prompt 64, context 32")
     parser.add_argument("--hbm-tbps", type=float, help="GPU memory bandwidth for the roofline, TB/s")
+    parser.add_argument("--no-threaded", action="store_true",
+                        help="skip the extra numba run with threaded projections on a CPU that keeps them serial")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -177,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         machine["gpu"] = gpu_info()
     blas = ThreadpoolController()
     machine["blas_threads"] = BLAS_THREADS or "default"
+    machine["matmul_threads"] = numba_ops.MATMUL_THREADS
     results: dict[str, Any] = {"preset": args.preset, "machine": machine, "args": vars(args), "backends": {}}
     print(f"# neuron kernel benchmark: {args.preset}\n")
     print(f"machine: {json.dumps(machine)}\n")
@@ -185,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         limit = name == "numpy" and BLAS_THREADS > 0
         with blas.limit(limits=BLAS_THREADS, user_api="blas") if limit else nullcontext():
             bench_backend(name, args, results)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if "numba" in backends and numba_ops.MATMUL_THREADS == 1 and cpus > 1 and not args.no_threaded:
+        # This CPU is small enough that numba_ops keeps projections serial; show what threads give.
+        numba_ops.MATMUL_THREADS = min(cpus, numba.config.NUMBA_NUM_THREADS)
+        try:
+            bench_backend("numba", args, results, label=f"numba, {numba_ops.MATMUL_THREADS} threads")
+        finally:
+            numba_ops.MATMUL_THREADS = 1
 
     rows = []
     for name, r in results["backends"].items():
@@ -220,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         from neuron.engines.kernel.checkpoint import preset_config
 
         config = preset_config(args.preset)
-        mm = bench_matmul(config.hidden_size, config.intermediate_size, args.repeats)
+        with blas.limit(limits=BLAS_THREADS, user_api="blas") if BLAS_THREADS > 0 else nullcontext():
+            mm = bench_matmul(config.hidden_size, config.intermediate_size, args.repeats)  # BLAS as a step runs it
         results["matmul"] = mm
-        print("\n## One gate|up projection: BLAS (numpy matmul) vs a numba prange loop, ms\n")
-        print(table(["tokens", "shape", "BLAS", "numba loop", "loop / BLAS"],
-                    [[m["tokens"], m["shape"], m["blas_ms"], m["numba_ms"], m["numba_ms"] / m["blas_ms"]] for m in mm]))
+        print("\n## One gate|up projection: BLAS (numpy matmul) vs numba's matmul_small, ms "
+              "(weights read from memory, as in a step)\n")
+        print(table(["tokens", "shape", "BLAS", "numba", "numba / BLAS", "the backend uses"],
+                    [[m["tokens"], m["shape"], m["blas_ms"], m["numba_ms"], m["numba_ms"] / m["blas_ms"], m["used"]]
+                     for m in mm]))
     load = [round(v, 2) for v in os.getloadavg()]
     machine["loadavg_at_end"] = load
     print(f"\nload average at start {machine['loadavg_at_start']}, at end {load} (other work on this machine skews CPU figures)")

@@ -65,6 +65,23 @@ def test_numba_matches_numpy_on_prefill_and_mixed_batches(runners: dict[str, Mod
         np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, numba_ops.SMALL_ROWS_MAX, numba_ops.SMALL_ROWS_MAX + 1])
+@pytest.mark.parametrize("cols", [1, 3, 4, 7, 64, 2 * numba_ops.PARALLEL_COLS + 5])
+def test_the_small_batch_projection_matches_numpy_at_every_tail(rows: int, cols: int) -> None:
+    """matmul_small's 4x4 blocks and its row and column tails, and project's switch to BLAS."""
+    rng = np.random.default_rng(rows * 1000 + cols)
+    x = rng.standard_normal((rows, 37), dtype=np.float32)  # inner not a multiple of any vector width
+    w = rng.standard_normal((cols, 37), dtype=np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    got = numba_ops.project(x, w)
+    assert got.shape == (rows, cols) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    for kernel in (numba_ops.matmul_small, numba_ops.matmul_small_parallel):
+        out = np.full((rows, cols), np.nan, np.float32)  # every cell written, whatever the shape
+        kernel(x, w, out)
+        np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL, err_msg=str(kernel))
+
+
 @pytest.mark.parametrize("n, start", [(1, 0), (1, 37), (3, 5), (12, 20)])
 def test_every_numba_attention_path_matches_the_reference(n: int, start: int) -> None:
     config = preset_config("synth-tiny")  # 4 heads over 2 kv heads
@@ -354,3 +371,24 @@ def test_bad_sampling_params_are_refused() -> None:
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="NaN"):
         Sampler(SamplingParams(), 0).sample(np.array([np.nan, 1.0], np.float32))
+
+
+def test_thread_settings_are_read_and_a_bad_one_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuron.engines.kernel.config import KernelConfigError
+
+    monkeypatch.setenv("NEURON_MATMUL_THREADS", "3")
+    assert numba_ops._env_threads("NEURON_MATMUL_THREADS", 1, 1) == 3
+    monkeypatch.setenv("NEURON_MATMUL_THREADS", "")
+    assert numba_ops._env_threads("NEURON_MATMUL_THREADS", 7, 1) == 7
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv("NEURON_MATMUL_THREADS", bad)
+        with pytest.raises(KernelConfigError, match="NEURON_MATMUL_THREADS.*at least 1"):
+            numba_ops._env_threads("NEURON_MATMUL_THREADS", 1, 1)
+    monkeypatch.setenv("NEURON_BLAS_THREADS", "0")  # 0: leave BLAS alone
+    assert numba_ops._env_threads("NEURON_BLAS_THREADS", 1, 0) == 0
+    monkeypatch.delenv("NEURON_MATMUL_THREADS")
+    monkeypatch.setattr(numba_ops.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert numba_ops._matmul_threads() == 1  # two cores: serial
+    monkeypatch.setattr(numba_ops.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(numba_ops.numba.config, "NUMBA_NUM_THREADS", 4)
+    assert numba_ops._matmul_threads() == 4  # every usable CPU, within numba's pool

@@ -1,23 +1,26 @@
-"""The numba CPU backend: the whole batch in one pass, fused kernels between BLAS matmuls.
+"""The numba CPU backend: the whole batch in one pass, fused kernels between the projections.
 
 All tokens of a step (prefills and decodes together) are stacked into one
 [tokens, hidden] matrix, so each weight is read once per step, not once
-per sequence. The matmuls stay in BLAS (numpy's OpenBLAS): a numba loop
-over the same weights is several times slower (scripts/bench_neuron.py
+per sequence. A projection of 2-32 rows (a decode batch) runs in
+`matmul_small`, a register-blocked numba loop over the weight in its
+checkpoint layout; one row (a gemv) and prefill-sized ones stay in BLAS
+(numpy's OpenBLAS), which is as fast or faster there (scripts/bench_neuron.py
 measures both). numba does the rest, fused: RMSNorm (with the residual
 add), RoPE with the q/k/v split, SwiGLU, and decode attention over each
 sequence's KV cache (one pass, online softmax). A prefill chunk's
 attention is batched BLAS matmuls instead: a scalar loop cannot match
 them once there are many queries.
 
-Kernels are `nogil=True, cache=True`. `parallel=True` is on attention only,
-used for one sequence's long-context work; the elementwise kernels and
-short attention run faster serial, since a parallel launch costs ~0.5 ms
-on a small busy CPU. The cache goes next to this file, or where numba
-falls back when that is read-only. Threads: numba's workqueue layer (it
-parks its threads; OpenMP's spin) and BLAS held to NEURON_BLAS_THREADS
-(default 1) during a step, because on a small or shared CPU spinning
-helper threads starved the real work.
+Kernels are `nogil=True, cache=True`. `parallel=True` is on long-context
+attention and, on a CPU with more than two cores (NEURON_MATMUL_THREADS),
+on the decode projections; the elementwise kernels and short attention
+run faster serial, since a parallel launch costs ~0.5 ms on a small busy
+CPU. The cache goes next to this file, or where numba falls back when
+that is read-only. Threads: numba's workqueue layer (it parks its threads;
+OpenMP's spin) and BLAS held to NEURON_BLAS_THREADS (default 1) during a
+step, because on a small or shared CPU spinning helper threads starved
+the real work.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 from numba import prange
 from threadpoolctl import ThreadpoolController
 
-from neuron.engines.kernel.config import ModelConfig, rope_tables
+from neuron.engines.kernel.config import KernelConfigError, ModelConfig, rope_tables
 from neuron.engines.kernel.loader import Weights
 from neuron.engines.kernel.numpy_ref import CpuKV
 
@@ -46,8 +49,37 @@ _PARALLEL = threading.Lock()
 # BLAS threads during a step. OpenBLAS's helper threads spin after each call, and on a
 # small or shared CPU they starve numba's threads and each other: synth-small decode on
 # 2 busy cores ran 3-10x faster single-threaded. NEURON_BLAS_THREADS=0 leaves BLAS alone.
-BLAS_THREADS = int(os.environ.get("NEURON_BLAS_THREADS", "1"))
+def _env_threads(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise KernelConfigError(f"{name}: expected a whole number of threads, at least {minimum}; got {raw!r}")
+    return value
+
+
+BLAS_THREADS = _env_threads("NEURON_BLAS_THREADS", 1, 0)
 _BLAS = ThreadpoolController()
+
+
+
+def _matmul_threads() -> int:
+    """Threads for a decode step's projections: NEURON_MATMUL_THREADS, else every usable CPU past two.
+
+    On 2 cores shared with other work, a parallel projection waits for a busy core: synth-small
+    decode at batch 8 ran 1.44x faster on 2 threads when idle but 1.23x slower beside one busy
+    process, so a CPU this small keeps them serial.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = _env_threads("NEURON_MATMUL_THREADS", usable if usable > 2 else 1, 1)
+    return min(threads, numba.config.NUMBA_NUM_THREADS)
+
+
+MATMUL_THREADS = _matmul_threads()
 
 JIT = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
@@ -186,17 +218,88 @@ def attention_kernel(tokens: int, start: int, heads: int, hd: int):  # noqa: ANN
     return attention_parallel if tokens * heads * (start + tokens) * hd >= PARALLEL_ATTENTION_MIN else attention
 
 
-@numba.njit(parallel=True, **JIT)
-def matmul_t(x, w, out):  # pragma: no cover - only for the benchmark's BLAS comparison
-    """out = x @ w.T with a plain loop: the alternative to BLAS the module docstring rejects."""
-    rows = x.shape[0]
-    cols, inner = w.shape
-    for c in prange(cols):
-        for r in range(rows):
+# Projections of a few rows (decode) read each weight once and do a few multiply-adds per
+# element. With the weights coming from memory, as in a step, OpenBLAS's sgemm measured
+# 1.2-2.6x slower than this register-blocked loop at 2-32 rows; they tie at 48 rows, and from 64
+# on (prefill) BLAS wins. One row is a gemv, which BLAS streams at memory speed: it keeps those.
+# scripts/bench_neuron.py compares the two.
+SMALL_ROWS_MAX = 32
+
+
+@numba.njit(**ATTN_JIT)
+def matmul_small(x, w, out):  # pragma: no cover - compiled
+    """out = x @ w.T for x [rows, inner], w [cols, inner] (a weight in its checkpoint layout).
+
+    4 columns x 4 rows per pass: 16 independent sums, 8 loads for 16 multiply-adds, vectorised
+    along `inner` (contiguous in both), each weight row read once from memory.
+    """
+    rows, inner = x.shape
+    cols = w.shape[0]
+    rows4, cols4 = rows - rows % 4, cols - cols % 4
+    for n in range(0, cols4, 4):
+        for m in range(0, rows4, 4):
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
+            for i in range(inner):
+                w0, w1, w2, w3 = w[n, i], w[n + 1, i], w[n + 2, i], w[n + 3, i]
+                xa, xb, xc, xd = x[m, i], x[m + 1, i], x[m + 2, i], x[m + 3, i]
+                a0 += xa * w0
+                a1 += xa * w1
+                a2 += xa * w2
+                a3 += xa * w3
+                b0 += xb * w0
+                b1 += xb * w1
+                b2 += xb * w2
+                b3 += xb * w3
+                c0 += xc * w0
+                c1 += xc * w1
+                c2 += xc * w2
+                c3 += xc * w3
+                d0 += xd * w0
+                d1 += xd * w1
+                d2 += xd * w2
+                d3 += xd * w3
+            out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
+            out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = b0, b1, b2, b3
+            out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = c0, c1, c2, c3
+            out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = d0, d1, d2, d3
+        for m in range(rows4, rows):  # the last rows % 4 rows: 4 columns at a time
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(inner):
+                xa = x[m, i]
+                a0 += xa * w[n, i]
+                a1 += xa * w[n + 1, i]
+                a2 += xa * w[n + 2, i]
+                a3 += xa * w[n + 3, i]
+            out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
+    for n in range(cols4, cols):  # the last cols % 4 columns, one at a time
+        for m in range(rows):
             acc = np.float32(0.0)
             for i in range(inner):
-                acc += x[r, i] * w[c, i]
-            out[r, c] = acc
+                acc += x[m, i] * w[n, i]
+            out[m, n] = acc
+
+
+PARALLEL_COLS = 64  # columns per parallel task: 64 weight rows, ~200 KB at hidden 768
+
+
+@numba.njit(parallel=True, **ATTN_JIT)
+def matmul_small_parallel(x, w, out):  # pragma: no cover - compiled
+    """`matmul_small` over blocks of PARALLEL_COLS columns in parallel (MATMUL_THREADS > 1)."""
+    cols = w.shape[0]
+    for block in prange((cols + PARALLEL_COLS - 1) // PARALLEL_COLS):
+        n0 = block * PARALLEL_COLS
+        n1 = min(cols, n0 + PARALLEL_COLS)
+        matmul_small(x, w[n0:n1], out[:, n0:n1])
+
+
+def project(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T: the numba kernel for 2..SMALL_ROWS_MAX rows, BLAS otherwise. x C-contiguous float32."""
+    if not 1 < x.shape[0] <= SMALL_ROWS_MAX:
+        return x @ w.T
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    (matmul_small_parallel if MATMUL_THREADS > 1 else matmul_small)(x, w, out)
+    return out
 
 
 class _Layer:
@@ -217,12 +320,13 @@ class NumbaBackend:
             layer.input_norm = w.input_norm
             layer.qkv = np.ascontiguousarray(np.concatenate([w.q, w.k, w.v], axis=0))
             layer.qkv_bias = (np.concatenate([w.q_bias, w.k_bias, w.v_bias]) if config.attention_bias else None)
-            layer.o = w.o
+            layer.o = np.ascontiguousarray(w.o)
             layer.post_norm = w.post_norm
             layer.gate_up = np.ascontiguousarray(np.concatenate([w.gate, w.up], axis=0))
-            layer.down = w.down
+            layer.down = np.ascontiguousarray(w.down)
             self.layers.append(layer)
-        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
+        self.embed, self.norm = weights.embed, weights.norm
+        self.lm_head = np.ascontiguousarray(weights.lm_head)
         self.cos, self.sin = rope_tables(config, config.max_position_embeddings)
         self.weight_bytes = weights.nbytes()
         self.kv_bytes_per_token = 2 * config.num_hidden_layers * config.kv_dim * 4
@@ -241,6 +345,8 @@ class NumbaBackend:
 
     def forward(self, work: list[tuple[CpuKV, int, np.ndarray]]) -> np.ndarray:
         with _PARALLEL:
+            if MATMUL_THREADS > 1:
+                numba.set_num_threads(MATMUL_THREADS)  # per calling thread: steps run on worker threads
             if BLAS_THREADS <= 0:
                 return self._forward(work)
             with _BLAS.limit(limits=BLAS_THREADS, user_api="blas"):
@@ -265,7 +371,7 @@ class NumbaBackend:
         delta = self._no_delta
         for index, layer in enumerate(self.layers):
             add_rms_norm(x, delta, layer.input_norm, self._eps, h)
-            qkv = h @ layer.qkv.T
+            qkv = project(h, layer.qkv)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             rope_split(qkv, positions, self.cos, self.sin, heads, kv_heads, q, k, v)
@@ -275,9 +381,9 @@ class NumbaBackend:
                 kv.v[index, :, start : start + b - a] = v[a:b].transpose(1, 0, 2)
                 kernel = attention_kernel(b - a, start, heads, hd)
                 kernel(q[a:b], kv.k[index], kv.v[index], start, self._scale, attn[a:b])
-            add_rms_norm(x, attn.reshape(total, heads * hd) @ layer.o.T, layer.post_norm, self._eps, h)
-            swiglu(h @ layer.gate_up.T, act)
-            delta = act @ layer.down.T
+            add_rms_norm(x, project(attn.reshape(total, heads * hd), layer.o), layer.post_norm, self._eps, h)
+            swiglu(project(h, layer.gate_up), act)
+            delta = project(act, layer.down)
         last = np.ascontiguousarray(x[bounds[1:] - 1])
         add_rms_norm(last, delta[bounds[1:] - 1], self.norm, self._eps, last_out := np.empty_like(last))
-        return last_out @ self.lm_head.T
+        return project(last_out, self.lm_head)
