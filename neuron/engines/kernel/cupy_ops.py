@@ -18,7 +18,14 @@ once per padded batch size: a Python-launched step costs ~100 kernel
 launches, which would dwarf the arithmetic of a small model. Inputs go
 into the graph's static buffers first; temporaries come from a memory
 pool private to that graph, so nothing else can reuse them. Graphs can be
-turned off with NEURON_CUDA_GRAPHS=0 (then every step runs eagerly).
+turned off with NEURON_CUDA_GRAPHS=0 (then every step runs eagerly), and a
+graph that fails to capture or to replay turns them off for the backend.
+
+All device work (upload, steps, capture, close) runs on one thread the
+backend owns, whichever thread calls it: cupy keeps a cuBLAS handle per
+thread and destroys it with the thread, and a captured graph's matmuls use
+the workspace of the handle they were captured with. Trio retires idle
+worker threads, so without this a graph could outlive its handle.
 
 `import cupy` happens only when this backend is built.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -261,6 +269,14 @@ class CupyBackend:
     device = "cuda"
 
     def __init__(self, config: ModelConfig, weights: Weights) -> None:
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuron-cuda")
+        try:
+            self._device_thread.submit(self._init, config, weights).result()
+        except BaseException:
+            self._device_thread.shutdown(wait=True)
+            raise
+
+    def _init(self, config: ModelConfig, weights: Weights) -> None:
         import cupy  # noqa: PLC0415 - only when this backend is chosen
 
         if not cupy.cuda.is_available():
@@ -324,6 +340,12 @@ class CupyBackend:
         kv.cache = None  # back to cupy's pool; steps are synchronous, so nothing still reads it
 
     def close(self) -> None:
+        try:
+            self._device_thread.submit(self._close).result()
+        finally:
+            self._device_thread.shutdown(wait=True)
+
+    def _close(self) -> None:
         self.stream.synchronize()
         self.graphs.clear()
         self.layers = []
@@ -332,6 +354,9 @@ class CupyBackend:
         self.cp.get_default_memory_pool().free_all_blocks()
 
     def forward(self, work: list[tuple[GpuKV, int, np.ndarray]]) -> np.ndarray:
+        return self._device_thread.submit(self._forward, work).result()
+
+    def _forward(self, work: list[tuple[GpuKV, int, np.ndarray]]) -> np.ndarray:
         with self.stream:
             for kv, start, tokens in work:
                 kv.reserve(start + len(tokens))
@@ -427,10 +452,17 @@ class CupyBackend:
                 return None
             self.graphs[batch] = graph
         host = self._host_inputs(work, pad_to=batch)
-        for key, value in host.items():
-            graph.inputs[key].set(value, stream=self.stream)
-        graph.graph.launch(stream=self.stream)
-        return self.cp.asnumpy(graph.logits[: len(work)], stream=self.stream)
+        try:
+            for key, value in host.items():
+                graph.inputs[key].set(value, stream=self.stream)
+            graph.graph.launch(stream=self.stream)
+            return self.cp.asnumpy(graph.logits[: len(work)], stream=self.stream)
+        except Exception as exc:  # a replay the driver refuses: this step and the rest run eagerly
+            self.use_graphs = False
+            self.graphs.clear()
+            self.graph_failures.append(f"batch {batch} replay: {exc!r}")
+            self.stream.synchronize()
+            return None
 
     def _capture(self, batch: int) -> _Graph:
         cp = self.cp
