@@ -5,6 +5,7 @@ The upstream kinds and the failover invariants in isolation are in test_sim_kind
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -21,8 +22,16 @@ from tests.budget_helpers import ADMIN_TOKEN, budget_cortex
 from tests.conftest import Stack
 
 # The long scenarios run fewer seeds here, to keep the suite near 12 minutes on 2 cores;
-# `cortex-sim fuzz NAME --seeds N` runs as many as wanted.
-SEEDS = {"mixed_day": (1,), "disconnect_storm": (1,)}
+# `cortex-sim fuzz NAME --seeds N` runs as many as wanted (test_fuzz_runs_many_seeds_of_fanout_2000
+# runs fanout_2000 on 6 more).
+SEEDS = {"mixed_day": (1,), "disconnect_storm": (1,), "fanout_2000": (1,)}
+
+
+@functools.cache
+def bundled_run(name: str, seed: int) -> runner.Result:
+    """One run of a bundled scenario, shared by the tests that check it (a run is deterministic
+    and the tests only read it); planted-bug runs call runner.run themselves."""
+    return runner.run(load(Path("sim/scenarios") / f"{name}.toml"), seed)
 
 
 def sim_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +50,7 @@ CASES = [(path.stem, seed) for path in bundled() if path.stem not in LIFECYCLE |
 
 @pytest.mark.parametrize(("name", "seed"), CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_bundled_scenario_holds_every_invariant_and_expectation(name, seed):
-    result = runner.run(load(Path("sim/scenarios") / f"{name}.toml"), seed)
+    result = bundled_run(name, seed)
     assert result.violation is None, "\n".join(result.recent_events)
     assert result.expectation_failures == []
     assert result.summary["requests"] > 0
@@ -49,15 +58,15 @@ def test_bundled_scenario_holds_every_invariant_and_expectation(name, seed):
 
 def test_the_scenarios_prove_what_they_claim():
     """Spot checks that each scenario exercises its fault, not just passes."""
-    storm = runner.run(load("sim/scenarios/disconnect_storm.toml"), 1)
+    storm = bundled_run("disconnect_storm", 1)
     cancelled = [r for r in storm.world.checker.requests.values() if r.outcome == "cancelled"]
     assert cancelled and any(0 < r.received_bytes < r.charged < r.hold_amount for r in cancelled)
     assert any(r.received_bytes == 0 and r.charged == r.hold_amount for r in cancelled)  # non-streamed: the hold
     assert sum(app.counters.cancelled_total for app in storm.world.upstream_apps) >= len(cancelled) // 2
-    crash = runner.run(load("sim/scenarios/cortex_restart_recovery.toml"), 1)
+    crash = bundled_run("cortex_restart_recovery", 1)
     orphaned = [r for r in crash.world.checker.requests.values() if r.hold_state == "orphaned"]
     assert orphaned and all(r.charged == r.hold_amount for r in orphaned)
-    partition = runner.run(load("sim/scenarios/network_partition.toml"), 1)
+    partition = bundled_run("network_partition", 1)
     assert partition.summary["outcomes"].get("failed", 0) == 0
     assert partition.world.deliveries["n2"] > partition.world.deliveries["n1"]
 
@@ -69,7 +78,7 @@ def trace_events(run: runner.Result, ev: str, /, **match: object) -> list[dict]:
 
 def test_replica_failover_proves_what_it_claims():
     scenario = load("sim/scenarios/replica_failover.toml")
-    result = runner.run(scenario, 1)
+    result = bundled_run("replica_failover", 1)
     assert result.ok, result.violation or result.expectation_failures
     records = result.world.checker.requests
     deliveries = trace_events(result, "deliver")
@@ -148,8 +157,7 @@ def test_same_scenario_and_seed_give_a_byte_identical_trace_in_separate_processe
 
 
 def test_different_seeds_give_different_runs():
-    scenario = load("sim/scenarios/neuron_crash_midstream.toml")
-    assert runner.run(scenario, 1).trace_sha256 != runner.run(scenario, 2).trace_sha256
+    assert bundled_run("neuron_crash_midstream", 1).trace_sha256 != bundled_run("neuron_crash_midstream", 2).trace_sha256
 
 
 PLANTED = [
