@@ -392,3 +392,18 @@ def test_thread_settings_are_read_and_a_bad_one_is_a_clear_error(monkeypatch: py
     monkeypatch.setattr(numba_ops.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.setattr(numba_ops.numba.config, "NUMBA_NUM_THREADS", 4)
     assert numba_ops._matmul_threads() == 4  # every usable CPU, within numba's pool
+
+
+def test_threaded_projections_give_the_serial_logits(runners: dict[str, ModelRunner],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode batch through the whole model with the projections on 2 threads (the default past two cores)."""
+    numba_runner = runners["numba"]
+    prompts = {i: numba_runner.tokenizer.encode(text) for i, text in enumerate(["one", "two, three", "ünï"])}
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(numba_ops, "MATMUL_THREADS", threads)
+        numba_runner.step([StepInput(10 + i, p) for i, p in prompts.items()])
+        results.append(numba_runner.step([StepInput(10 + i, [65 + i]) for i in prompts]))
+        for i in prompts:
+            numba_runner.free(10 + i)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
