@@ -20,7 +20,7 @@ from tests.budget_helpers import (
     fan_out,
     usage,
 )
-from tests.conftest import Stack, wait_until
+from tests.conftest import Proc, Stack, wait_until
 from tests.fake_upstream import FakeUpstream
 
 COST = HI_PROMPT_TOKENS + 10  # the estimate and the actual usage of chat(max_tokens=10)
@@ -235,14 +235,20 @@ def test_x_api_key_header_is_accepted(stack: Stack):
     assert r.status_code == 200
 
 
+@pytest.fixture(scope="module")
+def refusing_pair(shared_stack: Stack) -> tuple[Proc, Proc]:
+    """One neuron and cortex for the cases that must all be refused: none may change what the next sees."""
+    neuron = shared_stack.neuron()
+    return neuron, budget_cortex(shared_stack, neuron)
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, {"authorization": "Bearer sk-cx-not-a-real-key-000000000000"}, {"authorization": "Basic abc"}, {"x-api-key": ""}],
     ids=["missing", "unknown", "wrong-scheme", "empty"],
 )
-def test_bad_keys_are_401_invalid_api_key(stack: Stack, headers):
-    neuron = stack.neuron()
-    cortex = budget_cortex(stack, neuron)
+def test_bad_keys_are_401_invalid_api_key(refusing_pair: tuple[Proc, Proc], headers):
+    neuron, cortex = refusing_pair
     r = httpx.post(cortex.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, headers=headers)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert neuron.get_json("/health")["requests_total"] == 0
@@ -281,8 +287,8 @@ def test_a_revoked_key_is_refused_and_secrets_never_reach_logs_or_listings(stack
         ("GET", "nothing", None, 404, None),
     ],
 )
-def test_bad_admin_input_gets_clear_errors(stack: Stack, method, path, body, status, param):
-    cortex = budget_cortex(stack)
+def test_bad_admin_input_gets_clear_errors(refusing_pair: tuple[Proc, Proc], method, path, body, status, param):
+    cortex = refusing_pair[1]
     r = admin(cortex, method, path, body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.budget_helpers import HI, HI_PROMPT_TOKENS, MODEL, budget_cortex, chat, create_key, usage
-from tests.conftest import Stack
+from tests.conftest import Proc, Stack
 from tests.fake_upstream import FakeUpstream
 
 
@@ -171,15 +171,21 @@ def _chat_with_extra(extra: bytes) -> bytes:
     return b'{"model": "cortex-mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "extra": ' + extra + b"}"
 
 
+@pytest.fixture(scope="module")
+def refusing_pair(shared_stack: Stack) -> tuple[Proc, Proc]:
+    """One neuron and cortex for cases that must all be refused before any hold: none changes the next."""
+    neuron = shared_stack.neuron()
+    return neuron, budget_cortex(shared_stack, neuron)
+
+
 @pytest.mark.parametrize(
     "extra",
     [b"[" * 980 + b"]" * 980, b'{"a":' * 500 + b"1" + b"}" * 500, b"[" * 65 + b"]" * 65, b"NaN", b"Infinity", b"-Infinity"],
     ids=["lists-980-deep", "objects-500-deep", "just-past-the-bound", "nan", "infinity", "minus-infinity"],
 )
-def test_hostile_json_in_an_unknown_field_is_a_400_and_costs_no_hold(stack: Stack, extra):
-    neuron = stack.neuron()
-    cortex = budget_cortex(stack, neuron)
-    key_id, key = create_key(cortex, balance_tokens=1000)
+def test_hostile_json_in_an_unknown_field_is_a_400_and_costs_no_hold(refusing_pair: tuple[Proc, Proc], extra):
+    neuron, cortex = refusing_pair
+    key_id, key = create_key(cortex, name=f"hostile-{len(extra)}-{extra[0]}", balance_tokens=1000)
     r = httpx.post(
         cortex.url + "/v1/chat/completions", content=_chat_with_extra(extra),
         headers={"authorization": f"Bearer {key}", "content-type": "application/json"}, timeout=30,
