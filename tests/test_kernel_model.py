@@ -407,3 +407,26 @@ def test_threaded_projections_give_the_serial_logits(runners: dict[str, ModelRun
         for i in prompts:
             numba_runner.free(10 + i)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_numba_model_compiles_the_small_batch_projection_before_any_request() -> None:
+    """The warm-up step has several rows, so the first real batch does not stall on a compile.
+
+    A fresh interpreter: in this one, earlier tests have compiled the kernel already.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "from neuron.app import kernel_spec\n"
+        "from neuron.engines import kernel_engine\n"
+        "from neuron.engines.kernel import numba_ops\n"
+        "from neuron.engines.kernel_engine import KernelEngine, LoadSpec\n"
+        "engine = KernelEngine(backend='numba', device='cpu')\n"
+        "assert not numba_ops.matmul_small.signatures\n"
+        "kernel_engine.load_sync(LoadSpec('m', preset='synth-tiny', device='cpu', backend='numba'), engine, kernel_spec)\n"
+        "print(len(numba_ops.matmul_small.signatures))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) >= 1

@@ -327,7 +327,7 @@ _load_lock = threading.Lock()  # one load allocating at a time: two would race f
 
 
 def load_sync(spec: LoadSpec, settings: KernelEngine, make_spec: Any) -> KernelModel:
-    """In a thread: load the runner, warm it up with one step (numba compiles here), build its batch.
+    """In a thread: load the runner, warm it up with one two-token step (numba compiles here), build its batch.
 
     `make_spec(name, context_tokens, output_tokens, tokenizer)` makes the catalogue entry."""
     from neuron.engines.kernel.runner import StepInput, load_runner  # noqa: PLC0415
@@ -336,7 +336,9 @@ def load_sync(spec: LoadSpec, settings: KernelEngine, make_spec: Any) -> KernelM
         runner = load_runner(preset=spec.preset, path=spec.path, served_name=spec.name, backend=spec.backend,
                              device=spec.device)
         try:
-            warm = [runner.tokenizer.bos_token_id if runner.tokenizer.bos_token_id is not None else 0]
+            # Two tokens: a step of several rows takes numba's small-batch projection, which a
+            # single token (a gemv, left to BLAS) would leave to compile on the first real batch.
+            warm = [runner.tokenizer.bos_token_id if runner.tokenizer.bos_token_id is not None else 0] * min(2, runner.context_tokens)
             runner.step([StepInput(WARMUP_SEQ_ID, warm)])
             runner.free(WARMUP_SEQ_ID)
             assert runner.kv_tokens_used() == 0
