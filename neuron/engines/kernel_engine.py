@@ -338,7 +338,8 @@ def load_sync(spec: LoadSpec, settings: KernelEngine, make_spec: Any) -> KernelM
         try:
             # Two tokens: a step of several rows takes numba's small-batch projection, which a
             # single token (a gemv, left to BLAS) would leave to compile on the first real batch.
-            warm = [runner.tokenizer.bos_token_id if runner.tokenizer.bos_token_id is not None else 0] * min(2, runner.context_tokens)
+            bos = runner.tokenizer.bos_token_id if runner.tokenizer.bos_token_id is not None else 0
+            warm = [bos] * min(2, runner.context_tokens)
             runner.step([StepInput(WARMUP_SEQ_ID, warm)])
             runner.free(WARMUP_SEQ_ID)
             assert runner.kv_tokens_used() == 0
