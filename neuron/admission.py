@@ -1,9 +1,9 @@
 """Admission arithmetic for one loaded model: pure, no clock, no I/O.
 
 A sequence is admitted into the batch when a slot is free (`max_in_flight`)
-and the KV cache can hold its whole life: it reserves prompt + max_tokens
-tokens of KV at admission, so admitted work can always finish and no step
-ever runs out of cache. Otherwise it waits in a FIFO queue of at most
+and the KV cache can hold its whole life: it reserves prompt + max_tokens - 1
+tokens of KV at admission (the last token ends the sequence and is never fed
+back), so admitted work can always finish and no step ever runs out of cache. Otherwise it waits in a FIFO queue of at most
 `max_queue_depth`, for at most `queue_wait_s`; nobody jumps the queue, so a
 large request at the head is not starved by small ones behind it. A
 request whose reservation exceeds the whole budget can never run: 413.
@@ -24,7 +24,7 @@ Verdict = Literal["admit", "queue", "refuse"]
 # Why a request was refused (the label of neuron_admission_rejections_total).
 QUEUE_FULL = "queue_full"  # no slot or KV now, and the queue is at max_queue_depth
 QUEUE_WAIT = "queue_wait"  # waited in the queue past queue_wait_s
-TOO_LARGE = "too_large"  # prompt + max_tokens exceed the whole KV budget (413)
+TOO_LARGE = "too_large"  # the reservation exceeds the whole KV budget (413)
 NOT_READY = "not_ready"  # the model is loading or unloading
 REASONS = (QUEUE_FULL, QUEUE_WAIT, TOO_LARGE, NOT_READY)
 
@@ -58,9 +58,15 @@ def kv_budget_tokens(kv_budget_bytes: int, kv_bytes_per_token: int) -> int:
 
 
 def kv_tokens_needed(prompt_tokens: int, max_tokens: int) -> int:
-    """The reservation: the KV of the prompt and of every token it may generate."""
+    """The reservation: the KV of the prompt and of every token it may generate but the last,
+    which ends the sequence without being fed back. Exactly the most the sequence can hold."""
     assert prompt_tokens >= 1 and max_tokens >= 1
-    return prompt_tokens + max_tokens
+    return prompt_tokens + max_tokens - 1
+
+
+def max_tokens_that_fit(prompt_tokens: int, limits: AdmissionLimits) -> int:
+    """The most tokens a prompt may generate within the whole KV budget; 0 when the prompt alone is over it."""
+    return max(0, limits.kv_budget_tokens - prompt_tokens + 1)
 
 
 def never_fits(need_tokens: int, limits: AdmissionLimits) -> bool:
@@ -89,7 +95,7 @@ def too_large(model: str, need_tokens: int, limits: AdmissionLimits, kv_bytes_pe
     budget_mb = limits.kv_budget_tokens * kv_bytes_per_token / 2**20
     return ApiError(
         413,
-        f"This request needs {need_tokens} tokens of KV cache (prompt plus max_tokens), more than the whole "
+        f"This request needs {need_tokens} tokens of KV cache (the prompt plus max_tokens, less one), more than the whole "
         f"KV budget of `{model}` on this neuron: {limits.kv_budget_tokens} tokens ({budget_mb:.1f} MiB). "
         "Shorten the prompt or lower max_tokens.",
         param="max_tokens",

@@ -324,9 +324,14 @@ class NeuronApp:
         by_reason[reason] += 1
         self.metrics.inc("neuron_admission_rejections_total", (("model", model), ("reason", reason)))
 
-    def _limit_tokens(self, gen: GenerationRequest, prompt_tokens: int, spec: ModelSpec) -> int:
+    def _limit_tokens(self, gen: GenerationRequest, prompt_tokens: int, spec: ModelSpec, room: int | None = None) -> int:
+        """The tokens this request may generate. `room`: the most the model's KV budget can ever
+        hold for this prompt (kernel models); a limit the client did not set stays within it."""
         if gen.max_tokens_defaulted:  # the legacy default of 16, not the client's ask
-            return min(gen.max_output_tokens or 0, spec.output_tokens, max(0, spec.context_tokens - prompt_tokens))
+            if prompt_tokens >= spec.context_tokens:
+                raise errors.context_length_exceeded(prompt_tokens, 0, spec.context_tokens)
+            limit = min(gen.max_output_tokens or 0, spec.output_tokens, spec.context_tokens - prompt_tokens)
+            return limit if room is None or room == 0 else min(limit, room)
         if gen.max_output_tokens is not None and gen.max_output_tokens > spec.output_tokens:
             raise errors.invalid_request(
                 f"'max_tokens' is too large: {gen.max_output_tokens}. This model supports at most "
@@ -336,7 +341,9 @@ class NeuronApp:
         if gen.max_output_tokens is None:
             if prompt_tokens >= spec.context_tokens:
                 raise errors.context_length_exceeded(prompt_tokens, 0, spec.context_tokens)
-            return min(spec.output_tokens, spec.context_tokens - prompt_tokens)
+            limit = min(spec.output_tokens, spec.context_tokens - prompt_tokens)
+            # room 0: the prompt alone is over the budget; the scheduler's 413 says so
+            return limit if room is None or room == 0 else min(limit, room)
         if prompt_tokens + gen.max_output_tokens > spec.context_tokens:
             raise errors.context_length_exceeded(prompt_tokens, gen.max_output_tokens, spec.context_tokens)
         return gen.max_output_tokens
@@ -447,37 +454,43 @@ class NeuronApp:
         from neuron.engines.kernel.sampling import Sampler, SamplingParams  # noqa: PLC0415 - numpy, kernel only
 
         arrived = trio.current_time()
-        if len(gen.prompt) + sum(len(counting.message_text(m)) for m in gen.messages) > kernel_engine.ENCODE_IN_THREAD_CHARS:
-            ids = await trio.to_thread.run_sync(served.encode_sync, gen)
-        else:
-            ids = served.encode_sync(gen)
-        prompt_tokens = len(ids)
-        limit = self._limit_tokens(gen, prompt_tokens, served.spec)
-        try:
-            sampler = Sampler(SamplingParams(**kernel_engine.sampling_fields(gen)), served.fallback_seed())
-        except ValueError as exc:
-            raise errors.invalid_request(f"Bad sampling parameters: {exc}.") from None
-        completion_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        shape = _Shape(gen, completion_id, int(self._wall_clock()), f"neuron-kernel-{served.runner.backend}")
-        if limit == 0:  # the legacy default found no room: an empty reply, as the mock gives
-            await self._kernel_empty(request, gen, shape, prompt_tokens, completion_id)
-            return
-        ticket = served.scheduler.submit(ids, limit, sampler, served.output(gen.stop))
-        self.counters.requests_total += 1
-        self.metrics.inc("neuron_prompt_tokens_total", (("model", gen.model),), prompt_tokens)
         head = _HeadWatch(request)
-        outcome = "cancelled"
-        try:
-            async with asgi.disconnect_watch(request.receive) as watch:
-                with served.requests.track() as cut:
+        ticket: Ticket | None = None
+        # Tracked from here, before the first await: an unload drains or cuts the encode too, so
+        # it never finds the model idle while a request is still on its way to the scheduler.
+        with served.requests.track() as cut:
+            if len(gen.prompt) + sum(len(counting.message_text(m)) for m in gen.messages) > kernel_engine.ENCODE_IN_THREAD_CHARS:
+                ids = await trio.to_thread.run_sync(served.encode_sync, gen)
+            else:
+                ids = served.encode_sync(gen)
+            prompt_tokens = len(ids)
+            room = admission.max_tokens_that_fit(prompt_tokens, served.scheduler.limits)
+            limit = self._limit_tokens(gen, prompt_tokens, served.spec, room)
+            try:
+                sampler = Sampler(SamplingParams(**kernel_engine.sampling_fields(gen)), served.fallback_seed())
+            except ValueError as exc:
+                raise errors.invalid_request(f"Bad sampling parameters: {exc}.") from None
+            completion_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            shape = _Shape(gen, completion_id, int(self._wall_clock()), f"neuron-kernel-{served.runner.backend}")
+            if limit == 0:  # the legacy default found no room: an empty reply, as the mock gives
+                await self._kernel_empty(request, gen, shape, prompt_tokens, completion_id)
+                return
+            ticket = served.scheduler.submit(ids, limit, sampler, served.output(gen.stop))
+            self.counters.requests_total += 1
+            outcome = "cancelled"
+            try:
+                async with asgi.disconnect_watch(request.receive) as watch:
                     outcome = await self._kernel_respond(request, gen, ticket, shape, completion_id, watch)
-        except ApiError as err:
-            outcome = "failed" if err.status == 500 else "refused"
-            raise
-        finally:
-            served.scheduler.cancel(ticket)  # a no-op once finished; else its slot and KV go now
-            self._kernel_done(gen, ticket, arrived, outcome, completion_id)
+            except ApiError as err:
+                outcome = "failed" if err.status == 500 else "refused"
+                raise
+            finally:
+                served.scheduler.cancel(ticket)  # a no-op once finished; else its slot and KV go now
+                self._kernel_done(gen, ticket, arrived, outcome, completion_id)
         if cut.cancelled_caught:
+            if ticket is None:  # cut while it was being encoded: never counted, so a plain refusal
+                self._reject(gen.model, admission.NOT_READY)
+                raise admission.not_ready(gen.model, "unloading")
             await self._after_cut(request, head, gen.model)
 
     async def _kernel_respond(
@@ -559,6 +572,8 @@ class NeuronApp:
             c.requests_total -= 1
         c.tokens_generated_total += ticket.completion_tokens
         labels = (("model", gen.model),)
+        if ticket.first_token_at is not None:  # the whole prompt was prefilled: a token was sampled after it
+            self.metrics.inc("neuron_prompt_tokens_total", labels, ticket.prompt_tokens)
         self.metrics.inc("neuron_generation_tokens_total", labels, ticket.completion_tokens)
         self.metrics.inc("neuron_requests_total", (*labels, ("outcome", outcome)))
         ttft_s = None if ticket.first_token_at is None else ticket.first_token_at - arrived

@@ -49,7 +49,7 @@ class Seq:
     seq_id: int
     prompt: list[int]
     max_tokens: int
-    kv_tokens: int  # reserved at admission: prompt + max_tokens
+    kv_tokens: int  # reserved at admission: admission.kv_tokens_needed
     enqueued_at: float
     fed: int = 0  # prompt tokens already in the KV (chunked prefill)
     prefilled: bool = False
@@ -336,6 +336,8 @@ class Scheduler:
     def submit(self, prompt: list[int], max_tokens: int, sampler: SamplerLike, output: Output) -> Ticket:
         """Admit or queue a sequence, or raise the refusal (413, 503). Never waits."""
         assert prompt and max_tokens >= 1
+        if self.stopped.is_set() or self._scope is not None and self._scope.cancel_called:
+            raise admission.not_ready(self.model, "unloading")  # nothing would ever step it
         seq_id = self._next_id
         self._next_id += 1
         now = self._clock()

@@ -19,8 +19,11 @@ MODEL = "synth-tiny"
 HI = [{"role": "user", "content": "hi"}]
 
 
-def test_the_reservation_is_the_prompt_and_every_token_it_may_generate():
-    assert admission.kv_tokens_needed(6, 10) == 16
+def test_the_reservation_is_the_prompt_and_every_token_it_may_generate_but_the_last():
+    assert admission.kv_tokens_needed(6, 10) == 15  # the 10th token ends the sequence unfed
+    assert admission.kv_tokens_needed(6, 1) == 6
+    assert admission.max_tokens_that_fit(6, LIMITS) == 95 and admission.kv_tokens_needed(6, 95) == 100
+    assert admission.max_tokens_that_fit(100, LIMITS) == 1 and admission.max_tokens_that_fit(101, LIMITS) == 0
     assert admission.kv_budget_tokens(512 * 1024, 512) == 1024
     assert admission.never_fits(101, LIMITS) and not admission.never_fits(100, LIMITS)
 
@@ -98,18 +101,52 @@ def test_full_queue_queue_wait_and_too_large_are_refused_and_every_refusal_is_co
     metrics = httpx.get(neuron.url + "/metrics").text
     for reason in ("queue_full", "queue_wait", "too_large"):
         assert f'neuron_admission_rejections_total{{model="{MODEL}",reason="{reason}"}} 1' in metrics
+    # Only the held request's 6-token prompt was prefilled; the expired one never left the queue.
+    assert f'neuron_prompt_tokens_total{{model="{MODEL}"}} 6' in metrics.splitlines()
 
 
 def test_kv_that_would_not_fit_waits_in_the_queue_though_slots_are_free(stack: Stack):
     neuron = stack.neuron(*KERNEL, "--max-in-flight", "4", "--kv-budget-mb", "0.5")
     with httpx.Client(timeout=60) as http, ThreadPoolExecutor(1) as pool:
-        held = _hold(http, neuron.url, 1000)  # reserves 1006 of 1024 tokens
+        held = _hold(http, neuron.url, 1000)  # reserves 1005 of 1024 tokens: a 6-token prompt, 999 more
         waiting = pool.submit(_chat, neuron.url, 100)
         health = wait_until(lambda: (h := _model_health(neuron))["queued"] == 1 and h)
-        assert health["in_flight"] == 1 and health["kv_tokens_reserved"] == 1006
-        assert 0 < health["kv_tokens_used"] <= 1006 and 0 < health["kv_usage_ratio"] <= 1006 / 1024
+        assert health["in_flight"] == 1 and health["kv_tokens_reserved"] == 1005
+        assert 0 < health["kv_tokens_used"] <= 1005 and 0 < health["kv_usage_ratio"] <= 1005 / 1024
         assert health["kv_bytes_used"] == health["kv_tokens_used"] * 512 and health["kv_budget_bytes"] == 512 * 1024
         held[0].__exit__(None, None, None)  # leaving frees the reservation: the queued one goes in
         reply = waiting.result(timeout=60)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 100
     assert _model_health(neuron)["rejections"]["queue_wait"] == 0
+
+
+def test_limits_the_client_did_not_set_stay_within_the_kv_budget_and_the_context(stack: Stack):
+    # 1024 tokens of KV; synth-tiny's context is 2048.
+    neuron = stack.neuron(*KERNEL, "--kv-budget-mb", "0.5")
+    chat = httpx.post(neuron.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, timeout=60)
+    assert chat.status_code == 200, chat.text  # no max_tokens: what the budget holds, not a 413
+    usage = chat.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] - 1 <= 1024
+
+    def complete(prompt: str, **extra) -> httpx.Response:
+        return httpx.post(neuron.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, **extra}, timeout=60)
+
+    exact = complete("a" * 1024, max_tokens=1)  # 1024 tokens of prompt, one more sampled but never fed back
+    assert exact.status_code == 200, exact.text
+    assert exact.json()["usage"] == {"prompt_tokens": 1024, "completion_tokens": 1, "total_tokens": 1025}
+    over = complete("a" * 1025, max_tokens=1)
+    assert over.status_code == 413 and over.json()["error"]["code"] == "kv_budget_exceeded"
+    for prompt in ("a" * 2048, "a" * 5000):  # the legacy default of 16 finds no room: the context wall
+        wall = complete(prompt)
+        assert wall.status_code == 400 and wall.json()["error"]["code"] == "context_length_exceeded", wall.text
+    short = complete("a" * 100)  # the legacy default: 16 tokens
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 16
+    health = neuron.get_json("/health")["per_model"][MODEL]
+    assert health["in_flight"] == health["kv_tokens_used"] == 0
+
+
+def test_a_load_path_with_a_nul_is_a_400(stack: Stack):
+    neuron = stack.neuron(*KERNEL)
+    for path in ("/tmp/\u0000x", ""):
+        r = httpx.post(neuron.url + "/models/load", json={"model": "m1", "path": path}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text

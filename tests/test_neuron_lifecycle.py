@@ -289,3 +289,51 @@ async def test_a_mock_unload_without_a_lifespan_answers_instead_of_a_500():
         assert (await client.post("/models/load", json={"model": "x", "memory_mb": 512})).status_code == 200
         r = await client.post("/models/unload", json={"model": "x"})
         assert r.status_code == 200 and r.json()["status"] == "unloaded"
+
+
+@pytest.mark.parametrize("drain_s", [0, 30])
+async def test_an_unload_while_a_long_prompt_is_encoded_cuts_or_drains_it_and_never_hangs(monkeypatch, drain_s):
+    """A prompt long enough to be encoded in a thread is already the unload's to drain or cut:
+    with no drain it is refused with a 503, with one it is served, and the unload waits for it."""
+    from tests.kernel_helpers import load_tiny
+
+    model = load_tiny()
+    gate, encoding = threading.Event(), threading.Event()
+    real = model.encode_sync
+
+    def slow_encode(gen):
+        encoding.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return real(gen)
+
+    monkeypatch.setattr(model, "encode_sync", slow_encode)
+    config = NeuronConfig(models=[], engine=tiny_engine(), preloaded=[model])
+    # Long in characters, short in tokens: each special token's string is one token.
+    long_text = "<|end_of_text|>" * (kernel_engine.ENCODE_IN_THREAD_CHARS // len("<|end_of_text|>") + 1)
+    async with served(config) as (app, url), httpx.AsyncClient(timeout=30) as client:
+        answers: dict[str, httpx.Response] = {}
+
+        async def chat() -> None:
+            body = {"model": "synth-tiny", "messages": [{"role": "user", "content": long_text}], "max_tokens": 3}
+            answers["chat"] = await client.post(url + "/v1/chat/completions", json=body)
+
+        async def unload() -> None:
+            answers["unload"] = await client.post(url + "/models/unload",
+                                                  json={"model": "synth-tiny", "drain_timeout_s": drain_s})
+
+        with trio.fail_after(60):  # a hang fails here, not forever
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(chat)
+                await trio.to_thread.run_sync(encoding.wait, 30)
+                nursery.start_soon(unload)
+                while app.lifecycle.get("synth-tiny").status == "ready":
+                    await trio.sleep(0.01)
+                gate.set()
+    assert answers["unload"].status_code == 200, answers["unload"].text
+    assert answers["chat"].status_code in (200, 503), answers["chat"].text
+    if drain_s:
+        assert answers["chat"].status_code == 200 and answers["chat"].json()["usage"]["completion_tokens"] == 3
+        assert answers["unload"].json()["in_flight_at_unload"] == 1
+    else:
+        assert answers["chat"].status_code == 503 and "unloading" in answers["chat"].text
+        assert int(answers["chat"].headers["retry-after"]) >= 1

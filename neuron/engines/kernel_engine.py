@@ -251,6 +251,8 @@ def load_spec(body: dict[str, Any], settings: KernelEngine) -> LoadSpec:
         if body.get(key) is not None and not isinstance(body[key], str):
             raise errors.invalid_request(f"'{key}' must be a string.", param=key)
     path, preset = body.get("path"), body.get("preset")
+    if path is not None and ("\x00" in path or not path.strip()):
+        raise errors.invalid_request("'path' must be a checkpoint directory's path (not empty, no NUL).", param="path")
     if path is not None and preset is not None:
         raise errors.invalid_request("Give 'path' or 'preset', not both.", param="path")
     if path is None and preset is None:

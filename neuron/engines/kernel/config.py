@@ -229,7 +229,7 @@ def read_json(path: str, what: str | None = None) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise KernelConfigError(f"{name}: file not found at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, or a NUL in the path
         raise KernelConfigError(f"{name}: cannot read {path}: {exc}") from None
 
 
