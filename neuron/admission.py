@@ -59,7 +59,8 @@ def kv_budget_tokens(kv_budget_bytes: int, kv_bytes_per_token: int) -> int:
 
 def kv_tokens_needed(prompt_tokens: int, max_tokens: int) -> int:
     """The reservation: the KV of the prompt and of every token it may generate but the last,
-    which ends the sequence without being fed back. Exactly the most the sequence can hold."""
+    which ends the sequence without being fed back: exactly the most tokens it can hold. (The
+    budget counts tokens; a backend's storage may grow past them by doubling, within the context.)"""
     assert prompt_tokens >= 1 and max_tokens >= 1
     return prompt_tokens + max_tokens - 1
 

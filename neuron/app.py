@@ -394,6 +394,7 @@ class NeuronApp:
         if not head.started:
             self.counters.requests_total -= 1
             self.counters.cancelled_total -= 1
+            self._reject(model, admission.NOT_READY)
             raise admission.not_ready(model, "unloading")
         try:
             await asgi.end_stream(request.send)
@@ -455,7 +456,6 @@ class NeuronApp:
 
         arrived = trio.current_time()
         head = _HeadWatch(request)
-        ticket: Ticket | None = None
         # Tracked from here, before the first await: an unload drains or cuts the encode too, so
         # it never finds the model idle while a request is still on its way to the scheduler.
         with served.requests.track() as cut:
@@ -472,9 +472,8 @@ class NeuronApp:
                 raise errors.invalid_request(f"Bad sampling parameters: {exc}.") from None
             completion_id = request.headers.get("x-request-id") or uuid.uuid4().hex
             shape = _Shape(gen, completion_id, int(self._wall_clock()), f"neuron-kernel-{served.runner.backend}")
-            if limit == 0:  # the legacy default found no room: an empty reply, as the mock gives
-                await self._kernel_empty(request, gen, shape, prompt_tokens, completion_id)
-                return
+            if limit < 1:  # no room to generate: never a request the scheduler cannot take
+                raise errors.context_length_exceeded(prompt_tokens, 1, served.spec.context_tokens)
             ticket = served.scheduler.submit(ids, limit, sampler, served.output(gen.stop))
             self.counters.requests_total += 1
             outcome = "cancelled"
@@ -486,12 +485,17 @@ class NeuronApp:
                 raise
             finally:
                 served.scheduler.cancel(ticket)  # a no-op once finished; else its slot and KV go now
+                if cut.cancel_called and not head.started:
+                    outcome = "refused"  # the unload's 503 below, not an admission
                 self._kernel_done(gen, ticket, arrived, outcome, completion_id)
         if cut.cancelled_caught:
-            if ticket is None:  # cut while it was being encoded: never counted, so a plain refusal
+            if not head.started:  # nothing went out: a refusal, whether or not it reached the scheduler
                 self._reject(gen.model, admission.NOT_READY)
                 raise admission.not_ready(gen.model, "unloading")
-            await self._after_cut(request, head, gen.model)
+            try:
+                await asgi.end_stream(request.send)  # the stream ends without [DONE]
+            except OSError:
+                pass  # the client went too
 
     async def _kernel_respond(
         self, request: asgi.Request, gen: GenerationRequest, ticket: Ticket, shape: _Shape, completion_id: str,
@@ -540,22 +544,6 @@ class NeuronApp:
                 await asgi.end_stream(request.send)
                 return "completed"
         raise AssertionError("a sequence's events ended without a finish")
-
-    async def _kernel_empty(self, request: asgi.Request, gen: GenerationRequest, shape: _Shape, prompt_tokens: int,
-                            completion_id: str) -> None:
-        reply = Reply("", "length")
-        self.counters.requests_total += 1
-        self.counters.completed_total += 1
-        headers = [(b"x-request-id", completion_id.encode())]
-        if not gen.stream:
-            await asgi.send_json(request.send, 200, shape.whole(reply, prompt_tokens, 0), headers)
-            return
-        await asgi.start_stream(request.send, headers)
-        await asgi.send_chunk(request.send, asgi.sse_data(shape.finish_chunk("length")))
-        if gen.include_usage:
-            await asgi.send_chunk(request.send, asgi.sse_data(shape.usage_chunk(prompt_tokens, reply, 0)))
-        await asgi.send_chunk(request.send, asgi.SSE_DONE)
-        await asgi.end_stream(request.send)
 
     def _kernel_done(self, gen: GenerationRequest, ticket: Ticket, arrived: float, outcome: str,
                      completion_id: str) -> None:

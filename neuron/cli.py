@@ -169,6 +169,11 @@ def kernel_config(args: argparse.Namespace) -> NeuronConfig:
     )
     specs = kernel_load_specs(args)
     try:
+        if args.backend in ("auto", "numba"):  # its thread settings are the server's: check them at start-up
+            try:
+                import neuron.engines.kernel.numba_ops  # noqa: F401, PLC0415 - reads NEURON_*_THREADS
+            except ImportError:
+                pass  # a load says so, naming --backend numpy
         budget_mb = args.memory_mb
         if budget_mb is None:
             budget_mb = kernel_engine.device_memory_bytes(args.device) / 2**20

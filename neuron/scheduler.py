@@ -337,6 +337,8 @@ class Scheduler:
         """Admit or queue a sequence, or raise the refusal (413, 503). Never waits."""
         assert prompt and max_tokens >= 1
         if self.stopped.is_set() or self._scope is not None and self._scope.cancel_called:
+            if self.on_reject is not None:
+                self.on_reject(admission.NOT_READY)
             raise admission.not_ready(self.model, "unloading")  # nothing would ever step it
         seq_id = self._next_id
         self._next_id += 1

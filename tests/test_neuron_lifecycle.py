@@ -329,6 +329,7 @@ async def test_an_unload_while_a_long_prompt_is_encoded_cuts_or_drains_it_and_ne
                 while app.lifecycle.get("synth-tiny").status == "ready":
                     await trio.sleep(0.01)
                 gate.set()
+        health = (await client.get(url + "/health")).json()
     assert answers["unload"].status_code == 200, answers["unload"].text
     assert answers["chat"].status_code in (200, 503), answers["chat"].text
     if drain_s:
@@ -337,3 +338,13 @@ async def test_an_unload_while_a_long_prompt_is_encoded_cuts_or_drains_it_and_ne
     else:
         assert answers["chat"].status_code == 503 and "unloading" in answers["chat"].text
         assert int(answers["chat"].headers["retry-after"]) >= 1
+        # Counted once, as a refusal: not as a request, not as a cancellation.
+        assert (health["requests_total"], health["cancelled_total"], health["rejected_total"]) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("env", [{"NEURON_MATMUL_THREADS": "0"}, {"NEURON_BLAS_THREADS": "many"}])
+def test_a_bad_thread_setting_is_a_start_up_error_even_with_no_model_to_load(monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    done = _neuron("serve", "--listen", "127.0.0.1:0", "--engine", "kernel", "--backend", "numba")
+    assert done.returncode == 2 and next(iter(env)) in done.stderr and "Traceback" not in done.stderr

@@ -23,7 +23,7 @@ from tests.conftest import Stack
 
 # The long scenarios run fewer seeds here, to keep the suite near 12 minutes on 2 cores;
 # `cortex-sim fuzz NAME --seeds N` runs as many as wanted (test_fuzz_runs_many_seeds_of_fanout_2000
-# runs fanout_2000 on 6 more).
+# runs fanout_2000 on seeds 1-6).
 SEEDS = {"mixed_day": (1,), "disconnect_storm": (1,), "fanout_2000": (1,)}
 
 

@@ -459,9 +459,11 @@ class CupyBackend:
             return self.cp.asnumpy(graph.logits[: len(work)], stream=self.stream)
         except Exception as exc:  # a replay the driver refuses: this step and the rest run eagerly
             self.use_graphs = False
-            self.graphs.clear()
             self.graph_failures.append(f"batch {batch} replay: {exc!r}")
-            self.stream.synchronize()
+            try:
+                self.stream.synchronize()  # before the graphs' pools go: a launch may still be running
+            finally:
+                self.graphs.clear()
             return None
 
     def _capture(self, batch: int) -> _Graph:
