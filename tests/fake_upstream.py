@@ -40,12 +40,15 @@ class FakeUpstream:
                 reply = _json_reply(self.models_body)
             else:
                 reply = self.reply
-            for delay_s, piece in reply if isinstance(reply, list) else [(0.0, reply)]:
-                time.sleep(delay_s)
-                conn.sendall(piece)
-            # Close politely: unread data or an abrupt close would reset the connection
-            # and turn the reply we mean to test into a different error.
-            conn.shutdown(socket.SHUT_WR)
+            try:
+                for delay_s, piece in reply if isinstance(reply, list) else [(0.0, reply)]:
+                    time.sleep(delay_s)
+                    conn.sendall(piece)
+                # Close politely: unread data or an abrupt close would reset the connection
+                # and turn the reply we mean to test into a different error.
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                return  # the client left first (cortex gave up on a malformed reply): nothing to be polite to
             conn.settimeout(2)
             try:
                 while conn.recv(65536):
