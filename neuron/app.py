@@ -331,7 +331,7 @@ class NeuronApp:
             if prompt_tokens >= spec.context_tokens:
                 raise errors.context_length_exceeded(prompt_tokens, 0, spec.context_tokens)
             limit = min(gen.max_output_tokens or 0, spec.output_tokens, spec.context_tokens - prompt_tokens)
-            return limit if room is None or room == 0 else min(limit, room)
+            return min(limit, room) if room else limit  # room 0: the prompt alone is over; the scheduler's 413
         if gen.max_output_tokens is not None and gen.max_output_tokens > spec.output_tokens:
             raise errors.invalid_request(
                 f"'max_tokens' is too large: {gen.max_output_tokens}. This model supports at most "
@@ -342,8 +342,7 @@ class NeuronApp:
             if prompt_tokens >= spec.context_tokens:
                 raise errors.context_length_exceeded(prompt_tokens, 0, spec.context_tokens)
             limit = min(spec.output_tokens, spec.context_tokens - prompt_tokens)
-            # room 0: the prompt alone is over the budget; the scheduler's 413 says so
-            return limit if room is None or room == 0 else min(limit, room)
+            return min(limit, room) if room else limit
         if prompt_tokens + gen.max_output_tokens > spec.context_tokens:
             raise errors.context_length_exceeded(prompt_tokens, gen.max_output_tokens, spec.context_tokens)
         return gen.max_output_tokens
@@ -388,12 +387,14 @@ class NeuronApp:
         if cut.cancelled_caught:
             await self._after_cut(request, head, gen.model)
 
-    async def _after_cut(self, request: asgi.Request, head: _HeadWatch, model: str) -> None:
+    async def _after_cut(self, request: asgi.Request, head: _HeadWatch, model: str, counted: bool = True) -> None:
         """An unload cut this request: a status if nothing went out yet (a refusal, then, not an
-        admission), else the stream ends without [DONE]."""
+        admission: `counted` takes back its count as a cancelled request), else the stream ends
+        without [DONE]."""
         if not head.started:
-            self.counters.requests_total -= 1
-            self.counters.cancelled_total -= 1
+            if counted:
+                self.counters.requests_total -= 1
+                self.counters.cancelled_total -= 1
             self._reject(model, admission.NOT_READY)
             raise admission.not_ready(model, "unloading")
         try:
@@ -488,14 +489,8 @@ class NeuronApp:
                 if cut.cancel_called and not head.started:
                     outcome = "refused"  # the unload's 503 below, not an admission
                 self._kernel_done(gen, ticket, arrived, outcome, completion_id)
-        if cut.cancelled_caught:
-            if not head.started:  # nothing went out: a refusal, whether or not it reached the scheduler
-                self._reject(gen.model, admission.NOT_READY)
-                raise admission.not_ready(gen.model, "unloading")
-            try:
-                await asgi.end_stream(request.send)  # the stream ends without [DONE]
-            except OSError:
-                pass  # the client went too
+        if cut.cancelled_caught:  # _kernel_done counted a refusal already when nothing went out
+            await self._after_cut(request, head, gen.model, counted=False)
 
     async def _kernel_respond(
         self, request: asgi.Request, gen: GenerationRequest, ticket: Ticket, shape: _Shape, completion_id: str,

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         limit = name == "numpy" and BLAS_THREADS > 0
         with blas.limit(limits=BLAS_THREADS, user_api="blas") if limit else nullcontext():
             bench_backend(name, args, results)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = numba_ops.usable_cpus()
     if "numba" in backends and numba_ops.MATMUL_THREADS == 1 and cpus > 1 and not args.no_threaded:
         # This CPU is small enough that numba_ops keeps projections serial; show what threads give.
         numba_ops.MATMUL_THREADS = min(cpus, numba.config.NUMBA_NUM_THREADS)

@@ -544,3 +544,18 @@ def test_a_prompt_the_chat_template_refuses_is_a_400_naming_the_messages():
         model.encode_sync(chat_request({"model": "synth-tiny", "messages": HI}))
     assert refused.value.status == 400 and refused.value.param == "messages"
     assert "tools need a user turn" in refused.value.message
+
+
+async def test_a_stopped_scheduler_refuses_new_work_with_a_503_and_counts_it():
+    from common.errors import ApiError
+
+    model = load_tiny()
+    reasons: list[str] = []
+    model.scheduler.on_reject = reasons.append
+    async with trio.open_nursery() as nursery:
+        await nursery.start(model.scheduler.run)
+        await model.scheduler.shutdown()
+    with pytest.raises(ApiError) as refused:
+        model.scheduler.submit([256, 65], 3, greedy(), Tokens())  # nothing would ever step it: no hang
+    assert refused.value.status == 503 and "unloading" in refused.value.message
+    assert reasons == [admission.NOT_READY] and model.scheduler.core.tally.submitted == 0

@@ -67,6 +67,11 @@ _BLAS = ThreadpoolController()
 
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _matmul_threads() -> int:
     """Threads for a decode step's projections: NEURON_MATMUL_THREADS, else every usable CPU past two.
 
@@ -74,7 +79,7 @@ def _matmul_threads() -> int:
     decode at batch 8 ran 1.44x faster on 2 threads when idle but 1.23x slower beside one busy
     process, so a CPU this small keeps them serial.
     """
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cpus()
     threads = _env_threads("NEURON_MATMUL_THREADS", usable if usable > 2 else 1, 1)
     return min(threads, numba.config.NUMBA_NUM_THREADS)
 
